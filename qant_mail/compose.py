@@ -1,0 +1,320 @@
+"""The MIME message of an issue: built once as encoded bytes, spliced per recipient."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+from urllib.parse import quote
+
+from qant_mail import tokens
+from qant_mail.addresses import check_display_name, is_plain_address
+from qant_mail.config import Settings
+from qant_mail.errors import QantError
+from qant_mail.files import write_all
+from qant_mail.load import load
+from qant_mail.render import PLACEHOLDER, Asset, RenderedIssue, Renderer, Slot
+
+CRLF = b"\r\n"
+# Quoted-printable keeps printable ASCII but "=" as is; everything else becomes =XX.
+_QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
+_QP_LINE = 76  # RFC 2045: encoded lines of at most 76 characters, the soft break included
+
+
+class ComposeError(QantError):
+    """A message cannot be built for a recipient (an unusable address or name)."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who one message goes to."""
+
+    address: str
+    name: str = ""
+    subscriber_id: int = 0
+
+
+@dataclass(frozen=True)
+class _Slot:
+    slot: Slot
+    html: bool  # in the HTML part (escape the value) or the text part
+
+
+class MessageTemplate:
+    """An issue's message with every part encoded once; `personalise` is cheap splicing."""
+
+    def __init__(
+        self,
+        rendered: RenderedIssue,
+        settings: Settings,
+        *,
+        secret: bytes,
+        issue_key: str | None = None,
+        test: bool = False,
+        date: dt.datetime | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rendered = rendered
+        self.secret = secret
+        self.issue_key = issue_key or rendered.issue.date.isoformat()
+        self.domain = settings.sender_domain
+        self.unsubscribe_base = f"{settings.newsletter.base_url}/unsubscribe/"
+        subject = ("[TEST] " if test else "") + rendered.subject
+        when = date or dt.datetime.now(dt.UTC).astimezone()
+        self.subject = subject
+        self._headers = self._static_headers(subject, when)
+        self._segments = self._body()
+
+    # -- per recipient ---------------------------------------------------------------
+
+    def personalise(self, recipient: Recipient) -> bytes:
+        """Return the complete message for `recipient`, ready for SMTP DATA."""
+        values = self.values(recipient)
+        encoded: dict[_Slot, bytes] = {}
+        parts = [self._recipient_headers(recipient, values), self._headers]
+        for segment in self._segments:
+            if isinstance(segment, bytes):
+                parts.append(segment)
+                continue
+            chunk = encoded.get(segment)
+            if chunk is None:
+                value = values[segment.slot]
+                if segment.html:
+                    value = html.escape(value)
+                chunk = encoded[segment] = qp_encode(value.encode("utf-8"), soft_end=True)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def values(self, recipient: Recipient) -> dict[Slot, str]:
+        """Return the per-recipient values that fill the placeholders."""
+        return {
+            Slot.NAME: recipient.name,
+            Slot.EMAIL: recipient.address,
+            Slot.UNSUBSCRIBE_URL: self.unsubscribe_url(recipient),
+            Slot.BROWSER_URL: self.rendered.web_url,
+        }
+
+    def unsubscribe_url(self, recipient: Recipient) -> str:
+        """Return the recipient's one-click unsubscribe link."""
+        token = tokens.make(self.secret, recipient.subscriber_id, recipient.address)
+        return self.unsubscribe_base + token
+
+    def message_id(self, recipient: Recipient) -> str:
+        """Return a Message-ID stable for this (issue, recipient) pair."""
+        key = f"{self.issue_key}\0{recipient.address.lower()}".encode()
+        digest = hashlib.blake2b(key, digest_size=12, person=b"qant-mail-msgid").hexdigest()
+        return f"<{self.issue_key}.{digest}@{self.domain}>"
+
+    def _recipient_headers(self, recipient: Recipient, values: dict[Slot, str]) -> bytes:
+        # Addresses were validated when they entered the store (or the command line);
+        # here it is enough to make sure none can break out of its header line.
+        address = recipient.address
+        if not is_plain_address(address):
+            raise ComposeError(f"{address!r} cannot be put in a To header")
+        try:
+            name = check_display_name(recipient.name)
+        except QantError as err:
+            raise ComposeError(str(err)) from None
+        unsubscribe = f"<{values[Slot.UNSUBSCRIBE_URL]}>"
+        if self.settings.sender.unsubscribe_address:
+            mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject=unsubscribe"
+            unsubscribe += f",\r\n <{mailto}>"
+        lines = [
+            f"Message-ID: {self.message_id(recipient)}",
+            f"To: {_address_header(name, address, 'To')}",
+            f"List-Unsubscribe: {unsubscribe}",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+    # -- once per issue --------------------------------------------------------------
+
+    def _static_headers(self, subject: str, when: dt.datetime) -> bytes:
+        sender = self.settings.sender
+        list_label = f"{sender.address.partition('@')[0]}.{self.domain}"
+        lines = [
+            f"From: {_address_header(sender.name, sender.address, 'From')}",
+        ]
+        if sender.reply_to:
+            lines.append(f"Reply-To: {sender.reply_to}")
+        lines += [
+            f"Subject: {_header_text(subject, 'Subject')}",
+            f"Date: {format_datetime(when)}",
+            "MIME-Version: 1.0",
+            f"List-Id: {_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            "Precedence: bulk",
+            f"Feedback-ID: {self.issue_key}:newsletter:{self.domain}",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+    def _body(self) -> list[bytes | _Slot]:
+        rendered = self.rendered
+        alternative = _boundary("alt")
+        segments: list[bytes | _Slot] = [
+            f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode(),
+            f"--{alternative}\r\n".encode(),
+            b'Content-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+        ]
+        # The "view in browser" link is the same for every reader: filled once, here.
+        web_url = rendered.web_url
+        segments += _qp_template(rendered.text.replace(Slot.BROWSER_URL.token, web_url), html=False)
+        segments.append(f"\r\n--{alternative}\r\n".encode())
+        related = _boundary("rel") if rendered.assets else None
+        if related:
+            segments.append(
+                f'Content-Type: multipart/related; type="text/html";\r\n boundary="{related}"'
+                f"\r\n\r\n--{related}\r\n".encode()
+            )
+        segments.append(
+            b'Content-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        )
+        page = rendered.html.replace(Slot.BROWSER_URL.token, html.escape(web_url))
+        segments += _qp_template(page, html=True)
+        if related:
+            for asset in rendered.assets:
+                data = asset.path.read_bytes()
+                encoded = base64.encodebytes(data).replace(b"\n", CRLF)
+                name = asset.path.name.encode("ascii", "replace").decode().replace('"', "")
+                segments.append(
+                    (
+                        f"\r\n--{related}\r\n"
+                        f"Content-Type: {asset.mime_type}\r\n"
+                        "Content-Transfer-Encoding: base64\r\n"
+                        f"Content-ID: <{asset.content_id}>\r\n"
+                        f'Content-Disposition: inline; filename="{name}"\r\n\r\n'
+                    ).encode()
+                    + encoded.rstrip(CRLF)
+                )
+            segments.append(f"\r\n--{related}--\r\n".encode())
+        else:
+            segments.append(CRLF)
+        segments.append(f"--{alternative}--\r\n".encode())
+        return _merge(segments)
+
+
+def _boundary(kind: str) -> str:
+    # "=_" cannot occur in quoted-printable or base64 bodies: the boundary never collides.
+    return f"=_qant_{kind}_{secrets.token_hex(12)}"
+
+
+def _merge(segments: Sequence[bytes | _Slot]) -> list[bytes | _Slot]:
+    """Join adjacent byte strings, so that personalising touches few pieces."""
+    merged: list[bytes | _Slot] = []
+    for segment in segments:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        else:
+            merged.append(segment)
+    return merged
+
+
+def _qp_template(text: str, *, html: bool) -> list[bytes | _Slot]:
+    """Encode `text` as quoted-printable around its placeholders, each on its own line."""
+    segments: list[bytes | _Slot] = []
+    position = 0
+    for match in PLACEHOLDER.finditer(text):
+        chunk = text[position : match.start()]
+        segments.append(qp_encode(chunk.encode("utf-8"), soft_end=True))
+        segments.append(_Slot(Slot(match.group(1)), html))
+        position = match.end()
+    segments.append(qp_encode(text[position:].encode("utf-8"), soft_end=False))
+    return segments
+
+
+def qp_encode(data: bytes, *, soft_end: bool) -> bytes:
+    """Encode `data` as quoted-printable with CRLF line ends, no line over 76 characters
+    and no line starting with "." (so SMTP needs no dot-stuffing); with `soft_end`,
+    end on a soft line break, so that what follows starts a line of its own."""
+    out: list[bytes] = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines):
+        line = line.removesuffix(b"\r")
+        encoded = _QP_UNSAFE.sub(_escape, line)
+        if encoded[-1:] in (b" ", b"\t"):
+            encoded = encoded[:-1] + b"=%02X" % encoded[-1]
+        if encoded[:1] == b".":
+            encoded = b"=2E" + encoded[1:]
+        last = number == len(lines) - 1
+        out.extend(_fold(encoded, _QP_LINE - 1 if (soft_end and last) else _QP_LINE))
+    joined = CRLF.join(out)
+    return joined + b"=" + CRLF if soft_end else joined
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    return b"=%02X" % match.group()[0]
+
+
+def _fold(encoded: bytes, last_limit: int) -> list[bytes]:
+    """Cut an encoded line into lines ending in soft breaks, escapes never split."""
+    if len(encoded) <= last_limit:
+        return [encoded]
+    lines: list[bytes] = []
+    start = 0
+    while len(encoded) - start > last_limit:
+        cut = start + _QP_LINE - 1  # room for the "=" soft break
+        # Do not split "=XX", and do not start the next line with ".".
+        while cut > start + 1 and (
+            encoded[cut - 1 : cut] == b"="
+            or encoded[cut - 2 : cut - 1] == b"="
+            or encoded[cut : cut + 1] == b"."
+        ):
+            cut -= 1
+        lines.append(encoded[start:cut] + b"=")
+        start = cut
+        if encoded[start : start + 1] == b".":
+            # Only reachable for a run of dots: escape the one that starts the line.
+            encoded = encoded[:start] + b"=2E" + encoded[start + 1 :]
+    lines.append(encoded[start:])
+    return lines
+
+
+def _address_header(name: str, address: str, header: str) -> str:
+    if not name:
+        return address
+    if name.isascii():
+        return formataddr((name, address))
+    encoded = Header(name, "utf-8", header_name=header).encode(linesep="\r\n")
+    return f"{encoded} <{address}>"
+
+
+def _header_text(value: str, header: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ComposeError(f"{header} cannot contain a line break")
+    if value.isascii() and len(value) + len(header) + 2 <= 78:
+        return value
+    return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")
+
+
+def write_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
+    """Render the issue at `path` for the sample subscriber: write NAME.html, .txt, .eml."""
+    document = load(path)
+    rendered = Renderer(settings).render(document.issue)
+    template = MessageTemplate(
+        rendered, settings, secret=tokens.secret_or_sample(), issue_key=path.stem
+    )
+    recipient = Recipient(settings.preview.sample_email, settings.preview.sample_name)
+    target = out_dir.resolve()
+
+    def local_url(asset: Asset) -> str:
+        # The HTML file shows the images from where they are, so that it opens in a browser.
+        return quote(Path(os.path.relpath(asset.path, target)).as_posix())
+
+    page, text = rendered.fill(template.values(recipient), asset_url=local_url)
+    files = {
+        target / f"{path.stem}.html": page.encode("utf-8"),
+        target / f"{path.stem}.txt": text.encode("utf-8"),
+        target / f"{path.stem}.eml": template.personalise(recipient),
+    }
+    write_all(files)
+    return list(files)

@@ -1,0 +1,311 @@
+"""The newsletter's settings: `qant.toml`, overridden by `QANT_SECTION_KEY` variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+
+from qant_mail.addresses import AddressError, check_display_name, is_plain_address
+from qant_mail.errors import ConfigError
+from qant_mail.schema import Strict, readable_errors
+
+CONFIG_NAME = "qant.toml"
+ENV_PREFIX = "QANT_"
+LOCALES_DIR = Path(__file__).with_name("locales")
+
+# Keys that hold secrets: they come from the environment only, never from a file that
+# could be committed. The value is the variable to set instead.
+SECRETS = {
+    "password": "QANT_SMTP_PASSWORD",
+    "secret": "QANT_SECRET_KEY",
+    "secret_key": "QANT_SECRET_KEY",
+    "private_key": "QANT_DKIM_PRIVATE_KEY",
+    "dkim_private_key": "QANT_DKIM_PRIVATE_KEY",
+}
+
+
+def _address(value: str) -> str:
+    # The newsletter's own addresses need only be usable in headers; the full syntax
+    # check (email-validator) is for subscribers' addresses.
+    if not is_plain_address(value.strip()):
+        raise ValueError(f"{value!r} is not a plain email address (name@domain.tld)")
+    return value.strip()
+
+
+def _name(value: str) -> str:
+    try:
+        return check_display_name(value)
+    except AddressError as err:
+        raise ValueError(str(err)) from err
+
+
+def _base_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise ValueError(f"{value!r} is not an absolute http(s) URL without query or fragment")
+    return value.rstrip("/")
+
+
+def _colour(value: str) -> str:
+    if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+        raise ValueError(f"{value!r} is not a colour written #rrggbb")
+    return value.lower()
+
+
+Address = Annotated[str, AfterValidator(_address)]
+DisplayName = Annotated[str, Field(min_length=1), AfterValidator(_name)]
+Colour = Annotated[str, AfterValidator(_colour)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class Newsletter(Strict):
+    """Who the newsletter is and how it speaks to readers."""
+
+    name: Text
+    title: Text
+    tagline: str = ""
+    masthead: str = ""
+    byline: Text
+    locale: Annotated[str, Field(pattern=r"^[a-z]{2,3}([_-][A-Za-z]{2,4})?$")] = "fr"
+    base_url: Annotated[str, AfterValidator(_base_url)]
+    logo: str | None = None
+    logo_alt: str = ""
+    words_per_minute: Annotated[int, Field(ge=50, le=1000)] = 250
+    postal_address: str = ""
+
+
+class Sender(Strict):
+    """The From and Reply-To of every message."""
+
+    name: DisplayName
+    address: Address
+    reply_to: Address | None = None
+    # A mailbox that treats any message to it as an unsubscription (List-Unsubscribe mailto).
+    unsubscribe_address: Address | None = None
+
+
+class Colours(Strict):
+    """Brand colours, light and dark."""
+
+    brand: Colour = "#0f4c81"
+    text: Colour = "#1f2328"
+    muted: Colour = "#5f6b76"
+    background: Colour = "#f3f1ec"
+    paper: Colour = "#ffffff"
+    rule: Colour = "#e3ded3"
+    dark_brand: Colour = "#8ab8ff"
+    dark_text: Colour = "#e8e6e3"
+    dark_muted: Colour = "#a9b1ba"
+    dark_background: Colour = "#111315"
+    dark_paper: Colour = "#1c1f22"
+    dark_rule: Colour = "#33383d"
+
+
+class Labels(Strict):
+    """Every piece of text the templates show readers, in the newsletter's language."""
+
+    # Labels keep their spaces: French puts a no-break space before ":" (" : ").
+    model_config = ConfigDict(str_strip_whitespace=False)
+
+    event: Text
+    special: Text
+    essentials: Text
+    expert: Text
+    letter: Text
+    separator: Text
+    read_more: Text
+    sources: Text
+    byline: Text
+    reading_time: Text
+    share: Text
+    quote: Text
+    caption_credit: Text
+    credit_only: Text
+    ps: Text
+    view_in_browser: Text
+    unsubscribe: Text
+    sent_to: Text
+    expert_author: Text
+
+
+class Paths(Strict):
+    """Where the editors' files live, relative to the settings file."""
+
+    issues: str = "issues"
+    templates: str = "templates"
+    output: str = "out"
+
+
+class Preview(Strict):
+    """The sample subscriber that fills the per-recipient values of a preview."""
+
+    sample_name: str = "Camille Lecteur"
+    sample_email: Address = "lecteur@example.com"
+
+
+class Lint(Strict):
+    """Thresholds of `qant-mail check` for the email an inbox receives."""
+
+    # Gmail clips a message whose HTML passes about 102 KB: stay clear of it.
+    html_error_bytes: Annotated[int, Field(gt=0)] = 100_000
+    html_warning_bytes: Annotated[int, Field(gt=0)] = 90_000
+    subject_max_chars: Annotated[int, Field(gt=0)] = 80
+    preheader_max_chars: Annotated[int, Field(gt=0)] = 150
+
+
+class SettingsFile(Strict):
+    """The schema of `qant.toml`."""
+
+    newsletter: Newsletter
+    sender: Sender
+    colours: Colours = Colours()
+    labels: Labels
+    paths: Paths = Paths()
+    preview: Preview = Preview()
+    lint: Lint = Lint()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings, with the folder they are relative to."""
+
+    path: Path
+    newsletter: Newsletter
+    sender: Sender
+    colours: Colours
+    labels: Labels
+    paths: Paths
+    preview: Preview
+    lint: Lint
+
+    @property
+    def root(self) -> Path:
+        """Return the project folder: the one holding the settings file."""
+        return self.path.parent
+
+    @property
+    def issues_dir(self) -> Path:
+        """Return the folder of the editors' YAML files."""
+        return self.root / self.paths.issues
+
+    @property
+    def templates_dir(self) -> Path:
+        """Return the folder of the email templates."""
+        return self.root / self.paths.templates
+
+    @property
+    def output_dir(self) -> Path:
+        """Return the folder `render` writes to by default."""
+        return self.root / self.paths.output
+
+    @property
+    def sender_domain(self) -> str:
+        """Return the domain of the sender's address, for Message-IDs and List-Id."""
+        return self.sender.address.rpartition("@")[2]
+
+
+def find_config(start: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """Return the settings file: `$QANT_CONFIG`, or `qant.toml` here or in a parent folder."""
+    env = os.environ if env is None else env
+    if explicit := env.get("QANT_CONFIG"):
+        return Path(explicit)
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no {CONFIG_NAME} in {here} or its parent folders; run from the project "
+        "folder, or pass --config (or set QANT_CONFIG)"
+    )
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the settings file, applying environment overrides."""
+    env = os.environ if env is None else env
+    raw = _read_toml(path)
+    sources: dict[tuple[str, str], str] = {}
+    _refuse_secrets(path, raw)
+    _apply_env(raw, env, sources)
+    locale = raw.get("newsletter", {}).get("locale", "fr") if isinstance(raw, dict) else "fr"
+    raw["labels"] = {**_builtin_labels(locale), **raw.get("labels", {})}
+    try:
+        data = SettingsFile.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for problem in readable_errors(err, SettingsFile):
+            where = sources.get(tuple(map(str, problem.loc[:2])))  # type: ignore[arg-type]
+            origin = f"{where} (environment)" if where else f"{path}: {problem.dotted}"
+            lines.append(f"{origin}: {problem.message}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    if data.lint.html_warning_bytes > data.lint.html_error_bytes:
+        raise ConfigError(f"{path}: lint.html_warning_bytes is above lint.html_error_bytes")
+    return Settings(
+        path=path.resolve(),
+        newsletter=data.newsletter,
+        sender=data.sender,
+        colours=data.colours,
+        labels=data.labels,
+        paths=data.paths,
+        preview=data.preview,
+        lint=data.lint,
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+
+
+def _refuse_secrets(path: Path, raw: dict[str, Any]) -> None:
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            continue
+        for key in values:
+            if key.lower() in SECRETS:
+                raise ConfigError(
+                    f"{path}: {section}.{key}: secrets do not belong in the settings file; "
+                    f"set {SECRETS[key.lower()]} in the environment instead"
+                )
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str], sources: dict[Any, str]) -> None:
+    """Override `section.key` with `QANT_SECTION_KEY` for every key the schema knows."""
+    for section, field in SettingsFile.model_fields.items():
+        model = field.annotation
+        if not isinstance(model, type):
+            continue
+        for key in getattr(model, "model_fields", {}):
+            variable = f"{ENV_PREFIX}{section}_{key}".upper()
+            if variable in env:
+                target = raw.setdefault(section, {})
+                if isinstance(target, dict):
+                    target[key] = env[variable]
+                    sources[(section, key)] = variable
+
+
+def _builtin_labels(locale: object) -> dict[str, str]:
+    """Return the labels shipped for `locale` (`fr_CA` falls back to `fr`), or none."""
+    if not isinstance(locale, str):
+        return {}
+    for name in (locale.replace("-", "_"), locale.split("_")[0].split("-")[0]):
+        candidate = LOCALES_DIR / f"{name}.toml"
+        if candidate.is_file():
+            with candidate.open("rb") as handle:
+                return {str(k): str(v) for k, v in tomllib.load(handle).items()}
+    return {}

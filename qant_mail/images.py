@@ -1,0 +1,94 @@
+"""Image files: their type and pixel size, read from their headers."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from qant_mail.errors import QantError
+
+# What mail clients display inline; SVG is left out on purpose (Gmail and Outlook drop it).
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
+
+
+class ImageFileError(QantError):
+    """An image file that is missing, unreadable or of a kind email cannot show."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image file's type and intrinsic size."""
+
+    kind: str
+    width: int
+    height: int
+
+    @property
+    def mime_type(self) -> str:
+        """Return the Content-Type to send the image with."""
+        return MIME_TYPES[self.kind]
+
+
+def probe(path: Path) -> ImageInfo:
+    """Return the type and size of the image at `path`, reading only its header."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64 * 1024)
+    except FileNotFoundError:
+        raise ImageFileError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageFileError(f"not a file: {path}") from None
+    except OSError as err:
+        raise ImageFileError(f"cannot read image {path}: {err.strerror}") from None
+    info = _parse(head)
+    if info is None:
+        raise ImageFileError(f"{path.name}: not a PNG, JPEG, GIF or WebP image")
+    return info
+
+
+def _parse(head: bytes) -> ImageInfo | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return ImageInfo("png", width, height)
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        width, height = struct.unpack("<HH", head[6:10])
+        return ImageInfo("gif", width, height)
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg(head)
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return _webp(head)
+    return None
+
+
+def _jpeg(head: bytes) -> ImageInfo | None:
+    # Walk the segments to the first start-of-frame marker, which holds the size.
+    pos = 2
+    while pos + 9 < len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[pos + 5 : pos + 9])
+            return ImageInfo("jpeg", width, height)
+        pos += 2 + length
+    return None
+
+
+def _webp(head: bytes) -> ImageInfo | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30:
+        width, height = struct.unpack("<HH", head[26:30])
+        return ImageInfo("webp", width & 0x3FFF, height & 0x3FFF)
+    if chunk == b"VP8L" and len(head) >= 25:
+        bits = int.from_bytes(head[21:25], "little")
+        return ImageInfo("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if chunk == b"VP8X" and len(head) >= 30:
+        width = int.from_bytes(head[24:27], "little") + 1
+        height = int.from_bytes(head[27:30], "little") + 1
+        return ImageInfo("webp", width, height)
+    return None

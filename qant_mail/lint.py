@@ -1,0 +1,218 @@
+"""Checks of the rendered email that a reader's inbox would punish."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel
+
+from qant_mail import prose
+from qant_mail.config import Settings
+from qant_mail.errors import IssueError, Problem, Severity
+from qant_mail.load import Document, load
+from qant_mail.model import Image, Link
+from qant_mail.render import PLACEHOLDER, RenderedIssue, Renderer, Slot
+from qant_mail.schema import Loc
+
+ERROR, WARNING = Severity.ERROR, Severity.WARNING
+_EMAIL: Loc = ("(email)",)
+_SAFE_SCHEMES = ("https:", "mailto:")
+# Values of typical length stand in for the per-recipient placeholders when the HTML is
+# measured: Gmail counts the bytes a subscriber receives, not our template.
+SAMPLE_VALUES = {
+    Slot.NAME: "Dominique Exemple-Durand",
+    Slot.EMAIL: "dominique.exemple-durand@example.com",
+    Slot.UNSUBSCRIBE_URL: "https://newsletter.example.com/unsubscribe/AAAAAQ.0123456789abcdefghijkl",
+    Slot.BROWSER_URL: "https://newsletter.example.com/2023-11-20/",
+}
+
+
+def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> list[Problem]:
+    """Return the problems of the email a subscriber would receive, errors first."""
+    limits = settings.lint
+    issue = document.issue
+    found: list[Problem] = []
+
+    def report(loc: Loc, message: str, severity: Severity) -> None:
+        found.append(document.problem(loc, message, severity))
+
+    html, _ = rendered.fill(SAMPLE_VALUES)
+    size = len(html.encode("utf-8"))
+    if size > limits.html_error_bytes:
+        report(_EMAIL, _size_message(size, "past", limits.html_error_bytes), ERROR)
+    elif size > limits.html_warning_bytes:
+        report(_EMAIL, _size_message(size, "close to", limits.html_error_bytes), WARNING)
+
+    if len(issue.subject) > limits.subject_max_chars:
+        report(
+            ("subject",),
+            f"{len(issue.subject)} characters; inboxes cut subjects past about "
+            f"{limits.subject_max_chars}",
+            WARNING,
+        )
+    if not issue.preheader:
+        report(
+            (),
+            "no preheader: inboxes will show the first words of the email instead "
+            '("Voir dans le navigateur…")',
+            WARNING,
+        )
+    elif len(issue.preheader) > limits.preheader_max_chars:
+        report(
+            ("preheader",),
+            f"{len(issue.preheader)} characters; inboxes show about {limits.preheader_max_chars}",
+            WARNING,
+        )
+    if issue.draft:
+        report(("draft",), "the issue is marked `draft: true`: it will not go to the list", WARNING)
+
+    origins = _Origins(issue, rendered)
+    page = _Anchors()
+    page.feed(rendered.html)  # with its placeholders: they are not links to check
+    for attrs in page.images:
+        src = attrs.get("src") or ""
+        loc = origins.image(src)
+        alt = (attrs.get("alt") or "").strip()
+        if not alt:
+            report(loc, f"image {_short(src)} has no alt text", ERROR)
+        elif _looks_like_file_name(alt):
+            report(loc, f"alt text {alt!r} looks like a file name; describe the image", WARNING)
+        if not attrs.get("width") or not attrs.get("height"):
+            report(
+                loc,
+                f"image {_short(src)} has no width and height: set both, so that the "
+                "layout does not jump while it loads and Outlook draws it at its size",
+                WARNING,
+            )
+    seen: dict[str, Loc] = {}
+    for href in page.links:
+        if PLACEHOLDER.fullmatch(href):
+            continue
+        loc = origins.link(href)
+        lowered = href.lower()
+        if lowered.startswith("http:"):
+            report(loc, f"link {_short(href)} is not https", WARNING)
+        elif not lowered.startswith(_SAFE_SCHEMES):
+            report(loc, f"link {_short(href)!r} is not http(s) or mailto", ERROR)
+        if href in seen:
+            report(loc, f"duplicate link {_short(href)} (also at {_dotted(seen[href])})", WARNING)
+        else:
+            seen[href] = loc
+    return sorted(found, key=lambda p: (p.severity != ERROR, p.line, p.column, p.message))
+
+
+def _size_message(size: int, relation: str, limit: int) -> str:
+    return (
+        f"the HTML part is {size / 1000:.1f} KB, {relation} the {limit / 1000:.0f} KB limit: "
+        "Gmail clips messages past ~102 KB, hiding the end of the issue and its "
+        "unsubscribe link"
+    )
+
+
+def _short(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(map(str, loc)) or "(document)"
+
+
+def _looks_like_file_name(alt: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+\.(png|jpe?g|gif|webp|svg)", alt, re.IGNORECASE)) or bool(
+        re.fullmatch(r"(IMG|DSC|image|Capture)[_ -]?\d+", alt, re.IGNORECASE)
+    )
+
+
+class _Anchors(HTMLParser):
+    """Collect the images and links of an HTML document."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag == "a":
+            href = dict(attrs).get("href")
+            if href is not None:
+                self.links.append(href.strip())
+
+
+class _Origins:
+    """Map an image source or a link target back to the issue field it came from."""
+
+    def __init__(self, issue: BaseModel, rendered: RenderedIssue) -> None:
+        self.images: dict[str, Loc] = {}
+        self.links: dict[str, list[Loc]] = {}
+        self.used: dict[str, int] = {}
+        by_path = {asset.path: asset.url for asset in rendered.assets}
+        for loc, value in _walk(issue, ()):
+            if isinstance(value, Image):
+                url = by_path.get(value.file) if value.file else value.src
+                self.images.setdefault(url or value.src, loc)
+                if value.link:
+                    self.links.setdefault(value.link, []).append((*loc, "link"))
+            elif isinstance(value, Link):
+                self.links.setdefault(value.url, []).append((*loc, "url"))
+            elif isinstance(value, str):
+                for href in prose.links(value):
+                    self.links.setdefault(href, []).append(loc)
+
+    def image(self, src: str) -> Loc:
+        return self.images.get(src, ("(template)", PurePosixPath(src).name or src))
+
+    def link(self, href: str) -> Loc:
+        # The n-th time a target appears in the HTML is the n-th field that holds it.
+        places = self.links.get(href)
+        if not places:
+            return ("(template)",)
+        index = self.used.get(href, 0)
+        self.used[href] = index + 1
+        return places[min(index, len(places) - 1)]
+
+
+def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:
+    yield loc, value
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _walk(getattr(value, name), (*loc, name))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _walk(item, (*loc, index))
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `check` found in an issue file; the document and render when it loaded."""
+
+    path: Path
+    problems: list[Problem]
+    document: Document | None = None
+    rendered: RenderedIssue | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Return the problems that stop a render or a send."""
+        return [p for p in self.problems if p.severity is ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Return the problems worth a look that stop nothing."""
+        return [p for p in self.problems if p.severity is WARNING]
+
+
+def check(path: Path, renderer: Renderer) -> Report:
+    """Validate the issue at `path`, render it and lint the email: every problem at once."""
+    try:
+        document = load(path)
+    except IssueError as err:
+        return Report(path, err.problems)
+    rendered = renderer.render(document.issue)
+    return Report(path, lint(document, rendered, renderer.settings), document, rendered)

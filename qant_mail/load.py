@@ -1,0 +1,261 @@
+"""Read an issue file: YAML → `Issue`, every problem located by line and column."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarstring import LiteralScalarString
+
+from qant_mail.errors import IssueError, Problem, Severity
+from qant_mail.model import Issue
+from qant_mail.schema import Loc, readable_errors
+
+MAX_BYTES = 5 * 1024 * 1024
+# An issue is a few hundred YAML nodes; aliases that expand past this are an attack
+# ("billion laughs"), not a newsletter.
+MAX_NODES = 100_000
+
+_SYNTAX = "(yaml)"
+_FILE = "(file)"
+
+
+@dataclass
+class Document:
+    """A validated issue and where each of its fields is written in its file."""
+
+    path: Path
+    text: str
+    issue: Issue
+    _positions: _Positions | None = field(default=None, repr=False)
+
+    def locate(self, loc: Loc, *, key: bool = False) -> tuple[int, int]:
+        """Return the 1-based (line, column) of the field at `loc` (or its key)."""
+        return self._map().locate(loc, key=key)
+
+    def problem(self, loc: Loc, message: str, severity: Severity) -> Problem:
+        """Return a problem about the field at `loc`, located in the file."""
+        line, column = self.locate(loc)
+        dotted = ".".join(map(str, loc)) or "(document)"
+        return Problem(self.path, line, column, dotted, message, severity)
+
+    def _map(self) -> _Positions:
+        # Positions need ruamel's round-trip parser, ten times slower than the safe one:
+        # only pay for it when there is something to report.
+        if self._positions is None:
+            self._positions = _Positions.parse(self.text)
+        return self._positions
+
+
+def load(path: Path) -> Document:
+    """Read, parse and validate the issue at `path`; raise `IssueError` listing every problem."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise _fail(path, f"the file is {size / 1e6:.1f} MB; an issue is at most 5 MB")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except IsADirectoryError:
+        raise _fail(path, "is a folder, not an issue file") from None
+    except OSError as err:
+        raise _fail(path, f"cannot read: {err.strerror}") from None
+    return parse(raw, path)
+
+
+def parse(raw: bytes, path: Path) -> Document:
+    """Parse and validate the bytes of an issue file named `path`."""
+    if len(raw) > MAX_BYTES:
+        raise _fail(path, f"the file is {len(raw) / 1e6:.1f} MB; an issue is at most 5 MB")
+    text = _decode(raw, path)
+    data = _yaml(text, path)
+    context: dict[str, Any] = {"base_dir": path.parent, "default_date": _date_in_name(path)}
+    try:
+        issue = Issue.model_validate(data, context=context)
+    except ValidationError as err:
+        positions = _Positions.parse(text)
+        problems = []
+        for error in readable_errors(err, Issue):
+            if error.loc == ("date",) and error.kind == "missing":
+                message = "required (or name the file after the date: YYYY-MM-DD.yaml)"
+            else:
+                message = error.message
+            line, column = positions.locate(
+                error.loc,
+                key=error.kind == "extra_forbidden",
+                missing=error.kind == "missing",
+                line_offset=error.line_offset,
+            )
+            problems.append(Problem(path, line, column, error.dotted, message))
+        raise IssueError(path, problems) from None
+    return Document(path, text, issue)
+
+
+def _fail(path: Path, message: str, line: int = 1, column: int = 1) -> IssueError:
+    return IssueError(path, [Problem(path, line, column, _FILE, message)])
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise _fail(
+            path,
+            f"not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8",
+            line,
+            column,
+        ) from None
+    if not text.strip():
+        raise _fail(path, "the file is empty; `qant-mail new` writes a skeleton to start from")
+    return text
+
+
+def _yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        data = YAML(typ="safe").load(text)
+    except MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        message = _yaml_message(err)
+        raise _fail(path, message, line, column) from None
+    except YAMLError as err:
+        raise _fail(path, f"not valid YAML: {err}") from None
+    except RecursionError:
+        raise _fail(path, "the YAML is nested too deeply") from None
+    if data is None:
+        raise _fail(path, "the file holds only comments; an issue needs at least a subject")
+    if not isinstance(data, dict):
+        raise _fail(path, "an issue is a mapping of fields (date:, subject:, event: …)")
+    if _expanded_size(data) > MAX_NODES:
+        raise _fail(
+            path, f"YAML aliases expand this file past {MAX_NODES:,} values; remove the aliases"
+        )
+    return data
+
+
+def _yaml_message(err: MarkedYAMLError) -> str:
+    problem = (err.problem or "").strip()
+    duplicate = re.match(r'found duplicate key "(.*?)"', problem)
+    if duplicate:
+        original = err.context_mark.line + 1 if err.context_mark else None
+        where = f" (the mapping starts at line {original})" if original else ""
+        return f"duplicate key {duplicate.group(1)!r}{where}"
+    context = (err.context or "").strip()
+    return f"YAML syntax: {problem}" + (f" ({context})" if context else "")
+
+
+def _expanded_size(root: Any) -> int:
+    """Count the values of `root` as if every alias were copied out, in linear time."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            total = 1 + sum(sizes.get(id(c), 1) for c in children)
+            sizes[id(node)] = min(total, MAX_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, list):
+        return node
+    return []
+
+
+def _date_in_name(path: Path) -> dt.date | None:
+    match = re.match(r"(\d{4}-\d{2}-\d{2})", path.name)
+    if not match:
+        return None
+    try:
+        return dt.date.fromisoformat(match.group(1))
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Positions:
+    """Where each key and value of a YAML document starts, by path (1-based)."""
+
+    lines: list[str]
+    keys: dict[Loc, tuple[int, int]]
+    values: dict[Loc, tuple[int, int]]
+    literal: set[Loc]
+
+    @classmethod
+    def parse(cls, text: str) -> _Positions:
+        positions = cls(text.splitlines(), {(): (1, 1)}, {(): (1, 1)}, set())
+        # On failure, the positions found so far stay; the rest fall back to their parent's.
+        with contextlib.suppress(YAMLError, RecursionError):
+            positions._walk(YAML(typ="rt").load(text), ())
+        return positions
+
+    def _walk(self, node: Any, loc: Loc) -> None:
+        for child_loc, child, key_pos, value_pos in _entries(node, loc):
+            self.keys[child_loc] = key_pos
+            self.values[child_loc] = value_pos
+            if isinstance(child, LiteralScalarString):
+                self.literal.add(child_loc)
+            self._walk(child, child_loc)
+
+    def locate(
+        self,
+        loc: Loc,
+        *,
+        key: bool = False,
+        missing: bool = False,
+        line_offset: int | None = None,
+    ) -> tuple[int, int]:
+        if missing:
+            # A missing field is reported where its parent mapping is written.
+            return self._nearest(loc[:-1], self.keys)
+        if key:
+            return self._nearest(loc, self.keys)
+        if line_offset is not None and loc in self.literal:
+            line = self.values[loc][0] + 1 + line_offset
+            if line <= len(self.lines):
+                text = self.lines[line - 1]
+                return line, len(text) - len(text.lstrip()) + 1
+        return self._nearest(loc, self.values)
+
+    def _nearest(self, loc: Loc, table: dict[Loc, tuple[int, int]]) -> tuple[int, int]:
+        for end in range(len(loc), -1, -1):
+            found = table.get(loc[:end]) or self.keys.get(loc[:end])
+            if found:
+                return found
+        return (1, 1)
+
+
+def _entries(node: Any, loc: Loc) -> Iterator[tuple[Loc, Any, tuple[int, int], tuple[int, int]]]:
+    if isinstance(node, CommentedMap):
+        for key, value in node.items():
+            key_line, key_col = node.lc.key(key)
+            value_line, value_col = node.lc.value(key)
+            yield (
+                (*loc, str(key)),
+                value,
+                (key_line + 1, key_col + 1),
+                (value_line + 1, value_col + 1),
+            )
+    elif isinstance(node, CommentedSeq):
+        for index, value in enumerate(node):
+            line, col = node.lc.item(index)
+            yield (*loc, index), value, (line + 1, col + 1), (line + 1, col + 1)

@@ -1,0 +1,369 @@
+"""Render an issue once: Jinja2 → MJML → HTML (mjml-python) → inlined CSS; and plain text."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import html as html_lib
+import math
+import os
+import re
+import textwrap
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import css_inline
+import jinja2
+import mjml
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date
+from babel.numbers import format_decimal
+from markupsafe import Markup, escape
+
+from qant_mail import prose
+from qant_mail.config import Settings
+from qant_mail.errors import ConfigError, TemplateError
+from qant_mail.images import ImageFileError, probe
+from qant_mail.model import Image, Issue, Story
+
+HTML_TEMPLATE = "email.mjml.j2"
+TEXT_TEMPLATE = "email.txt.j2"
+# The email is 600 px wide; sections have 24 px of padding on each side.
+CONTENT_WIDTH = 552
+TEXT_WIDTH = 72
+
+
+class Slot(enum.StrEnum):
+    """A per-recipient value: a placeholder in the render, filled for each subscriber."""
+
+    NAME = "name"
+    EMAIL = "email"
+    UNSUBSCRIBE_URL = "unsubscribe_url"
+    BROWSER_URL = "browser_url"
+
+    @property
+    def token(self) -> str:
+        """Return the placeholder written in the rendered HTML and text."""
+        # Only characters that HTML escaping, CSS inlining and quoted-printable all leave
+        # alone, and that no editor types by accident.
+        return f"%%qant:{self.value}%%"
+
+
+PLACEHOLDER = re.compile(r"%%qant:(" + "|".join(s.value for s in Slot) + r")%%")
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A local image file the email embeds, referenced from the HTML as `cid:`."""
+
+    path: Path
+    content_id: str
+    mime_type: str
+
+    @property
+    def url(self) -> str:
+        """Return the URL the HTML uses for it."""
+        return f"cid:{self.content_id}"
+
+
+@dataclass(frozen=True)
+class RenderedIssue:
+    """The email of an issue, with placeholders for the per-recipient values."""
+
+    issue: Issue
+    subject: str
+    preheader: str
+    html: str
+    text: str
+    assets: tuple[Asset, ...]
+    words: int
+    reading_minutes: int
+    web_url: str
+    timings: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+    def fill(
+        self,
+        values: Mapping[Slot, str],
+        asset_url: Callable[[Asset], str] | None = None,
+    ) -> tuple[str, str]:
+        """Return (html, text) for one recipient: placeholders filled, escaped for HTML."""
+        html = PLACEHOLDER.sub(lambda m: html_lib.escape(values[Slot(m.group(1))]), self.html)
+        text = PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text)
+        if asset_url is not None:
+            for asset in self.assets:
+                html = html.replace(asset.url, html_lib.escape(asset_url(asset)))
+        return html, text
+
+
+class Renderer:
+    """Renders issues with one newsletter's settings and templates (reuse it: it caches)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        try:
+            self.locale = Locale.parse(settings.newsletter.locale.replace("-", "_"))
+        except (UnknownLocaleError, ValueError) as err:
+            raise ConfigError(
+                f"{settings.path}: newsletter.locale: unknown locale {settings.newsletter.locale!r}"
+            ) from err
+        if not settings.templates_dir.is_dir():
+            raise ConfigError(
+                f"{settings.path}: paths.templates: no folder {settings.templates_dir}"
+            )
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(settings.templates_dir),
+            autoescape=jinja2.select_autoescape(["mjml.j2", "html.j2"], default=False),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            auto_reload=True,
+            # Compiling the templates costs more than rendering them: keep the bytecode.
+            bytecode_cache=_bytecode_cache(),
+        )
+        self.env.filters.update(
+            markdown=_markdown_filter,
+            markdown_text=_markdown_text_filter,
+            label=_label_filter,
+            wrap=_wrap_filter,
+            underline=lambda text, char="-": char * min(len(text), TEXT_WIDTH),
+        )
+        # CSS rules stay in <style> as well as being inlined: @media (the phone layout)
+        # and prefers-color-scheme (dark mode) only work from there. Nothing is fetched.
+        self.inliner = css_inline.CSSInliner(keep_style_tags=True, load_remote_stylesheets=False)
+
+    def render(self, issue: Issue) -> RenderedIssue:
+        """Render `issue` to HTML and text, with per-recipient placeholders."""
+        timings: dict[str, float] = {}
+        clock = _Clock(timings)
+        assets: dict[Path, Asset] = {}
+        context = self._context(issue, assets)
+        with clock("template"):
+            source = self._render_template(HTML_TEMPLATE, context)
+        with clock("mjml"):
+            try:
+                raw_html = mjml.mjml2html(source, disable_comments=True)
+            except ValueError as err:  # how mjml-python reports invalid MJML
+                raise TemplateError(f"{self._path(HTML_TEMPLATE)}: invalid MJML: {err}") from err
+        with clock("inline"):
+            try:
+                html = self.inliner.inline(raw_html)
+            except css_inline.InlineError as err:
+                raise TemplateError(f"{self._path(HTML_TEMPLATE)}: invalid CSS: {err}") from err
+        with clock("text"):
+            text = _tidy_text(self._render_template(TEXT_TEMPLATE, context))
+        return RenderedIssue(
+            issue=issue,
+            subject=issue.subject,
+            preheader=issue.preheader,
+            html=html,
+            text=text,
+            assets=tuple(assets.values()),
+            words=context["words"],
+            reading_minutes=context["reading_minutes"],
+            web_url=context["web_url"],
+            timings=timings,
+        )
+
+    def format_date(self, day: dt.date) -> str:
+        """Return `day` written out in the newsletter's language ("lundi 20 novembre 2023")."""
+        return format_date(day, format="full", locale=self.locale)
+
+    def render_string(self, name: str, **context: Any) -> str:
+        """Render another template of the folder (the skeleton of a new issue, say)."""
+        return self._render_template(name, context)
+
+    def _path(self, name: str) -> Path:
+        return self.settings.templates_dir / name
+
+    def _render_template(self, name: str, context: Mapping[str, Any]) -> str:
+        try:
+            return self.env.get_template(name).render(context)
+        except jinja2.TemplateNotFound as err:
+            raise TemplateError(f"{self._path(str(err))}: template not found") from None
+        except jinja2.TemplateSyntaxError as err:
+            where = err.filename or self._path(name)
+            raise TemplateError(f"{where}:{err.lineno}: {err.message}") from None
+        except jinja2.TemplateError as err:
+            raise TemplateError(f"{_template_frame(err, self._path(name))}: {err}") from None
+
+    def _context(self, issue: Issue, assets: dict[Path, Asset]) -> dict[str, Any]:
+        settings = self.settings
+        words = _count_words(issue)
+        minutes = max(1, math.ceil(words / settings.newsletter.words_per_minute))
+        web_url = f"{settings.newsletter.base_url}/{issue.date.isoformat()}/"
+        labels = settings.labels
+        return {
+            "issue": issue,
+            "newsletter": settings.newsletter,
+            "sender": settings.sender,
+            "colours": settings.colours,
+            "labels": labels,
+            "lang": self.locale.language,
+            "date_long": self.format_date(issue.date),
+            "words": words,
+            "reading_minutes": minutes,
+            "reading_time": labels.reading_time.format(
+                minutes=format_decimal(minutes, locale=self.locale)
+            ),
+            "web_url": web_url,
+            "recipient": {slot.value: slot.token for slot in Slot},
+            "logo": self._logo(assets),
+            "figure": lambda image: self._figure(image, assets),
+            "content_width": CONTENT_WIDTH,
+            "text_width": TEXT_WIDTH,
+        }
+
+    def _logo(self, assets: dict[Path, Asset]) -> dict[str, Any] | None:
+        logo = self.settings.newsletter.logo
+        if not logo:
+            return None
+        alt = self.settings.newsletter.logo_alt or self.settings.newsletter.name
+        if logo.startswith("https://"):
+            return {"src": logo, "alt": alt, "width": None, "height": None}
+        path = self.settings.root / logo
+        try:
+            info = probe(path)
+        except ImageFileError as err:
+            raise ConfigError(f"{self.settings.path}: newsletter.logo: {err}") from None
+        # The logo file is drawn at twice the size it is shown, for sharp high-DPI screens.
+        width, height = info.width // 2, info.height // 2
+        src = self._embed(path, info.mime_type, assets)
+        return {"src": src, "alt": alt, "width": width, "height": height}
+
+    def _figure(self, image: Image, assets: dict[Path, Asset]) -> dict[str, Any]:
+        width, height = image.size
+        if width and width > CONTENT_WIDTH:
+            height = round(height * CONTENT_WIDTH / width) if height else None
+            width = CONTENT_WIDTH
+        if image.file is not None and image.mime_type:
+            src = self._embed(image.file, image.mime_type, assets)
+        else:
+            src = image.src
+        return {"src": src, "alt": image.alt, "width": width, "height": height, "image": image}
+
+    def _embed(self, path: Path, mime_type: str, assets: dict[Path, Asset]) -> str:
+        asset = assets.get(path)
+        if asset is None:
+            digest = hashlib.sha256(str(path.name).encode() + _file_digest(path)).hexdigest()
+            cid = f"{digest[:16]}{path.suffix.lower()}@{self.settings.sender_domain}"
+            asset = assets[path] = Asset(path, cid, mime_type)
+        return asset.url
+
+
+class _Clock:
+    """Time the stages of a render, for the benchmark."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, stage: str) -> _Stage:
+        return _Stage(self.timings, stage)
+
+
+class _Stage:
+    def __init__(self, timings: dict[str, float], stage: str) -> None:
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.stage] = time.perf_counter() - self.start
+
+
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Return a cache of compiled templates in the user's cache folder, if it is writable."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(base) / "qant-mail" / "jinja"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(str(folder))
+
+
+def _file_digest(path: Path) -> bytes:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError as err:
+        raise ImageFileError(f"cannot read image {path}: {err.strerror}") from None
+
+
+def _count_words(issue: Issue) -> int:
+    texts: list[str] = [issue.intro]
+    if issue.quote:
+        texts.append(issue.quote.text)
+    if issue.letter:
+        texts += [issue.letter.title, issue.letter.ps]
+        texts += [b for b in issue.letter.body if isinstance(b, str)]
+    for story in issue.stories():
+        texts += _story_texts(story)
+    if issue.special:
+        texts += [issue.special.title, issue.special.intro]
+    if issue.essentials:
+        texts.append(issue.essentials.title)
+        for item in issue.essentials.items:
+            texts += [item.title, item.text]
+    return sum(prose.words(text) for text in texts if text)
+
+
+def _story_texts(story: Story) -> list[str]:
+    texts = [story.title, story.lede]
+    texts += [block for block in story.body if isinstance(block, str)]
+    if story.image:
+        texts.append(story.image.caption)
+    return texts
+
+
+def _markdown_filter(text: str, lead: str = "") -> Markup:
+    # `lead` is already-escaped HTML from the template (a bold title), never user HTML.
+    return Markup(prose.to_html(text, str(lead)))
+
+
+def _markdown_text_filter(text: str, lead: str = "", width: int = TEXT_WIDTH) -> str:
+    return prose.to_text(text, width=width, lead=lead)
+
+
+@jinja2.pass_eval_context
+def _label_filter(eval_ctx: jinja2.nodes.EvalContext, label: str, **values: Any) -> str:
+    """Fill a label's `{…}` fields; in HTML, escape the label and its values alike."""
+    if eval_ctx.autoescape:
+        return Markup(escape(label)).format(**values)
+    return label.format(**values)
+
+
+def _wrap_filter(
+    text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
+) -> str:
+    return "\n".join(
+        textwrap.wrap(
+            text,
+            width=width,
+            initial_indent=indent,
+            subsequent_indent=indent if hanging is None else hanging,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
+
+
+def _tidy_text(text: str) -> str:
+    lines = [line.rstrip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def _template_frame(err: BaseException, fallback: Path) -> str:
+    """Return `template:line` of the template line that raised `err`, from its traceback."""
+    tb = err.__traceback__
+    where = str(fallback)
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name.endswith(".j2"):
+            where = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where

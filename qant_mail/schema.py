@@ -1,0 +1,130 @@
+"""The pydantic base for our schemas, and validation errors worded for editors."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+Loc = tuple[str | int, ...]
+
+
+class Strict(BaseModel):
+    """A schema that refuses unknown keys and is immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One validation failure: where in the document, what kind, and what to tell the user."""
+
+    loc: Loc
+    kind: str
+    message: str
+    # Some errors point inside a value (a line of a Markdown body); `offset` is that line, 0-based.
+    line_offset: int | None = None
+
+    @property
+    def dotted(self) -> str:
+        """Return the location as the editor writes it: `special.articles.0.title`."""
+        return ".".join(str(part) for part in self.loc) or "(document)"
+
+
+def readable_errors(err: ValidationError, root: type[BaseModel]) -> list[FieldError]:
+    """Turn pydantic's errors into located, editor-friendly ones."""
+    out: list[FieldError] = []
+    for detail in err.errors(include_url=False):
+        loc, models = _resolve(root, tuple(detail["loc"]))
+        kind = detail["type"]
+        ctx = detail.get("ctx") or {}
+        message = _message(kind, detail["msg"], loc, models, ctx)
+        offset = ctx.get("line_offset")
+        out.append(FieldError(loc, kind, message, offset if isinstance(offset, int) else None))
+    return out
+
+
+def _message(
+    kind: str, msg: str, loc: Loc, models: list[type[BaseModel]], ctx: dict[str, Any]
+) -> str:
+    if kind == "missing":
+        return "required, but missing"
+    if kind == "extra_forbidden":
+        return _unknown_key(str(loc[-1]) if loc else "", models)
+    if kind in {"string_too_short", "too_short"} and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if kind == "assertion_error":
+        msg = msg.removeprefix("Assertion failed, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _unknown_key(key: str, models: list[type[BaseModel]]) -> str:
+    known = sorted({name for model in models for name in _field_names(model)})
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r}; did you mean {close[0]!r}?"
+    if known:
+        return f"unknown key {key!r}; expected one of: {', '.join(known)}"
+    return f"unknown key {key!r}"
+
+
+def _field_names(model: type[BaseModel]) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        yield field.alias or name
+
+
+def _resolve(root: type[BaseModel], loc: Loc) -> tuple[Loc, list[type[BaseModel]]]:
+    """Walk `loc` through the schema: drop union tags from it, find the parent models."""
+    current: list[Any] = [root]
+    before: list[Any] = [root]
+    clean: list[str | int] = []
+    for index, part in enumerate(loc):
+        following = list(_step(current, part))
+        if following:
+            before, current = current, following
+            clean.append(part)
+        elif index == len(loc) - 1:
+            # A last part the schema does not know is an unknown key of `current`.
+            clean.append(part)
+            before = current
+        # Otherwise it is the tag pydantic puts in a union member's location: editors
+        # never wrote it, so it is left out.
+    parents = [m for t in before for m in _flatten(t) if _is_model(m)]
+    return tuple(clean), parents
+
+
+def _step(current: Iterable[Any], part: str | int) -> Iterator[Any]:
+    for tp in current:
+        for member in _flatten(tp):
+            origin = typing.get_origin(member)
+            args = typing.get_args(member)
+            if isinstance(part, int) and origin in (list, tuple) and args:
+                yield args[0]
+            elif isinstance(part, str) and _is_model(member):
+                for name, field in member.model_fields.items():
+                    if part in (name, field.alias):
+                        yield field.annotation
+            elif isinstance(part, str) and origin is dict and len(args) == 2:
+                yield args[1]
+
+
+def _flatten(tp: Any) -> Iterator[Any]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        yield from _flatten(typing.get_args(tp)[0])
+    elif origin is typing.Union or isinstance(tp, types.UnionType):
+        for arg in typing.get_args(tp):
+            yield from _flatten(arg)
+    else:
+        yield tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)

@@ -1,0 +1,86 @@
+"""Unsubscribe tokens: opaque, signed with the newsletter's secret (HMAC-SHA256)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+
+from qant_mail.errors import ConfigError
+
+SECRET_VARIABLE = "QANT_SECRET_KEY"
+# A token names a subscriber by number only: it reveals no address. 16 bytes of MAC
+# (128 bits) make forging one as hard as guessing the secret.
+_MAC_BYTES = 16
+_MIN_SECRET_BYTES = 16
+
+
+def secret_from_env(env: Mapping[str, str] | None = None) -> bytes:
+    """Return the signing secret from the environment, or explain how to set one."""
+    env = os.environ if env is None else env
+    value = env.get(SECRET_VARIABLE, "")
+    if not value:
+        raise ConfigError(
+            f"{SECRET_VARIABLE} is not set: unsubscribe links are signed with it. Create one "
+            f"with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` and export it"
+        )
+    secret = value.encode("utf-8")
+    if len(secret) < _MIN_SECRET_BYTES:
+        raise ConfigError(f"{SECRET_VARIABLE} is too short: use at least 16 random bytes")
+    return secret
+
+
+def make(secret: bytes, subscriber_id: int, address: str) -> str:
+    """Return the token that lets the holder unsubscribe `address` (subscriber `subscriber_id`)."""
+    number = subscriber_id.to_bytes(max(1, (subscriber_id.bit_length() + 7) // 8), "big")
+    return f"{_b64(number)}.{_b64(_mac(secret, subscriber_id, address))}"
+
+
+def subscriber_id(token: str) -> int | None:
+    """Return the subscriber number a token claims (unverified), or None if malformed."""
+    number, dot, mac = token.partition(".")
+    if not dot or not number or len(number) > 12 or not mac:
+        return None
+    try:
+        return int.from_bytes(_unb64(number), "big")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def verify(secret: bytes, token: str, subscriber_id: int, address: str) -> bool:
+    """Return whether `token` was made with `secret` for this subscriber and address."""
+    _, _, mac = token.partition(".")
+    try:
+        given = _unb64(mac)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, _mac(secret, subscriber_id, address))
+
+
+def _mac(secret: bytes, subscriber_id: int, address: str) -> bytes:
+    message = f"unsubscribe\0{subscriber_id}\0{address.lower()}".encode()
+    return hmac.new(secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not text.isascii():
+        raise ValueError("not base64")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# Signs the unsubscribe link of samples (render, preview) when no secret is set: those
+# links are for looking at, and the public site refuses them.
+SAMPLE_SECRET = b"qant-mail sample secret: links signed with it are refused"
+
+
+def secret_or_sample(env: Mapping[str, str] | None = None) -> bytes:
+    """Return the configured secret, or the sample one when none is set."""
+    env = os.environ if env is None else env
+    return secret_from_env(env) if env.get(SECRET_VARIABLE) else SAMPLE_SECRET
