@@ -82,7 +82,8 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
             report(loc, f"image {_short(src)} has no alt text", ERROR)
         elif _looks_like_file_name(alt):
             report(loc, f"alt text {alt!r} looks like a file name; describe the image", WARNING)
-        if not attrs.get("width") or not attrs.get("height"):
+        # MJML writes height="auto" when it has no height: only numbers count.
+        if not all((attrs.get(side) or "").isdigit() for side in ("width", "height")):
             report(
                 loc,
                 f"image {_short(src)} has no width and height: set both, so that the "

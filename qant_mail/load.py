@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        data = YAML(typ="safe").load(text)
+        data = _safe_yaml().load(text)
     except MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -137,11 +138,23 @@ def _yaml(text: str, path: Path) -> dict[str, Any]:
         raise _fail(path, "the file holds only comments; an issue needs at least a subject")
     if not isinstance(data, dict):
         raise _fail(path, "an issue is a mapping of fields (date:, subject:, event: …)")
-    if _expanded_size(data) > MAX_NODES:
+    # Aliases need anchors: without "&" and "*" in the text there is nothing to expand.
+    if "&" in text and "*" in text and _expanded_size(data) > MAX_NODES:
         raise _fail(
             path, f"YAML aliases expand this file past {MAX_NODES:,} values; remove the aliases"
         )
     return data
+
+
+def _safe_yaml() -> YAML:
+    """Return this thread's YAML loader (building one costs more than a small load)."""
+    loader: YAML | None = getattr(_loaders, "yaml", None)
+    if loader is None:
+        loader = _loaders.yaml = YAML(typ="safe")
+    return loader
+
+
+_loaders = threading.local()
 
 
 def _yaml_message(err: MarkedYAMLError) -> str:
@@ -229,11 +242,16 @@ class _Positions:
             return self._nearest(loc[:-1], self.keys)
         if key:
             return self._nearest(loc, self.keys)
-        if line_offset is not None and loc in self.literal:
-            line = self.values[loc][0] + 1 + line_offset
-            if line <= len(self.lines):
-                text = self.lines[line - 1]
-                return line, len(text) - len(text.lstrip()) + 1
+        if line_offset is not None:
+            # A body written as one text is validated as a list of one: look upwards.
+            written = next(
+                (loc[:end] for end in range(len(loc), 0, -1) if loc[:end] in self.values), None
+            )
+            if written in self.literal:
+                line = self.values[written][0] + 1 + line_offset
+                if line <= len(self.lines):
+                    text = self.lines[line - 1]
+                    return line, len(text) - len(text.lstrip()) + 1
         return self._nearest(loc, self.values)
 
     def _nearest(self, loc: Loc, table: dict[Loc, tuple[int, int]]) -> tuple[int, int]:

@@ -9,7 +9,6 @@ import html as html_lib
 import math
 import os
 import re
-import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -340,16 +339,7 @@ def _label_filter(eval_ctx: jinja2.nodes.EvalContext, label: str, **values: Any)
 def _wrap_filter(
     text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
 ) -> str:
-    return "\n".join(
-        textwrap.wrap(
-            text,
-            width=width,
-            initial_indent=indent,
-            subsequent_indent=indent if hanging is None else hanging,
-            break_long_words=False,
-            break_on_hyphens=False,
-        )
-    )
+    return "\n".join(prose.wrap(text, width, indent, indent if hanging is None else hanging))
 
 
 def _tidy_text(text: str) -> str:

@@ -40,8 +40,8 @@ def readable_errors(err: ValidationError, root: type[BaseModel]) -> list[FieldEr
     """Turn pydantic's errors into located, editor-friendly ones."""
     out: list[FieldError] = []
     for detail in err.errors(include_url=False):
-        loc, models = _resolve(root, tuple(detail["loc"]))
         kind = detail["type"]
+        loc, models = _resolve(root, tuple(detail["loc"]), unknown_key=kind == "extra_forbidden")
         ctx = detail.get("ctx") or {}
         message = _message(kind, detail["msg"], loc, models, ctx)
         offset = ctx.get("line_offset")
@@ -80,7 +80,9 @@ def _field_names(model: type[BaseModel]) -> Iterator[str]:
         yield field.alias or name
 
 
-def _resolve(root: type[BaseModel], loc: Loc) -> tuple[Loc, list[type[BaseModel]]]:
+def _resolve(
+    root: type[BaseModel], loc: Loc, *, unknown_key: bool
+) -> tuple[Loc, list[type[BaseModel]]]:
     """Walk `loc` through the schema: drop union tags from it, find the parent models."""
     current: list[Any] = [root]
     before: list[Any] = [root]
@@ -90,8 +92,8 @@ def _resolve(root: type[BaseModel], loc: Loc) -> tuple[Loc, list[type[BaseModel]
         if following:
             before, current = current, following
             clean.append(part)
-        elif index == len(loc) - 1:
-            # A last part the schema does not know is an unknown key of `current`.
+        elif unknown_key and index == len(loc) - 1:
+            # The last part of an "extra_forbidden" error is the unknown key itself.
             clean.append(part)
             before = current
         # Otherwise it is the tag pydantic puts in a union member's location: editors

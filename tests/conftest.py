@@ -1,0 +1,95 @@
+"""Fixtures named after the data they give: a project folder, the sample issue, renders."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from qant_mail.config import Settings, load_settings
+from qant_mail.load import Document, load
+from qant_mail.render import RenderedIssue, Renderer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
+
+MINIMAL_ISSUE = """\
+date: 2024-01-15
+subject: Un sujet
+event:
+  title: Un titre
+  body: Un corps de texte.
+"""
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """The repository's own settings."""
+    return load_settings(ROOT / "qant.toml", env={})
+
+
+@pytest.fixture(scope="session")
+def renderer(settings: Settings) -> Renderer:
+    """A renderer with the repository's templates."""
+    return Renderer(settings)
+
+
+@pytest.fixture(scope="session")
+def sample_document() -> Document:
+    """The sample issue, loaded and validated."""
+    return load(SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def sample_rendered(renderer: Renderer, sample_document: Document) -> RenderedIssue:
+    """The sample issue, rendered once."""
+    return renderer.render(sample_document.issue)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the repository's settings, templates and sample issue, free to change."""
+    for name in ("templates", "issues"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / "qant.toml", tmp_path / "qant.toml")
+    return tmp_path
+
+
+@pytest.fixture
+def project_settings(project: Path) -> Settings:
+    """The settings of the `project` copy."""
+    return load_settings(project / "qant.toml", env={})
+
+
+@pytest.fixture
+def write_issue(project: Path) -> Callable[[str, str], Path]:
+    """Write YAML (dedented) as an issue file of the project; return its path."""
+
+    def write(text: str, name: str = "2024-01-15.yaml") -> Path:
+        path = project / "issues" / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    """Run `qant-mail ARGS` in-process, in the project folder; return the result."""
+    from qant_mail.cli import app
+
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("QANT_CONFIG", raising=False)
+    runner = CliRunner()
+
+    def run(*args: str, env: dict[str, str] | None = None) -> Result:
+        return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+    return run
+
+
+from tests.browser import browser  # noqa: E402, F401  (a fixture shared by the browser tests)

@@ -1,0 +1,186 @@
+"""The command line: exit statuses, messages, files written or not."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import Result
+
+from qant_mail.cli import app
+from qant_mail.errors import ExitCode
+
+Cli = Callable[..., Result]
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEM_LINE = re.compile(
+    r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<field>\S+): (?P<msg>.+)$"
+)
+
+
+def test_check_on_the_sample_exits_0(cli: Cli) -> None:
+    result = cli("check", "issues/2023-11-20.yaml")
+    assert result.exit_code == ExitCode.OK
+    assert result.stdout == ""
+    assert "issues/2023-11-20.yaml: ok" in result.stderr
+
+
+def test_check_prints_every_problem_errors_first(cli: Cli, project: Path) -> None:
+    path = project / "issues" / "2024-01-15.yaml"
+    path.write_text(
+        "subject: S\nevent:\n  title: T\n  body: 'Voir [ici](ftp://x.example/f).'\n  lede: 3\n"
+    )
+    result = cli("check", "issues/2024-01-15.yaml")
+    assert result.exit_code == ExitCode.INVALID
+    lines = result.stdout.splitlines()
+    assert lines == ["issues/2024-01-15.yaml:5:9: event.lede: input should be a valid string"]
+    path.write_text("subject: S\nevent:\n  title: T\n  body: 'Voir [ici](ftp://x.example/f).'\n")
+    result = cli("check", "issues/2024-01-15.yaml")
+    lines = result.stdout.splitlines()
+    matches = [PROBLEM_LINE.match(line) for line in lines]
+    assert [m["field"] for m in matches if m] == ["event.body.0", "(document)"]
+    assert "is not http(s) or mailto" in lines[0]
+    assert ": warning: no preheader" in lines[1]
+    assert result.exit_code == ExitCode.INVALID
+    assert "1 error, 1 warning" in result.stderr
+
+
+def test_check_fails_on_warnings_only_when_strict(cli: Cli, project: Path) -> None:
+    (project / "issues" / "2024-01-15.yaml").write_text("subject: S\nevent: {title: T}\n")
+    assert cli("check", "issues/2024-01-15.yaml").exit_code == ExitCode.OK
+    assert cli("check", "--strict", "issues/2024-01-15.yaml").exit_code == ExitCode.INVALID
+
+
+def test_render_writes_html_text_and_eml(cli: Cli, project: Path) -> None:
+    result = cli("render", "issues/2023-11-20.yaml", "-o", "sortie")
+    assert result.exit_code == ExitCode.OK, result.output
+    names = sorted(p.name for p in (project / "sortie").iterdir())
+    assert names == ["2023-11-20.eml", "2023-11-20.html", "2023-11-20.txt"]
+    assert "wrote sortie/2023-11-20.eml" in result.stdout
+
+
+def test_render_defaults_to_the_output_folder(cli: Cli, project: Path) -> None:
+    assert cli("render", "issues/2023-11-20.yaml").exit_code == ExitCode.OK
+    assert (project / "out" / "2023-11-20.eml").is_file()
+
+
+def test_render_of_an_invalid_issue_writes_nothing(cli: Cli, project: Path) -> None:
+    (project / "issues" / "2024-01-15.yaml").write_text("subject: S\nevent: {titre: T}\n")
+    result = cli("render", "issues/2024-01-15.yaml", "-o", "sortie")
+    assert result.exit_code == ExitCode.INVALID
+    assert result.stderr.startswith("error: issues/2024-01-15.yaml: 2 problems\n")
+    assert "2:9: event.titre: unknown key 'titre'; did you mean 'title'?" in result.stderr
+    assert not (project / "sortie").exists()
+
+
+def test_template_error_writes_nothing(cli: Cli, project: Path) -> None:
+    (project / "templates" / "email.txt.j2").write_text("{{ issue.nope }}\n")
+    result = cli("render", "issues/2023-11-20.yaml", "-o", "sortie")
+    assert result.exit_code == ExitCode.INVALID
+    assert re.match(r"error: .*email\.txt\.j2:1: .*nope", result.stderr)
+    assert not (project / "sortie").exists()
+
+
+def test_new_writes_a_valid_draft_and_refuses_to_overwrite(cli: Cli, project: Path) -> None:
+    result = cli("new", "2024-02-29")
+    assert result.exit_code == ExitCode.OK
+    path = project / "issues" / "2024-02-29.yaml"
+    assert "jeudi 29 février 2024" in path.read_text()
+    checked = cli("check", "issues/2024-02-29.yaml")
+    assert checked.exit_code == ExitCode.OK
+    assert "draft" in checked.stdout
+    before = path.read_text()
+    again = cli("new", "2024-02-29")
+    assert again.exit_code == ExitCode.INVALID
+    assert "already exists" in again.stderr
+    assert path.read_text() == before
+
+
+def test_new_defaults_to_today(cli: Cli, project: Path) -> None:
+    assert cli("new").exit_code == ExitCode.OK
+    assert (project / "issues" / f"{dt.date.today().isoformat()}.yaml").is_file()
+
+
+def test_new_with_a_bad_date_is_a_usage_error(cli: Cli) -> None:
+    result = cli("new", "demain")
+    assert result.exit_code == ExitCode.USAGE
+    assert "YYYY-MM-DD" in result.output
+
+
+def test_missing_settings_is_an_error_naming_the_fix(cli: Cli, project: Path) -> None:
+    (project / "qant.toml").unlink()
+    result = cli("check", "issues/2023-11-20.yaml")
+    assert result.exit_code == ExitCode.INVALID
+    assert result.stderr.startswith("error: no qant.toml")
+
+
+def test_every_command_has_help_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command in app.registered_commands:
+        assert command.callback is not None
+        name = command.name or command.callback.__name__
+        assert (command.callback.__doc__ or "").strip(), name
+        assert f"qant-mail {name}" in readme, name
+
+
+BAD_INPUTS: dict[str, bytes] = {
+    "syntax": b"subject: [oops\n",
+    "type": b"subject: S\nevent: {title: T, lede: [1, 2]}\n",
+    "missing": b"subject: S\n",
+    "unknown": b"subject: S\nevent: {title: T}\nextra: 1\n",
+    "not-utf8": "subject: Été\nevent: {title: T}\n".encode("latin-1"),
+    "empty": b"",
+    "alias-bomb": b"a: &a [x,x,x,x,x,x,x,x,x,x]\n"
+    + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n".encode()
+        for i in range(7)
+    ),
+    "missing-image": b"subject: S\nevent:\n  title: T\n  image: {src: absent.png, alt: A}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_never_gives_a_traceback(case: str, project: Path) -> None:
+    path = project / "issues" / "2024-01-15.yaml"
+    path.write_bytes(BAD_INPUTS[case])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QANT_")}
+    for command in ("check", "render"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qant_mail",
+                command,
+                str(path),
+                *(["-o", "o"] if command == "render" else []),
+            ],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == ExitCode.INVALID, (case, command, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout
+        output = result.stdout + result.stderr
+        assert f"{path}:" in output or "2024-01-15.yaml:" in output
+    assert not (project / "o").exists()
+
+
+def test_big_file_is_refused_by_the_command(project: Path) -> None:
+    path = project / "issues" / "2024-01-15.yaml"
+    path.write_bytes(b"subject: S\n" + b"# padding\n" * 600_000)
+    result = subprocess.run(
+        [sys.executable, "-m", "qant_mail", "check", str(path)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == ExitCode.INVALID
+    assert "at most 5 MB" in result.stdout

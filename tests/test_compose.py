@@ -1,0 +1,173 @@
+"""The MIME message: built once, spliced per recipient, readable by any mail client."""
+
+from __future__ import annotations
+
+import email
+import random
+import re
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from qant_mail import tokens
+from qant_mail.compose import ComposeError, MessageTemplate, Recipient, qp_encode, write_sample
+from qant_mail.config import Settings
+from qant_mail.render import PLACEHOLDER, RenderedIssue
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def template(sample_rendered: RenderedIssue, settings: Settings) -> MessageTemplate:
+    return MessageTemplate(sample_rendered, settings, secret=SECRET, issue_key="2023-11-20")
+
+
+def parse(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def test_message_parses_without_defects(template: MessageTemplate) -> None:
+    message = parse(template.personalise(Recipient("lea@example.com", "Léa Dupont", 7)))
+    for part in message.walk():
+        assert part.defects == [], part.get_content_type()
+    types = [part.get_content_type() for part in message.walk()]
+    assert types[:4] == ["multipart/alternative", "text/plain", "multipart/related", "text/html"]
+    assert types[4:] == ["image/png"] * 6
+
+
+def test_parts_decode_to_the_filled_render(
+    template: MessageTemplate, sample_rendered: RenderedIssue
+) -> None:
+    recipient = Recipient("lea@example.com", "Léa Dupont", 7)
+    message = parse(template.personalise(recipient))
+    html, text = sample_rendered.fill(template.values(recipient))
+    html_part = message.get_body(("html",))
+    text_part = message.get_body(("plain",))
+    assert html_part is not None
+    assert text_part is not None
+    assert html_part.get_content().replace("\r\n", "\n") == html.replace(
+        "%%qant:browser_url%%", sample_rendered.web_url
+    )
+    assert text_part.get_content().replace("\r\n", "\n") == text
+    assert not PLACEHOLDER.search(html_part.get_content())
+
+
+def test_images_are_embedded_with_their_content_ids(template: MessageTemplate) -> None:
+    message = parse(template.personalise(Recipient("a@example.com")))
+    html_part = message.get_body(("html",))
+    assert html_part is not None
+    html = html_part.get_content()
+    for part in message.walk():
+        if part.get_content_maintype() == "image":
+            content_id = part["Content-ID"].strip("<>")
+            assert f"cid:{content_id}" in html
+            assert part.get_content()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_headers_are_encoded_and_complete(template: MessageTemplate, settings: Settings) -> None:
+    data = template.personalise(Recipient("lea@example.com", "Léa Dupont", 7))
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    assert re.search(rb"^Subject: =\?utf-8\?", head, re.MULTILINE)
+    message = parse(data)
+    assert message["Subject"] == "D'OpenAI à Kyutai, une question de gouvernance"
+    assert message["To"] == "Léa Dupont <lea@example.com>"
+    assert message["From"] == "Qant <lettre@qant.example>"
+    assert message["Reply-To"] == "redaction@qant.example"
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert message["Precedence"] == "bulk"
+    assert message["List-Id"] == "Qant <lettre.qant.example>"
+    assert message["Date"]
+    assert message["Message-ID"].endswith("@qant.example>")
+
+
+def test_list_unsubscribe_carries_a_signed_opaque_token(template: MessageTemplate) -> None:
+    message = parse(template.personalise(Recipient("lea@example.com", "Léa", 7)))
+    (url,) = re.findall(r"<(https://[^>]+)>", message["List-Unsubscribe"])
+    assert url.startswith("https://lettre.qant.example/unsubscribe/")
+    token = url.rsplit("/", 1)[1]
+    assert "lea" not in token
+    assert tokens.subscriber_id(token) == 7
+    assert tokens.verify(SECRET, token, 7, "LEA@example.com")
+    assert not tokens.verify(SECRET, token, 7, "someone.else@example.com")
+    assert not tokens.verify(b"another secret of enough length", token, 7, "lea@example.com")
+    html_part = message.get_body(("html",))
+    assert html_part is not None
+    assert url in html_part.get_content()
+
+
+def test_message_id_is_stable_per_issue_and_recipient(template: MessageTemplate) -> None:
+    first = parse(template.personalise(Recipient("a@example.com")))["Message-ID"]
+    again = parse(template.personalise(Recipient("A@example.com")))["Message-ID"]
+    other = parse(template.personalise(Recipient("b@example.com")))["Message-ID"]
+    assert first == again != other
+
+
+def test_no_line_is_too_long_or_starts_with_a_dot(template: MessageTemplate) -> None:
+    data = template.personalise(Recipient("a@example.com", "A " * 60))
+    lines = data.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    _, _, body = data.partition(b"\r\n\r\n")
+    assert max(len(line) for line in body.split(b"\r\n")) <= 76
+    assert not any(line.startswith(b".") for line in lines)
+    assert b"\n" not in data.replace(b"\r\n", b"")
+
+
+def test_test_sends_are_marked_in_the_subject(
+    sample_rendered: RenderedIssue, settings: Settings
+) -> None:
+    template = MessageTemplate(sample_rendered, settings, secret=SECRET, test=True)
+    message = parse(template.personalise(Recipient("a@example.com")))
+    assert message["Subject"].startswith("[TEST] D'OpenAI")
+
+
+@pytest.mark.parametrize(
+    ("address", "name"),
+    [
+        ("a@example.com\r\nBcc: victim@example.com", ""),
+        ("a@example.com", "Eve\r\nBcc: victim@example.com"),
+        ("a@example.com", "Eve\nX-Injected: yes"),
+        ("<a@example.com>", ""),
+        ("a@example.com, b@example.com", ""),
+    ],
+)
+def test_headers_cannot_be_injected_through_a_recipient(
+    template: MessageTemplate, address: str, name: str
+) -> None:
+    with pytest.raises(ComposeError):
+        template.personalise(Recipient(address, name))
+
+
+def test_names_with_specials_are_quoted_or_encoded(template: MessageTemplate) -> None:
+    message = parse(template.personalise(Recipient("a@example.com", 'Dupont, "Jean" <x>')))
+    assert message["To"].addresses[0].addr_spec == "a@example.com"
+    assert message["To"].addresses[0].display_name == 'Dupont, "Jean" <x>'
+
+
+def test_quoted_printable_round_trips_random_text() -> None:
+    import quopri
+
+    rng = random.Random(20231120)
+    alphabet = "ab .=\t\n-é€😀" + "x" * 10
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
+        encoded = qp_encode(text.encode(), soft_end=rng.random() < 0.5)
+        for line in encoded.split(b"\r\n"):
+            assert len(line) <= 76
+            assert not line.startswith(b".")
+        # Hard line breaks are CRLF on the wire, as MIME wants.
+        assert quopri.decodestring(encoded).replace(b"\r\n", b"\n").decode() == text
+
+
+def test_sample_files_are_written_together(project: Path, project_settings: Settings) -> None:
+    out = project / "out"
+    written = write_sample(project / "issues" / "2023-11-20.yaml", project_settings, out)
+    assert [p.name for p in written] == ["2023-11-20.html", "2023-11-20.txt", "2023-11-20.eml"]
+    page = (out / "2023-11-20.html").read_text()
+    assert "lecteur@example.com" in page
+    assert 'src="../issues/2023-11-20/sam-altman-prend-la-porte.png"' in page
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)

@@ -1,0 +1,93 @@
+"""The rendered email in a real browser: it fits a phone and is 600 px on a desktop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from qant_mail.render import RenderedIssue, Slot
+from tests.browser import needs_chromium
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+pytestmark = [pytest.mark.browser, needs_chromium]
+
+# Elements wider than the viewport, or reaching past its right edge.
+OVERFLOW = """() => {
+  const width = document.documentElement.clientWidth;
+  const wide = [];
+  for (const el of document.body.querySelectorAll('*')) {
+    const box = el.getBoundingClientRect();
+    if (box.width > 0 && box.right > width + 0.5) wide.push(el.tagName + '.' + el.className);
+  }
+  return {width, scroll: document.documentElement.scrollWidth, wide: wide.slice(0, 5)};
+}"""
+
+
+@pytest.fixture(scope="module")
+def email_page(sample_rendered: RenderedIssue, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    values = {
+        Slot.NAME: "Camille Lecteur",
+        Slot.EMAIL: "camille.lecteur-avec-une-adresse-longue@example.com",
+        Slot.UNSUBSCRIBE_URL: "https://lettre.qant.example/unsubscribe/AQ.abcdefghijklmnopqrstuv",
+        Slot.BROWSER_URL: sample_rendered.web_url,
+    }
+    html, _ = sample_rendered.fill(values, asset_url=lambda asset: asset.path.as_uri())
+    page = tmp_path_factory.mktemp("email") / "email.html"
+    page.write_text(html, encoding="utf-8")
+    return page
+
+
+@pytest.mark.parametrize("width", [375, 600])
+def test_nothing_overflows_the_width(browser: Browser, email_page: Path, width: int) -> None:
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    page.goto(email_page.as_uri())
+    found = page.evaluate(OVERFLOW)
+    page.close()
+    assert found["scroll"] <= width
+    assert found["wide"] == []
+
+
+def test_single_column_on_a_phone_and_600_px_on_a_desktop(
+    browser: Browser, email_page: Path
+) -> None:
+    widths = {}
+    for viewport in (375, 1024):
+        page = browser.new_page(viewport={"width": viewport, "height": 800})
+        page.goto(email_page.as_uri())
+        widths[viewport] = page.evaluate(
+            """() => [...document.querySelectorAll('.paper')].map(
+                 el => Math.round(el.getBoundingClientRect().width))"""
+        )
+        columns = page.evaluate(
+            """() => [...document.querySelectorAll('[class*=mj-column-per]')].map(
+                 el => Math.round(el.getBoundingClientRect().width))"""
+        )
+        images = page.evaluate(
+            """() => [...document.images].map(
+                 img => [img.naturalWidth > 0, img.getBoundingClientRect().width])"""
+        )
+        page.close()
+        assert all(loaded for loaded, _ in images)
+        if viewport == 375:
+            assert set(columns) == {375}
+            assert all(width <= 375 - 2 * 24 for _, width in images)
+    assert set(widths[1024]) == {600}
+    assert set(widths[375]) == {375}
+
+
+def test_dark_mode_changes_the_paper_colour(browser: Browser, email_page: Path) -> None:
+    colours = {}
+    for scheme in ("light", "dark"):
+        page = browser.new_page(viewport={"width": 600, "height": 800}, color_scheme=scheme)
+        page.goto(email_page.as_uri())
+        colours[scheme] = page.evaluate(
+            """() => [getComputedStyle(document.querySelector('.paper')).backgroundColor,
+                      getComputedStyle(document.querySelector('.prose p')).color]"""
+        )
+        page.close()
+    assert colours["light"] == ["rgb(255, 255, 255)", "rgb(31, 35, 40)"]
+    assert colours["dark"] == ["rgb(28, 31, 34)", "rgb(232, 230, 227)"]

@@ -1,0 +1,139 @@
+"""Lints of the email an inbox receives, located in the issue file."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from qant_mail.config import Lint, Settings
+from qant_mail.errors import Severity
+from qant_mail.lint import check, lint
+from qant_mail.load import load
+from qant_mail.render import Renderer
+
+WriteIssue = Callable[..., Path]
+
+
+def test_sample_issue_is_clean(renderer: Renderer) -> None:
+    report = check(Path(__file__).parent.parent / "issues" / "2023-11-20.yaml", renderer)
+    assert report.problems == []
+
+
+def test_html_past_the_clipping_limit_is_an_error(
+    project_settings: Settings, project: Path
+) -> None:
+    strict = dataclasses.replace(
+        project_settings, lint=Lint(html_error_bytes=50_000, html_warning_bytes=40_000)
+    )
+    report = check(project / "issues" / "2023-11-20.yaml", Renderer(strict))
+    (problem,) = report.errors
+    assert problem.field == "(email)"
+    assert "Gmail clips" in problem.message
+
+
+def test_html_close_to_the_limit_is_a_warning(project_settings: Settings, project: Path) -> None:
+    close = dataclasses.replace(
+        project_settings, lint=Lint(html_error_bytes=200_000, html_warning_bytes=50_000)
+    )
+    report = check(project / "issues" / "2023-11-20.yaml", Renderer(close))
+    assert report.errors == []
+    assert [p.field for p in report.warnings] == ["(email)"]
+
+
+def test_long_subject_missing_preheader_and_draft_are_warnings(
+    write_issue: WriteIssue, renderer: Renderer
+) -> None:
+    path = write_issue(
+        "draft: true\nsubject: " + "Un sujet bien trop long " * 5 + "\nevent: {title: T}\n"
+    )
+    report = check(path, renderer)
+    assert report.errors == []
+    found = {(p.field, p.line): p.message for p in report.warnings}
+    assert ("subject", 2) in found
+    assert ("draft", 1) in found
+    assert any("no preheader" in message for message in found.values())
+
+
+def test_links_that_are_not_https_or_mailto(write_issue: WriteIssue, renderer: Renderer) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        event:
+          title: T
+          body: "Voir [le site](http://example.com/a), [le fichier](ftp://example.com/f)."
+          links:
+            - {title: Écrire, url: "mailto:redaction@example.com"}
+            - {title: Local, url: "file:///etc/passwd"}
+        """
+    )
+    report = check(path, renderer)
+    errors = {(p.field, p.line): p.message for p in report.errors}
+    assert errors == {
+        ("event.body.0", 5): "link 'ftp://example.com/f' is not http(s) or mailto",
+        ("event.links.1.url", 8): "link 'file:///etc/passwd' is not http(s) or mailto",
+    }
+    assert [(p.field, p.message) for p in report.warnings] == [
+        ("event.body.0", "link http://example.com/a is not https")
+    ]
+
+
+def test_duplicate_links_point_at_the_second_one(
+    write_issue: WriteIssue, renderer: Renderer
+) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        event:
+          title: T
+          links:
+            - {title: Une, url: "https://example.com/a"}
+        expert:
+          author: {name: X}
+          title: Y
+          links:
+            - {title: Encore, url: "https://example.com/a"}
+        """
+    )
+    (warning,) = check(path, renderer).warnings
+    assert (warning.field, warning.line) == ("expert.links.0.url", 11)
+    assert "duplicate link" in warning.message
+    assert "event.links.0.url" in warning.message
+
+
+def test_remote_image_without_size_is_a_warning(
+    write_issue: WriteIssue, renderer: Renderer
+) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        event:
+          title: T
+          image: {src: "https://images.example.com/a.jpg", alt: Une photo}
+        """
+    )
+    (warning,) = check(path, renderer).warnings
+    assert (warning.field, warning.line, warning.severity) == ("event.image", 5, Severity.WARNING)
+    assert "width and height" in warning.message
+
+
+def test_alt_text_that_is_a_file_name_is_a_warning(
+    write_issue: WriteIssue, renderer: Renderer, settings: Settings
+) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        event:
+          title: T
+          image: {src: "https://i.example.com/a.jpg", alt: IMG_2041.jpg, width: 600, height: 300}
+        """
+    )
+    document = load(path)
+    problems = lint(document, renderer.render(document.issue), settings)
+    assert [p.message for p in problems] == [
+        "alt text 'IMG_2041.jpg' looks like a file name; describe the image"
+    ]
