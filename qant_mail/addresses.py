@@ -47,3 +47,38 @@ def check_display_name(value: str) -> str:
 def is_plain_address(value: str) -> bool:
     """Return whether `value` is a plain ASCII address that can go in a header unquoted."""
     return bool(_PLAIN_ADDRESS.fullmatch(value))
+
+
+_LOCAL_PART = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+(\.[!#-'*+\-/-9=?A-Z^-~]+)*")
+
+
+class AddressChecker:
+    """Check many addresses fast: each distinct domain goes through email-validator once.
+
+    An import of 100,000 rows would spend 10 s in email-validator, most of it checking
+    the same few domains again and again. A plain local part (RFC 5322 dot-atom) with a
+    domain email-validator already accepted needs no second look; anything else gets the
+    full check.
+    """
+
+    def __init__(self) -> None:
+        self._domains: dict[str, str | None] = {}
+
+    def check(self, value: str) -> str:
+        """Return the address as it will be stored (stripped), or raise `AddressError`."""
+        address = value.strip()
+        local, at, domain = address.rpartition("@")
+        if at and _LOCAL_PART.fullmatch(local) and len(local) <= 64 and len(address) <= 254:
+            key = domain.lower()
+            if key not in self._domains:
+                try:
+                    normalise_address(f"postmaster@{domain}")
+                    self._domains[key] = None
+                except AddressError as err:
+                    self._domains[key] = str(err).replace("postmaster@", f"{local}@", 1)
+            verdict = self._domains[key]
+            if verdict is None:
+                return address
+            raise AddressError(verdict.replace(f"{local}@{domain}", address))
+        normalise_address(address)
+        return address

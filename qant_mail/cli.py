@@ -168,6 +168,433 @@ def render(
         typer.echo(f"wrote {_shown(path)} ({path.stat().st_size / 1000:.1f} KB)")
 
 
+@app.command()
+@_handled
+def send(
+    file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Send a test to these addresses (comma-separated) instead of the list.",
+            show_default=False,
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Compose every message into a folder; send none.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Folder of --dry-run (default: out/dry-run/NAME)."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Send to the next N recipients only.")
+    ] = None,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Do not wait for deferred messages to be due; stop."),
+    ] = False,
+    accept_changes: Annotated[
+        bool,
+        typer.Option(
+            "--accept-changes",
+            help="Resume a send even though the issue changed since it started.",
+        ),
+    ] = False,
+) -> None:
+    """Send an issue to every active subscriber, or a test to some addresses (--to)."""
+    from qant_mail import send as sending
+    from qant_mail.addresses import normalise_address
+    from qant_mail.transport import SmtpTransport
+
+    settings = _settings()
+    if to is not None:
+        addresses = [normalise_address(a) for a in to.split(",") if a.strip()]
+        if not addresses:
+            raise typer.BadParameter("give at least one address", param_hint="--to")
+        prepared = sending.prepare(file, settings, test=True)
+        _warn(prepared.warnings)
+        transport = SmtpTransport(settings)
+        failed = 0
+        for address, reply in sending.send_test(prepared, settings, transport, addresses):
+            typer.echo(f"{address}: {reply}")
+            failed += not reply.ok
+        if failed:
+            raise typer.Exit(ExitCode.PARTIAL)
+        return
+    prepared = sending.prepare(file, settings)
+    _warn(prepared.warnings)
+    if dry_run:
+        folder = output or settings.output_dir / "dry-run" / file.stem
+        with _ProgressBar() as bar:
+            report = sending.dry_run(prepared, settings, folder, progress=bar, limit=limit)
+        typer.echo(_summary(report))
+        typer.echo(f"messages written to {_shown(folder / 'new')}")
+        return
+    transport = SmtpTransport(settings)
+    plan = sending.plan(prepared, settings, transport)
+    if plan.recipients == 0:
+        typer.echo(_already_done(file, plan))
+        raise typer.Exit(ExitCode.OK if not plan.already else _settled_code(plan))
+    count = min(plan.recipients, limit) if limit else plan.recipients
+    where = "not served yet" if plan.resuming else "active subscribers"
+    typer.echo(f"Subject:    {plan.subject}", err=True)
+    typer.echo(
+        f"Recipients: {count} {where}" + (f" (of {plan.recipients})" if limit else ""), err=True
+    )
+    typer.echo(f"Server:     {plan.server}", err=True)
+    if not yes and not typer.confirm("Send?", err=True):
+        raise typer.Exit(ExitCode.OK)
+    with _ProgressBar() as bar:
+        report = sending.send_to_list(
+            prepared,
+            settings,
+            transport,
+            progress=bar,
+            limit=limit,
+            wait_for_retries=not no_wait,
+            accept_changes=accept_changes,
+        )
+    typer.echo(_summary(report))
+    if report.exit_code != ExitCode.OK:
+        typer.echo(_hint(file, report), err=True)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+@_handled
+def status(
+    file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
+    requeue_unknown: Annotated[
+        bool, typer.Option("--requeue-unknown", help="Send the unknown ones again next run.")
+    ] = False,
+    mark_unknown_sent: Annotated[
+        bool, typer.Option("--mark-unknown-sent", help="Count the unknown ones as sent.")
+    ] = False,
+) -> None:
+    """Show where the send of an issue stands: counts, failures, unknowns."""
+    from qant_mail.ledger import Ledger, State
+
+    settings = _settings()
+    ledger = Ledger(settings.store_path)
+    send = ledger.find(file.stem)
+    if send is None:
+        typer.echo(f"{file.stem} has not been sent (no send planned).")
+        return
+    if requeue_unknown and mark_unknown_sent:
+        raise typer.BadParameter("choose one of --requeue-unknown and --mark-unknown-sent")
+    if requeue_unknown or mark_unknown_sent:
+        changed = ledger.resolve_unknown(send, State.PENDING if requeue_unknown else State.SENT)
+        verb = "re-queued" if requeue_unknown else "marked sent"
+        typer.echo(f"{changed} unknown {verb}")
+    counts = ledger.counts(send)
+    typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
+    typer.echo("  " + ", ".join(f"{state.value} {counts[state]}" for state in State))
+    for state in (State.FAILED, State.UNKNOWN, State.DEFERRED):
+        rows = ledger.deliveries(send, state)
+        if rows:
+            typer.echo(f"{state.value}:")
+            for row in rows:
+                typer.echo(f"  {row.email}: {row.last_reply} ({row.attempts} attempts)")
+    if counts[State.UNKNOWN]:
+        typer.echo(
+            "unknown: the connection broke after the message was sent, so it may have "
+            "arrived; --requeue-unknown sends them again, --mark-unknown-sent does not",
+            err=True,
+        )
+
+
+@app.command()
+@_handled
+def inbox(
+    port: Annotated[int, typer.Option("--port", help="Port to listen on, on 127.0.0.1.")] = 2525,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--folder", help="Maildir to store messages in (default: data/inbox)."),
+    ] = None,
+) -> None:
+    """Run a local SMTP server that stores every message it gets as a .eml file."""
+    import time
+
+    from qant_mail.inbox import Inbox
+
+    settings = _settings()
+    target = folder or settings.root / "data" / "inbox"
+    with Inbox(target, port=port) as server:
+        typer.echo(f"test inbox listening on {server.host}:{server.port}", err=True)
+        typer.echo(f"messages are stored in {_shown(target / 'new')} (Ctrl-C to stop)", err=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo(f"stopped; {server.received} messages received", err=True)
+
+
+@app.command()
+@_handled
+def demo(
+    issue: Annotated[Path, typer.Option("--issue", help="The issue to send.")] = Path(
+        "issues/2023-11-20.yaml"
+    ),
+) -> None:
+    """Render the sample and send it to the demo list through a local test inbox."""
+    from qant_mail.demo import run_demo
+
+    settings = _settings()
+    with _ProgressBar() as bar:
+        result = run_demo(settings, issue, progress=bar)
+    for path in result.rendered:
+        typer.echo(f"rendered {_shown(path)}")
+    imported = result.imported
+    typer.echo(f"demo list: {imported.added} subscribers imported")
+    for line, reason in imported.rejected:
+        typer.echo(f"  line {line} rejected: {reason}")
+    typer.echo(_summary(result.report))
+    count = len(result.delivered)
+    typer.echo(f"{count} messages delivered to the test inbox; open them in any mail client:")
+    for path in result.delivered:
+        typer.echo(f"  {_shown(path)}")
+    raise typer.Exit(result.report.exit_code)
+
+
+subscribers_app = typer.Typer(
+    help="Manage the subscriber list.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(subscribers_app, name="subscribers")
+
+
+@subscribers_app.command("import")
+@_handled
+def subscribers_import(
+    file: Annotated[Path, typer.Argument(help="CSV with an `email` column, `name` optional.")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="Where these people came from.")
+    ] = None,
+) -> None:
+    """Import subscribers from a CSV file; re-importing changes nothing."""
+    store = _store()
+    report = store.import_csv(file, source)
+    typer.echo(
+        f"added {report.added}, updated {report.renamed}, unchanged {report.unchanged}, "
+        f"kept inactive {report.inactive}, duplicates {report.duplicates}, "
+        f"rejected {len(report.rejected)}"
+    )
+    for line, reason in report.rejected:
+        typer.echo(f"{file}:{line}: {reason}", err=True)
+    if report.rejected:
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+@subscribers_app.command("add")
+@_handled
+def subscribers_add(
+    address: Annotated[str, typer.Argument(help="Email address.")],
+    name: Annotated[str, typer.Option("--name", help="Their name.")] = "",
+    resubscribe: Annotated[
+        bool, typer.Option("--resubscribe", help="Re-activate an unsubscribed address.")
+    ] = False,
+) -> None:
+    """Add one subscriber."""
+    subscriber = _store().add(address, name, resubscribe=resubscribe)
+    typer.echo(f"{subscriber.email}: {subscriber.status}")
+
+
+@subscribers_app.command("remove")
+@_handled
+def subscribers_remove(address: Annotated[str, typer.Argument(help="Email address.")]) -> None:
+    """Delete a subscriber and their data."""
+    subscriber = _store().remove(address)
+    typer.echo(f"{subscriber.email}: removed")
+
+
+@subscribers_app.command("unsubscribe")
+@_handled
+def subscribers_unsubscribe(
+    address: Annotated[str, typer.Argument(help="Email address.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why.")] = "command line",
+) -> None:
+    """Mark a subscriber unsubscribed (kept, so that no import re-activates them)."""
+    subscriber = _store().unsubscribe(address, reason)
+    typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
+
+
+@subscribers_app.command("list")
+@_handled
+def subscribers_list(
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only this status (active, unsubscribed…).")
+    ] = None,
+) -> None:
+    """List subscribers: address, name, status, since when."""
+    store = _store()
+    for subscriber in store.all(_status(status)):
+        typer.echo(
+            f"{subscriber.email}\t{subscriber.name}\t{subscriber.status}\t"
+            f"{subscriber.status_changed_at}"
+        )
+
+
+@subscribers_app.command("count")
+@_handled
+def subscribers_count() -> None:
+    """Count subscribers by status."""
+    counts = _store().count()
+    for state, number in counts.items():
+        typer.echo(f"{state.value}\t{number}")
+    typer.echo(f"total\t{sum(counts.values())}")
+
+
+@subscribers_app.command("export")
+@_handled
+def subscribers_export(
+    file: Annotated[
+        Path | None, typer.Argument(help="CSV file to write (default: standard output).")
+    ] = None,
+    status: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
+) -> None:
+    """Export subscribers as CSV."""
+    import io
+    import sys
+
+    from qant_mail.files import write_all
+
+    store = _store()
+    if file is None:
+        store.export(sys.stdout, _status(status))
+        return
+    buffer = io.StringIO()
+    written = store.export(buffer, _status(status))
+    write_all({file: buffer.getvalue().encode("utf-8")})
+    typer.echo(f"wrote {written} subscribers to {_shown(file)}")
+
+
+def _store() -> Any:
+    from qant_mail.subscribers import Subscribers
+
+    return Subscribers.open(_settings().store_path)
+
+
+def _status(value: str | None) -> Any:
+    from qant_mail.subscribers import Status
+
+    if value is None:
+        return None
+    try:
+        return Status(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in Status)
+        raise typer.BadParameter(f"{value!r} is not one of {choices}") from None
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+def _summary(report: Any) -> str:
+    from qant_mail.ledger import State
+
+    done = report.done
+    parts = [
+        f"{state.value} {done[state]}"
+        for state in (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN, State.SKIPPED)
+    ]
+    line = f"{', '.join(parts)} in {report.elapsed:.1f} s ({report.rate:.0f} messages/s)"
+    if report.stopped:
+        line += f"; stopped: {report.stopped}"
+    return line
+
+
+def _hint(file: Path, report: Any) -> str:
+    from qant_mail.ledger import State
+
+    totals = report.totals
+    hints = []
+    waiting = (
+        totals.get(State.PENDING, 0) + totals.get(State.DEFERRED, 0) + totals.get(State.SENDING, 0)
+    )
+    if waiting:
+        hints.append(f"{waiting} still to send: run `qant-mail send {file}` again to go on")
+    if totals.get(State.FAILED):
+        hints.append(f"{totals[State.FAILED]} failed for good")
+    if totals.get(State.UNKNOWN):
+        hints.append(f"{totals[State.UNKNOWN]} unknown (maybe delivered)")
+    hints.append(f"`qant-mail status {file}` lists them")
+    return "; ".join(hints)
+
+
+def _already_done(file: Path, plan: Any) -> str:
+    from qant_mail.ledger import State
+
+    counts = plan.already
+    if not counts:
+        return "no active subscriber: nothing to send"
+    return (
+        f"nothing left to send for {file.stem}: sent {counts[State.SENT]}, "
+        f"failed {counts[State.FAILED]}, unknown {counts[State.UNKNOWN]}, "
+        f"skipped {counts[State.SKIPPED]} (`qant-mail status {file}`)"
+    )
+
+
+def _settled_code(plan: Any) -> ExitCode:
+    from qant_mail.ledger import State
+
+    counts = plan.already
+    return ExitCode.PARTIAL if counts[State.FAILED] or counts[State.UNKNOWN] else ExitCode.OK
+
+
+class _ProgressBar:
+    """A progress bar on standard error (rich), with rate and time left."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("sending"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task: Any = None
+        self.started = 0.0
+        self.done = 0
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def start(self, total: int) -> None:
+        import time
+
+        self.started = time.monotonic()
+        self.task = self.bar.add_task("send", total=total, rate="")
+        self.bar.start()
+
+    def advance(self, state: Any) -> None:
+        import time
+
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        rate = f"{self.done / elapsed:.0f} msg/s" if elapsed > 0.5 else ""
+        self.bar.update(self.task, advance=1, rate=rate)
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(message, markup=False, highlight=False)
+
+
 def _parse_date(value: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)

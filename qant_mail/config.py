@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 
@@ -159,6 +159,46 @@ class Lint(Strict):
     preheader_max_chars: Annotated[int, Field(gt=0)] = 150
 
 
+class Smtp(Strict):
+    """The relay that carries the messages (password: QANT_SMTP_PASSWORD)."""
+
+    host: Text = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    # "tls": implicit TLS (port 465); "starttls": upgrade after connecting (587);
+    # "none": plain, for a relay on this machine or the local test inbox.
+    security: Literal["tls", "starttls", "none"] = "starttls"
+    verify_certificates: bool = True
+    username: str = ""
+    timeout: Annotated[float, Field(gt=0)] = 30.0
+    connections: Annotated[int, Field(ge=1, le=64)] = 4
+    helo_name: str = ""
+    # Where bounces go (the envelope sender); the From address when empty.
+    return_path: Address | None = None
+
+
+class Sending(Strict):
+    """How fast, and how stubbornly, to send (0 means no limit)."""
+
+    per_second: Annotated[float, Field(ge=0)] = 0
+    per_hour: Annotated[int, Field(ge=0)] = 0
+    per_day: Annotated[int, Field(ge=0)] = 0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    retry_after_seconds: Annotated[float, Field(ge=0)] = 60.0
+
+
+class Store(Strict):
+    """Where subscribers and the send ledger live."""
+
+    path: str = "data/subscribers.db"
+
+
+class Dkim(Strict):
+    """DKIM signing (the private key comes from QANT_DKIM_PRIVATE_KEY[_FILE])."""
+
+    selector: str = ""
+    domain: str = ""
+
+
 class SettingsFile(Strict):
     """The schema of `qant.toml`."""
 
@@ -169,6 +209,10 @@ class SettingsFile(Strict):
     paths: Paths = Paths()
     preview: Preview = Preview()
     lint: Lint = Lint()
+    smtp: Smtp = Smtp()
+    sending: Sending = Sending()
+    store: Store = Store()
+    dkim: Dkim = Dkim()
 
 
 @dataclass(frozen=True)
@@ -183,6 +227,10 @@ class Settings:
     paths: Paths
     preview: Preview
     lint: Lint
+    smtp: Smtp
+    sending: Sending
+    store: Store
+    dkim: Dkim
 
     @property
     def root(self) -> Path:
@@ -203,6 +251,11 @@ class Settings:
     def output_dir(self) -> Path:
         """Return the folder `render` writes to by default."""
         return self.root / self.paths.output
+
+    @property
+    def store_path(self) -> Path:
+        """Return the database of subscribers and sends."""
+        return self.root / self.store.path
 
     @property
     def sender_domain(self) -> str:
@@ -255,6 +308,10 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         paths=data.paths,
         preview=data.preview,
         lint=data.lint,
+        smtp=data.smtp,
+        sending=data.sending,
+        store=data.store,
+        dkim=data.dkim,
     )
 
 

@@ -1,0 +1,297 @@
+"""The send ledger (SQLite): one row per (issue, recipient), its state and last reply."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qant_mail.errors import QantError
+from qant_mail.store import now_text, open_store
+from qant_mail.subscribers import Status, Subscribers
+
+
+class State(enum.StrEnum):
+    """Where one message of a send stands."""
+
+    PENDING = "pending"  # planned, not tried yet (or tried and not handed over)
+    SENDING = "sending"  # handed to a connection; written before MAIL FROM
+    SENT = "sent"  # the server answered 250 to the data
+    DEFERRED = "deferred"  # a temporary (4xx) refusal: tried again later
+    FAILED = "failed"  # a permanent (5xx) refusal, or too many temporary ones
+    UNKNOWN = "unknown"  # the connection dropped after the data: maybe delivered
+    SKIPPED = "skipped"  # the subscriber left the list after the send started
+
+
+class LedgerError(QantError):
+    """A send that cannot start or go on (already running, changed issue)."""
+
+
+@dataclass(frozen=True)
+class Send:
+    """One issue's send to the list."""
+
+    id: int
+    issue: str
+    content_hash: str
+    subject: str
+    created_at: str
+    finished_at: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One planned message."""
+
+    position: int
+    subscriber_id: int | None
+    email: str
+    name: str
+    state: State
+    attempts: int
+    last_reply: str
+
+
+_DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
+
+
+class Ledger:
+    """The ledger of the database at `path`; each thread gets its own connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self.db  # noqa: B018 - open (and migrate) now, so that errors show up early
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """Return this thread's connection."""
+        connection: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = open_store(self.path)
+        return connection
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        connection = getattr(self._local, "db", None)
+        if connection is not None:
+            connection.close()
+            self._local.db = None
+
+    @contextlib.contextmanager
+    def lock(self, issue: str) -> Iterator[None]:
+        """Hold the lock that keeps a second process from sending the same issue."""
+        path = self.path.with_name(f"{self.path.name}.{issue}.lock")
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                # Released by the kernel when the process dies, SIGKILL included.
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LedgerError(
+                    f"another `qant-mail send` is sending {issue} right now; wait for it, "
+                    "or stop it (a re-run resumes where it left off)"
+                ) from None
+            yield
+        finally:
+            os.close(handle)
+
+    def find(self, issue: str) -> Send | None:
+        """Return the send of `issue`, if one was planned."""
+        row = self.db.execute(
+            "SELECT id, issue, content_hash, subject, created_at, finished_at FROM sends"
+            " WHERE issue = ?",
+            (issue,),
+        ).fetchone()
+        return Send(*row) if row else None
+
+    def plan(self, issue: str, content_hash: str, subject: str) -> Send:
+        """Freeze the recipients of `issue`: every active subscriber, once, in list order."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            now = now_text()
+            cursor = db.execute(
+                "INSERT INTO sends (issue, content_hash, subject, created_at) VALUES (?, ?, ?, ?)",
+                (issue, content_hash, subject, now),
+            )
+            send_id = cursor.lastrowid
+            # The UNIQUE (email) of subscribers already makes addresses distinct.
+            db.execute(
+                "INSERT INTO deliveries (send_id, position, subscriber_id, email, name, updated_at)"
+                " SELECT ?, row_number() OVER (ORDER BY id), id, email, name, ?"
+                " FROM subscribers WHERE status = 'active'",
+                (send_id, now),
+            )
+            db.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK")
+            raise LedgerError(f"{issue} was planned by another process meanwhile") from None
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        send = self.find(issue)
+        assert send is not None
+        return send
+
+    def recover(self, send: Send) -> int:
+        """Put back the rows a killed run left `sending`; return how many."""
+        cursor = self.db.execute(
+            "UPDATE deliveries SET state = 'pending', updated_at = ?"
+            " WHERE send_id = ? AND state = 'sending'",
+            (now_text(), send.id),
+        )
+        return cursor.rowcount
+
+    def claim(self, send: Send, limit: int, now: float | None = None) -> tuple[list[Delivery], int]:
+        """Mark up to `limit` due rows `sending` and return them, with how many were
+        skipped because their subscriber left the list since the send started."""
+        now = time.time() if now is None else now
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts,"
+                " d.last_reply, s.status FROM deliveries d"
+                " LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+                " WHERE d.send_id = ? AND (d.state = 'pending'"
+                "   OR (d.state = 'deferred' AND d.next_attempt_at <= ?))"
+                " ORDER BY d.state = 'deferred', d.position LIMIT ?",
+                (send.id, now, limit),
+            ).fetchall()
+            stamp = now_text()
+            claimed: list[Delivery] = []
+            skipped: list[tuple[str, int, int]] = []
+            for position, sub_id, email, name, _, attempts, reply, status in rows:
+                if status == "active":
+                    claimed.append(
+                        Delivery(position, sub_id, email, name, State.SENDING, attempts, reply)
+                    )
+                else:
+                    why = f"not sent: the subscriber is {status or 'no longer on the list'}"
+                    skipped.append((why, send.id, position))
+            db.executemany(
+                "UPDATE deliveries SET state = 'sending', updated_at = ?"
+                " WHERE send_id = ? AND position = ?",
+                [(stamp, send.id, d.position) for d in claimed],
+            )
+            db.executemany(
+                f"UPDATE deliveries SET state = 'skipped', last_reply = ?, updated_at = '{stamp}'"
+                " WHERE send_id = ? AND position = ?",
+                skipped,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return claimed, len(skipped)
+
+    def record(
+        self,
+        send: Send,
+        position: int,
+        state: State,
+        reply: str,
+        *,
+        attempt: bool = True,
+        retry_at: float = 0,
+        quota_minute: int | None = None,
+        bounce: int | None = None,
+    ) -> None:
+        """Write the outcome of one message, count it against the quota, and mark the
+        subscriber `bounce` bounced, in one commit: once this returns, it survives a
+        killed process."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "UPDATE deliveries SET state = ?, last_reply = ?, attempts = attempts + ?,"
+                " next_attempt_at = ?, updated_at = ? WHERE send_id = ? AND position = ?",
+                (state.value, reply, int(attempt), retry_at, now_text(), send.id, position),
+            )
+            if quota_minute is not None:
+                self._count_quota(quota_minute)
+            if bounce is not None:
+                Subscribers(db).set_status_by_id(bounce, Status.BOUNCED, reply)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def release(self, send: Send, positions: list[int]) -> None:
+        """Give back rows that were claimed but not tried (a stop, a limit reached)."""
+        self.db.executemany(
+            "UPDATE deliveries SET state = 'pending' WHERE send_id = ? AND position = ?"
+            " AND state = 'sending'",
+            [(send.id, p) for p in positions],
+        )
+
+    def counts(self, send: Send) -> dict[State, int]:
+        """Return the number of rows in each state."""
+        counts = dict.fromkeys(State, 0)
+        for state, number in self.db.execute(
+            "SELECT state, count(*) FROM deliveries WHERE send_id = ? GROUP BY state", (send.id,)
+        ):
+            counts[State(state)] = number
+        return counts
+
+    def deliveries(self, send: Send, *states: State) -> list[Delivery]:
+        """Return the rows in the given states, in list order."""
+        marks = ", ".join("?" * len(states))
+        rows = self.db.execute(
+            f"SELECT {_DELIVERY} FROM deliveries WHERE send_id = ? AND state IN ({marks})"
+            " ORDER BY position",
+            (send.id, *(s.value for s in states)),
+        )
+        return [Delivery(p, s, e, n, State(st), a, r) for p, s, e, n, st, a, r in rows]
+
+    def next_retry(self, send: Send) -> float | None:
+        """Return when the earliest deferred row is due, if any."""
+        (due,) = self.db.execute(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE send_id = ? AND state = 'deferred'",
+            (send.id,),
+        ).fetchone()
+        return float(due) if due is not None else None
+
+    def resolve_unknown(self, send: Send, state: State) -> int:
+        """Re-queue the unknown rows (`pending`) or mark them `sent`; return how many."""
+        reply = "marked sent by the operator" if state is State.SENT else ""
+        cursor = self.db.execute(
+            "UPDATE deliveries SET state = ?, last_reply = CASE WHEN ? != '' THEN ?"
+            " ELSE last_reply END, updated_at = ? WHERE send_id = ? AND state = 'unknown'",
+            (state.value, reply, reply, now_text(), send.id),
+        )
+        return cursor.rowcount
+
+    def finish(self, send: Send) -> None:
+        """Note that nothing is left to do for this send."""
+        self.db.execute(
+            "UPDATE sends SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
+            (now_text(), send.id),
+        )
+
+    def quota_since(self, minute: int) -> dict[int, int]:
+        """Return the messages sent per minute (Unix minutes) since `minute`."""
+        rows = self.db.execute("SELECT minute, messages FROM quota WHERE minute >= ?", (minute,))
+        return dict(rows.fetchall())
+
+    def count_quota(self, minute: int, messages: int = 1) -> None:
+        """Add messages to the count of `minute` (test sends use up the quota too)."""
+        self._count_quota(minute, messages)
+
+    def _count_quota(self, minute: int, messages: int = 1) -> None:
+        """Add messages to the count of `minute`; forget counts older than a day."""
+        self.db.execute(
+            "INSERT INTO quota (minute, messages) VALUES (?, ?)"
+            " ON CONFLICT (minute) DO UPDATE SET messages = messages + excluded.messages",
+            (minute, messages),
+        )
+        if minute % 60 == 0:
+            self.db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))

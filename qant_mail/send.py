@@ -1,0 +1,499 @@
+"""Sending an issue: plan the recipients, personalise, hand to the transport, record.
+
+Each recipient's row goes `pending → sending → sent | deferred | failed | unknown` in the
+ledger: `sending` is written before MAIL FROM, the outcome right after the server's
+reply, so that a re-run after a crash resends only what may not have gone out (at most
+one message per open connection, the one in flight)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from qant_mail import tokens
+from qant_mail.compose import MessageTemplate, Recipient, dkim_signer
+from qant_mail.config import Settings
+from qant_mail.errors import ExitCode, IssueError, QantError, Severity
+from qant_mail.ledger import Delivery, Ledger, Send, State
+from qant_mail.lint import check
+from qant_mail.render import RenderedIssue, Renderer
+from qant_mail.subscribers import Status, Subscribers
+from qant_mail.transport import (
+    Connection,
+    ConnectionLost,
+    MaildirTransport,
+    RateLimiter,
+    Reply,
+    Transport,
+    TransportUnavailable,
+)
+
+CLAIM_SIZE = 8
+MAX_RETRY_DELAY = 3600.0
+# Permanent failures that mean the mailbox does not exist (RFC 3463): the address is
+# marked bounced, and later issues skip it.
+BOUNCE_CODES = {"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
+_NO_MAILBOX = re.compile(
+    r"user unknown|unknown user|no such (user|mailbox)|mailbox (unavailable|not found)|"
+    r"does not exist|recipient (rejected|unknown)|invalid recipient|address rejected",
+    re.IGNORECASE,
+)
+
+
+class SendError(QantError):
+    """An issue that must not be sent as it is (a draft, errors in the email)."""
+
+
+class Progress(Protocol):
+    """What the sender tells whoever shows its progress."""
+
+    def start(self, total: int) -> None:
+        """Announce how many messages this run will try."""
+
+    def advance(self, state: State) -> None:
+        """Count one message done, in its final state for this run."""
+
+    def note(self, message: str) -> None:
+        """Say something worth knowing (slowing down, waiting for retries)."""
+
+
+class NoProgress:
+    """Shows nothing."""
+
+    def start(self, total: int) -> None:
+        """Show nothing."""
+
+    def advance(self, state: State) -> None:
+        """Show nothing."""
+
+    def note(self, message: str) -> None:
+        """Show nothing."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An issue ready to go: rendered, checked, composed once."""
+
+    issue_key: str
+    rendered: RenderedIssue
+    template: MessageTemplate
+    content_hash: str
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a send to the list is about to do."""
+
+    subject: str
+    recipients: int
+    resuming: bool
+    server: str
+    already: dict[State, int]
+
+
+@dataclass
+class SendReport:
+    """What a run did, and where the whole send stands."""
+
+    issue: str
+    done: Counter[State] = field(default_factory=Counter)
+    totals: dict[State, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    stopped: str | None = None
+    exit_code: ExitCode = ExitCode.OK
+
+    @property
+    def rate(self) -> float:
+        """Return the messages handled per second in this run."""
+        handled = sum(
+            self.done[s] for s in (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN)
+        )
+        return handled / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def remaining(self) -> int:
+        """Return the rows of the send not settled yet (pending, deferred, unknown…)."""
+        unsettled = (State.PENDING, State.SENDING, State.DEFERRED, State.UNKNOWN)
+        return sum(self.totals.get(s, 0) for s in unsettled)
+
+
+def prepare(
+    path: Path,
+    settings: Settings,
+    *,
+    test: bool = False,
+    renderer: Renderer | None = None,
+    secret: bytes | None = None,
+) -> Prepared:
+    """Render, check and compose the issue at `path`; refuse what must not be sent."""
+    report = check(path, renderer or Renderer(settings))
+    if report.document is None or report.rendered is None:
+        raise IssueError(path, report.problems)
+    if report.errors:
+        raise IssueError(path, report.errors)
+    if report.document.issue.draft and not test:
+        raise SendError(
+            f"{path}: the issue is marked `draft: true`; remove that line when it is ready "
+            "(test sends with --to work on drafts)"
+        )
+    rendered = report.rendered
+    template = MessageTemplate(
+        rendered,
+        settings,
+        secret=secret or tokens.secret_from_env(),
+        issue_key=path.stem,
+        test=test,
+        signer=dkim_signer(settings),
+    )
+    digest = hashlib.sha256()
+    for part in (rendered.subject, rendered.html, rendered.text):
+        digest.update(part.encode("utf-8"))
+    warnings = [str(p) for p in report.problems if p.severity is Severity.WARNING]
+    return Prepared(path.stem, rendered, template, digest.hexdigest()[:16], warnings)
+
+
+def plan(prepared: Prepared, settings: Settings, transport: Transport) -> Plan:
+    """Say what `send` would do now, without changing anything."""
+    ledger = Ledger(settings.store_path)
+    try:
+        send = ledger.find(prepared.issue_key)
+        if send is None:
+            active = Subscribers(ledger.db).count()[Status.ACTIVE]
+            return Plan(prepared.rendered.subject, active, False, transport.description, {})
+        counts = ledger.counts(send)
+        todo = counts[State.PENDING] + counts[State.SENDING] + counts[State.DEFERRED]
+        return Plan(prepared.rendered.subject, todo, True, transport.description, counts)
+    finally:
+        ledger.close()
+
+
+def send_to_list(
+    prepared: Prepared,
+    settings: Settings,
+    transport: Transport,
+    *,
+    progress: Progress | None = None,
+    limit: int | None = None,
+    wait_for_retries: bool = True,
+    accept_changes: bool = False,
+    stop: threading.Event | None = None,
+    store_path: Path | None = None,
+) -> SendReport:
+    """Send the issue to every active subscriber not sent it yet; resume after a crash."""
+    ledger = Ledger(store_path or settings.store_path)
+    with ledger.lock(prepared.issue_key):
+        send = ledger.find(prepared.issue_key)
+        if send is None:
+            send = ledger.plan(prepared.issue_key, prepared.content_hash, prepared.rendered.subject)
+        elif send.content_hash != prepared.content_hash and not accept_changes:
+            raise SendError(
+                f"{prepared.issue_key} changed since its send started ({send.created_at}); "
+                "re-run with --accept-changes to send this version to those not served yet"
+            )
+        ledger.recover(send)
+        run = _Run(
+            prepared, settings, transport, ledger, send, progress or NoProgress(), limit, stop
+        )
+        report = run.run(wait_for_retries)
+        report.totals = ledger.counts(send)
+        if not report.remaining and report.totals[State.FAILED] == 0:
+            ledger.finish(send)
+        report.exit_code = _exit_code(report)
+    ledger.close()
+    return report
+
+
+def dry_run(
+    prepared: Prepared,
+    settings: Settings,
+    folder: Path,
+    *,
+    progress: Progress | None = None,
+    limit: int | None = None,
+) -> SendReport:
+    """Run the same send into `folder` (a Maildir), on a copy of the database."""
+    with tempfile.TemporaryDirectory(prefix="qant-dry-run-") as scratch:
+        copy = Path(scratch) / "store.db"
+        if settings.store_path.exists():
+            source = sqlite3.connect(settings.store_path)
+            target = sqlite3.connect(copy)
+            with target:
+                source.backup(target)
+            source.close()
+            target.close()
+        if folder.exists():
+            shutil.rmtree(folder)
+        return send_to_list(
+            prepared,
+            settings,
+            MaildirTransport(folder),
+            progress=progress,
+            limit=limit,
+            wait_for_retries=False,
+            accept_changes=True,
+            store_path=copy,
+        )
+
+
+def send_test(
+    prepared: Prepared, settings: Settings, transport: Transport, addresses: list[str]
+) -> list[tuple[str, Reply]]:
+    """Send the issue (subject marked [TEST]) to `addresses`; nothing goes in the ledger."""
+    connection = transport.connect()
+    sender = settings.smtp.return_path or settings.sender.address
+    results: list[tuple[str, Reply]] = []
+    try:
+        for address in addresses:
+            data = prepared.template.personalise(Recipient(address))
+            try:
+                reply = connection.send(sender, address, data)
+            except ConnectionLost as lost:
+                raise TransportUnavailable(f"{transport.description}: {lost}") from None
+            results.append((address, reply))
+    finally:
+        connection.close()
+    return results
+
+
+def _exit_code(report: SendReport) -> ExitCode:
+    if report.stopped == "interrupted":
+        return ExitCode.INTERRUPTED
+    if report.stopped == "unavailable":
+        return ExitCode.UNAVAILABLE
+    if report.remaining or report.totals.get(State.FAILED, 0):
+        return ExitCode.PARTIAL
+    return ExitCode.OK
+
+
+class _Run:
+    """One run of a send: workers, each with its connection, share a rate limiter."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        settings: Settings,
+        transport: Transport,
+        ledger: Ledger,
+        send: Send,
+        progress: Progress,
+        limit: int | None,
+        stop: threading.Event | None,
+    ) -> None:
+        self.prepared, self.settings, self.transport = prepared, settings, transport
+        self.ledger, self.send, self.progress = ledger, send, progress
+        self.budget = limit
+        self.stop = stop or threading.Event()
+        self.lock = threading.Lock()
+        self.report = SendReport(send.issue)
+        self.sender = settings.smtp.return_path or settings.sender.address
+        rules = settings.sending
+        history = ledger.quota_since(int(time.time() // 60) - 24 * 60)
+        self.limiter = RateLimiter(rules.per_second, rules.per_hour, rules.per_day, history)
+        self.connected = 0
+        self.failures: list[str] = []
+        self.gave_up = 0
+
+    def run(self, wait_for_retries: bool) -> SendReport:
+        start = time.monotonic()
+        counts = self.ledger.counts(self.send)
+        total = counts[State.PENDING] + counts[State.DEFERRED]
+        self.progress.start(min(total, self.budget) if self.budget is not None else total)
+        try:
+            while not self.stop.is_set():
+                self._round()
+                if self.report.stopped:
+                    break
+                due = self.ledger.next_retry(self.send)
+                if due is None or not wait_for_retries or self.budget == 0:
+                    break
+                delay = max(0.0, due - time.time())
+                waiting = self.ledger.counts(self.send)[State.DEFERRED]
+                self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
+                self.stop.wait(delay)
+        except KeyboardInterrupt:
+            self.stop.set()
+            self.report.stopped = "interrupted"
+            self._join()
+        if self.stop.is_set() and self.report.stopped is None:
+            self.report.stopped = "interrupted"
+        self.report.elapsed = time.monotonic() - start
+        return self.report
+
+    def _round(self) -> None:
+        counts = self.ledger.counts(self.send)
+        due = counts[State.PENDING] + counts[State.DEFERRED]
+        workers = max(1, min(self.settings.smtp.connections, due))
+        self.gave_up = 0
+        self.threads = [
+            threading.Thread(target=self._worker, name=f"qant-send-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
+        self._join()
+        if self.failures and self.connected == 0:
+            self.report.stopped = "unavailable"
+            raise TransportUnavailable(self.failures[0])
+        if self.gave_up == workers and not self.stop.is_set():
+            # Every connection went away and could not come back: stop, resumable.
+            self.report.stopped = "unavailable"
+            self.progress.note(f"the server went away: {self.failures[-1]}")
+
+    def _join(self) -> None:
+        for thread in getattr(self, "threads", []):
+            while thread.is_alive():
+                thread.join(0.2)  # short joins: Ctrl-C reaches the main thread
+
+    def _worker(self) -> None:
+        connection: Connection | None = None
+        claimed: list[Delivery] = []
+        try:
+            connection = self._connect()
+            if connection is None:
+                return
+            while not self.stop.is_set():
+                size = self._take_budget(CLAIM_SIZE)
+                if size == 0:
+                    return
+                claimed, skipped = self.ledger.claim(self.send, size)
+                self._give_back_budget(size - len(claimed) - skipped)
+                for _ in range(skipped):
+                    self._count(State.SKIPPED)
+                if not claimed and not skipped:
+                    return
+                while claimed and not self.stop.is_set():
+                    connection = self._deliver(connection, claimed[0])
+                    claimed.pop(0)
+                    if connection is None:
+                        return
+        finally:
+            if claimed:
+                self.ledger.release(self.send, [d.position for d in claimed])
+            if connection is not None:
+                connection.close()
+            self.ledger.close()
+
+    def _deliver(self, connection: Connection, row: Delivery) -> Connection | None:
+        """Send one row; return the connection to go on with (None: give up)."""
+        data = self.prepared.template.personalise(
+            Recipient(row.email, row.name, row.subscriber_id or 0)
+        )
+        minute = self.limiter.acquire(self.stop)
+        if minute is None:
+            if not self.stop.is_set():
+                self.report.stopped = "daily quota reached"
+                self.progress.note(
+                    f"daily quota of {self.settings.sending.per_day} reached; "
+                    "run again tomorrow to go on"
+                )
+                self.stop.set()
+            self.ledger.release(self.send, [row.position])
+            return connection
+        try:
+            reply = connection.send(self.sender, row.email, data)
+        except ConnectionLost as lost:
+            if lost.after_data:
+                self._record(row, State.UNKNOWN, f"connection lost after the data: {lost}", minute)
+            else:
+                self._record_temporary(row, f"connection lost: {lost}", minute)
+            connection.close()
+            return self._connect(again=True)
+        self._settle(row, reply, minute)
+        if reply.slow_down:
+            self.limiter.slow_down()
+            self.progress.note(f"the server asks to slow down ({reply}); slowing down")
+            if reply.code == 421:  # the server is closing this connection
+                connection.close()
+                return self._connect(again=True)
+        elif reply.ok:
+            self.limiter.speed_up()
+        return connection
+
+    def _settle(self, row: Delivery, reply: Reply, minute: int) -> None:
+        if reply.ok:
+            self._record(row, State.SENT, str(reply), minute)
+        elif reply.temporary:
+            self._record_temporary(row, str(reply), minute)
+        else:
+            bounced = reply.enhanced in BOUNCE_CODES or (
+                reply.code in (550, 551, 553) and bool(_NO_MAILBOX.search(reply.text))
+            )
+            self._record(row, State.FAILED, str(reply), minute, bounce=bounced)
+
+    def _record_temporary(self, row: Delivery, reply: str, minute: int) -> None:
+        attempts = row.attempts + 1
+        rules = self.settings.sending
+        if attempts >= rules.max_attempts:
+            self._record(row, State.FAILED, f"gave up after {attempts} attempts: {reply}", minute)
+            return
+        delay = min(rules.retry_after_seconds * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+        self._record(row, State.DEFERRED, reply, minute, retry_at=time.time() + delay)
+
+    def _record(
+        self,
+        row: Delivery,
+        state: State,
+        reply: str,
+        minute: int,
+        *,
+        retry_at: float = 0,
+        bounce: bool = False,
+    ) -> None:
+        self.ledger.record(
+            self.send,
+            row.position,
+            state,
+            reply,
+            retry_at=retry_at,
+            quota_minute=minute,
+            bounce=row.subscriber_id if bounce else None,
+        )
+        self._count(state)
+
+    def _count(self, state: State) -> None:
+        with self.lock:
+            self.report.done[state] += 1
+        self.progress.advance(state)
+
+    def _connect(self, *, again: bool = False) -> Connection | None:
+        delays = (1.0, 2.0, 4.0) if again else (0.0,)
+        last = "no attempt"
+        for delay in delays:
+            if self.stop.wait(delay):
+                return None
+            try:
+                connection = self.transport.connect()
+            except TransportUnavailable as err:
+                last = str(err)
+                continue
+            with self.lock:
+                self.connected += 1
+            return connection
+        with self.lock:
+            self.failures.append(last)
+            self.gave_up += 1
+        self.progress.note(f"a connection gave up: {last}")
+        return None
+
+    def _take_budget(self, wanted: int) -> int:
+        with self.lock:
+            if self.budget is None:
+                return wanted
+            granted = min(wanted, self.budget)
+            self.budget -= granted
+            return granted
+
+    def _give_back_budget(self, unused: int) -> None:
+        with self.lock:
+            if self.budget is not None and unused > 0:
+                self.budget += unused
