@@ -244,8 +244,15 @@ def send(
         f"Recipients: {count} {where}" + (f" (of {plan.recipients})" if limit else ""), err=True
     )
     typer.echo(f"Server:     {plan.server}", err=True)
-    if not yes and not typer.confirm("Send?", err=True):
-        raise typer.Exit(ExitCode.OK)
+    if not yes:
+        try:
+            confirmed = typer.confirm("Send?", err=True)
+        except typer.Abort:
+            _error("no answer to “Send?” (no terminal?): add --yes to send without asking")
+            raise typer.Exit(ExitCode.INVALID) from None
+        if not confirmed:
+            typer.echo("nothing sent", err=True)
+            raise typer.Exit(ExitCode.OK)
     with _ProgressBar() as bar:
         report = sending.send_to_list(
             prepared,

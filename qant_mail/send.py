@@ -302,6 +302,8 @@ class _Run:
         self.connected = 0
         self.failures: list[str] = []
         self.gave_up = 0
+        self.running = 0
+        self.finished = threading.Condition(self.lock)
 
     def run(self, wait_for_retries: bool) -> SendReport:
         start = time.monotonic()
@@ -334,12 +336,10 @@ class _Run:
         due = counts[State.PENDING] + counts[State.DEFERRED]
         workers = max(1, min(self.settings.smtp.connections, due))
         self.gave_up = 0
-        self.threads = [
-            threading.Thread(target=self._worker, name=f"qant-send-{n}", daemon=True)
-            for n in range(workers)
-        ]
-        for thread in self.threads:
-            thread.start()
+        for number in range(workers):
+            with self.lock:
+                self.running += 1
+            threading.Thread(target=self._worker, name=f"qant-send-{number}", daemon=True).start()
         self._join()
         if self.failures and self.connected == 0:
             self.report.stopped = "unavailable"
@@ -350,9 +350,11 @@ class _Run:
             self.progress.note(f"the server went away: {self.failures[-1]}")
 
     def _join(self) -> None:
-        for thread in getattr(self, "threads", []):
-            while thread.is_alive():
-                thread.join(0.2)  # short joins: Ctrl-C reaches the main thread
+        # Not Thread.join(): on Python 3.11, a Ctrl-C that interrupts it can mark a thread
+        # still running as finished (bpo-45274), and its messages would go unrecorded.
+        with self.finished:
+            while self.running:
+                self.finished.wait(0.2)
 
     def _worker(self) -> None:
         connection: Connection | None = None
@@ -377,11 +379,16 @@ class _Run:
                     if connection is None:
                         return
         finally:
-            if claimed:
-                self.ledger.release(self.send, [d.position for d in claimed])
-            if connection is not None:
-                connection.close()
-            self.ledger.close()
+            try:
+                if claimed:
+                    self.ledger.release(self.send, [d.position for d in claimed])
+                if connection is not None:
+                    connection.close()
+                self.ledger.close()
+            finally:
+                with self.finished:
+                    self.running -= 1
+                    self.finished.notify_all()
 
     def _deliver(self, connection: Connection, row: Delivery) -> Connection | None:
         """Send one row; return the connection to go on with (None: give up)."""

@@ -92,4 +92,6 @@ def cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]
     return run
 
 
-from tests.browser import browser  # noqa: E402, F401  (a fixture shared by the browser tests)
+# Fixtures shared by several test modules.
+from tests.browser import browser  # noqa: E402, F401
+from tests.smtp_server import smtp_server  # noqa: E402, F401

@@ -121,9 +121,14 @@ def test_missing_settings_is_an_error_naming_the_fix(cli: Cli, project: Path) ->
 
 def test_every_command_has_help_and_is_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    for command in app.registered_commands:
+    commands = [("", command) for command in app.registered_commands]
+    for group in app.registered_groups:
+        assert group.typer_instance is not None
+        commands += [(f"{group.name} ", c) for c in group.typer_instance.registered_commands]
+    assert len(commands) >= 14
+    for prefix, command in commands:
         assert command.callback is not None
-        name = command.name or command.callback.__name__
+        name = prefix + (command.name or command.callback.__name__)
         assert (command.callback.__doc__ or "").strip(), name
         assert f"qant-mail {name}" in readme, name
 

@@ -49,7 +49,7 @@ def test_unknown_setting_gets_a_suggestion(project: Path) -> None:
 
 def test_secrets_are_refused_in_the_settings_file(project: Path) -> None:
     path = project / "qant.toml"
-    path.write_text(path.read_text() + '\n[smtp]\npassword = "hunter2"\n')
+    path.write_text(path.read_text().replace("[smtp]\n", '[smtp]\npassword = "hunter2"\n'))
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env={})
     assert "QANT_SMTP_PASSWORD" in str(caught.value)

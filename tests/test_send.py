@@ -1,0 +1,443 @@
+"""Sending to the list over real SMTP on loopback: exactly once, resumable, throttled."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qant_mail.config import Sending, Settings
+from qant_mail.errors import ExitCode
+from qant_mail.ledger import Ledger, LedgerError, State
+from qant_mail.send import SendError, SendReport, dry_run, prepare, send_test, send_to_list
+from qant_mail.subscribers import Status, Subscribers
+from qant_mail.tokens import SECRET_VARIABLE
+from qant_mail.transport import SmtpTransport, TransportUnavailable
+from tests.smtp_server import SmtpServer
+
+SECRET = "a-test-secret-that-is-long-enough"
+SAMPLE = "issues/2023-11-20.yaml"
+
+
+@pytest.fixture(autouse=True)
+def secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_VARIABLE, SECRET)
+
+
+@pytest.fixture
+def local(project_settings: Settings, smtp_server: SmtpServer) -> Settings:
+    """The project's settings, sending to the scripted server, retrying quickly."""
+    smtp = project_settings.smtp.model_copy(
+        update={"host": smtp_server.host, "port": smtp_server.port, "security": "none"}
+    )
+    sending = Sending(retry_after_seconds=0.05, max_attempts=3)
+    return dataclasses.replace(project_settings, smtp=smtp, sending=sending)
+
+
+def subscribe(settings: Settings, count: int, *, prefix: str = "reader") -> list[str]:
+    """Add `count` active subscribers; return their addresses."""
+    store = Subscribers.open(settings.store_path)
+    rows = "email,name\n" + "".join(f"{prefix}{n}@example.com,Lecteur {n}\n" for n in range(count))
+    store.import_rows(rows, "test")
+    store.close()
+    return [f"{prefix}{n}@example.com" for n in range(count)]
+
+
+def send(
+    settings: Settings, *, limit: int | None = None, stop: threading.Event | None = None
+) -> SendReport:
+    prepared = prepare(settings.root / SAMPLE, settings)
+    transport = SmtpTransport(settings, env={})
+    return send_to_list(prepared, settings, transport, limit=limit, stop=stop)
+
+
+def ledger_counts(settings: Settings) -> dict[State, int]:
+    ledger = Ledger(settings.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    return ledger.counts(found)
+
+
+def test_every_active_subscriber_gets_exactly_one_message(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    active = subscribe(local, 25)
+    store = Subscribers.open(local.store_path)
+    store.add("parti@example.com")
+    store.unsubscribe("parti@example.com")
+    store.add("rebond@example.com")
+    store.set_status("rebond@example.com", Status.BOUNCED, "550 5.1.1")
+    store.close()
+    report = send(local)
+    assert report.exit_code == ExitCode.OK
+    assert smtp_server.handler.recipients() == dict.fromkeys(active, 1)
+    assert ledger_counts(local)[State.SENT] == 25
+    message = smtp_server.handler.received[0]
+    assert message.sender == "lettre@qant.example"
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in message.data
+
+
+def test_a_second_run_sends_nothing_more(local: Settings, smtp_server: SmtpServer) -> None:
+    subscribe(local, 5)
+    send(local)
+    report = send(local)
+    assert sum(report.done.values()) == 0
+    assert sum(smtp_server.handler.recipients().values()) == 5
+
+
+def test_temporary_refusals_are_retried_until_delivered(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    addresses = subscribe(local, 6)
+    slow = addresses[1:3]
+    for address in slow:
+        smtp_server.handler.answers[address] = ["451 4.3.0 greylisted, try later"]
+    report = send(local)
+    assert report.exit_code == ExitCode.OK
+    assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
+    assert all(smtp_server.handler.attempts[a] == 2 for a in slow)
+    ledger = Ledger(local.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    sent = {d.email: d.attempts for d in ledger.deliveries(found, State.SENT)}
+    assert sent[slow[0]] == 2
+
+
+def test_too_many_temporary_refusals_fail(local: Settings, smtp_server: SmtpServer) -> None:
+    (address,) = subscribe(local, 1)
+    smtp_server.handler.answers[address] = ["452 4.2.2 mailbox full"] * 5
+    report = send(local)
+    assert report.exit_code == ExitCode.PARTIAL
+    assert smtp_server.handler.attempts[address] == 3  # max_attempts
+    assert ledger_counts(local)[State.FAILED] == 1
+
+
+def test_permanent_refusal_is_recorded_not_retried_and_bounces(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    addresses = subscribe(local, 3)
+    smtp_server.handler.answers[addresses[0]] = ["550 5.1.1 user unknown"]
+    smtp_server.handler.answers[addresses[1]] = ["554 5.7.1 message rejected as spam"]
+    report = send(local)
+    assert report.exit_code == ExitCode.PARTIAL
+    send(local)
+    assert smtp_server.handler.attempts[addresses[0]] == 1
+    assert smtp_server.handler.attempts[addresses[1]] == 1
+    ledger = Ledger(local.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    failed = {d.email: d.last_reply for d in ledger.deliveries(found, State.FAILED)}
+    assert failed == {
+        addresses[0]: "550 5.1.1 user unknown",
+        addresses[1]: "554 5.7.1 message rejected as spam",
+    }
+    store = Subscribers.open(local.store_path)
+    first, second = store.get(addresses[0]), store.get(addresses[1])
+    assert first is not None
+    assert second is not None
+    assert first.status is Status.BOUNCED  # the mailbox does not exist
+    assert second.status is Status.ACTIVE  # a refusal of this message, not of the address
+
+
+def test_connection_lost_after_the_data_is_unknown_and_not_resent(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    addresses = subscribe(local, 4)
+    smtp_server.handler.drop_after_data.add(addresses[2])
+    report = send(local)
+    assert report.exit_code == ExitCode.PARTIAL
+    assert ledger_counts(local)[State.UNKNOWN] == 1
+    smtp_server.handler.drop_after_data.clear()
+    send(local)
+    assert smtp_server.handler.attempts[addresses[2]] == 1  # not re-sent on its own
+    ledger = Ledger(local.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    assert ledger.resolve_unknown(found, State.PENDING) == 1
+    send(local)
+    assert smtp_server.handler.recipients()[addresses[2]] == 1
+    assert ledger_counts(local)[State.SENT] == 4
+
+
+def test_unsubscribed_after_the_start_is_skipped(local: Settings, smtp_server: SmtpServer) -> None:
+    addresses = subscribe(local, 6)
+    first = send(local, limit=2)
+    assert first.exit_code == ExitCode.PARTIAL
+    store = Subscribers.open(local.store_path)
+    store.unsubscribe(addresses[4], "one-click")
+    store.add("nouveau@example.com")  # joined after the start: not in this issue's plan
+    store.close()
+    report = send(local)
+    assert report.done[State.SKIPPED] == 1
+    received = smtp_server.handler.recipients()
+    assert addresses[4] not in received
+    assert "nouveau@example.com" not in received
+    assert len(received) == 5
+
+
+def test_two_sends_of_one_issue_cannot_run_at_once(local: Settings) -> None:
+    subscribe(local, 2)
+    ledger = Ledger(local.store_path)
+    with ledger.lock("2023-11-20"), pytest.raises(LedgerError, match="another `qant-mail send`"):
+        send(local)
+
+
+def test_rate_limit_holds_over_a_run(local: Settings, smtp_server: SmtpServer) -> None:
+    subscribe(local, 30)
+    limited = dataclasses.replace(local, sending=Sending(per_second=15))
+    started = time.monotonic()
+    send(limited)
+    times = sorted(r.at for r in smtp_server.handler.received)
+    assert len(times) == 30
+    assert time.monotonic() - started >= (30 - 1) / 15 * 0.9
+    busiest = max(sum(1 for t in times if start <= t < start + 1) for start in times)
+    assert busiest <= 16
+
+
+def test_daily_quota_survives_a_restart(local: Settings, smtp_server: SmtpServer) -> None:
+    subscribe(local, 8)
+    daily = dataclasses.replace(local, sending=Sending(per_day=5))
+    first = send(daily)
+    assert first.exit_code == ExitCode.PARTIAL
+    assert first.stopped == "daily quota reached"
+    second = send(daily)
+    assert second.done[State.SENT] == 0
+    assert sum(smtp_server.handler.recipients().values()) == 5
+    assert ledger_counts(local)[State.PENDING] == 3
+
+
+def test_a_slow_down_reply_is_deferred_and_slows_everyone(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    addresses = subscribe(local, 3)
+    smtp_server.handler.answers[addresses[0]] = ["421 4.7.0 too many messages, slow down"]
+    report = send(local)
+    assert report.exit_code == ExitCode.OK
+    assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
+
+
+def test_unreachable_server_is_an_error_and_loses_nothing(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    subscribe(local, 3)
+    closed = local.smtp.model_copy(update={"port": 1})
+    with pytest.raises(TransportUnavailable, match=r"cannot connect to 127\.0\.0\.1:1"):
+        send(dataclasses.replace(local, smtp=closed))
+    counts = ledger_counts(local)
+    assert counts[State.PENDING] == 3
+    assert send(local).exit_code == ExitCode.OK
+
+
+def test_wrong_password_is_an_error_that_does_not_show_it(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    subscribe(local, 1)
+    with_login = dataclasses.replace(local, smtp=local.smtp.model_copy(update={"username": "qant"}))
+    transport = SmtpTransport(with_login, env={"QANT_SMTP_PASSWORD": "hunter2-wrong"})
+    prepared = prepare(local.root / SAMPLE, with_login)
+    with pytest.raises(TransportUnavailable) as caught:
+        send_to_list(prepared, with_login, transport)
+    assert "refused the login of 'qant'" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in repr(transport)
+    right = SmtpTransport(with_login, env={"QANT_SMTP_PASSWORD": "right password"})
+    assert send_to_list(prepared, with_login, right).exit_code == ExitCode.OK
+
+
+def test_missing_secret_is_an_error_before_anything_is_planned(
+    local: Settings, monkeypatch: pytest.MonkeyPatch, smtp_server: SmtpServer
+) -> None:
+    subscribe(local, 2)
+    monkeypatch.delenv(SECRET_VARIABLE)
+    with pytest.raises(Exception, match=SECRET_VARIABLE):
+        send(local)
+    assert Ledger(local.store_path).find("2023-11-20") is None
+    assert smtp_server.handler.received == []
+
+
+def test_drafts_are_not_sent_to_the_list(local: Settings, project: Path) -> None:
+    path = project / "issues" / "2024-01-15.yaml"
+    path.write_text("draft: true\nsubject: S\npreheader: P\nevent: {title: T}\n")
+    with pytest.raises(SendError, match="draft"):
+        prepare(path, local)
+    assert prepare(path, local, test=True).template.subject == "[TEST] S"
+
+
+def test_test_send_marks_the_subject_and_skips_the_ledger(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    prepared = prepare(local.root / SAMPLE, local, test=True)
+    results = send_test(prepared, local, SmtpTransport(local, env={}), ["relecture@example.com"])
+    assert [(a, r.code) for a, r in results] == [("relecture@example.com", 250)]
+    (message,) = smtp_server.handler.received
+    assert b"Subject: =?utf-8?q?=5BTEST=5D" in message.data
+    assert Ledger(local.store_path).find("2023-11-20") is None
+
+
+def test_dry_run_writes_every_message_and_changes_nothing(
+    local: Settings, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    subscribe(local, 7)
+    prepared = prepare(local.root / SAMPLE, local)
+    report = dry_run(prepared, local, tmp_path / "dry")
+    assert report.done[State.SENT] == 7
+    assert len(list((tmp_path / "dry" / "new").glob("*.eml"))) == 7
+    assert Ledger(local.store_path).find("2023-11-20") is None
+    assert smtp_server.handler.received == []
+
+
+def test_interrupted_send_releases_its_rows_and_resumes(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    subscribe(local, 40)
+    smtp_server.handler.delay = 0.02
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    report = send(local, stop=stop)
+    assert report.stopped == "interrupted"
+    assert report.exit_code == ExitCode.INTERRUPTED
+    counts = ledger_counts(local)
+    assert counts[State.SENDING] == 0
+    assert 0 < counts[State.SENT] < 40
+    smtp_server.handler.delay = 0
+    send(local)
+    assert smtp_server.handler.recipients() == {f"reader{n}@example.com": 1 for n in range(40)}
+
+
+def cli_env(settings: Settings, server: SmtpServer) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QANT_")}
+    env.update(
+        QANT_CONFIG=str(settings.path),
+        QANT_SMTP_HOST=server.host,
+        QANT_SMTP_PORT=str(server.port),
+        QANT_SMTP_SECURITY="none",
+        QANT_SMTP_CONNECTIONS="3",
+        QANT_SECRET_KEY=SECRET,
+    )
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, answer: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qant_mail", *args],
+        cwd=cwd,
+        env=env,
+        input=answer,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sender_killed_mid_send_resumes_without_losing_anyone(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    addresses = subscribe(local, 60)
+    smtp_server.handler.delay = 0.03
+    env = cli_env(local, smtp_server)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qant_mail", "send", SAMPLE, "--yes"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while len(smtp_server.handler.received) < 15 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(smtp_server.handler.received)
+    assert 15 <= killed_at < 60
+    smtp_server.handler.delay = 0
+    resumed = run_cli(["send", SAMPLE, "--yes"], env, project)
+    assert resumed.returncode == ExitCode.OK, resumed.stderr
+    received = smtp_server.handler.recipients()
+    assert set(received) == set(addresses)
+    duplicates = sum(n - 1 for n in received.values())
+    assert duplicates <= 3  # at most one per open connection (3 here)
+    assert ledger_counts(local)[State.SENT] == 60
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    addresses = subscribe(local, 40)
+    smtp_server.handler.delay = 0.03
+    env = cli_env(local, smtp_server)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qant_mail", "send", SAMPLE, "--yes"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(smtp_server.handler.received) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == ExitCode.INTERRUPTED, err
+    assert "Traceback" not in err
+    assert "stopped: interrupted" in out
+    counts = ledger_counts(local)
+    assert counts[State.SENDING] == 0
+    assert counts[State.SENT] == len(smtp_server.handler.received)
+    smtp_server.handler.delay = 0
+    assert run_cli(["send", SAMPLE, "--yes"], env, project).returncode == ExitCode.OK
+    assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
+
+
+def test_send_command_reports_and_exits_by_outcome(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    addresses = subscribe(local, 3)
+    smtp_server.handler.answers[addresses[0]] = ["550 5.1.1 user unknown"]
+    env = cli_env(local, smtp_server)
+    refused = run_cli(["send", SAMPLE], env, project, answer="n\n")
+    assert refused.returncode == ExitCode.OK
+    assert "Recipients: 3 active subscribers" in refused.stderr
+    assert "nothing sent" in refused.stderr
+    unanswered = run_cli(["send", SAMPLE], env, project)
+    assert unanswered.returncode == ExitCode.INVALID
+    assert "add --yes" in unanswered.stderr
+    assert smtp_server.handler.received == []
+    assert Ledger(local.store_path).find("2023-11-20") is None
+    result = run_cli(["send", SAMPLE, "--yes"], env, project)
+    assert result.returncode == ExitCode.PARTIAL
+    assert "sent 2, deferred 0, failed 1" in result.stdout
+    assert "qant-mail status issues/2023-11-20.yaml" in result.stderr
+    status = run_cli(["status", SAMPLE], env, project)
+    assert f"{addresses[0]}: 550 5.1.1 user unknown" in status.stdout
+
+
+def test_unreachable_server_exits_4_from_the_command(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    subscribe(local, 2)
+    env = cli_env(local, smtp_server) | {"QANT_SMTP_PORT": "1"}
+    result = run_cli(["send", SAMPLE, "--yes"], env, project)
+    assert result.returncode == ExitCode.UNAVAILABLE
+    assert result.stderr.strip().endswith("cannot connect to 127.0.0.1:1: Connection refused")
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_test_address_is_an_error(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    result = run_cli(
+        ["send", SAMPLE, "--to", "pas une adresse"], cli_env(local, smtp_server), project
+    )
+    assert result.returncode == ExitCode.INVALID
+    assert "is not a valid address" in result.stderr
+    assert smtp_server.handler.received == []
