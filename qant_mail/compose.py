@@ -239,6 +239,15 @@ def qp_encode(data: bytes, *, soft_end: bool) -> bytes:
     """Encode `data` as quoted-printable with CRLF line ends, no line over 76 characters
     and no line starting with "." (so SMTP needs no dot-stuffing); with `soft_end`,
     end on a soft line break, so that what follows starts a line of its own."""
+    # A per-recipient value is mostly a short, plain address or link: nothing to do.
+    if (
+        soft_end
+        and len(data) < _QP_LINE
+        and not _QP_UNSAFE.search(data)
+        and data[:1] != b"."
+        and data[-1:] not in (b" ", b"\t")
+    ):
+        return data + b"=" + CRLF
     out: list[bytes] = []
     lines = data.split(b"\n")
     for number, line in enumerate(lines):

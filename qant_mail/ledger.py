@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,11 @@ class Delivery:
 
 
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
+_CLAIM = (
+    "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts, d.last_reply,"
+    " s.status FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+    " WHERE d.send_id = ?"
+)
 
 
 class Ledger:
@@ -157,15 +162,18 @@ class Ledger:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Due retries first, then the next pending rows in list order: two queries
+            # that each walk an index, where one with OR would sort the whole send.
             rows = db.execute(
-                "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts,"
-                " d.last_reply, s.status FROM deliveries d"
-                " LEFT JOIN subscribers s ON s.id = d.subscriber_id"
-                " WHERE d.send_id = ? AND (d.state = 'pending'"
-                "   OR (d.state = 'deferred' AND d.next_attempt_at <= ?))"
-                " ORDER BY d.state = 'deferred', d.position LIMIT ?",
+                _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= ?"
+                " ORDER BY d.next_attempt_at LIMIT ?",
                 (send.id, now, limit),
             ).fetchall()
+            if len(rows) < limit:
+                rows += db.execute(
+                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?",
+                    (send.id, limit - len(rows)),
+                ).fetchall()
             stamp = now_text()
             claimed: list[Delivery] = []
             skipped: list[tuple[str, int, int]] = []
@@ -202,22 +210,26 @@ class Ledger:
         *,
         attempt: bool = True,
         retry_at: float = 0,
-        quota_minute: int | None = None,
+        quota: Mapping[int, int] | None = None,
         bounce: int | None = None,
     ) -> None:
-        """Write the outcome of one message, count it against the quota, and mark the
-        subscriber `bounce` bounced, in one commit: once this returns, it survives a
-        killed process."""
+        """Write the outcome of one message; once this returns, it survives a killed
+        process. Also count `quota` (messages per minute) and mark the subscriber
+        `bounce` bounced, in the same commit."""
+        update = (
+            "UPDATE deliveries SET state = ?, last_reply = ?, attempts = attempts + ?,"
+            " next_attempt_at = ?, updated_at = ? WHERE send_id = ? AND position = ?"
+        )
+        values = (state.value, reply, int(attempt), retry_at, now_text(), send.id, position)
         db = self.db
+        if not quota and bounce is None:
+            db.execute(update, values)  # one statement, its own transaction
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(
-                "UPDATE deliveries SET state = ?, last_reply = ?, attempts = attempts + ?,"
-                " next_attempt_at = ?, updated_at = ? WHERE send_id = ? AND position = ?",
-                (state.value, reply, int(attempt), retry_at, now_text(), send.id, position),
-            )
-            if quota_minute is not None:
-                self._count_quota(quota_minute)
+            db.execute(update, values)
+            for minute, messages in (quota or {}).items():
+                self._count_quota(minute, messages)
             if bounce is not None:
                 Subscribers(db).set_status_by_id(bounce, Status.BOUNCED, reply)
             db.execute("COMMIT")

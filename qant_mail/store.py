@@ -52,7 +52,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (send_id, position),
         UNIQUE (send_id, email)
     );
-    CREATE INDEX deliveries_state ON deliveries (send_id, state, next_attempt_at);
+    CREATE INDEX deliveries_queue ON deliveries (send_id, state, position);
+    CREATE INDEX deliveries_retry ON deliveries (send_id, state, next_attempt_at);
     CREATE TABLE quota (
         minute INTEGER PRIMARY KEY,
         messages INTEGER NOT NULL

@@ -1,0 +1,287 @@
+"""Benchmark of issue #4: composing and sending the sample issue to N recipients.
+
+Sends through Postfix's `smtp-sink` on loopback (`apt-get install postfix`; this script
+starts the sink, the Postfix daemon need not run): an aiosmtpd sink tops out near 150
+messages/s and would measure itself. Each figure runs in a child process, so that its
+peak memory is its own. In the same run, it measures the naive approach (a new
+EmailMessage and a new SMTP connection per message) and prints the ratio, and the
+composing rate with DKIM signing on.
+
+Targets (2 cores): composing >= 20,000 messages/s; sending >= 700 messages/s to
+smtp-sink; peak memory for 100,000 recipients <= 1.2x that for 1,000.
+
+    python bench/send.py [--big-send]   # --big-send: also send the 100,000 (2-3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qant_mail.compose import DkimSigner, MessageTemplate, Recipient  # noqa: E402
+from qant_mail.config import Settings, load_settings  # noqa: E402
+from qant_mail.load import load  # noqa: E402
+from qant_mail.render import RenderedIssue, Renderer, Slot  # noqa: E402
+from qant_mail.send import prepare, send_to_list  # noqa: E402
+from qant_mail.subscribers import Subscribers  # noqa: E402
+from qant_mail.transport import Reply, SmtpTransport  # noqa: E402
+
+SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
+SECRET = "benchmark-secret-of-some-length"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def peak_mb() -> float:
+    """Return this process's peak resident memory in MB."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def settings_for(port: int, store: Path) -> Settings:
+    settings = load_settings(ROOT / "qant.toml", env={})
+    smtp = settings.smtp.model_copy(update={"port": port, "security": "none", "connections": 4})
+    return dataclasses.replace(
+        settings, smtp=smtp, store=settings.store.model_copy(update={"path": str(store)})
+    )
+
+
+def rendered_sample(settings: Settings) -> RenderedIssue:
+    return Renderer(settings).render(load(SAMPLE).issue)
+
+
+class _Discard:
+    """A transport that accepts and forgets: the pipeline without SMTP."""
+
+    description = "nowhere"
+
+    def connect(self) -> _Discard:
+        return self
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+        return Reply(250, "2.0.0 discarded")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def child_compose(count: int, sign: bool) -> dict[str, float]:
+    """Compose `count` messages from one template; return the rate and peak memory."""
+    settings = settings_for(25, Path(tempfile.mkdtemp()) / "s.db")
+    signer = None
+    if sign:
+        key = subprocess.run(["openssl", "genrsa", "2048"], check=True, capture_output=True).stdout
+        signer = DkimSigner("bench", settings.sender_domain, key)
+    template = MessageTemplate(
+        rendered_sample(settings), settings, secret=SECRET.encode(), signer=signer
+    )
+    recipients = (Recipient(f"reader{n}@example.com", f"Lecteur {n}", n) for n in range(count))
+    size = 0
+    # The rate is the median over chunks of 1,000 messages: one slow moment of a shared
+    # machine does not make the figure.
+    chunk_rates = []
+    done = 0
+    while done < count:
+        chunk = min(1000, count - done)
+        start = time.perf_counter()
+        for _ in range(chunk):
+            size = len(template.personalise(next(recipients)))
+        chunk_rates.append(chunk / (time.perf_counter() - start))
+        done += chunk
+    return {"rate": statistics.median(chunk_rates), "peak_mb": peak_mb(), "size_kb": size / 1000}
+
+
+def make_store(count: int) -> Path:
+    """Return a database of `count` subscribers (built here, so that a child's peak
+    memory is the send's, not the import's)."""
+    path = Path(tempfile.mkdtemp()) / "store.db"
+    store = Subscribers.open(path)
+    rows = "email,name\n" + "".join(f"reader{n}@example.com,Lecteur {n}\n" for n in range(count))
+    store.import_rows(rows, "bench")
+    store.close()
+    return path
+
+
+def child_pipeline(store: Path, port: int | None) -> dict[str, float]:
+    """Plan, compose and send to every subscriber of `store` (to smtp-sink, or discarded)."""
+    os.environ["QANT_SECRET_KEY"] = SECRET
+    settings = settings_for(port or 25, store)
+    prepared = prepare(SAMPLE, settings)
+    transport = SmtpTransport(settings, env={}) if port else _Discard()
+    start = time.perf_counter()
+    report = send_to_list(prepared, settings, transport)  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - start
+    sent = report.done["sent"]
+    return {"rate": sent / elapsed, "peak_mb": peak_mb(), "sent": sent}
+
+
+def child_naive(count: int, port: int) -> dict[str, float]:
+    """A new EmailMessage and a new SMTP connection for each message."""
+    import smtplib
+
+    settings = settings_for(port, Path(tempfile.mkdtemp()) / "s.db")
+    rendered = rendered_sample(settings)
+    start = time.perf_counter()
+    for n in range(count):
+        values = {
+            Slot.NAME: f"Lecteur {n}",
+            Slot.EMAIL: f"reader{n}@example.com",
+            Slot.UNSUBSCRIBE_URL: f"{settings.newsletter.base_url}/unsubscribe/{n}",
+            Slot.BROWSER_URL: rendered.web_url,
+        }
+        html, text = rendered.fill(values)
+        message = EmailMessage()
+        message["From"] = f"{settings.sender.name} <{settings.sender.address}>"
+        message["To"] = f"Lecteur {n} <reader{n}@example.com>"
+        message["Subject"] = rendered.subject
+        message["List-Unsubscribe"] = f"<{values[Slot.UNSUBSCRIBE_URL]}>"
+        message.set_content(text)
+        message.add_alternative(html, subtype="html")
+        html_part = message.get_payload()[1]  # type: ignore[index]
+        assert isinstance(html_part, EmailMessage)
+        for asset in rendered.assets:
+            maintype, subtype = asset.mime_type.split("/")
+            html_part.add_related(
+                asset.path.read_bytes(), maintype, subtype, cid=f"<{asset.content_id}>"
+            )
+        data = message.as_bytes()
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail(settings.sender.address, [f"reader{n}@example.com"], data)
+    return {"rate": count / (time.perf_counter() - start), "peak_mb": peak_mb()}
+
+
+def run_store(count: int) -> str:
+    """Build a database of `count` subscribers in a child process; return its path."""
+    return subprocess.run(
+        [sys.executable, __file__, "--child", "store", str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def median_of(runs: int, *args: str) -> dict[str, float]:
+    """Run a child `runs` times; return the run with the median rate."""
+    results = sorted((run_child(*args) for _ in range(runs)), key=lambda r: r["rate"])
+    return results[len(results) // 2]
+
+
+def run_child(*args: str) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+    ).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def time_import(count: int) -> float:
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "list.csv"
+    domains = ["gmail.com", "orange.fr", "free.fr", "laposte.net", "outlook.fr", "example.org"]
+    lines = ["email,name"] + [
+        f"reader.{n}@{domains[n % len(domains)]},Lecteur {n}" for n in range(count)
+    ]
+    path.write_text("\n".join(lines))
+    store = Subscribers.open(folder / "store.db")
+    start = time.perf_counter()
+    store.import_csv(path)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(folder)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big-send", action="store_true", help="send the 100,000 as well")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, count, *rest = args.child
+        if kind == "store":
+            print(make_store(int(count)))
+            return
+        if kind == "compose":
+            result = child_compose(int(count), sign=rest == ["sign"])
+        elif kind == "pipeline":
+            result = child_pipeline(Path(count), int(rest[0]) if rest else None)
+        else:
+            result = child_naive(int(count), int(rest[0]))
+        print(json.dumps(result))
+        return
+
+    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not Path(sink).exists():
+        sys.exit("smtp-sink not found: apt-get install postfix (the daemon need not run)")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    server = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "512"])
+    time.sleep(0.5)
+    try:
+        rows: list[tuple[str, float, float]] = []
+
+        def show(label: str, result: dict[str, float]) -> None:
+            rows.append((label, result["rate"], result["peak_mb"]))
+            print(f"{label:58s} {result['rate']:10,.0f} msg/s {result['peak_mb']:8.1f} MB")
+
+        print(f"{'figure':58s} {'rate':>16s} {'peak':>11s}")
+        compose_small = median_of(3, "compose", "1000")
+        show("compose, 1,000 recipients (median of 3 runs)", compose_small)
+        compose_big = median_of(3, "compose", "100000")
+        show("compose, 100,000 recipients (median of 3 runs)", compose_big)
+        signed = run_child("compose", "300", "sign")
+        show("compose + DKIM (RSA-2048) signing, 300 recipients", signed)
+        small, big = Path(run_store(1000)), Path(run_store(100_000))
+        pipeline_small = run_child("pipeline", str(small), str(port))
+        show("send to smtp-sink, 1,000 (plan, ledger, 4 connections)", pipeline_small)
+        if args.big_send:
+            pipeline_big = run_child("pipeline", str(big), str(port))
+            show("send to smtp-sink, 100,000", pipeline_big)
+            pipeline_small_discard = pipeline_small
+        else:
+            pipeline_big = run_child("pipeline", str(big))
+            show("whole pipeline, 100,000, SMTP left out (discarded)", pipeline_big)
+            pipeline_small_discard = run_child("pipeline", run_store(1000))
+            show("whole pipeline, 1,000, SMTP left out (discarded)", pipeline_small_discard)
+        naive = run_child("naive", "200", str(port))
+        show("baseline: EmailMessage + new connection per message, 200", naive)
+        print()
+        print(f"message size: {compose_small['size_kb']:.0f} KB")
+        print(f"sending vs the naive approach: {pipeline_small['rate'] / naive['rate']:.1f}x")
+        print(
+            f"DKIM signing costs {1000 / signed['rate'] - 1000 / compose_small['rate']:.1f} ms "
+            "of CPU per message"
+        )
+        ratio = pipeline_big["peak_mb"] / pipeline_small_discard["peak_mb"]
+        print(f"peak memory, 100,000 vs 1,000 recipients (same pipeline): {ratio:.2f}x")
+        print(f"import of 100,000 CSV rows: {time_import(100_000):.1f} s")
+        print("targets: compose >= 20,000 msg/s; send >= 700 msg/s; memory ratio <= 1.2")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
