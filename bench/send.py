@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from qant_mail.compose import DkimSigner, MessageTemplate, Recipient  # noqa: E402
 from qant_mail.config import Settings, load_settings  # noqa: E402
+from qant_mail.ledger import State  # noqa: E402
 from qant_mail.load import load  # noqa: E402
 from qant_mail.render import RenderedIssue, Renderer, Slot  # noqa: E402
 from qant_mail.send import prepare, send_to_list  # noqa: E402
 from qant_mail.subscribers import Subscribers  # noqa: E402
-from qant_mail.transport import Reply, SmtpTransport  # noqa: E402
+from qant_mail.transport import Reply, SmtpTransport, Transport  # noqa: E402
 
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
 SECRET = "benchmark-secret-of-some-length"
@@ -130,11 +131,11 @@ def child_pipeline(store: Path, port: int | None) -> dict[str, float]:
     os.environ["QANT_SECRET_KEY"] = SECRET
     settings = settings_for(port or 25, store)
     prepared = prepare(SAMPLE, settings)
-    transport = SmtpTransport(settings, env={}) if port else _Discard()
+    transport: Transport = SmtpTransport(settings, env={}) if port else _Discard()
     start = time.perf_counter()
-    report = send_to_list(prepared, settings, transport)  # type: ignore[arg-type]
+    report = send_to_list(prepared, settings, transport)
     elapsed = time.perf_counter() - start
-    sent = report.done["sent"]
+    sent = report.done[State.SENT]
     return {"rate": sent / elapsed, "peak_mb": peak_mb(), "sent": sent}
 
 
