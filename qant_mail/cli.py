@@ -170,6 +170,36 @@ def render(
 
 @app.command()
 @_handled
+def preview(
+    file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one).")
+    ] = 0,
+    no_open: Annotated[
+        bool, typer.Option("--no-open", help="Do not open the page in a browser.")
+    ] = False,
+) -> None:
+    """Serve a live preview of an issue that reloads as you edit it."""
+    import webbrowser
+
+    from qant_mail.config import find_config
+    from qant_mail.preview import Preview, create_app, listen, serve
+
+    settings_path = _options.config or find_config()
+    _settings()  # settings that do not load are an error now, not a blank page
+    sock = listen(port)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    typer.echo(f"preview of {_shown(file)} at {url} (Ctrl-C to stop)", err=True)
+    if not no_open:
+        webbrowser.open(url)
+    try:
+        serve(create_app(Preview(file, settings_path)), sock)
+    finally:
+        sock.close()
+
+
+@app.command()
+@_handled
 def send(
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     to: Annotated[
