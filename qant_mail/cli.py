@@ -183,17 +183,18 @@ def preview(
     import webbrowser
 
     from qant_mail.config import find_config
-    from qant_mail.preview import Preview, create_app, listen, serve
+    from qant_mail.preview import Preview, create_app
+    from qant_mail.webserver import listen, run
 
     settings_path = _options.config or find_config()
     _settings()  # settings that do not load are an error now, not a blank page
-    sock = listen(port)
+    sock = listen("127.0.0.1", port)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
     typer.echo(f"preview of {_shown(file)} at {url} (Ctrl-C to stop)", err=True)
     if not no_open:
         webbrowser.open(url)
     try:
-        serve(create_app(Preview(file, settings_path)), sock)
+        run(create_app(Preview(file, settings_path)), sock)
     finally:
         sock.close()
 
@@ -395,6 +396,63 @@ def demo(
     raise typer.Exit(result.report.exit_code)
 
 
+@app.command()
+@_handled
+def archive(
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Folder of the site (default: out/archive)."),
+    ] = None,
+) -> None:
+    """Write the web archive: an index of every issue, a page each, an Atom feed."""
+    from qant_mail.archive import build_archive
+
+    settings = _settings()
+    folder = output or settings.output_dir / "archive"
+    report = build_archive(settings, folder)
+    for path, reason in report.left_out:
+        typer.echo(f"left out {_shown(path)}: {reason}", err=True)
+    typer.echo(f"archive of {len(report.entries)} issues in {_shown(folder)}")
+
+
+@app.command()
+@_handled
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (a reverse proxy's upstream).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8000,
+    site: Annotated[
+        Path | None,
+        typer.Option("--archive", help="Serve this built archive instead of building one."),
+    ] = None,
+    proxy_headers: Annotated[
+        bool,
+        typer.Option("--proxy-headers", help="Trust X-Forwarded-* from a proxy on 127.0.0.1."),
+    ] = False,
+) -> None:
+    """Serve the unsubscribe links, the archive and a health check."""
+    from qant_mail import tokens
+    from qant_mail.archive import build_archive
+    from qant_mail.serve import create_app
+    from qant_mail.webserver import listen, run
+
+    settings = _settings()
+    secret = tokens.secret_from_env()
+    if site is None:
+        site = settings.output_dir / "archive"
+        report = build_archive(settings, site)
+        for path, reason in report.left_out:
+            typer.echo(f"left out {_shown(path)}: {reason}", err=True)
+    sock = listen(host, port)
+    bound = sock.getsockname()[1]
+    typer.echo(f"serving {_shown(site)} and unsubscriptions on http://{host}:{bound}/", err=True)
+    try:
+        run(create_app(settings, site, secret), sock, proxy_headers=proxy_headers)
+    finally:
+        sock.close()
+
+
 subscribers_app = typer.Typer(
     help="Manage the subscriber list.", no_args_is_help=True, rich_markup_mode=None
 )
@@ -448,10 +506,27 @@ def subscribers_remove(address: Annotated[str, typer.Argument(help="Email addres
 @subscribers_app.command("unsubscribe")
 @_handled
 def subscribers_unsubscribe(
-    address: Annotated[str, typer.Argument(help="Email address.")],
+    address: Annotated[
+        str | None, typer.Argument(help="Email address (or --from-message).", show_default=False)
+    ] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why.")] = "command line",
+    from_message: Annotated[
+        bool,
+        typer.Option(
+            "--from-message",
+            help="Read an email on standard input and unsubscribe its sender (mailto links).",
+        ),
+    ] = False,
 ) -> None:
     """Mark a subscriber unsubscribed (kept, so that no import re-activates them)."""
+    import sys
+
+    from qant_mail.subscribers import sender_of
+
+    if from_message:
+        address, reason = sender_of(sys.stdin.buffer.read()), "mailto"
+    if not address:
+        raise typer.BadParameter("give an ADDRESS, or --from-message")
     subscriber = _store().unsubscribe(address, reason)
     typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
 

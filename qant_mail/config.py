@@ -132,6 +132,13 @@ class Labels(Strict):
     unsubscribe: Text
     sent_to: Text
     expert_author: Text
+    web_notice: Text
+    archive: Text
+    feed: Text
+    unsubscribe_question: Text
+    unsubscribe_button: Text
+    unsubscribed: Text
+    unsubscribe_invalid: Text
 
 
 class Paths(Strict):

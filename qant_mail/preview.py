@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -334,56 +332,3 @@ def _send_test(preview: Preview, address: str) -> dict[str, Any]:
     except QantError as err:
         return {"ok": False, "message": str(err).splitlines()[0]}
     return {"ok": reply.ok, "message": f"{recipient} : {reply}"}
-
-
-def listen(port: int) -> socket.socket:
-    """Bind 127.0.0.1:`port` (0: any free port), so that the address is known before serving."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError as err:
-        sock.close()
-        raise PreviewError(f"127.0.0.1:{port}: {err.strerror}; choose another --port") from None
-    sock.listen(128)
-    return sock
-
-
-class PreviewError(QantError):
-    """The preview cannot start."""
-
-
-def serve(app: Starlette, sock: socket.socket) -> None:
-    """Serve `app` on an already bound socket until Ctrl-C."""
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
-
-
-class BackgroundServer:
-    """The preview served from a thread (tests, embedding)."""
-
-    def __init__(self, app: Starlette, port: int = 0) -> None:
-        self.sock = listen(port)
-        self.port: int = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        """Return the page's address."""
-        return f"http://127.0.0.1:{self.port}/"
-
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()

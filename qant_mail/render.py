@@ -135,12 +135,14 @@ class Renderer:
         # and prefers-color-scheme (dark mode) only work from there. Nothing is fetched.
         self.inliner = css_inline.CSSInliner(keep_style_tags=True, load_remote_stylesheets=False)
 
-    def render(self, issue: Issue) -> RenderedIssue:
-        """Render `issue` to HTML and text, with per-recipient placeholders."""
+    def render(self, issue: Issue, *, web: bool = False) -> RenderedIssue:
+        """Render `issue` to HTML and text, with per-recipient placeholders; `web` renders
+        the page of the archive, which carries no subscriber's links."""
         timings: dict[str, float] = {}
         clock = _Clock(timings)
         assets: dict[Path, Asset] = {}
         context = self._context(issue, assets)
+        context["web"] = web
         with clock("template"):
             source = self._render_template(HTML_TEMPLATE, context)
         with clock("mjml"):
@@ -175,6 +177,17 @@ class Renderer:
     def render_string(self, name: str, **context: Any) -> str:
         """Render another template of the folder (the skeleton of a new issue, say)."""
         return self._render_template(name, context)
+
+    def render_page(self, name: str, **context: Any) -> str:
+        """Render a public page (archive, unsubscribe) with the newsletter's look."""
+        settings = self.settings
+        base = {
+            "newsletter": settings.newsletter,
+            "colours": settings.colours,
+            "labels": settings.labels,
+            "lang": self.locale.language,
+        }
+        return self._render_template(name, {**base, **context})
 
     def _path(self, name: str) -> Path:
         return self.settings.templates_dir / name

@@ -88,10 +88,23 @@ class Subscribers:
         """Close the database."""
         self.db.close()
 
+    def __enter__(self) -> Subscribers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def get(self, email: str) -> Subscriber | None:
         """Return the subscriber with this address (any case), if any."""
         row = self.db.execute(
             f"SELECT {_COLUMNS} FROM subscribers WHERE email = ?", (email.strip(),)
+        ).fetchone()
+        return _subscriber(row) if row else None
+
+    def by_id(self, subscriber_id: int) -> Subscriber | None:
+        """Return subscriber number `subscriber_id`, if any."""
+        row = self.db.execute(
+            f"SELECT {_COLUMNS} FROM subscribers WHERE id = ?", (subscriber_id,)
         ).fetchone()
         return _subscriber(row) if row else None
 
@@ -258,6 +271,18 @@ class Subscribers:
         if subscriber is None:
             raise SubscriberError(f"{email.strip()} is not on the list")
         return subscriber
+
+
+def sender_of(message: bytes) -> str:
+    """Return the address an unsubscription email came from (its From)."""
+    from email import message_from_bytes, policy
+    from email.headerregistry import AddressHeader
+
+    parsed = message_from_bytes(message, policy=policy.default)
+    header = parsed.get("From")
+    if not isinstance(header, AddressHeader) or len(header.addresses) != 1:
+        raise SubscriberError("the message has no single From address")
+    return str(header.addresses[0].addr_spec)
 
 
 def _subscriber(row: tuple[object, ...]) -> Subscriber:
