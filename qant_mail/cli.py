@@ -410,9 +410,13 @@ def archive(
     settings = _settings()
     folder = output or settings.output_dir / "archive"
     report = build_archive(settings, folder)
+    _left_out(report)
+    typer.echo(f"archive of {len(report.entries)} issues in {_shown(folder)}")
+
+
+def _left_out(report: Any) -> None:
     for path, reason in report.left_out:
         typer.echo(f"left out {_shown(path)}: {reason}", err=True)
-    typer.echo(f"archive of {len(report.entries)} issues in {_shown(folder)}")
 
 
 @app.command()
@@ -441,9 +445,7 @@ def serve(
     secret = tokens.secret_from_env()
     if site is None:
         site = settings.output_dir / "archive"
-        report = build_archive(settings, site)
-        for path, reason in report.left_out:
-            typer.echo(f"left out {_shown(path)}: {reason}", err=True)
+        _left_out(build_archive(settings, site))
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     typer.echo(f"serving {_shown(site)} and unsubscriptions on http://{host}:{bound}/", err=True)

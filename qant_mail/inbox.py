@@ -12,7 +12,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from qant_mail.errors import ExitCode, QantError
-from qant_mail.transport import store_in_maildir
+from qant_mail.transport import make_maildir, store_in_maildir
 
 DEFAULT_PORT = 2525
 
@@ -58,8 +58,7 @@ class Inbox:
     def start(self) -> Inbox:
         """Create the Maildir and start listening."""
         try:
-            for sub in ("tmp", "new", "cur"):
-                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            make_maildir(self.folder)
         except OSError as err:
             raise InboxError(f"{self.folder}: cannot create the inbox: {err.strerror}") from None
         if not _port_is_free(self.host, self.port):

@@ -250,8 +250,7 @@ class MaildirTransport:
     def connect(self) -> MaildirConnection:
         """Make sure the folder exists."""
         try:
-            for sub in ("tmp", "new", "cur"):
-                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            make_maildir(self.folder)
         except OSError as err:
             raise TransportUnavailable(f"{self.folder}: cannot write: {err.strerror}") from None
         return MaildirConnection(self.folder)
@@ -270,6 +269,12 @@ class MaildirConnection:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def make_maildir(folder: Path) -> None:
+    """Create the three folders of a Maildir (raises OSError)."""
+    for sub in ("tmp", "new", "cur"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
 
 
 def store_in_maildir(folder: Path, sender: str, recipient: str, data: bytes) -> str:
