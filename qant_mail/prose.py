@@ -102,6 +102,11 @@ def words(text: str) -> int:
     return sum(len(_WORD.findall(piece)) for piece in _inline_text(_tokens(text)))
 
 
+def plain_words(text: str) -> int:
+    """Return the number of words of a text that is not Markdown (a title)."""
+    return len(_WORD.findall(text))
+
+
 def links(text: str) -> list[str]:
     """Return the link targets of `text`, in order."""
     if "](" not in text and "<" not in text:

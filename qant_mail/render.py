@@ -27,7 +27,7 @@ from qant_mail import prose
 from qant_mail.config import Settings
 from qant_mail.errors import ConfigError, TemplateError
 from qant_mail.images import ImageFileError, probe
-from qant_mail.model import Image, Issue, Story
+from qant_mail.model import Image, Issue
 
 HTML_TEMPLATE = "email.mjml.j2"
 TEXT_TEMPLATE = "email.txt.j2"
@@ -307,29 +307,28 @@ def _file_digest(path: Path) -> bytes:
 
 
 def _count_words(issue: Issue) -> int:
-    texts: list[str] = [issue.intro]
+    """Count the words a reader reads: Markdown bodies parsed, one-line texts as they are."""
+    plain: list[str] = []  # titles, captions, the quote: not Markdown
+    marked: list[str] = [issue.intro]
     if issue.quote:
-        texts.append(issue.quote.text)
+        plain.append(issue.quote.text)
     if issue.letter:
-        texts += [issue.letter.title, issue.letter.ps]
-        texts += [b for b in issue.letter.body if isinstance(b, str)]
+        plain.append(issue.letter.title)
+        marked += [issue.letter.ps, *(b for b in issue.letter.body if isinstance(b, str))]
     for story in issue.stories():
-        texts += _story_texts(story)
+        plain += [story.title, story.image.caption if story.image else ""]
+        marked += [story.lede, *(b for b in story.body if isinstance(b, str))]
     if issue.special:
-        texts += [issue.special.title, issue.special.intro]
+        plain.append(issue.special.title)
+        marked.append(issue.special.intro)
     if issue.essentials:
-        texts.append(issue.essentials.title)
+        plain.append(issue.essentials.title)
         for item in issue.essentials.items:
-            texts += [item.title, item.text]
-    return sum(prose.words(text) for text in texts if text)
-
-
-def _story_texts(story: Story) -> list[str]:
-    texts = [story.title, story.lede]
-    texts += [block for block in story.body if isinstance(block, str)]
-    if story.image:
-        texts.append(story.image.caption)
-    return texts
+            plain.append(item.title)
+            marked.append(item.text)
+    return sum(prose.words(text) for text in marked if text) + sum(
+        prose.plain_words(text) for text in plain
+    )
 
 
 def _markdown_filter(text: str, lead: str = "") -> Markup:
