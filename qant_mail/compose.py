@@ -28,6 +28,8 @@ CRLF = b"\r\n"
 # Quoted-printable keeps printable ASCII but "=" as is; everything else becomes =XX.
 _QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
 _QP_LINE = 76  # RFC 2045: encoded lines of at most 76 characters, the soft break included
+# A display name of letters, digits and spaces needs no quoting (RFC 5322 phrase of atoms).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
 class ComposeError(QantError):
@@ -294,6 +296,8 @@ def _fold(encoded: bytes, last_limit: int) -> list[bytes]:
 def _address_header(name: str, address: str, header: str) -> str:
     if not name:
         return address
+    if _PLAIN_NAME.fullmatch(name):
+        return f"{name} <{address}>"  # what formataddr gives, at a fraction of its cost
     if name.isascii():
         return formataddr((name, address))
     encoded = Header(name, "utf-8", header_name=header).encode(linesep="\r\n")

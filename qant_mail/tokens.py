@@ -62,7 +62,8 @@ def verify(secret: bytes, token: str, subscriber_id: int, address: str) -> bool:
 
 def _mac(secret: bytes, subscriber_id: int, address: str) -> bytes:
     message = f"unsubscribe\0{subscriber_id}\0{address.lower()}".encode()
-    return hmac.new(secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
+    # hmac.digest: OpenSSL's one-shot HMAC, several times faster than hmac.new per token.
+    return hmac.digest(secret, message, hashlib.sha256)[:_MAC_BYTES]
 
 
 def _b64(data: bytes) -> str:
