@@ -193,8 +193,8 @@ class SmtpConnection:
         if refusal is not None:
             if replies[-1].code == 354:
                 # A server that opened DATA anyway gets an empty message it will refuse.
-                self._finish_empty_data()
-            self._reset()
+                self._quietly(".")
+            self._quietly("RSET")
             return refusal
         if data.startswith(b".") or b"\r\n." in data:
             data = re.sub(rb"(?m)^\.", b"..", data)  # dot-stuffing (RFC 5321 4.5.2)
@@ -218,16 +218,10 @@ class SmtpConnection:
             raise smtplib.SMTPServerDisconnected("connection closed")
         return Reply(code, text.decode("utf-8", "replace").replace("\n", " "))
 
-    def _finish_empty_data(self) -> None:
+    def _quietly(self, command: str) -> None:
+        """Send a command whose reply does not matter; close the connection if it fails."""
         try:
-            self.client.send(".\r\n")
-            self._reply()
-        except (smtplib.SMTPException, OSError):
-            self.close()
-
-    def _reset(self) -> None:
-        try:
-            self.client.send("RSET\r\n")
+            self.client.send(command + "\r\n")
             self._reply()
         except (smtplib.SMTPException, OSError):
             self.close()

@@ -338,24 +338,34 @@ def run_cli(
     )
 
 
+def start_send(env: dict[str, str], project: Path) -> subprocess.Popen[str]:
+    """Start `qant-mail send SAMPLE --yes` in its own process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qant_mail", "send", SAMPLE, "--yes"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_received(server: SmtpServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.handler.received) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_sender_killed_mid_send_resumes_without_losing_anyone(
     local: Settings, smtp_server: SmtpServer, project: Path
 ) -> None:
     addresses = subscribe(local, 60)
     smtp_server.handler.delay = 0.03
     env = cli_env(local, smtp_server)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qant_mail", "send", SAMPLE, "--yes"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while len(smtp_server.handler.received) < 15 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_send(env, project)
+    wait_until_received(smtp_server, 15)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     killed_at = len(smtp_server.handler.received)
     assert 15 <= killed_at < 60
     smtp_server.handler.delay = 0
@@ -374,17 +384,8 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(
     addresses = subscribe(local, 40)
     smtp_server.handler.delay = 0.03
     env = cli_env(local, smtp_server)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qant_mail", "send", SAMPLE, "--yes"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while len(smtp_server.handler.received) < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_send(env, project)
+    wait_until_received(smtp_server, 5)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
     assert process.returncode == ExitCode.INTERRUPTED, err
