@@ -364,11 +364,6 @@ class RateLimiter:
             elif self.rate < self.per_second:
                 self.rate = min(self.per_second, self.rate * 1.02)
 
-    def used_today(self) -> int:
-        """Return the messages counted in the last 24 hours."""
-        with self.lock:
-            return self._since(int(self.wall() // 60) - 24 * 60 + 1)
-
     def _since(self, minute: int) -> int:
         return sum(n for m, n in self.minutes.items() if m >= minute)
 
