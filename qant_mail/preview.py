@@ -33,7 +33,7 @@ from watchfiles import DefaultFilter, awatch
 from qant_mail.config import Settings, load_settings
 from qant_mail.errors import Problem, QantError, Severity
 from qant_mail.lint import check
-from qant_mail.render import Asset, Renderer, Slot
+from qant_mail.render import Asset, RenderedIssue, Renderer, Slot
 
 PAGE = Path(__file__).with_name("web") / "preview.html"
 GMAIL_CLIP_BYTES = 102_000
@@ -134,7 +134,7 @@ class Preview:
             self._settings_stamp = stamp
         return self._renderer
 
-    def _snapshot(self, version: int, rendered: Any, renderer: Renderer) -> Snapshot:
+    def _snapshot(self, version: int, rendered: RenderedIssue, renderer: Renderer) -> Snapshot:
         sample = renderer.settings.preview
         values = {
             Slot.NAME: sample.sample_name,
@@ -147,9 +147,7 @@ class Preview:
             version=version,
             subject=rendered.subject,
             preheader=rendered.preheader,
-            reading_time=renderer.settings.labels.reading_time.format(
-                minutes=rendered.reading_minutes
-            ),
+            reading_time=rendered.reading_time,
             words=rendered.words,
             html=html,
             text=text,

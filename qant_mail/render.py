@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import hashlib
@@ -10,7 +11,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class RenderedIssue:
     assets: tuple[Asset, ...]
     words: int
     reading_minutes: int
+    reading_time: str  # as the email says it: "7 mn à lire"
     web_url: str
     timings: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
@@ -139,23 +141,22 @@ class Renderer:
         """Render `issue` to HTML and text, with per-recipient placeholders; `web` renders
         the page of the archive, which carries no subscriber's links."""
         timings: dict[str, float] = {}
-        clock = _Clock(timings)
         assets: dict[Path, Asset] = {}
         context = self._context(issue, assets)
         context["web"] = web
-        with clock("template"):
+        with _timed(timings, "template"):
             source = self._render_template(HTML_TEMPLATE, context)
-        with clock("mjml"):
+        with _timed(timings, "mjml"):
             try:
                 raw_html = mjml.mjml2html(source, disable_comments=True)
             except ValueError as err:  # how mjml-python reports invalid MJML
                 raise TemplateError(f"{self._path(HTML_TEMPLATE)}: invalid MJML: {err}") from err
-        with clock("inline"):
+        with _timed(timings, "inline"):
             try:
                 html = self.inliner.inline(raw_html)
             except css_inline.InlineError as err:
                 raise TemplateError(f"{self._path(HTML_TEMPLATE)}: invalid CSS: {err}") from err
-        with clock("text"):
+        with _timed(timings, "text"):
             text = _tidy_text(self._render_template(TEXT_TEMPLATE, context))
         return RenderedIssue(
             issue=issue,
@@ -166,6 +167,7 @@ class Renderer:
             assets=tuple(assets.values()),
             words=context["words"],
             reading_minutes=context["reading_minutes"],
+            reading_time=context["reading_time"],
             web_url=context["web_url"],
             timings=timings,
         )
@@ -267,25 +269,14 @@ class Renderer:
         return asset.url
 
 
-class _Clock:
-    """Time the stages of a render, for the benchmark."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
-
-    def __call__(self, stage: str) -> _Stage:
-        return _Stage(self.timings, stage)
-
-
-class _Stage:
-    def __init__(self, timings: dict[str, float], stage: str) -> None:
-        self.timings, self.stage = timings, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.stage] = time.perf_counter() - self.start
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Time a stage of a render, for the benchmark."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = time.perf_counter() - start
 
 
 def _bytecode_cache() -> jinja2.BytecodeCache | None:
