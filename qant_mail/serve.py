@@ -34,23 +34,26 @@ class _Unsubscriptions:
 
     def find(self, token: str) -> Subscriber | None:
         """Return the subscriber a genuine token names; None for anything else."""
-        number = tokens.subscriber_id(token)
-        if number is None:
-            return None
         with Subscribers.open(self.store_path) as store:
-            subscriber = store.by_id(number)
-        if subscriber is None or not tokens.verify(self.secret, token, number, subscriber.email):
-            return None
-        return subscriber
+            return self._find(store, token)
 
     def apply(self, token: str, reason: str) -> Subscriber | None:
         """Unsubscribe whom the token names; doing it twice keeps the first date and reason."""
-        subscriber = self.find(token)
-        if subscriber is None or subscriber.status is Status.UNSUBSCRIBED:
-            return subscriber
         with Subscribers.open(self.store_path) as store:
+            subscriber = self._find(store, token)
+            if subscriber is None or subscriber.status is Status.UNSUBSCRIBED:
+                return subscriber
             changed = store.set_status_by_id(subscriber.id, Status.UNSUBSCRIBED, reason)
-        return changed or subscriber
+            return changed or subscriber
+
+    def _find(self, store: Subscribers, token: str) -> Subscriber | None:
+        number = tokens.subscriber_id(token)
+        if number is None:
+            return None
+        subscriber = store.by_id(number)
+        if subscriber is None or not tokens.verify(self.secret, token, number, subscriber.email):
+            return None
+        return subscriber
 
 
 def create_app(settings: Settings, archive: Path | None, secret: bytes) -> Starlette:
