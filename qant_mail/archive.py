@@ -87,8 +87,8 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
     if issue.draft:
         report.left_out.append((path, "a draft (draft: true)"))
         return None
-    rendered = renderer.render(issue, web=True)
-    key = path.stem
+    key = document.key
+    rendered = renderer.render(issue, key=key, web=True)
     target = staging / key
     target.mkdir()
     base_url = renderer.settings.newsletter.base_url
@@ -107,8 +107,8 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
         key=key,
         date=issue.date,
         date_long=renderer.format_date(issue.date),
-        subject=issue.subject,
-        intro=_plain(issue.intro),
+        subject=rendered.subject,
+        intro=renderer.typeset_text(_plain(issue.summary)),
         url=f"{base_url}/{key}/",
         html=body.group(1) if body else absolute,
     )

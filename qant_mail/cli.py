@@ -123,6 +123,25 @@ def new(
 
 @app.command()
 @_handled
+def schema(
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="File to write (default: standard output)."),
+    ] = None,
+) -> None:
+    """Print the JSON Schema of an issue file, for editors' YAML plugins."""
+    from qant_mail.draft import write_schema
+    from qant_mail.model import json_schema
+
+    if output is None:
+        typer.echo(json_schema(), nl=False)
+        return
+    write_schema(output)
+    typer.echo(f"wrote {_shown(output)}")
+
+
+@app.command()
+@_handled
 def check(
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,

@@ -16,13 +16,13 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 from urllib.parse import quote
 
-from qant_mail import tokens
+from qant_mail import prose, tokens
 from qant_mail.addresses import check_display_name, is_plain_address
 from qant_mail.config import Settings
 from qant_mail.errors import ConfigError, QantError
 from qant_mail.files import write_all
 from qant_mail.load import load
-from qant_mail.render import PLACEHOLDER, Asset, RenderedIssue, Renderer, Slot
+from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, Asset, RenderedIssue, Renderer, Slot
 
 CRLF = b"\r\n"
 # Quoted-printable keeps printable ASCII but "=" as is; everything else becomes =XX.
@@ -49,6 +49,24 @@ class Recipient:
 class _Slot:
     slot: Slot
     html: bool  # in the HTML part (escape the value) or the text part
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A paragraph of the text part with per-recipient values, wrapped once filled."""
+
+    text: str
+    width: int
+    indent: str
+    hanging: str
+
+    def fill(self, values: Mapping[Slot, str]) -> bytes:
+        filled = PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text)
+        lines = prose.wrap(filled, self.width, self.indent, self.hanging)
+        return qp_encode("\n".join(lines).encode("utf-8"), soft_end=True)
+
+
+Segment = bytes | _Slot | _Wrapped
 
 
 class MessageTemplate:
@@ -88,6 +106,9 @@ class MessageTemplate:
         for segment in self._segments:
             if isinstance(segment, bytes):
                 parts.append(segment)
+                continue
+            if isinstance(segment, _Wrapped):
+                parts.append(segment.fill(values))
                 continue
             chunk = encoded.get(segment)
             if chunk is None:
@@ -161,10 +182,10 @@ class MessageTemplate:
         ]
         return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
-    def _body(self) -> list[bytes | _Slot]:
+    def _body(self) -> list[Segment]:
         rendered = self.rendered
         alternative = _boundary("alt")
-        segments: list[bytes | _Slot] = [
+        segments: list[Segment] = [
             f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode(),
             f"--{alternative}\r\n".encode(),
             b'Content-Type: text/plain; charset="utf-8"\r\n'
@@ -172,7 +193,7 @@ class MessageTemplate:
         ]
         # The "view in browser" link is the same for every reader: filled once, here.
         web_url = rendered.web_url
-        segments += _qp_template(rendered.text.replace(Slot.BROWSER_URL.token, web_url), html=False)
+        segments += _text_template(rendered.text.replace(Slot.BROWSER_URL.token, web_url))
         segments.append(f"\r\n--{alternative}\r\n".encode())
         related = _boundary("rel") if rendered.assets else None
         if related:
@@ -213,9 +234,9 @@ def _boundary(kind: str) -> str:
     return f"=_qant_{kind}_{secrets.token_hex(12)}"
 
 
-def _merge(segments: Sequence[bytes | _Slot]) -> list[bytes | _Slot]:
+def _merge(segments: Sequence[Segment]) -> list[Segment]:
     """Join adjacent byte strings, so that personalising touches few pieces."""
-    merged: list[bytes | _Slot] = []
+    merged: list[Segment] = []
     for segment in segments:
         if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
             merged[-1] += segment
@@ -224,16 +245,37 @@ def _merge(segments: Sequence[bytes | _Slot]) -> list[bytes | _Slot]:
     return merged
 
 
-def _qp_template(text: str, *, html: bool) -> list[bytes | _Slot]:
-    """Encode `text` as quoted-printable around its placeholders, each on its own line."""
-    segments: list[bytes | _Slot] = []
+def _text_template(text: str) -> list[Segment]:
+    """Encode the text part: paragraphs that hold per-recipient values are wrapped for each
+    recipient; the others (the "view in browser" line, say) are wrapped now."""
+    segments: list[Segment] = []
+    pending: list[str] = []
+    position = 0
+    for match in DEFERRED_WRAP.finditer(text):
+        pending.append(text[position : match.start()])
+        position = match.end()
+        width, indent, hanging, paragraph = int(match[1]), match[2], match[3], match[4]
+        if PLACEHOLDER.search(paragraph):
+            segments += _qp_template("".join(pending), html=False, soft_end=True)
+            segments.append(_Wrapped(paragraph, width, indent, hanging))
+            pending = []
+        else:
+            pending.append("\n".join(prose.wrap(paragraph, width, indent, hanging)))
+    pending.append(text[position:])
+    return segments + _qp_template("".join(pending), html=False)
+
+
+def _qp_template(text: str, *, html: bool, soft_end: bool = False) -> list[Segment]:
+    """Encode `text` as quoted-printable around its placeholders, each on its own line;
+    with `soft_end`, end on a soft break (a per-recipient segment follows)."""
+    segments: list[Segment] = []
     position = 0
     for match in PLACEHOLDER.finditer(text):
         chunk = text[position : match.start()]
         segments.append(qp_encode(chunk.encode("utf-8"), soft_end=True))
         segments.append(_Slot(Slot(match.group(1)), html))
         position = match.end()
-    segments.append(qp_encode(text[position:].encode("utf-8"), soft_end=False))
+    segments.append(qp_encode(text[position:].encode("utf-8"), soft_end=soft_end))
     return segments
 
 
@@ -315,7 +357,7 @@ def _header_text(value: str, header: str) -> str:
 def write_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
     """Render the issue at `path` for the sample subscriber: write NAME.html, .txt, .eml."""
     document = load(path)
-    rendered = Renderer(settings).render(document.issue)
+    rendered = Renderer(settings).render(document.issue, key=document.key)
     template = MessageTemplate(
         rendered, settings, secret=tokens.secret_or_sample(), issue_key=path.stem
     )

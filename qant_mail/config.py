@@ -107,27 +107,33 @@ class Colours(Strict):
     dark_rule: Colour = "#33383d"
 
 
+KindLabel = str  # a section's default label; "" means none
+
+
 class Labels(Strict):
     """Every piece of text the templates show readers, in the newsletter's language."""
 
     # Labels keep their spaces: French puts a no-break space before ":" (" : ").
     model_config = ConfigDict(str_strip_whitespace=False)
 
-    event: Text
-    special: Text
-    essentials: Text
-    expert: Text
-    letter: Text
+    # The default label of each kind of section (an issue's `label:` replaces it).
+    event: KindLabel
+    special: KindLabel
+    essentials: KindLabel
+    expert: KindLabel
+    letter: KindLabel
+    story: KindLabel = ""
+    text: KindLabel = ""
+    quote: KindLabel = ""
     separator: Text
-    read_more: Text
-    sources: Text
+    read_more: KindLabel
+    sources: KindLabel
     byline: Text
     reading_time: Text
     share: Text
-    quote: Text
-    caption_credit: Text
-    credit_only: Text
-    ps: Text
+    quote_marks: Text
+    quote_separator: Text
+    ps: KindLabel
     view_in_browser: Text
     unsubscribe: Text
     sent_to: Text
@@ -139,6 +145,13 @@ class Labels(Strict):
     unsubscribe_button: Text
     unsubscribed: Text
     unsubscribe_invalid: Text
+
+
+# Labels of an earlier version, and what replaced them.
+RETIRED_LABELS = {
+    "caption_credit": "captions and credits are now shown as the issue writes them",
+    "credit_only": "captions and credits are now shown as the issue writes them",
+}
 
 
 class Paths(Strict):
@@ -294,7 +307,10 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     _refuse_secrets(path, raw)
     _apply_env(raw, env, sources)
     locale = raw.get("newsletter", {}).get("locale", "fr") if isinstance(raw, dict) else "fr"
-    raw["labels"] = {**_builtin_labels(locale), **raw.get("labels", {})}
+    labels = raw.get("labels", {})
+    if isinstance(labels, dict):
+        _refuse_retired_labels(path, labels)
+        raw["labels"] = {**_builtin_labels(locale), **labels}
     try:
         data = SettingsFile.model_validate(raw)
     except ValidationError as err:
@@ -346,6 +362,18 @@ def _refuse_secrets(path: Path, raw: dict[str, Any]) -> None:
                     f"{path}: {section}.{key}: secrets do not belong in the settings file; "
                     f"set {SECRETS[key.lower()]} in the environment instead"
                 )
+
+
+def _refuse_retired_labels(path: Path, labels: dict[str, Any]) -> None:
+    for key, reason in RETIRED_LABELS.items():
+        if key in labels:
+            raise ConfigError(f"{path}: labels.{key}: no longer used ({reason}); remove it")
+    quote = labels.get("quote")
+    if isinstance(quote, str) and "{text}" in quote:
+        raise ConfigError(
+            f"{path}: labels.quote: now the label above a quote section; the marks around "
+            "the quote are `labels.quote_marks` (rename the key)"
+        )
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], sources: dict[Any, str]) -> None:

@@ -6,7 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 from qant_mail.config import Settings
-from qant_mail.files import create_new
+from qant_mail.files import create_new, write_all
+from qant_mail.model import SCHEMA_FILE, json_schema
 from qant_mail.render import Renderer
 
 SKELETON_TEMPLATE = "issue.yaml.j2"
@@ -29,4 +30,16 @@ def write_skeleton(settings: Settings, day: dt.date) -> Path:
         path=str(shown),
     )
     create_new(path, text.encode("utf-8"))
+    write_schema(settings.issues_dir / SCHEMA_FILE)
     return path
+
+
+def write_schema(path: Path) -> None:
+    """Write the issue format's JSON Schema to `path` (the skeleton points at it)."""
+    data = json_schema().encode("utf-8")
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # absent or unreadable: write it
+    write_all({path: data})

@@ -215,5 +215,5 @@ def check(path: Path, renderer: Renderer) -> Report:
         document = load(path)
     except IssueError as err:
         return Report(path, err.problems)
-    rendered = renderer.render(document.issue)
+    rendered = renderer.render(document.issue, key=document.key)
     return Report(path, lint(document, rendered, renderer.settings), document, rendered)

@@ -27,6 +27,9 @@ MAX_BYTES = 5 * 1024 * 1024
 MAX_NODES = 100_000
 
 _FILE = "(file)"
+# The file's name becomes the address of the issue's web page and part of its message
+# IDs and headers: only characters that are safe in all of them.
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # A YAML alias ("*name") where a value can start; Markdown's "**bold**" does not match.
 _ALIAS = re.compile(r"(?:^|[\s\[{,])\*[^\s*,\]}]", re.MULTILINE)
 
@@ -39,6 +42,11 @@ class Document:
     text: str
     issue: Issue
     _positions: _Positions | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        """Return the issue's identifier: its file name without `.yaml`."""
+        return self.path.stem
 
     def locate(self, loc: Loc, *, key: bool = False) -> tuple[int, int]:
         """Return the 1-based (line, column) of the field at `loc` (or its key)."""
@@ -80,12 +88,12 @@ def parse(raw: bytes, path: Path) -> Document:
         raise _fail(path, f"the file is {len(raw) / 1e6:.1f} MB; an issue is at most 5 MB")
     text = _decode(raw, path)
     data = _yaml(text, path)
+    problems = [] if _KEY.fullmatch(path.stem) else [_name_problem(path)]
     context: dict[str, Any] = {"base_dir": path.parent, "default_date": _date_in_name(path)}
     try:
         issue = Issue.model_validate(data, context=context)
     except ValidationError as err:
         positions = _Positions.parse(text)
-        problems = []
         for error in readable_errors(err, Issue):
             if error.loc == ("date",) and error.kind == "missing":
                 message = "required (or name the file after the date: YYYY-MM-DD.yaml)"
@@ -99,7 +107,21 @@ def parse(raw: bytes, path: Path) -> Document:
             )
             problems.append(Problem(path, line, column, error.dotted, message))
         raise IssueError(path, problems) from None
+    if problems:
+        raise IssueError(path, problems)
     return Document(path, text, issue)
+
+
+def _name_problem(path: Path) -> Problem:
+    return Problem(
+        path,
+        1,
+        1,
+        _FILE,
+        f"the file name {path.name!r} is not usable: it becomes the issue's web address "
+        "and message IDs; use letters, digits, '-', '_' and '.' (like 2024-02-29.yaml), "
+        "starting with a letter or digit, at most 100",
+    )
 
 
 def _fail(path: Path, message: str, line: int = 1, column: int = 1) -> IssueError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from markdown_it import MarkdownIt
@@ -16,9 +16,14 @@ _MD = MarkdownIt("commonmark", {"html": True}).enable(["strikethrough", "table"]
 # An indented paragraph is prose that slipped in a YAML block, not a code sample.
 _MD.disable("code")
 
-_WORD = re.compile(r"\w+(?:[-’']\w+)*")
+Typeset = Callable[[str], str]
+
+
+_WORD = re.compile(r"\w+(?:[-‑’']\w+)*")
 # Lines break at ASCII spaces only: a no-break space (French " : ") holds its words together.
 _SPACES = re.compile(r"[ \t]+")
+# Punctuation standing alone never opens a line: it stays with the word before it.
+_GLUED = frozenset(":;!?»•–—|")
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,18 @@ def to_html(text: str, lead: str = "") -> str:
     return html
 
 
-def to_text(text: str, width: int = 72, lead: str = "") -> str:
-    """Return `text` as plain text wrapped at `width`, every link written out as `<url>`."""
-    writer = _TextWriter(width)
+def to_text(
+    text: str,
+    width: int = 72,
+    lead: str = "",
+    marker: str = "",
+    typeset: Typeset | None = None,
+) -> str:
+    """Return `text` as plain text wrapped at `width`, every link written out as `<url>`;
+    `lead` opens the first paragraph; `marker` ("• ") opens the first line, and every
+    other line is indented under it (a hanging indent)."""
+    writer = _TextWriter(width, " " * len(marker), typeset)
+    writer.pending_marker = marker or None  # taken by the first paragraph
     writer.walk(_tokens(text), lead)
     return writer.result()
 
@@ -131,8 +145,10 @@ def _inline_text(tokens: Sequence[Token]) -> Iterator[str]:
 class _TextWriter:
     """Walk markdown-it's tokens and write wrapped plain text."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, hanging: str = "", typeset: Typeset | None = None) -> None:
         self.width = width
+        self.hanging = hanging
+        self.typeset = typeset
         self.blocks: list[str] = []
         self.lists: list[list[int]] = []  # per open list: [next number] or [] for bullets
         self.quote_depth = 0
@@ -174,7 +190,7 @@ class _TextWriter:
             elif kind == "fence":
                 self.blocks.append(token.content.rstrip("\n"))
             elif kind == "inline":
-                line = _inline_to_text(token.children or [])
+                line = _inline_to_text(token.children or [], self.typeset)
                 if lead:
                     line, lead = lead + line, ""
                 self._paragraph(line, heading)
@@ -182,11 +198,15 @@ class _TextWriter:
             self._paragraph(lead, False)
 
     def _paragraph(self, line: str, heading: bool) -> None:
-        indent = "  " * max(len(self.lists) - 1, 0)
+        indent = self.hanging + "  " * max(len(self.lists) - 1, 0)
         marker = self.pending_marker
         self.pending_marker = None
-        first = indent + (marker or "")
-        rest = indent + (" " * len(marker) if marker else ("  " if self.lists else ""))
+        if marker and self.lists:  # a list item: "• " or "1. ", its lines under its text
+            first, rest = indent + marker, indent + " " * len(marker)
+        elif marker:  # the marker of the whole text, at the margin, hanging over the rest
+            first, rest = marker, indent
+        else:
+            first = rest = indent + ("  " if self.lists else "")
         quote = "> " * self.quote_depth
         out: list[str] = []
         for number, part in enumerate(line.split("\n")):
@@ -204,13 +224,15 @@ class _TextWriter:
                 self.list_block = len(self.blocks) - 1
 
 
-def _inline_to_text(children: Sequence[Token]) -> str:
+def _inline_to_text(children: Sequence[Token], typeset: Typeset | None = None) -> str:
     out: list[str] = []
     href: list[str] = []
     label_start: list[int] = []
     for child in children:
         kind = child.type
-        if kind in ("text", "code_inline"):
+        if kind == "text":
+            out.append(typeset(child.content) if typeset else child.content)
+        elif kind == "code_inline":
             out.append(child.content)
         elif kind == "softbreak":
             out.append(" ")
@@ -241,7 +263,7 @@ def wrap(text: str, width: int, first: str = "", rest: str = "") -> list[str]:
     for word in _SPACES.split(text.strip(" \t")):
         if not word:
             continue
-        if not empty and length + 1 + len(word) > width:
+        if not empty and length + 1 + len(word) > width and word not in _GLUED:
             lines.append(line)
             line, length, empty = rest + word, len(rest) + len(word), False
         elif empty:

@@ -24,7 +24,7 @@ from babel.dates import format_date
 from babel.numbers import format_decimal
 from markupsafe import Markup, escape
 
-from qant_mail import prose
+from qant_mail import prose, typography
 from qant_mail.config import Settings
 from qant_mail.errors import ConfigError, TemplateError
 from qant_mail.images import ImageFileError, probe
@@ -54,6 +54,18 @@ class Slot(enum.StrEnum):
 
 
 PLACEHOLDER = re.compile(r"%%qant:(" + "|".join(s.value for s in Slot) + r")%%")
+# A paragraph of the text part that holds a per-recipient value is wrapped only once that
+# value is known (a long address must not push a line past the width): the render marks
+# it, as `\x02WIDTH\x1fINDENT\x1fHANGING\x1fTEXT\x03`, and `fill` or compose wrap it. The
+# control characters cannot come from an issue or the settings, which refuse them.
+DEFERRED_WRAP = re.compile("\x02(\\d+)\x1f([^\x1f]*)\x1f([^\x1f]*)\x1f([^\x03]*)\x03")
+
+
+def wrap_deferred(text: str) -> str:
+    """Wrap the marked paragraphs of a filled text part."""
+    return DEFERRED_WRAP.sub(
+        lambda m: "\n".join(prose.wrap(m[4], int(m[1]), m[2], m[3])) or m[2].rstrip(), text
+    )
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class RenderedIssue:
     ) -> tuple[str, str]:
         """Return (html, text) for one recipient: placeholders filled, escaped for HTML."""
         html = PLACEHOLDER.sub(lambda m: html_lib.escape(values[Slot(m.group(1))]), self.html)
-        text = PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text)
+        text = wrap_deferred(PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text))
         if asset_url is not None:
             for asset in self.assets:
                 html = html.replace(asset.url, html_lib.escape(asset_url(asset)))
@@ -115,9 +127,12 @@ class Renderer:
             raise ConfigError(
                 f"{settings.path}: paths.templates: no folder {settings.templates_dir}"
             )
+        language = self.locale.language
+        self.typeset_html = typography.for_locale(language, html=True)
+        self.typeset_text = typography.for_locale(language, html=False)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(settings.templates_dir),
-            autoescape=jinja2.select_autoescape(["mjml.j2", "html.j2"], default=False),
+            autoescape=jinja2.select_autoescape(list(_MARKUP_SUFFIXES), default=False),
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
@@ -125,24 +140,29 @@ class Renderer:
             auto_reload=True,
             # Compiling the templates costs more than rendering them: keep the bytecode.
             bytecode_cache=_bytecode_cache(),
+            # Every value the text template writes gets the locale's typography: issue
+            # texts, labels and settings alike. An HTML render is typeset as a whole, once
+            # (`_render_template`), where text and attributes can be told apart.
+            finalize=self._finalize,
         )
         self.env.filters.update(
-            markdown=_markdown_filter,
-            markdown_text=_markdown_text_filter,
-            label=_label_filter,
-            wrap=_wrap_filter,
-            underline=lambda text, char="-": char * min(len(text), TEXT_WIDTH),
+            markdown=self._markdown_filter,
+            markdown_text=self._markdown_text_filter,
+            label=self._label_filter,
+            wrap=self._wrap_filter,
+            underline=lambda text, char="-": char * min(len(str(text)), TEXT_WIDTH),
         )
         # CSS rules stay in <style> as well as being inlined: @media (the phone layout)
         # and prefers-color-scheme (dark mode) only work from there. Nothing is fetched.
         self.inliner = css_inline.CSSInliner(keep_style_tags=True, load_remote_stylesheets=False)
 
-    def render(self, issue: Issue, *, web: bool = False) -> RenderedIssue:
-        """Render `issue` to HTML and text, with per-recipient placeholders; `web` renders
-        the page of the archive, which carries no subscriber's links."""
+    def render(self, issue: Issue, *, key: str | None = None, web: bool = False) -> RenderedIssue:
+        """Render `issue` to HTML and text, with per-recipient placeholders; `key` names
+        its page in the archive (the file name; default: the date); `web` renders that
+        page, which carries no subscriber's links."""
         timings: dict[str, float] = {}
         assets: dict[Path, Asset] = {}
-        context = self._context(issue, assets)
+        context = self._context(issue, key or issue.date.isoformat(), assets)
         context["web"] = web
         with _timed(timings, "template"):
             source = self._render_template(HTML_TEMPLATE, context)
@@ -160,8 +180,8 @@ class Renderer:
             text = _tidy_text(self._render_template(TEXT_TEMPLATE, context))
         return RenderedIssue(
             issue=issue,
-            subject=issue.subject,
-            preheader=issue.preheader,
+            subject=self.typeset_text(issue.subject),
+            preheader=self.typeset_text(issue.preheader),
             html=html,
             text=text,
             assets=tuple(assets.values()),
@@ -191,12 +211,50 @@ class Renderer:
         }
         return self._render_template(name, {**base, **context})
 
+    @jinja2.pass_eval_context
+    def _finalize(self, eval_ctx: jinja2.nodes.EvalContext, value: Any) -> Any:
+        if isinstance(value, str) and not eval_ctx.autoescape:
+            return self.typeset_text(value)
+        return value
+
+    def _markdown_filter(self, text: str, lead: str = "") -> Markup:
+        # `lead` is already-escaped HTML from the template (a bold title), never user HTML.
+        return Markup(prose.to_html(text, str(lead)))
+
+    def _markdown_text_filter(
+        self, text: str, lead: str = "", marker: str = "", width: int = TEXT_WIDTH
+    ) -> str:
+        return prose.to_text(
+            text,
+            width=width,
+            lead=self.typeset_text(lead),
+            marker=marker,
+            typeset=self.typeset_text,
+        )
+
+    @jinja2.pass_eval_context
+    def _label_filter(self, eval_ctx: jinja2.nodes.EvalContext, label: str, **values: Any) -> str:
+        """Fill a label's `{…}` fields; in HTML, escape the label and its values alike."""
+        if eval_ctx.autoescape:
+            return Markup(escape(label)).format(**values)
+        return self.typeset_text(label.format(**values))
+
+    def _wrap_filter(
+        self, text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
+    ) -> str:
+        text = self.typeset_text(str(text))
+        rest = indent if hanging is None else hanging
+        if PLACEHOLDER.search(text):
+            return f"\x02{width}\x1f{indent}\x1f{rest}\x1f{text}\x03"
+        return "\n".join(prose.wrap(text, width, indent, rest))
+
     def _path(self, name: str) -> Path:
         return self.settings.templates_dir / name
 
     def _render_template(self, name: str, context: Mapping[str, Any]) -> str:
         try:
-            return self.env.get_template(name).render(context)
+            template = self.env.get_template(name)
+            output = template.render(context)
         except jinja2.TemplateNotFound as err:
             raise TemplateError(f"{self._path(str(err))}: template not found") from None
         except jinja2.TemplateSyntaxError as err:
@@ -204,16 +262,26 @@ class Renderer:
             raise TemplateError(f"{where}:{err.lineno}: {err.message}") from None
         except jinja2.TemplateError as err:
             raise TemplateError(f"{_template_frame(err, self._path(name))}: {err}") from None
+        # What an autoescaped template writes is markup: typeset between its tags.
+        if not _is_markup_template(name):
+            return output
+        return self.typeset_html.markup(output)
 
-    def _context(self, issue: Issue, assets: dict[Path, Asset]) -> dict[str, Any]:
+    def _context(self, issue: Issue, key: str, assets: dict[Path, Asset]) -> dict[str, Any]:
         settings = self.settings
+        newsletter = settings.newsletter
         words = _count_words(issue)
-        minutes = max(1, math.ceil(words / settings.newsletter.words_per_minute))
-        web_url = f"{settings.newsletter.base_url}/{issue.date.isoformat()}/"
+        # Rounded to the nearest minute, as the reference issue announced its "7 mn".
+        minutes = max(1, math.floor(words / newsletter.words_per_minute + 0.5))
+        web_url = f"{newsletter.base_url}/{key}/"
         labels = settings.labels
         return {
             "issue": issue,
-            "newsletter": settings.newsletter,
+            # The issue may override the newsletter's fixed texts; "" removes one.
+            "tagline": _override(issue.tagline, newsletter.tagline),
+            "byline": _override(issue.byline, newsletter.byline),
+            "masthead_note": _override(issue.masthead, newsletter.masthead),
+            "newsletter": newsletter,
             "sender": settings.sender,
             "colours": settings.colours,
             "labels": labels,
@@ -299,50 +367,21 @@ def _file_digest(path: Path) -> bytes:
 
 def _count_words(issue: Issue) -> int:
     """Count the words a reader reads: Markdown bodies parsed, one-line texts as they are."""
-    plain: list[str] = []  # titles, captions, the quote: not Markdown
-    marked: list[str] = [issue.intro]
-    if issue.quote:
-        plain.append(issue.quote.text)
-    if issue.letter:
-        plain.append(issue.letter.title)
-        marked += [issue.letter.ps, *(b for b in issue.letter.body if isinstance(b, str))]
-    for story in issue.stories():
-        plain += [story.title, story.image.caption if story.image else ""]
-        marked += [story.lede, *(b for b in story.body if isinstance(b, str))]
-    if issue.special:
-        plain.append(issue.special.title)
-        marked.append(issue.special.intro)
-    if issue.essentials:
-        plain.append(issue.essentials.title)
-        for item in issue.essentials.items:
-            plain.append(item.title)
-            marked.append(item.text)
-    return sum(prose.words(text) for text in marked if text) + sum(
-        prose.plain_words(text) for text in plain
+    return sum(
+        prose.words(text) if markdown else prose.plain_words(text)
+        for text, markdown in issue.texts()
     )
 
 
-def _markdown_filter(text: str, lead: str = "") -> Markup:
-    # `lead` is already-escaped HTML from the template (a bold title), never user HTML.
-    return Markup(prose.to_html(text, str(lead)))
+def _is_markup_template(name: str) -> bool:
+    return name.endswith(_MARKUP_SUFFIXES)
 
 
-def _markdown_text_filter(text: str, lead: str = "", width: int = TEXT_WIDTH) -> str:
-    return prose.to_text(text, width=width, lead=lead)
+_MARKUP_SUFFIXES = ("mjml.j2", "html.j2")
 
 
-@jinja2.pass_eval_context
-def _label_filter(eval_ctx: jinja2.nodes.EvalContext, label: str, **values: Any) -> str:
-    """Fill a label's `{…}` fields; in HTML, escape the label and its values alike."""
-    if eval_ctx.autoescape:
-        return Markup(escape(label)).format(**values)
-    return label.format(**values)
-
-
-def _wrap_filter(
-    text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
-) -> str:
-    return "\n".join(prose.wrap(text, width, indent, indent if hanging is None else hanging))
+def _override(value: str | None, default: str) -> str:
+    return default if value is None else value
 
 
 def _tidy_text(text: str) -> str:

@@ -17,7 +17,10 @@ Loc = tuple[str | int, ...]
 class Strict(BaseModel):
     """A schema that refuses unknown keys and is immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # Field docstrings become the descriptions of the published JSON Schema.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, str_strip_whitespace=True, use_attribute_docstrings=True
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ def _message(
 
 
 def _unknown_key(key: str, models: list[type[BaseModel]]) -> str:
+    for model in models:
+        hint = getattr(model, "unknown_key_hints", {}).get(key)
+        if hint:
+            return f"unknown key {key!r}: {hint}"
     known = sorted({name for model in models for name in _field_names(model)})
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:

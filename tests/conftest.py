@@ -20,9 +20,10 @@ SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
 MINIMAL_ISSUE = """\
 date: 2024-01-15
 subject: Un sujet
-event:
-  title: Un titre
-  body: Un corps de texte.
+sections:
+  - event:
+      title: Un titre
+      body: Un corps de texte.
 """
 
 

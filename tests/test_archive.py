@@ -34,8 +34,10 @@ def issues(project_settings: Settings) -> Path:
         "subject: \"D'OpenAI à Kyutai", 'subject: "Vendredi : Kyutai'
     )
     (folder / "2023-11-17.yaml").write_text(older, encoding="utf-8")
-    (folder / "2023-11-21.yaml").write_text("draft: true\nsubject: Brouillon\nevent: {title: T}\n")
-    (folder / "2023-11-22.yaml").write_text("subject: Cassé\nevent: {titre: T}\n")
+    (folder / "2023-11-21.yaml").write_text(
+        "draft: true\nsubject: Brouillon\nsections: [text: T]\n"
+    )
+    (folder / "2023-11-22.yaml").write_text("subject: Cassé\nsections:\n- event: {titre: T}\n")
     return folder
 
 
@@ -55,17 +57,17 @@ def test_index_lists_published_issues_newest_first(
     left_out = {path.name: reason for path, reason in report.left_out}
     assert left_out["2023-11-21.yaml"] == "a draft (draft: true)"
     assert left_out["2023-11-22.yaml"].startswith(
-        "2 problems; the first: 2:1: event.title: required, but missing"
+        "2 problems; the first: 3:3: sections.0.event.title: required, but missing"
     )
     index = BeautifulSoup((tmp_path / "site" / "index.html").read_text(), "html.parser")
     links = [(a.get_text(), a["href"]) for a in index.select("ol.issues h2 a")]
     assert links == [
-        ("D'OpenAI à Kyutai, une question de gouvernance", "2023-11-20/"),
-        ("Vendredi : Kyutai, une question de gouvernance", "2023-11-17/"),
+        ("D’OpenAI à Kyutai, une question de gouvernance", "2023-11-20/"),
+        ("Vendredi\u00a0: Kyutai, une question de gouvernance", "2023-11-17/"),
     ]
     text = index.get_text(" ")
     assert "lundi 20 novembre 2023" in text
-    assert "Pendant qu'OpenAI met Sam Altman dehors" in text
+    assert "Pendant qu’OpenAI met Sam Altman dehors" in text
     assert not (tmp_path / "site" / "2023-11-21").exists()
 
 
@@ -152,7 +154,7 @@ def test_archive_index_in_a_browser(
         page.goto(server.url)
         assert page.locator("ol.issues li").count() == 2
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
-        page.click("text=D'OpenAI à Kyutai, une question de gouvernance")
+        page.click("text=D’OpenAI à Kyutai, une question de gouvernance")
         page.wait_for_url("**/2023-11-20/")
         page.wait_for_load_state("load")
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")

@@ -32,18 +32,19 @@ def test_check_on_the_sample_exits_0(cli: Cli) -> None:
 
 def test_check_prints_every_problem_errors_first(cli: Cli, project: Path) -> None:
     path = project / "issues" / "2024-01-15.yaml"
-    path.write_text(
-        "subject: S\nevent:\n  title: T\n  body: 'Voir [ici](ftp://x.example/f).'\n  lede: 3\n"
-    )
+    event = "subject: S\nsections:\n- event:\n    title: T\n    body: 'Voir [ici](ftp://x.example/f).'\n"
+    path.write_text(event + "    lede: 3\n")
     result = cli("check", "issues/2024-01-15.yaml")
     assert result.exit_code == ExitCode.INVALID
     lines = result.stdout.splitlines()
-    assert lines == ["issues/2024-01-15.yaml:5:9: event.lede: input should be a valid string"]
-    path.write_text("subject: S\nevent:\n  title: T\n  body: 'Voir [ici](ftp://x.example/f).'\n")
+    assert lines == [
+        "issues/2024-01-15.yaml:6:11: sections.0.event.lede: input should be a valid string"
+    ]
+    path.write_text(event)
     result = cli("check", "issues/2024-01-15.yaml")
     lines = result.stdout.splitlines()
     matches = [PROBLEM_LINE.match(line) for line in lines]
-    assert [m["field"] for m in matches if m] == ["event.body.0", "(document)"]
+    assert [m["field"] for m in matches if m] == ["sections.0.event.body.0", "(document)"]
     assert "is not http(s) or mailto" in lines[0]
     assert ": warning: no preheader" in lines[1]
     assert result.exit_code == ExitCode.INVALID
@@ -51,7 +52,7 @@ def test_check_prints_every_problem_errors_first(cli: Cli, project: Path) -> Non
 
 
 def test_check_fails_on_warnings_only_when_strict(cli: Cli, project: Path) -> None:
-    (project / "issues" / "2024-01-15.yaml").write_text("subject: S\nevent: {title: T}\n")
+    (project / "issues" / "2024-01-15.yaml").write_text("subject: S\nsections: [text: T]\n")
     assert cli("check", "issues/2024-01-15.yaml").exit_code == ExitCode.OK
     assert cli("check", "--strict", "issues/2024-01-15.yaml").exit_code == ExitCode.INVALID
 
@@ -70,11 +71,15 @@ def test_render_defaults_to_the_output_folder(cli: Cli, project: Path) -> None:
 
 
 def test_render_of_an_invalid_issue_writes_nothing(cli: Cli, project: Path) -> None:
-    (project / "issues" / "2024-01-15.yaml").write_text("subject: S\nevent: {titre: T}\n")
+    (project / "issues" / "2024-01-15.yaml").write_text(
+        "subject: S\nsections:\n- event: {titre: T}\n"
+    )
     result = cli("render", "issues/2024-01-15.yaml", "-o", "sortie")
     assert result.exit_code == ExitCode.INVALID
     assert result.stderr.startswith("error: issues/2024-01-15.yaml: 2 problems\n")
-    assert "2:9: event.titre: unknown key 'titre'; did you mean 'title'?" in result.stderr
+    assert (
+        "3:11: sections.0.event.titre: unknown key 'titre'; did you mean 'title'?" in result.stderr
+    )
     assert not (project / "sortie").exists()
 
 
@@ -135,17 +140,23 @@ def test_every_command_has_help_and_is_in_the_readme() -> None:
 
 BAD_INPUTS: dict[str, bytes] = {
     "syntax": b"subject: [oops\n",
-    "type": b"subject: S\nevent: {title: T, lede: [1, 2]}\n",
+    "type": b"subject: S\nsections:\n- event: {title: T, lede: [1, 2]}\n",
     "missing": b"subject: S\n",
-    "unknown": b"subject: S\nevent: {title: T}\nextra: 1\n",
-    "not-utf8": "subject: Été\nevent: {title: T}\n".encode("latin-1"),
+    "unknown": b"subject: S\nsections: [text: T]\nextra: 1\n",
+    "old-form": b"subject: S\nevent: {title: T}\n",
+    "unknown-kind": b"subject: S\nsections:\n- evnt: {title: T}\n",
+    "two-kinds": b"subject: S\nsections:\n- event: {title: T}\n  story: {title: U}\n",
+    "no-sections": b"subject: S\nsections: []\n",
+    "not-utf8": "subject: Été\nsections: [text: T]\n".encode("latin-1"),
     "empty": b"",
     "alias-bomb": b"a: &a [x,x,x,x,x,x,x,x,x,x]\n"
     + b"".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n".encode()
         for i in range(7)
     ),
-    "missing-image": b"subject: S\nevent:\n  title: T\n  image: {src: absent.png, alt: A}\n",
+    "missing-image": (
+        b"subject: S\nsections:\n- event:\n    title: T\n    image: {src: absent.png, alt: A}\n"
+    ),
 }
 
 

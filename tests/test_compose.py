@@ -74,7 +74,7 @@ def test_headers_are_encoded_and_complete(template: MessageTemplate, settings: S
     assert head.isascii()
     assert re.search(rb"^Subject: =\?utf-8\?", head, re.MULTILINE)
     message = parse(data)
-    assert message["Subject"] == "D'OpenAI à Kyutai, une question de gouvernance"
+    assert message["Subject"] == "D’OpenAI à Kyutai, une question de gouvernance"
     assert message["To"] == "Léa Dupont <lea@example.com>"
     assert message["From"] == "Qant <lettre@qant.example>"
     assert message["Reply-To"] == "redaction@qant.example"
@@ -122,7 +122,7 @@ def test_test_sends_are_marked_in_the_subject(
 ) -> None:
     template = MessageTemplate(sample_rendered, settings, secret=SECRET, test=True)
     message = parse(template.personalise(Recipient("a@example.com")))
-    assert message["Subject"].startswith("[TEST] D'OpenAI")
+    assert message["Subject"].startswith("[TEST] D’OpenAI")
 
 
 @pytest.mark.parametrize(

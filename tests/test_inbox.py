@@ -53,7 +53,7 @@ def test_demo_delivers_the_sample_to_the_demo_list(project_settings: Settings) -
     recipients = set()
     for path in result.delivered:
         message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
-        assert message["Subject"] == "D'OpenAI à Kyutai, une question de gouvernance"
+        assert message["Subject"] == "D’OpenAI à Kyutai, une question de gouvernance"
         assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         recipients.add(message["To"].addresses[0].addr_spec)
     assert "camille.lecteur@example.com" in recipients

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from qant_mail.render import RenderedIssue, Slot
+from qant_mail.load import load
+from qant_mail.render import RenderedIssue, Renderer, Slot
 from tests.browser import needs_chromium
+from tests.test_corpus import IDS, ISSUES
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -27,22 +29,31 @@ OVERFLOW = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def email_page(sample_rendered: RenderedIssue, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_page(rendered: RenderedIssue, folder: Path) -> Path:
     values = {
         Slot.NAME: "Camille Lecteur",
         Slot.EMAIL: "camille.lecteur-avec-une-adresse-longue@example.com",
         Slot.UNSUBSCRIBE_URL: "https://lettre.qant.example/unsubscribe/AQ.abcdefghijklmnopqrstuv",
-        Slot.BROWSER_URL: sample_rendered.web_url,
+        Slot.BROWSER_URL: rendered.web_url,
     }
-    html, _ = sample_rendered.fill(values, asset_url=lambda asset: asset.path.as_uri())
-    page = tmp_path_factory.mktemp("email") / "email.html"
+    html, _ = rendered.fill(values, asset_url=lambda asset: asset.path.as_uri())
+    page = folder / "email.html"
     page.write_text(html, encoding="utf-8")
     return page
 
 
+@pytest.fixture(scope="module")
+def email_page(sample_rendered: RenderedIssue, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_page(sample_rendered, tmp_path_factory.mktemp("email"))
+
+
+@pytest.mark.parametrize("path", ISSUES, ids=IDS)
 @pytest.mark.parametrize("width", [375, 600])
-def test_nothing_overflows_the_width(browser: Browser, email_page: Path, width: int) -> None:
+def test_nothing_overflows_the_width(
+    browser: Browser, renderer: Renderer, tmp_path: Path, path: Path, width: int
+) -> None:
+    document = load(path)
+    email_page = write_page(renderer.render(document.issue, key=document.key), tmp_path)
     page = browser.new_page(viewport={"width": width, "height": 800})
     page.goto(email_page.as_uri())
     found = page.evaluate(OVERFLOW)

@@ -45,7 +45,7 @@ def test_long_subject_missing_preheader_and_draft_are_warnings(
     write_issue: WriteIssue, renderer: Renderer
 ) -> None:
     path = write_issue(
-        "draft: true\nsubject: " + "Un sujet bien trop long " * 5 + "\nevent: {title: T}\n"
+        "draft: true\nsubject: " + "Un sujet bien trop long " * 5 + "\nsections: [text: T]\n"
     )
     report = check(path, renderer)
     assert report.errors == []
@@ -60,22 +60,23 @@ def test_links_that_are_not_https_or_mailto(write_issue: WriteIssue, renderer: R
         """\
         subject: S
         preheader: P
-        event:
-          title: T
-          body: "Voir [le site](http://example.com/a), [le fichier](ftp://example.com/f)."
-          links:
-            - {title: Écrire, url: "mailto:redaction@example.com"}
-            - {title: Local, url: "file:///etc/passwd"}
+        sections:
+          - event:
+              title: T
+              body: "Voir [le site](http://example.com/a), [le fichier](ftp://example.com/f)."
+              links:
+                - {title: Écrire, url: "mailto:redaction@example.com"}
+                - {title: Local, url: "file:///etc/passwd"}
         """
     )
     report = check(path, renderer)
     errors = {(p.field, p.line): p.message for p in report.errors}
     assert errors == {
-        ("event.body.0", 5): "link 'ftp://example.com/f' is not http(s) or mailto",
-        ("event.links.1.url", 8): "link 'file:///etc/passwd' is not http(s) or mailto",
+        ("sections.0.event.body.0", 6): "link 'ftp://example.com/f' is not http(s) or mailto",
+        ("sections.0.event.links.1.url", 9): "link 'file:///etc/passwd' is not http(s) or mailto",
     }
     assert [(p.field, p.message) for p in report.warnings] == [
-        ("event.body.0", "link http://example.com/a is not https")
+        ("sections.0.event.body.0", "link http://example.com/a is not https")
     ]
 
 
@@ -86,21 +87,22 @@ def test_duplicate_links_point_at_the_second_one(
         """\
         subject: S
         preheader: P
-        event:
-          title: T
-          links:
-            - {title: Une, url: "https://example.com/a"}
-        expert:
-          author: {name: X}
-          title: Y
-          links:
-            - {title: Encore, url: "https://example.com/a"}
+        sections:
+          - event:
+              title: T
+              links:
+                - {title: Une, url: "https://example.com/a"}
+          - expert:
+              author: {name: X}
+              title: Y
+              links:
+                - {title: Encore, url: "https://example.com/a"}
         """
     )
     (warning,) = check(path, renderer).warnings
-    assert (warning.field, warning.line) == ("expert.links.0.url", 11)
+    assert (warning.field, warning.line) == ("sections.1.expert.links.0.url", 12)
     assert "duplicate link" in warning.message
-    assert "event.links.0.url" in warning.message
+    assert "sections.0.event.links.0.url" in warning.message
 
 
 def test_remote_image_without_size_is_a_warning(
@@ -110,13 +112,18 @@ def test_remote_image_without_size_is_a_warning(
         """\
         subject: S
         preheader: P
-        event:
-          title: T
-          image: {src: "https://images.example.com/a.jpg", alt: Une photo}
+        sections:
+          - event:
+              title: T
+              image: {src: "https://images.example.com/a.jpg", alt: Une photo}
         """
     )
     (warning,) = check(path, renderer).warnings
-    assert (warning.field, warning.line, warning.severity) == ("event.image", 5, Severity.WARNING)
+    assert (warning.field, warning.line, warning.severity) == (
+        "sections.0.event.image",
+        6,
+        Severity.WARNING,
+    )
     assert "width and height" in warning.message
 
 
@@ -127,9 +134,11 @@ def test_alt_text_that_is_a_file_name_is_a_warning(
         """\
         subject: S
         preheader: P
-        event:
-          title: T
-          image: {src: "https://i.example.com/a.jpg", alt: IMG_2041.jpg, width: 600, height: 300}
+        sections:
+          - event:
+              title: T
+              image:
+                {src: "https://i.example.com/a.jpg", alt: IMG_2041.jpg, width: 600, height: 300}
         """
     )
     document = load(path)

@@ -62,7 +62,7 @@ def edit(path: Path, old: str, new: str) -> None:
 @needs_chromium
 def test_page_shows_the_email_at_desktop_and_phone_width(page: Page) -> None:
     assert page.locator("#subject").inner_text() == (
-        "D'OpenAI à Kyutai, une question de gouvernance"
+        "D’OpenAI à Kyutai, une question de gouvernance"
     )
     assert page.locator("#reading").inner_text().startswith("7 mn à lire")
     assert "sur 102,0 Ko" in page.locator("#size").inner_text()
@@ -117,14 +117,14 @@ def test_scroll_position_survives_a_reload(page: Page, issue: Path) -> None:
 @needs_chromium
 def test_a_broken_file_shows_its_errors_and_recovers(page: Page, issue: Path) -> None:
     good = issue.read_text(encoding="utf-8")
-    edit(issue, "  title: ", "  titel: ")  # the event's title, line 21
+    edit(issue, "      title: ", "      titel: ")  # the event's title, line 27
     overlay = page.locator("#overlay")
     overlay.wait_for(state="visible", timeout=2000)
     errors = page.locator("#errors").inner_text()
-    assert "21:3: event.titel: unknown key 'titel'; did you mean 'title'?" in errors
-    assert "event.title: required, but missing" in errors
+    assert "27:7: sections.3.event.titel: unknown key 'titel'; did you mean 'title'?" in errors
+    assert "sections.3.event.title: required, but missing" in errors
     # The last good render stays underneath.
-    assert page.locator("#subject").inner_text().startswith("D'OpenAI")
+    assert page.locator("#subject").inner_text().startswith("D’OpenAI")
     issue.write_text(good, encoding="utf-8")
     overlay.wait_for(state="hidden", timeout=2000)
     issue.write_text("subject: [unclosed\n", encoding="utf-8")
@@ -162,7 +162,7 @@ def test_nothing_outside_the_issue_folder_and_templates_is_served(
 
 
 def test_the_server_survives_any_file(server: BackgroundServer, issue: Path) -> None:
-    for content in (b"", b"\xff\xfe\x00garbage", b"subject: S\nevent: {title: T}\n" * 3):
+    for content in (b"", b"\xff\xfe\x00garbage", b"subject: S\nsections: [text: T]\n" * 3):
         issue.write_bytes(content)
         time.sleep(0.3)
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)

@@ -30,6 +30,12 @@ def attr(tag: Tag | None, name: str) -> str:
     return value
 
 
+def text_part(rendered: RenderedIssue) -> str:
+    """Return the text part as the sample subscriber gets it."""
+    values = {slot: f"<{slot.value}>" for slot in Slot}
+    return rendered.fill(values)[1]
+
+
 def visible_text(soup: BeautifulSoup) -> str:
     # Only ASCII whitespace collapses: the no-break spaces of French typography stay.
     return re.sub(r"[ \t\r\n]+", " ", soup.get_text(" ")).strip()
@@ -39,10 +45,10 @@ def test_html_declares_french_a_title_and_the_preheader(sample_rendered: Rendere
     soup = soup_of(sample_rendered)
     assert attr(soup.html, "lang") == "fr"
     assert soup.title is not None
-    assert soup.title.get_text() == "D'OpenAI à Kyutai, une question de gouvernance"
+    assert soup.title.get_text() == "D’OpenAI à Kyutai, une question de gouvernance"
     hidden = soup.find("div", style=re.compile("display:none"))
     assert hidden is not None
-    assert hidden.get_text().startswith("Sam Altman évincé d'OpenAI")
+    assert hidden.get_text().startswith("Sam Altman évincé d’OpenAI")
 
 
 def test_sections_appear_with_their_labels_in_the_reference_order(
@@ -60,21 +66,21 @@ def test_masthead_quote_byline_date_and_reading_time_are_shown(
     text = visible_text(soup_of(sample_rendered))
     for expected in (
         "Qant: Révolution cognitive et Avenir du numérique",
-        "Chaque jour, les tendances de la tech et l'IA par Jean Rognetta et Maurice de Rambuteau",
+        "Chaque jour, les tendances de la tech et l’IA par Jean Rognetta et Maurice de Rambuteau",
         "« Le progrès est devant nous, à condition de dépasser sa propagande »",
         "Paul Virilio",
         "Par QANT: Révolution cognitive et Avenir du numérique",
         "lundi 20 novembre 2023 · 7 mn à lire",
         "Chaque jour, les journalistes de Qant illustrent les tendances de fond",
     ):
-        assert expected.replace("« ", "«\u00a0").replace(" »", "\u00a0»") in text, expected
+        assert expected.replace("« ", "«\u202f").replace(" »", "\u202f»") in text, expected
 
 
 def test_reading_time_is_computed_from_the_words(
     sample_rendered: RenderedIssue, settings: Settings
 ) -> None:
     assert sample_rendered.words > 1500
-    expected = -(-sample_rendered.words // settings.newsletter.words_per_minute)
+    expected = round(sample_rendered.words / settings.newsletter.words_per_minute)
     assert sample_rendered.reading_minutes == expected == 7
 
 
@@ -93,10 +99,10 @@ def test_local_images_are_referenced_as_embedded_parts(sample_rendered: Rendered
     assert {a.url for a in sample_rendered.assets} == set(sources)
 
 
-def test_captions_carry_their_credits(sample_rendered: RenderedIssue) -> None:
+def test_captions_and_credits_are_shown_as_written(sample_rendered: RenderedIssue) -> None:
     captions = [p.get_text() for p in soup_of(sample_rendered).select("p.caption")]
     assert "“Sam Altman prend la porte” (Qant, M. de R. avec Midjourney)" in captions
-    assert "La gouvernance d'OpenAI" in captions
+    assert "La gouvernance d’OpenAI" in captions
     assert len(captions) == 5
 
 
@@ -176,18 +182,55 @@ def test_text_part_writes_every_link_out(
 
 
 def test_text_part_has_the_sections_in_order(sample_rendered: RenderedIssue) -> None:
-    text = sample_rendered.text
+    text = text_part(sample_rendered)
     positions = [text.index(label) for label in LABELS]
     assert positions == sorted(positions)
     assert "lundi 20 novembre 2023 · 7 mn à lire" in text
-    assert "• Scaleway n’Ampere pas une\u00a0: Ampere Computing" in text
+    assert "• *Scaleway n’Ampere pas une*\u00a0: Ampere Computing" in text
     assert max(len(line) for line in text.splitlines() if "<http" not in line) <= 72
+
+
+def test_text_part_indents_news_items_and_their_sources(sample_rendered: RenderedIssue) -> None:
+    text = text_part(sample_rendered)
+    start = text.index("• *Scaleway")
+    item = text[start : text.index("\n\n", start)].splitlines()
+    assert all(line.startswith("  ") for line in item[1:]), item
+    assert "  Pour en savoir plus\u00a0:" in item
+    assert "  - The Register" in item
+
+
+def test_no_line_of_the_text_part_starts_with_a_lone_colon_or_bullet(
+    renderer: Renderer, write_issue: Callable[..., Path]
+) -> None:
+    # Each " :" and " •" falls where a naive wrap at 72 columns would break before it.
+    words = " ".join(["mot"] * 17)
+    document = load(
+        write_issue(
+            f"""\
+            subject: S
+            sections:
+              - text: "{words} ensemble : la suite • et encore • {words} fin : oui ? non !"
+            """
+        )
+    )
+    text = text_part(renderer.render(document.issue))
+    for line in text.splitlines():
+        assert not line.lstrip().startswith((":", "•", "?", "!")), line
+
+
+def test_the_footer_is_wrapped_after_the_address_is_filled(
+    sample_rendered: RenderedIssue,
+) -> None:
+    values = dict.fromkeys(Slot, "x") | {Slot.EMAIL: "a" * 40 + "@example.com"}
+    _, text = sample_rendered.fill(values)
+    footer = text[text.index("Vous recevez") :].splitlines()
+    assert max(len(line) for line in footer) <= 72, footer
 
 
 def test_an_issue_with_only_subject_and_event_renders_cleanly(
     renderer: Renderer, write_issue: Callable[..., Path]
 ) -> None:
-    document = load(write_issue("subject: Court\nevent:\n  title: Seul titre\n"))
+    document = load(write_issue("subject: Court\nsections:\n- event: {title: Seul titre}\n"))
     rendered = renderer.render(document.issue)
     soup = soup_of(rendered)
     assert [p.get_text() for p in soup.select("p.kicker")] == ["L’ÉVÉNEMENT"]
@@ -204,19 +247,20 @@ def test_letter_and_blocks_layout_render(
         write_issue(
             """\
             subject: Lettre
-            intro: "Titre un • Titre deux • Titre trois"
-            letter:
-              title: Chers lecteurs
-              body: Nous changeons de formule.
-              signature: Jean Rognetta
-              ps: Écrivez-nous.
-            event: {title: T}
-            essentials:
-              layout: blocks
-              items:
-                - title: Une brève
-                  text: "**Gras** en tête : la suite."
-                  sources: [{title: Source, url: "https://example.com/b"}]
+            sections:
+              - text: "Titre un • Titre deux • Titre trois"
+              - letter:
+                  title: Chers lecteurs
+                  body: Nous changeons de formule.
+                  signature: Jean Rognetta
+                  ps: Écrivez-nous.
+              - event: {title: T}
+              - essentials:
+                  layout: blocks
+                  items:
+                    - title: Une brève
+                      text: "**Gras** en tête : la suite."
+                      sources: [{title: Source, url: "https://example.com/b"}]
             """
         )
     )
@@ -227,7 +271,7 @@ def test_letter_and_blocks_layout_render(
     assert signature.get_text() == "Jean Rognetta"
     assert "PS\u00a0: Écrivez-nous." in visible_text(soup)
     assert soup.find("h3", string="Une brève") is not None
-    assert "Titre un • Titre deux • Titre trois" in rendered.text
+    assert "Titre un\u00a0• Titre deux\u00a0• Titre trois" in rendered.text
 
 
 def test_template_error_names_the_template_and_line(project_settings: Settings) -> None:
@@ -235,7 +279,9 @@ def test_template_error_names_the_template_and_line(project_settings: Settings) 
     lines = template.read_text().splitlines()
     lines[5] += "{{ issue.no_such_field }}"
     template.write_text("\n".join(lines))
-    issue = Issue.model_validate({"date": "2024-01-15", "subject": "S", "event": {"title": "T"}})
+    issue = Issue.model_validate(
+        {"date": "2024-01-15", "subject": "S", "sections": [{"text": "T"}]}
+    )
     with pytest.raises(TemplateError) as caught:
         Renderer(project_settings).render(issue)
     assert f"{template}:6:" in str(caught.value)
@@ -245,7 +291,9 @@ def test_template_error_names_the_template_and_line(project_settings: Settings) 
 def test_template_syntax_error_names_the_template_and_line(project_settings: Settings) -> None:
     template = project_settings.templates_dir / "email.txt.j2"
     template.write_text("ligne\n{% if %}\n")
-    issue = Issue.model_validate({"date": "2024-01-15", "subject": "S", "event": {"title": "T"}})
+    issue = Issue.model_validate(
+        {"date": "2024-01-15", "subject": "S", "sections": [{"text": "T"}]}
+    )
     with pytest.raises(TemplateError, match=r"email\.txt\.j2:2:"):
         Renderer(project_settings).render(issue)
 
@@ -253,6 +301,8 @@ def test_template_syntax_error_names_the_template_and_line(project_settings: Set
 def test_invalid_mjml_is_a_template_error(project_settings: Settings) -> None:
     template = project_settings.templates_dir / "email.mjml.j2"
     template.write_text("<mjml><mj-body><mj-nonsense></mj-body></mjml>")
-    issue = Issue.model_validate({"date": "2024-01-15", "subject": "S", "event": {"title": "T"}})
+    issue = Issue.model_validate(
+        {"date": "2024-01-15", "subject": "S", "sections": [{"text": "T"}]}
+    )
     with pytest.raises(TemplateError, match="invalid MJML"):
         Renderer(project_settings).render(issue)

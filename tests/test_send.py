@@ -264,7 +264,7 @@ def test_missing_secret_is_an_error_before_anything_is_planned(
 
 def test_drafts_are_not_sent_to_the_list(local: Settings, project: Path) -> None:
     path = project / "issues" / "2024-01-15.yaml"
-    path.write_text("draft: true\nsubject: S\npreheader: P\nevent: {title: T}\n")
+    path.write_text("draft: true\nsubject: S\npreheader: P\nsections: [text: T]\n")
     with pytest.raises(SendError, match="draft"):
         prepare(path, local)
     assert prepare(path, local, test=True).template.subject == "[TEST] S"

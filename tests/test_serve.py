@@ -199,7 +199,7 @@ def test_health_check(client: TestClient) -> None:
 def test_archive_is_served(client: TestClient) -> None:
     index = client.get("/")
     assert index.status_code == 200
-    assert "D&#39;OpenAI à Kyutai" in index.text or "D'OpenAI à Kyutai" in index.text
+    assert "D’OpenAI à Kyutai" in index.text
     issue = client.get("/2023-11-20/")
     assert issue.status_code == 200
     assert client.get("/2023-11-20/images/gouvernance-openai.png").status_code == 200

@@ -1,0 +1,128 @@
+"""French typography, applied by the tool to every text a reader sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qant_mail import prose
+from qant_mail.config import Settings
+from qant_mail.load import load
+from qant_mail.render import Renderer, Slot
+from qant_mail.typography import NBHY, NBSP, NNBSP, for_locale
+
+TEXT = for_locale("fr", html=False)
+HTML = for_locale("fr", html=True)
+
+CASES = [
+    # (written, in the text part, in the HTML)
+    ("Pourquoi ?", f"Pourquoi{NNBSP}?", f"Pourquoi{NNBSP}?"),
+    ("Attention !", f"Attention{NNBSP}!", f"Attention{NNBSP}!"),
+    ("deux ; trois", f"deux{NNBSP}; trois", f"deux{NNBSP}; trois"),
+    ("Note : la suite", f"Note{NBSP}: la suite", f"Note{NBSP}: la suite"),
+    ("« Bonjour »", f"«{NNBSP}Bonjour{NNBSP}»", f"«{NNBSP}Bonjour{NNBSP}»"),
+    ("«Bonjour»", f"«{NNBSP}Bonjour{NNBSP}»", f"«{NNBSP}Bonjour{NNBSP}»"),
+    ("l'IA d'aujourd'hui", "l’IA d’aujourd’hui", "l’IA d’aujourd’hui"),
+    (
+        "GPT-4o et Albert-40B-1023",
+        "GPT-4o et Albert-40B-1023",
+        f"GPT{NBHY}4o et Albert{NBHY}40B{NBHY}1023",
+    ),
+    ("le n° 12", f"le n°{NBSP}12", f"le n°{NBSP}12"),
+    ("250 000 euros", f"250{NNBSP}000 euros", f"250{NNBSP}000 euros"),
+    ("49 %", f"49{NBSP}%", f"49{NBSP}%"),
+    ("A • B • C", f"A{NBSP}• B{NBSP}• C", f"A{NBSP}• B{NBSP}• C"),
+    ("start-up et open-source", "start-up et open-source", "start-up et open-source"),
+    # Left as written: links, addresses, placeholders, times, a missing space.
+    ("https://x.example/l'a?b=1 : ok", f"https://x.example/l'a?b=1{NBSP}: ok", None),
+    ("écrire à jean.d'arc@example.com !", f"écrire à jean.d'arc@example.com{NNBSP}!", None),
+    ("<https://x.example/a-1> ?", f"<https://x.example/a-1>{NNBSP}?", None),
+    ("%%qant:email%%", "%%qant:email%%", "%%qant:email%%"),
+    ("à 10:30", "à 10:30", "à 10:30"),
+    ("Yahoo!", "Yahoo!", "Yahoo!"),
+]
+
+
+@pytest.mark.parametrize(("written", "text", "html"), CASES)
+def test_french_typography(written: str, text: str, html: str | None) -> None:
+    assert TEXT(written) == text
+    if html is not None:
+        assert HTML(written) == html
+
+
+@pytest.mark.parametrize(("written", "text", "html"), CASES)
+def test_typography_applied_twice_changes_nothing(
+    written: str, text: str, html: str | None
+) -> None:
+    assert TEXT(TEXT(written)) == TEXT(written)
+    assert HTML(HTML(written)) == HTML(written)
+
+
+def test_other_locales_are_left_as_written() -> None:
+    for html in (False, True):
+        english = for_locale("en", html=html)
+        assert english("Why ? « x » l'IA GPT-4o") == "Why ? « x » l'IA GPT-4o"
+        assert not english.active
+
+
+def test_markup_is_typeset_between_tags_only() -> None:
+    document = (
+        '<p title="a : b" data-x="GPT-4o">l&#39;IA : <a href="2023-11-20/l\'a">GPT-4o</a></p>'
+        "<style>a : b { color: red }</style><!-- l'IA : -->"
+    )
+    assert HTML.markup(document) == (
+        f'<p title="a : b" data-x="GPT-4o">l’IA{NBSP}: '
+        f'<a href="2023-11-20/l\'a">GPT{NBHY}4o</a></p>'
+        "<style>a : b { color: red }</style><!-- l'IA : -->"
+    )
+
+
+def test_markdown_text_keeps_links_and_code_and_typesets_emphasis() -> None:
+    written = "*Vraiment ?* Voir [l'article : ici](https://x.example/l'a?b) et `a : b`."
+    assert prose.to_text(written, typeset=TEXT) == (
+        f"Vraiment{NNBSP}? Voir l’article{NBSP}: ici <https://x.example/l'a?b> et a : b."
+    )
+
+
+def test_the_email_is_typeset_in_both_parts_labels_and_settings_included(
+    renderer: Renderer, write_issue: Callable[..., Path]
+) -> None:
+    document = load(
+        write_issue(
+            """\
+            subject: "Pourquoi ? L'IA"
+            preheader: "Une question : pourquoi ?"
+            sections:
+              - text: "*Vraiment ?* Voir [l'article : ici](https://x.example/l'a) et GPT-4o."
+              - letter: {body: "Texte", ps: "À demain !"}
+            """
+        )
+    )
+    rendered = renderer.render(document.issue)
+    html, text = rendered.fill(dict.fromkeys(Slot, "x"))
+    assert rendered.subject == f"Pourquoi{NNBSP}? L’IA"
+    assert f"<em>Vraiment{NNBSP}?</em>" in html
+    assert ">l’article&nbsp;: ici</a>" in html  # the serialiser writes NBSP as &nbsp;
+    assert 'href="https://x.example/l\'a"' in html
+    assert f"GPT{NBHY}4o" in html
+    assert "PS&nbsp;:" in html  # a label, from the settings
+    assert f"Vraiment{NNBSP}? Voir l’article{NBSP}: ici <https://x.example/l'a>" in text
+    assert f"À demain{NNBSP}!" in text
+
+
+def test_an_english_newsletter_is_not_typeset(
+    project_settings: Settings, project: Path, write_issue: Callable[..., Path]
+) -> None:
+    settings_file = project / "qant.toml"
+    settings_file.write_text(
+        settings_file.read_text().replace('locale = "fr"', 'locale = "en"'), encoding="utf-8"
+    )
+    from qant_mail.config import load_settings
+
+    renderer = Renderer(load_settings(settings_file, env={}))
+    document = load(write_issue('subject: "Why ? GPT-4o"\nsections: [text: "It\'s : fine"]\n'))
+    rendered = renderer.render(document.issue)
+    assert rendered.subject == "Why ? GPT-4o"
+    assert "It's : fine" in rendered.text
