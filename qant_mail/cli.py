@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
+import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -277,7 +279,7 @@ def send(
     _warn(prepared.warnings)
     if dry_run:
         folder = output or settings.output_dir / "dry-run" / file.stem
-        with _ProgressBar() as bar:
+        with _ProgressBar() as bar, _terminate_as_interrupt():
             report = sending.dry_run(prepared, settings, folder, progress=bar, limit=limit)
         typer.echo(_summary(report))
         typer.echo(f"messages written to {_shown(folder / 'new')}")
@@ -303,7 +305,7 @@ def send(
         if not confirmed:
             typer.echo("nothing sent", err=True)
             raise typer.Exit(ExitCode.OK)
-    with _ProgressBar() as bar:
+    with _ProgressBar() as bar, _terminate_as_interrupt():
         report = sending.send_to_list(
             prepared,
             settings,
@@ -329,6 +331,25 @@ def status(
     mark_unknown_sent: Annotated[
         bool, typer.Option("--mark-unknown-sent", help="Count the unknown ones as sent.")
     ] = False,
+    requeue_failed: Annotated[
+        bool,
+        typer.Option(
+            "--requeue-failed",
+            help="Send the failed ones again next run (hard bounces only with --force).",
+        ),
+    ] = False,
+    reason: Annotated[
+        str,
+        typer.Option("--reason", help="With --requeue-failed: only those whose reply holds this."),
+    ] = "",
+    address: Annotated[
+        list[str] | None,
+        typer.Option("--address", help="With --requeue-failed: only this address (repeatable)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="With --requeue-failed: hard bounces too (re-activated)."),
+    ] = False,
 ) -> None:
     """Show where the send of an issue stands: counts, failures, unknowns."""
     from qant_mail.ledger import Ledger, State
@@ -341,10 +362,22 @@ def status(
         return
     if requeue_unknown and mark_unknown_sent:
         raise typer.BadParameter("choose one of --requeue-unknown and --mark-unknown-sent")
+    if (reason or address or force) and not requeue_failed:
+        raise typer.BadParameter("--reason, --address and --force go with --requeue-failed")
     if requeue_unknown or mark_unknown_sent:
         changed = ledger.resolve_unknown(send, State.PENDING if requeue_unknown else State.SENT)
         verb = "re-queued" if requeue_unknown else "marked sent"
         typer.echo(f"{changed} unknown {verb}")
+    if requeue_failed:
+        result = ledger.requeue_failed(
+            send, containing=reason, addresses=address or (), force=force
+        )
+        typer.echo(f"{result.requeued} failed re-queued: `qant-mail send {file}` sends them")
+        for email, state in result.refused:
+            hint = " (--force sends it anyway)" if state == "bounced" else ""
+            typer.echo(f"  {email}: not re-queued, the subscriber is {state}{hint}", err=True)
+        for email in result.missing:
+            typer.echo(f"  {email}: no failed message to it in this send", err=True)
     counts = ledger.counts(send)
     typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {counts[state]}" for state in State))
@@ -354,10 +387,28 @@ def status(
             typer.echo(f"{state.value}:")
             for row in rows:
                 typer.echo(f"  {row.email}: {row.last_reply} ({row.attempts} attempts)")
+    if counts[State.SENDING]:
+        if ledger.running(send.issue):
+            typer.echo(
+                f"sending: {counts[State.SENDING]} in flight in a `send` running now", err=True
+            )
+        else:
+            typer.echo(
+                f"sending: {counts[State.SENDING]} were in flight when a run stopped without "
+                "finishing (killed?); the next `send` sends them again, and each may arrive "
+                "twice",
+                err=True,
+            )
     if counts[State.UNKNOWN]:
         typer.echo(
             "unknown: the connection broke after the message was sent, so it may have "
             "arrived; --requeue-unknown sends them again, --mark-unknown-sent does not",
+            err=True,
+        )
+    if counts[State.FAILED] and not requeue_failed:
+        typer.echo(
+            "failed: --requeue-failed [--reason TEXT] [--address A] sends them again "
+            "(after a full mailbox, a size limit, a server that gave up)",
             err=True,
         )
 
@@ -365,7 +416,9 @@ def status(
 @app.command()
 @_handled
 def inbox(
-    port: Annotated[int, typer.Option("--port", help="Port to listen on, on 127.0.0.1.")] = 2525,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="Port to listen on, on 127.0.0.1.")
+    ] = 2525,
     folder: Annotated[
         Path | None,
         typer.Option("--folder", help="Maildir to store messages in (default: data/inbox)."),
@@ -480,6 +533,11 @@ subscribers_app = typer.Typer(
 app.add_typer(subscribers_app, name="subscribers")
 
 
+_TEST_DOMAINS = typer.Option(
+    "--allow-test-domains", help="Accept the reserved .test domains (for trying things out)."
+)
+
+
 @subscribers_app.command("import")
 @_handled
 def subscribers_import(
@@ -487,18 +545,21 @@ def subscribers_import(
     source: Annotated[
         str | None, typer.Option("--source", help="Where these people came from.")
     ] = None,
+    test_domains: Annotated[bool, _TEST_DOMAINS] = False,
 ) -> None:
     """Import subscribers from a CSV file; re-importing changes nothing."""
     store = _store()
-    report = store.import_csv(file, source)
+    report = store.import_csv(file, source, test_domains=test_domains)
     typer.echo(
         f"added {report.added}, updated {report.renamed}, unchanged {report.unchanged}, "
-        f"kept inactive {report.inactive}, duplicates {report.duplicates}, "
-        f"rejected {len(report.rejected)}"
+        f"kept inactive {report.inactive}, removed earlier {report.suppressed}, "
+        f"duplicates {report.duplicates}, rejected {report.rejected_count}"
     )
     for line, reason in report.rejected:
         typer.echo(f"{file}:{line}: {reason}", err=True)
-    if report.rejected:
+    if report.rejected_count > len(report.rejected):
+        typer.echo(f"… and {report.rejected_count - len(report.rejected)} more", err=True)
+    if report.rejected_count:
         raise typer.Exit(ExitCode.PARTIAL)
 
 
@@ -508,11 +569,13 @@ def subscribers_add(
     address: Annotated[str, typer.Argument(help="Email address.")],
     name: Annotated[str, typer.Option("--name", help="Their name.")] = "",
     resubscribe: Annotated[
-        bool, typer.Option("--resubscribe", help="Re-activate an unsubscribed address.")
+        bool,
+        typer.Option("--resubscribe", help="Re-activate an unsubscribed or removed address."),
     ] = False,
+    test_domains: Annotated[bool, _TEST_DOMAINS] = False,
 ) -> None:
     """Add one subscriber."""
-    subscriber = _store().add(address, name, resubscribe=resubscribe)
+    subscriber = _store().add(address, name, resubscribe=resubscribe, test_domains=test_domains)
     typer.echo(f"{subscriber.email}: {subscriber.status}")
 
 
@@ -535,20 +598,52 @@ def subscribers_unsubscribe(
         bool,
         typer.Option(
             "--from-message",
-            help="Read an email on standard input and unsubscribe its sender (mailto links).",
+            help="Read an email on standard input and unsubscribe its sender (mailto links); "
+            "exits with sysexits codes for a mail server's pipe.",
         ),
     ] = False,
 ) -> None:
     """Mark a subscriber unsubscribed (kept, so that no import re-activates them)."""
-    import sys
-
-    from qant_mail.subscribers import sender_of
-
     if from_message:
-        address, reason = sender_of(sys.stdin.buffer.read()), "mailto"
+        _unsubscribe_from_message()
+        return
     if not address:
         raise typer.BadParameter("give an ADDRESS, or --from-message")
     subscriber = _store().unsubscribe(address, reason)
+    typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
+
+
+# sysexits.h, what a mail server expects of a command it pipes mail to: 0 delivered (or
+# nothing to do), EX_DATAERR the message is unusable (bounced to its sender),
+# EX_TEMPFAIL try again later (the message stays queued; nothing is lost).
+EX_DATAERR, EX_TEMPFAIL = 65, 75
+
+
+def _unsubscribe_from_message() -> None:
+    """Unsubscribe the sender of the message on standard input, for a mail alias."""
+    import sys
+
+    from qant_mail.errors import ConfigError
+    from qant_mail.store import StoreError
+    from qant_mail.subscribers import MAX_MESSAGE, SubscriberError, sender_of
+
+    try:
+        message = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+        address = sender_of(message)
+    except SubscriberError as err:
+        _error(str(err))
+        raise typer.Exit(EX_DATAERR) from err
+    try:
+        store = _store()
+        subscriber = store.get(address)
+        if subscriber is None:
+            # Not a reader (or not any more): nothing to do, and nothing to bounce back.
+            typer.echo(f"{address}: not on the list; nothing to do")
+            return
+        subscriber = store.unsubscribe(address, "mailto")
+    except (StoreError, ConfigError) as err:
+        _error(f"{err} (the mail server will try again later)")
+        raise typer.Exit(EX_TEMPFAIL) from err
     typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
 
 
@@ -726,6 +821,21 @@ class _ProgressBar:
 
     def note(self, message: str) -> None:
         self.bar.console.print(message, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM (a `kill`, a service manager stopping us) stop a send as Ctrl-C does:
+    the messages in flight are recorded and the summary printed."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_date(value: str) -> dt.date:

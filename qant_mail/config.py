@@ -189,7 +189,13 @@ class Smtp(Strict):
     security: Literal["tls", "starttls", "none"] = "starttls"
     verify_certificates: bool = True
     username: str = ""
+    # A login over a plain connection sends the password in clear: refused unless the
+    # relay is on this machine, or this says the network is trusted.
+    allow_plaintext_login: bool = False
     timeout: Annotated[float, Field(gt=0)] = 30.0
+    # The longest one message may take, replies included: past it, the message is
+    # `unknown` (after its data) or tried again, and the connection is closed.
+    message_timeout: Annotated[float, Field(gt=0)] = 120.0
     connections: Annotated[int, Field(ge=1, le=64)] = 4
     helo_name: str = ""
     # Where bounces go (the envelope sender); the From address when empty.

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qant_mail.errors import QantError
+from qant_mail.files import read_head
 
 # What mail clients display inline; SVG is left out on purpose (Gmail and Outlook drop it).
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
+# No mail client shows a picture 30,000 pixels wide; a header that says so is damaged.
+MAX_SIDE = 30_000
 
 
 class ImageFileError(QantError):
@@ -33,17 +36,21 @@ class ImageInfo:
 def probe(path: Path) -> ImageInfo:
     """Return the type and size of the image at `path`, reading only its header."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(64 * 1024)
-    except FileNotFoundError:
-        raise ImageFileError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise ImageFileError(f"not a file: {path}") from None
+        head = read_head(path, 64 * 1024)
+    except FileNotFoundError as err:
+        raise ImageFileError(f"image file not found: {path}") from err
+    except IsADirectoryError as err:
+        raise ImageFileError(f"not a file: {path}") from err
     except OSError as err:
-        raise ImageFileError(f"cannot read image {path}: {err.strerror}") from None
+        raise ImageFileError(f"cannot read image {path}: {err.strerror or err}") from err
     info = _parse(head)
     if info is None:
         raise ImageFileError(f"{path.name}: not a PNG, JPEG, GIF or WebP image")
+    if not (0 < info.width <= MAX_SIDE and 0 < info.height <= MAX_SIDE):
+        raise ImageFileError(
+            f"{path.name}: its header says {info.width}×{info.height} pixels; "
+            "the file is damaged (or absurdly large)"
+        )
     return info
 
 

@@ -9,12 +9,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qant_mail.errors import QantError
-from qant_mail.store import now_text, open_store
+from qant_mail.store import now_text, open_store, transaction
 from qant_mail.subscribers import Status, Subscribers
 
 
@@ -44,6 +44,15 @@ class Send:
     subject: str
     created_at: str
     finished_at: str | None
+
+
+@dataclass
+class Requeued:
+    """What a re-queue did: how many rows go out again, and which were refused."""
+
+    requeued: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (address, status)
+    missing: list[str] = field(default_factory=list)  # asked for, but not failed here
 
 
 @dataclass(frozen=True)
@@ -119,29 +128,25 @@ class Ledger:
 
     def plan(self, issue: str, content_hash: str, subject: str) -> Send:
         """Freeze the recipients of `issue`: every active subscriber, once, in list order."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            now = now_text()
-            cursor = db.execute(
-                "INSERT INTO sends (issue, content_hash, subject, created_at) VALUES (?, ?, ?, ?)",
-                (issue, content_hash, subject, now),
-            )
-            send_id = cursor.lastrowid
-            # The UNIQUE (email) of subscribers already makes addresses distinct.
-            db.execute(
-                "INSERT INTO deliveries (send_id, position, subscriber_id, email, name, updated_at)"
-                " SELECT ?, row_number() OVER (ORDER BY id), id, email, name, ?"
-                " FROM subscribers WHERE status = 'active'",
-                (send_id, now),
-            )
-            db.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            db.execute("ROLLBACK")
-            raise LedgerError(f"{issue} was planned by another process meanwhile") from None
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            with transaction(self.db) as db:
+                now = now_text()
+                cursor = db.execute(
+                    "INSERT INTO sends (issue, content_hash, subject, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (issue, content_hash, subject, now),
+                )
+                send_id = cursor.lastrowid
+                # The UNIQUE (email) of subscribers already makes addresses distinct.
+                db.execute(
+                    "INSERT INTO deliveries"
+                    " (send_id, position, subscriber_id, email, name, updated_at)"
+                    " SELECT ?, row_number() OVER (ORDER BY id), id, email, name, ?"
+                    " FROM subscribers WHERE status = 'active'",
+                    (send_id, now),
+                )
+        except sqlite3.IntegrityError as err:
+            raise LedgerError(f"{issue} was planned by another process meanwhile") from err
         send = self.find(issue)
         assert send is not None
         return send
@@ -155,13 +160,13 @@ class Ledger:
         )
         return cursor.rowcount
 
-    def claim(self, send: Send, limit: int, now: float | None = None) -> tuple[list[Delivery], int]:
-        """Mark up to `limit` due rows `sending` and return them, with how many were
-        skipped because their subscriber left the list since the send started."""
+    def claim(
+        self, send: Send, limit: int, now: float | None = None
+    ) -> tuple[list[Delivery], list[int]]:
+        """Mark up to `limit` due rows `sending` and return them, with the positions of
+        those skipped because their subscriber left the list since the send started."""
         now = time.time() if now is None else now
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db) as db:
             # Due retries first, then the next pending rows in list order: two queries
             # that each walk an index, where one with OR would sort the whole send.
             rows = db.execute(
@@ -195,11 +200,7 @@ class Ledger:
                 " WHERE send_id = ? AND position = ?",
                 skipped,
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return claimed, len(skipped)
+        return claimed, [position for _, _, position in skipped]
 
     def record(
         self,
@@ -221,21 +222,15 @@ class Ledger:
             " next_attempt_at = ?, updated_at = ? WHERE send_id = ? AND position = ?"
         )
         values = (state.value, reply, int(attempt), retry_at, now_text(), send.id, position)
-        db = self.db
         if not quota and bounce is None:
-            db.execute(update, values)  # one statement, its own transaction
+            self.db.execute(update, values)  # one statement, its own transaction
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db) as db:
             db.execute(update, values)
             for minute, messages in (quota or {}).items():
                 self._count_quota(minute, messages)
             if bounce is not None:
                 Subscribers(db).set_status_by_id(bounce, Status.BOUNCED, reply)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def release(self, send: Send, positions: list[int]) -> None:
         """Give back rows that were claimed but not tried (a stop, a limit reached)."""
@@ -281,6 +276,60 @@ class Ledger:
             (state.value, reply, reply, now_text(), send.id),
         )
         return cursor.rowcount
+
+    def requeue_failed(
+        self,
+        send: Send,
+        *,
+        containing: str = "",
+        addresses: Sequence[str] = (),
+        force: bool = False,
+    ) -> Requeued:
+        """Put failed rows back in the queue: those whose last reply contains `containing`
+        and, if given, only these `addresses`. A hard bounce (its subscriber marked
+        bounced) goes back only with `force`, which re-activates the subscriber; a
+        complaint never does."""
+        query = (
+            "SELECT d.position, d.subscriber_id, d.email, s.status FROM deliveries d"
+            " LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+            " WHERE d.send_id = ? AND d.state = 'failed' AND instr(lower(d.last_reply), ?) > 0"
+        )
+        wanted = {a.strip().lower() for a in addresses}
+        rows = [
+            row
+            for row in self.db.execute(query, (send.id, containing.lower())).fetchall()
+            if not wanted or str(row[2]).lower() in wanted
+        ]
+        result = Requeued()
+        now = now_text()
+        with transaction(self.db) as db:
+            for position, subscriber_id, email, status in rows:
+                if status == "complained" or (status == "bounced" and not force):
+                    result.refused.append((str(email), str(status)))
+                    continue
+                if status == "bounced":
+                    Subscribers(db).set_status_by_id(
+                        subscriber_id, Status.ACTIVE, "re-queued by the operator"
+                    )
+                db.execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0,"
+                    " last_reply = 'failed, re-queued: ' || last_reply, updated_at = ?"
+                    " WHERE send_id = ? AND position = ?",
+                    (now, send.id, position),
+                )
+                result.requeued += 1
+            if result.requeued:
+                db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
+        result.missing = sorted(wanted - {str(row[2]).lower() for row in rows})
+        return result
+
+    def running(self, issue: str) -> bool:
+        """Return whether a `send` of `issue` holds its lock right now."""
+        try:
+            with self.lock(issue):
+                return False
+        except LedgerError:
+            return True
 
     def finish(self, send: Send) -> None:
         """Note that nothing is left to do for this send."""

@@ -21,7 +21,6 @@ from qant_mail.schema import Loc
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
 _EMAIL: Loc = ("(email)",)
-_SAFE_SCHEMES = ("https:", "mailto:")
 # Values of typical length stand in for the per-recipient placeholders when the HTML is
 # measured: Gmail counts the bytes a subscriber receives, not our template.
 SAMPLE_VALUES = {
@@ -95,11 +94,11 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
         if PLACEHOLDER.fullmatch(href):
             continue
         loc = origins.link(href)
-        lowered = href.lower()
-        if lowered.startswith("http:"):
+        problem = prose.link_problem(href)  # a template's own link, the issue's are checked
+        if problem:
+            report(loc, problem, ERROR)
+        elif href.lower().startswith("http:"):
             report(loc, f"link {_short(href)} is not https", WARNING)
-        elif not lowered.startswith(_SAFE_SCHEMES):
-            report(loc, f"link {_short(href)!r} is not http(s) or mailto", ERROR)
         if href in seen:
             report(loc, f"duplicate link {_short(href)} (also at {_dotted(seen[href])})", WARNING)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import re
 import threading
 from collections.abc import Iterator
@@ -14,10 +15,12 @@ from typing import Any
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor, SafeConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarstring import LiteralScalarString
 
 from qant_mail.errors import IssueError, Problem, Severity
+from qant_mail.files import read_file
 from qant_mail.model import Issue
 from qant_mail.schema import Loc, readable_errors
 
@@ -25,6 +28,10 @@ MAX_BYTES = 5 * 1024 * 1024
 # An issue is a few hundred YAML nodes; aliases that expand past this are an attack
 # ("billion laughs"), not a newsletter.
 MAX_NODES = 100_000
+# An issue nests some eight levels deep. The YAML parser recurses in C for each level:
+# 50,000 nested brackets crash the interpreter, so depth is measured before parsing.
+MAX_DEPTH = 64
+MAX_INDENT = 256
 
 _FILE = "(file)"
 # The file's name becomes the address of the issue's web page and part of its message
@@ -69,16 +76,15 @@ class Document:
 def load(path: Path) -> Document:
     """Read, parse and validate the issue at `path`; raise `IssueError` listing every problem."""
     try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise _fail(path, f"the file is {size / 1e6:.1f} MB; an issue is at most 5 MB")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(path, "no such file") from None
-    except IsADirectoryError:
-        raise _fail(path, "is a folder, not an issue file") from None
+        raw = read_file(path, MAX_BYTES)
+    except FileNotFoundError as err:
+        raise _fail(path, "no such file") from err
+    except IsADirectoryError as err:
+        raise _fail(path, "is a folder, not an issue file") from err
     except OSError as err:
-        raise _fail(path, f"cannot read: {err.strerror}") from None
+        if err.errno == errno.EFBIG:
+            raise _fail(path, str(err.strerror)) from err
+        raise _fail(path, f"cannot read: {err.strerror or err}") from err
     return parse(raw, path)
 
 
@@ -146,6 +152,7 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def _yaml(text: str, path: Path) -> dict[str, Any]:
+    _refuse_deep_nesting(text, path)
     try:
         data = _safe_yaml().load(text)
     except MarkedYAMLError as err:
@@ -154,19 +161,109 @@ def _yaml(text: str, path: Path) -> dict[str, Any]:
         message = _yaml_message(err)
         raise _fail(path, message, line, column) from None
     except YAMLError as err:
-        raise _fail(path, f"not valid YAML: {err}") from None
-    except RecursionError:
-        raise _fail(path, "the YAML is nested too deeply") from None
+        raise _fail(path, f"not valid YAML: {err}") from err
+    except RecursionError as err:
+        raise _fail(path, "the YAML is nested too deeply") from err
     if data is None:
         raise _fail(path, "the file holds only comments; an issue needs at least a subject")
     if not isinstance(data, dict):
         raise _fail(path, "an issue is a mapping of fields (date:, subject:, event: …)")
     # Walking the document costs a millisecond; a file without aliases need not pay it.
-    if _ALIAS.search(text) and _expanded_size(data) > MAX_NODES:
-        raise _fail(
-            path, f"YAML aliases expand this file past {MAX_NODES:,} values; remove the aliases"
-        )
+    if _ALIAS.search(text):
+        size = _expanded_size(data)
+        if size is None:
+            raise _fail(path, "a YAML alias refers to a value that contains it; remove it")
+        if size > MAX_NODES:
+            raise _fail(
+                path, f"YAML aliases expand this file past {MAX_NODES:,} values; remove them"
+            )
     return data
+
+
+_OPENERS = re.compile(r"[\[{]")
+_BRACKETS = re.compile(r"[\[\]{}]")
+_LEAD = re.compile(r"^[ \t\-?:]*", re.MULTILINE)
+
+
+def _refuse_deep_nesting(text: str, path: Path) -> None:
+    """Refuse a document nested deeper than any issue, before the parser recurses into it."""
+    lead = max(map(len, _LEAD.findall(text)), default=0)
+    if lead > MAX_INDENT:
+        raise _fail(path, f"a line is indented or nested {lead} levels deep; {MAX_INDENT} at most")
+    if len(_OPENERS.findall(text)) <= MAX_DEPTH:
+        return  # cannot nest deeper than it has brackets
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_DEPTH:
+            line = text.count("\n", 0, match.start()) + 1
+            raise _fail(path, f"brackets nested more than {MAX_DEPTH} deep", line)
+
+
+class _IssueConstructor(SafeConstructor):
+    """YAML's safe constructor, with every scalar it cannot build reported at its place.
+
+    Dates stay text: pydantic turns the `date` field into one and says where a date is
+    wrong, and a title that looks like a date ("2023-02-29") stays a title. Tags that no
+    issue needs (!!binary, !!set, !!omap…) are refused."""
+
+    def construct_yaml_timestamp(self, node: Any, values: Any = None) -> Any:
+        return self.construct_scalar(node)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        value = str(self.construct_scalar(node))
+        if len(value) > 30:
+            raise _scalar_error(node, f"a number of {len(value)} digits; quote it if it is text")
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as err:
+            raise _scalar_error(node, f"{value[:40]!r} is not a whole number") from err
+
+    def construct_yaml_float(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_float(node)
+        except ValueError as err:
+            raise _scalar_error(node, "not a number") from err
+
+    def construct_yaml_bool(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_bool(node)
+        except KeyError as err:
+            raise _scalar_error(node, "not true or false") from err
+
+    def construct_unused(self, node: Any) -> Any:
+        tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+        raise _scalar_error(node, f"the tag {tag} has no use in an issue; remove it")
+
+
+class _PositionsConstructor(RoundTripConstructor):
+    """The round-trip constructor, for positions only: scalars stay text, never fail."""
+
+    def construct_as_text(self, node: Any, values: Any = None) -> Any:
+        return self.construct_scalar(node)
+
+
+for _tag in ("timestamp", "int", "float", "bool", "binary", "set", "omap", "pairs"):
+    _PositionsConstructor.add_constructor(
+        f"tag:yaml.org,2002:{_tag}", _PositionsConstructor.construct_as_text
+    )
+
+
+def _scalar_error(node: Any, problem: str) -> ConstructorError:
+    return ConstructorError(None, None, problem, node.start_mark)
+
+
+for _tag, _method in (
+    ("timestamp", _IssueConstructor.construct_yaml_timestamp),
+    ("int", _IssueConstructor.construct_yaml_int),
+    ("float", _IssueConstructor.construct_yaml_float),
+    ("bool", _IssueConstructor.construct_yaml_bool),
+    ("binary", _IssueConstructor.construct_unused),
+    ("set", _IssueConstructor.construct_unused),
+    ("omap", _IssueConstructor.construct_unused),
+    ("pairs", _IssueConstructor.construct_unused),
+):
+    _IssueConstructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _method)
 
 
 def _safe_yaml() -> YAML:
@@ -174,6 +271,7 @@ def _safe_yaml() -> YAML:
     loader: YAML | None = getattr(_loaders, "yaml", None)
     if loader is None:
         loader = _loaders.yaml = YAML(typ="safe")
+        loader.Constructor = _IssueConstructor
     return loader
 
 
@@ -187,25 +285,38 @@ def _yaml_message(err: MarkedYAMLError) -> str:
         original = err.context_mark.line + 1 if err.context_mark else None
         where = f" (the mapping starts at line {original})" if original else ""
         return f"duplicate key {duplicate.group(1)!r}{where}"
+    if isinstance(err, ConstructorError):
+        return problem  # a value, not the syntax
     context = (err.context or "").strip()
     return f"YAML syntax: {problem}" + (f" ({context})" if context else "")
 
 
-def _expanded_size(root: Any) -> int:
-    """Count the values of `root` as if every alias were copied out, in linear time."""
+def _expanded_size(root: Any) -> int | None:
+    """Count the values of `root` as if every alias were copied out, in linear time;
+    None when a value contains itself (a recursive alias)."""
     sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a cycle
     stack: list[tuple[Any, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
+        if children_done:
+            open_nodes.discard(id(node))
+            total = 1 + sum(sizes.get(id(c), 1) for c in _children(node))
+            sizes[id(node)] = min(total, MAX_NODES + 1)
+            continue
         if id(node) in sizes:
             continue
         children = _children(node)
-        if children_done or not children:
-            total = 1 + sum(sizes.get(id(c), 1) for c in children)
-            sizes[id(node)] = min(total, MAX_NODES + 1)
-        else:
-            stack.append((node, True))
-            stack.extend((c, False) for c in children if id(c) not in sizes)
+        if not children:
+            sizes[id(node)] = 1
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                return None
+            if id(child) not in sizes:
+                stack.append((child, False))
     return sizes[id(root)]
 
 
@@ -239,9 +350,11 @@ class _Positions:
     @classmethod
     def parse(cls, text: str) -> _Positions:
         positions = cls(text.splitlines(), {(): (1, 1)}, {(): (1, 1)}, set())
+        loader = YAML(typ="rt")
+        loader.Constructor = _PositionsConstructor
         # On failure, the positions found so far stay; the rest fall back to their parent's.
-        with contextlib.suppress(YAMLError, RecursionError):
-            positions._walk(YAML(typ="rt").load(text), ())
+        with contextlib.suppress(YAMLError, RecursionError, ValueError, LookupError):
+            positions._walk(loader.load(text), ())
         return positions
 
     def _walk(self, node: Any, loc: Loc) -> None:

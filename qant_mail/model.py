@@ -35,7 +35,6 @@ from qant_mail.schema import Strict
 # so that an editor's YAML plugin finds it from the first line of every issue.
 SCHEMA_FILE = "issue.schema.json"
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:")
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:[^\s<>\"]+")
 # Characters no editor types on purpose; in a header or a template they break things.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 
@@ -57,8 +56,9 @@ def _markdown(value: str) -> str:
 
 
 def _url(value: str) -> str:
-    if not _URL.fullmatch(value):
-        raise ValueError(f"{value!r} is not an absolute URL (https://…)")
+    problem = prose.link_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 

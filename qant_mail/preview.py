@@ -118,11 +118,14 @@ class Preview:
     def asset(self, root: str, relative: str) -> Path | None:
         """Return the file `relative` under the folder `root`, if it is inside it."""
         base = self.roots.get(root)
-        if base is None or "\0" in relative:
+        if base is None or "\0" in relative or len(relative) > 1024:
             return None
-        candidate = (base / relative).resolve()
-        # Resolved, so that neither ".." nor a symbolic link leads out of the folder.
-        if not candidate.is_relative_to(base) or not candidate.is_file():
+        try:
+            candidate = (base / relative).resolve()
+            # Resolved, so that neither ".." nor a symbolic link leads out of the folder.
+            if not candidate.is_relative_to(base) or not candidate.is_file():
+                return None
+        except (OSError, RuntimeError):  # a name too long, a symlink loop
             return None
         return candidate
 
@@ -261,7 +264,7 @@ def create_app(preview: Preview, *, can_send: bool = True) -> Starlette:
         try:
             payload = json.loads(await request.body())
             address = str(payload.get("address", ""))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return JSONResponse({"ok": False, "message": "requête invalide"}, status_code=400)
         result = await anyio.to_thread.run_sync(_send_test, preview, address)
         return JSONResponse(result, status_code=200 if result["ok"] else 422)

@@ -26,6 +26,26 @@ _SPACES = re.compile(r"[ \t]+")
 _GLUED = frozenset(":;!?»•–—|")
 
 
+_LINK_SCHEMES = ("https://", "http://", "mailto:")
+_FULL_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:[^\s<>\"]+")
+
+
+def link_problem(href: str) -> str | None:
+    """Return why `href` cannot be a link in an email (or on the site), or None.
+
+    One rule for every output (email, archive, feed): https, http or mailto, written in
+    full; no javascript:, data:, file:, ftp: or relative links."""
+    if not _FULL_URL.fullmatch(href):
+        return f"{_clip(href)!r} is not a full address (https://…)"
+    if not href.lower().startswith(_LINK_SCHEMES):
+        return f"{_clip(href)!r}: a link is https://, http:// or mailto:"
+    return None
+
+
+def _clip(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class MarkdownProblem:
     """Something a body may not contain, with its line inside the text (0-based)."""
@@ -47,9 +67,9 @@ def clear_cache() -> None:
 
 
 def problems(text: str) -> list[MarkdownProblem]:
-    """Return what `text` may not contain: raw HTML and Markdown images."""
-    if "<" not in text and "![" not in text:
-        return []  # neither can occur: skip the parse
+    """Return what `text` may not contain: raw HTML, Markdown images, unsafe links."""
+    if "<" not in text and "![" not in text and "](" not in text and "[" not in text:
+        return []  # none can occur: skip the parse
     found: list[MarkdownProblem] = []
     for token in _tokens(text):
         start = token.map[0] if token.map else 0
@@ -57,6 +77,10 @@ def problems(text: str) -> list[MarkdownProblem]:
             found.append(MarkdownProblem(start, _html_message(token.content)))
         for child in token.children or ():
             line = start + _line_within(token.content, child)
+            if child.type == "link_open":
+                unsafe = link_problem(str(child.attrs.get("href", "")))
+                if unsafe:
+                    found.append(MarkdownProblem(line, unsafe))
             if child.type == "html_inline":
                 found.append(MarkdownProblem(line, _html_message(child.content)))
             elif child.type == "image":
@@ -82,7 +106,12 @@ def _html_message(markup: str) -> str:
 
 
 def _line_within(content: str, child: Token) -> int:
-    needle = child.content if child.type == "html_inline" else f"![{child.content}"
+    if child.type == "link_open":
+        needle = str(child.attrs.get("href", ""))
+    elif child.type == "html_inline":
+        needle = child.content
+    else:
+        needle = f"![{child.content}"
     index = content.find(needle)
     return content.count("\n", 0, index) if index > 0 else 0
 

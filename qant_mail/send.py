@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qant_mail import tokens
-from qant_mail.compose import MessageTemplate, Recipient, dkim_signer
+from qant_mail.compose import ComposeError, MessageTemplate, Recipient, dkim_signer
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode, IssueError, QantError, Severity
 from qant_mail.ledger import Delivery, Ledger, Send, State
@@ -39,6 +39,9 @@ from qant_mail.transport import (
 
 CLAIM_SIZE = 8
 MAX_RETRY_DELAY = 3600.0
+# A server that goes silent after the data this many times in a row is broken, not
+# slow: stop (the run resumes later) rather than pay a timeout per message forever.
+SILENCES_BEFORE_STOP = 3
 # Permanent failures that mean the mailbox does not exist (RFC 3463): the address is
 # marked bounced, and later issues skip it.
 BOUNCE_CODES = {"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
@@ -103,7 +106,8 @@ class Plan:
 
 @dataclass
 class SendReport:
-    """What a run did, and where the whole send stands."""
+    """What a run did (each recipient counted once, in the state it ended this run in),
+    and where the whole send stands."""
 
     issue: str
     done: Counter[State] = field(default_factory=Counter)
@@ -111,6 +115,7 @@ class SendReport:
     elapsed: float = 0.0
     stopped: str | None = None
     exit_code: ExitCode = ExitCode.OK
+    limited: bool = False  # the run stopped at --limit, by request
 
     @property
     def rate(self) -> float:
@@ -229,6 +234,13 @@ def dry_run(
             target = sqlite3.connect(copy)
             with target:
                 source.backup(target)
+                # A dry run shows the whole send, even of an issue already (partly) sent.
+                target.execute(
+                    "DELETE FROM deliveries WHERE send_id IN"
+                    " (SELECT id FROM sends WHERE issue = ?)",
+                    (prepared.issue_key,),
+                )
+                target.execute("DELETE FROM sends WHERE issue = ?", (prepared.issue_key,))
             source.close()
             target.close()
         if folder.exists():
@@ -270,7 +282,12 @@ def _exit_code(report: SendReport) -> ExitCode:
         return ExitCode.INTERRUPTED
     if report.stopped == "unavailable":
         return ExitCode.UNAVAILABLE
-    if report.remaining or report.totals.get(State.FAILED, 0):
+    if report.totals.get(State.FAILED, 0):
+        return ExitCode.PARTIAL
+    troubled = report.done[State.DEFERRED] + report.done[State.UNKNOWN]
+    if report.limited and not troubled:
+        return ExitCode.OK  # what was asked for (the next N) went out
+    if report.remaining:
         return ExitCode.PARTIAL
     return ExitCode.OK
 
@@ -304,6 +321,8 @@ class _Run:
         self.gave_up = 0
         self.running = 0
         self.finished = threading.Condition(self.lock)
+        self.outcomes: dict[int, State] = {}  # position → the state it ended in, this run
+        self.silences = 0  # consecutive messages lost after their data
         # Quota counts go to the database about once a second, with an outcome: a killed
         # run forgets at most a second's worth, against a commit per message saved.
         self.unflushed: Counter[int] = Counter()
@@ -335,6 +354,8 @@ class _Run:
         for minute, messages in self._quota_to_flush(None).items():
             self.ledger.count_quota(minute, messages)
         self.report.elapsed = time.monotonic() - start
+        self.report.done = Counter(self.outcomes.values())
+        self.report.limited = self.budget == 0
         return self.report
 
     def _round(self) -> None:
@@ -374,9 +395,9 @@ class _Run:
                 if size == 0:
                     return
                 claimed, skipped = self.ledger.claim(self.send, size)
-                self._give_back_budget(size - len(claimed) - skipped)
-                for _ in range(skipped):
-                    self._count(State.SKIPPED)
+                self._give_back_budget(size - len(claimed) - len(skipped))
+                for position in skipped:
+                    self._count(position, State.SKIPPED)
                 if not claimed and not skipped:
                     return
                 while claimed and not self.stop.is_set():
@@ -398,9 +419,14 @@ class _Run:
 
     def _deliver(self, connection: Connection, row: Delivery) -> Connection | None:
         """Send one row; return the connection to go on with (None: give up)."""
-        data = self.prepared.template.personalise(
-            Recipient(row.email, row.name, row.subscriber_id or 0)
-        )
+        try:
+            data = self.prepared.template.personalise(
+                Recipient(row.email, row.name, row.subscriber_id or 0)
+            )
+        except ComposeError as err:
+            # This row cannot become a message; the others can.
+            self._record(row, State.FAILED, f"not sent: {err}", None, attempt=False)
+            return connection
         minute = self.limiter.acquire(self.stop)
         if minute is None:
             if not self.stop.is_set():
@@ -415,22 +441,42 @@ class _Run:
         try:
             reply = connection.send(self.sender, row.email, data)
         except ConnectionLost as lost:
+            connection.close()
             if lost.after_data:
                 self._record(row, State.UNKNOWN, f"connection lost after the data: {lost}", minute)
+                if self._silent_again():
+                    return None
             else:
                 self._record_temporary(row, f"connection lost: {lost}", minute)
-            connection.close()
             return self._connect(again=True)
+        with self.lock:
+            self.silences = 0
         self._settle(row, reply, minute)
         if reply.slow_down:
             self.limiter.slow_down()
             self.progress.note(f"the server asks to slow down ({reply}); slowing down")
-            if reply.code == 421:  # the server is closing this connection
-                connection.close()
-                return self._connect(again=True)
         elif reply.ok:
             self.limiter.speed_up()
+        if reply.code == 421 or getattr(connection, "worn", False):
+            # 421: the server is closing this connection. Worn: it has refused enough
+            # here that a fresh connection keeps us under its error limits.
+            connection.close()
+            return self._connect(again=True)
         return connection
+
+    def _silent_again(self) -> bool:
+        """Count a message lost after its data; stop the run when it keeps happening."""
+        with self.lock:
+            self.silences += 1
+            if self.silences < SILENCES_BEFORE_STOP or self.report.stopped:
+                return False
+            self.report.stopped = "unavailable"
+        self.progress.note(
+            f"the server stopped answering after the data {SILENCES_BEFORE_STOP} times in a "
+            "row; stopping (the next run goes on)"
+        )
+        self.stop.set()
+        return True
 
     def _settle(self, row: Delivery, reply: Reply, minute: int) -> None:
         if reply.ok:
@@ -457,21 +503,23 @@ class _Run:
         row: Delivery,
         state: State,
         reply: str,
-        minute: int,
+        minute: int | None,
         *,
         retry_at: float = 0,
         bounce: bool = False,
+        attempt: bool = True,
     ) -> None:
         self.ledger.record(
             self.send,
             row.position,
             state,
             reply,
+            attempt=attempt,
             retry_at=retry_at,
-            quota=self._quota_to_flush(minute),
+            quota=self._quota_to_flush(minute) if minute is not None else None,
             bounce=row.subscriber_id if bounce else None,
         )
-        self._count(state)
+        self._count(row.position, state)
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:
         with self.lock:
@@ -484,13 +532,13 @@ class _Run:
             flush, self.unflushed = dict(self.unflushed), Counter()
             return flush
 
-    def _count(self, state: State) -> None:
+    def _count(self, position: int, state: State) -> None:
         with self.lock:
-            self.report.done[state] += 1
+            self.outcomes[position] = state
         self.progress.advance(state)
 
     def _connect(self, *, again: bool = False) -> Connection | None:
-        delays = (1.0, 2.0, 4.0) if again else (0.0,)
+        delays = (0.0, 1.0, 2.0, 4.0) if again else (0.0,)
         last = "no attempt"
         for delay in delays:
             if self.stop.wait(delay):

@@ -1,16 +1,20 @@
-"""The SQLite database of subscribers and sends: opening it, and its schema migrations."""
+"""The SQLite database of subscribers and sends: opening it, its schema migrations, and
+the one way to write several rows at once (`transaction`)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from qant_mail.errors import QantError
+from qant_mail.errors import ExitCode, QantError
 
 # Each step brings a database from version N to N + 1 (PRAGMA user_version). Steps are
 # never edited once released: a change of schema is a new step.
-MIGRATIONS: list[str] = [
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: subscribers
     """
     CREATE TABLE subscribers (
@@ -59,6 +63,16 @@ MIGRATIONS: list[str] = [
         messages INTEGER NOT NULL
     );
     """,
+    # 3: addresses removed on request, kept as a one-way hash so that no import brings
+    # them back; international domains in their ASCII form, one mailbox one row
+    """
+    CREATE TABLE suppressions (
+        email_hash TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    """,
+    lambda db: _ascii_domains(db),
 ]
 
 
@@ -66,13 +80,83 @@ class StoreError(QantError):
     """The database cannot be opened or is not ours."""
 
 
+class StoreUnavailable(StoreError):
+    """The database is there but cannot be written now: a full disk, a read-only file,
+    another process holding it. Nothing was changed; trying again later may work."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class Connection(sqlite3.Connection):
+    """A connection whose errors of circumstance (a full disk, a read-only file, a lock)
+    arrive as `StoreError`s naming the database; those of the program (a constraint, a
+    bad statement) stay sqlite3's own."""
+
+    path: Path = Path("?")
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise _translated(self.path, err) from err
+
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        try:
+            return super().executemany(*args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise _translated(self.path, err) from err
+
+
+def _translated(path: Path, err: sqlite3.DatabaseError) -> Exception:
+    if isinstance(err, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+        return err
+    text = str(err)
+    if "full" in text:
+        why = "the disk is full (or the database hit its size limit); nothing was written"
+    elif "readonly" in text or "read-only" in text:
+        why = (
+            "cannot write the database: it is read-only for this user (check the "
+            "permissions of the file and of its folder, which SQLite writes to as well)"
+        )
+    elif "locked" in text or "busy" in text:
+        why = "another process kept the database locked for 30 s; try again"
+    elif "unable to open" in text or "disk I/O" in text:
+        why = f"cannot use the database ({text})"
+    elif "not a database" in text or "malformed" in text:
+        return StoreError(f"{path}: not a qant-mail database, or a damaged one ({text})")
+    else:
+        return StoreError(f"{path}: database error: {text}")
+    return StoreUnavailable(f"{path}: {why}")
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run the block as one write transaction: all of it is committed, or none.
+
+    On an error the transaction is rolled back if it is still open (SQLite rolls back by
+    itself on a full disk, and a second ROLLBACK would hide why) and the error goes on."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error, StoreError):
+                db.execute("ROLLBACK")
+        raise
+
+
 def open_store(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the database at `path`, migrated to the current schema."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, timeout=30, isolation_level=None)
-    except (OSError, sqlite3.Error) as err:
-        raise StoreError(f"{path}: cannot open the database: {err}") from None
+        connection = sqlite3.connect(path, timeout=30, isolation_level=None, factory=Connection)
+    except sqlite3.DatabaseError as err:
+        raise _translated(path, err) from err
+    except OSError as err:
+        raise StoreUnavailable(f"{path}: cannot open the database: {err.strerror}") from err
+    assert isinstance(connection, Connection)
+    connection.path = path
     try:
         # WAL lets the senders' threads write while others read; NORMAL syncs at
         # checkpoints, which survives a killed process (power loss is another story).
@@ -80,9 +164,9 @@ def open_store(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA foreign_keys = ON")
         _migrate(connection, path)
-    except sqlite3.DatabaseError as err:
+    except BaseException:
         connection.close()
-        raise StoreError(f"{path}: not a qant-mail database ({err})") from None
+        raise
     return connection
 
 
@@ -94,19 +178,47 @@ def _migrate(connection: sqlite3.Connection, path: Path) -> None:
             f"({len(MIGRATIONS)}); upgrade qant-mail"
         )
     for number in range(version, len(MIGRATIONS)):
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             (current,) = connection.execute("PRAGMA user_version").fetchone()
             if current == number:  # another process may have migrated meanwhile
-                # One statement at a time: executescript() would commit half a migration.
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
+                step = MIGRATIONS[number]
+                if callable(step):
+                    step(connection)
+                else:
+                    # One statement at a time: executescript() would commit half of one.
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {number + 1}")
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+
+
+def _ascii_domains(db: sqlite3.Connection) -> None:
+    """Write the international domains of stored addresses in their ASCII form; where
+    that makes two rows of one mailbox, keep the older, with the stricter status."""
+    from qant_mail.addresses import AddressError, normalise_address
+
+    rows = db.execute(
+        "SELECT id, email, status FROM subscribers WHERE email GLOB '*[^ -~]*'"
+    ).fetchall()
+    for subscriber_id, email, status in rows:
+        try:
+            ascii_email = normalise_address(email, test_domains=True)
+        except AddressError:
+            continue  # left as it is: a send marks it failed, with why
+        twin = db.execute(
+            "SELECT id FROM subscribers WHERE email = ? AND id != ?", (ascii_email, subscriber_id)
+        ).fetchone()
+        if twin is None:
+            db.execute(
+                "UPDATE subscribers SET email = ? WHERE id = ?", (ascii_email, subscriber_id)
+            )
+            continue
+        if status != "active":
+            db.execute(
+                "UPDATE subscribers SET status = ?, status_reason = 'merged' WHERE id = ?",
+                (status, twin[0]),
+            )
+        db.execute("DELETE FROM subscribers WHERE id = ?", (subscriber_id,))
 
 
 def now_text() -> str:

@@ -3,6 +3,8 @@ transports that write files instead (dry run) or keep messages in memory (tests)
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import smtplib
@@ -22,6 +24,10 @@ from qant_mail.errors import ConfigError, ExitCode, QantError
 
 PASSWORD_VARIABLE = "QANT_SMTP_PASSWORD"
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_GREYLIST = re.compile(r"gr[ae]y-?list", re.IGNORECASE)
+_THROTTLE = re.compile(
+    r"\brate\b|too many|throttl|slow down|server busy|limit (exceeded|reached)", re.IGNORECASE
+)
 
 
 class TransportUnavailable(QantError):
@@ -41,10 +47,13 @@ class ConnectionLost(Exception):
 
 @dataclass(frozen=True)
 class Reply:
-    """An SMTP reply: its code, enhanced status code if any, and text."""
+    """An SMTP reply: its code, enhanced status code if any, and text; `protocol_error`
+    when the server broke the protocol (a 250 where only 354 is right): not a delivery,
+    and worth trying again."""
 
     code: int
     text: str
+    protocol_error: bool = False
 
     @property
     def enhanced(self) -> str | None:
@@ -55,18 +64,27 @@ class Reply:
     @property
     def ok(self) -> bool:
         """Return whether the server accepted."""
-        return 200 <= self.code < 300
+        return 200 <= self.code < 300 and not self.protocol_error
 
     @property
     def temporary(self) -> bool:
-        """Return whether trying again later may work (4xx)."""
-        return 400 <= self.code < 500
+        """Return whether trying again later may work (4xx, or a protocol error)."""
+        return 400 <= self.code < 500 or self.protocol_error
+
+    @property
+    def greylisted(self) -> bool:
+        """Return whether this is greylisting: this recipient, later; not a reason to slow."""
+        return self.temporary and bool(_GREYLIST.search(self.text))
 
     @property
     def slow_down(self) -> bool:
-        """Return whether the server asks us to send more slowly (421, 4.7.x)."""
-        enhanced = self.enhanced or ""
-        return self.code == 421 or enhanced.startswith("4.7.")
+        """Return whether the server asks us to send more slowly (421, a rate limit,
+        a 4.7.x policy refusal that is not greylisting)."""
+        if self.code == 421:
+            return True
+        if not self.temporary or self.protocol_error or self.greylisted:
+            return False
+        return (self.enhanced or "").startswith("4.7.") or bool(_THROTTLE.search(self.text))
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".strip()
@@ -102,11 +120,20 @@ class SmtpTransport:
         smtp = settings.smtp
         self.host, self.port, self.security = smtp.host, smtp.port, smtp.security
         self.timeout = smtp.timeout
+        self.message_timeout = smtp.message_timeout
         self.username = smtp.username
         self._password = env.get(PASSWORD_VARIABLE, "")
         if self.username and not self._password:
             raise ConfigError(
                 f"smtp.username is set but {PASSWORD_VARIABLE} is not: export the password"
+            )
+        cleartext = self.username and self.security == "none" and not _is_loopback(self.host)
+        if cleartext and not smtp.allow_plaintext_login:
+            raise ConfigError(
+                f'smtp.username is set but smtp.security is "none": the password would '
+                f'cross the network to {self.host} in clear. Use security = "starttls" '
+                '(port 587) or "tls" (465); or, for a relay on a network you trust, '
+                "allow_plaintext_login = true"
             )
         self.helo = smtp.helo_name or None
         self.context: ssl.SSLContext | None = None
@@ -159,79 +186,154 @@ class SmtpTransport:
             ) from None
         except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
             raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from None
-        return SmtpConnection(client, where)
+        return SmtpConnection(client, where, self.timeout, self.message_timeout)
 
 
 class SmtpConnection:
     """One SMTP session, reused for many messages, pipelining when the server allows."""
 
-    def __init__(self, client: smtplib.SMTP, where: str) -> None:
+    # Postfix drops a client after 20 errors (10 slow it down): a connection that has
+    # had this many refusals is closed and a fresh one opened.
+    MAX_REFUSALS = 5
+
+    def __init__(
+        self, client: smtplib.SMTP, where: str, timeout: float, message_timeout: float
+    ) -> None:
         self.client = client
         self.where = where
         self.pipelining = client.has_extn("pipelining")
+        self.timeout = timeout
+        self.message_timeout = message_timeout
+        self.refusals = 0
+        if client.sock is None:
+            raise ConnectionLost("connection closed", after_data=False)
+        self.sock = client.sock
+        self.buffer = b""
+        self.broken = False  # after a lost exchange: no QUIT, the session is out of step
+
+    @property
+    def worn(self) -> bool:
+        """Return whether the server has refused enough here to count us as a nuisance."""
+        return self.refusals >= self.MAX_REFUSALS
 
     def send(self, sender: str, recipient: str, data: bytes) -> Reply:
-        """Send one message in one transaction; RSET after a refusal."""
-        commands = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>", "DATA"]
+        """Send one message in one transaction; RSET after a refusal. The whole exchange
+        has `message_timeout` seconds: a server that trickles its reply lines cannot
+        hold a send forever."""
+        deadline = time.monotonic() + self.message_timeout
+        envelope = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"]
+        self.broken = True  # until this exchange ends in step
         try:
             if self.pipelining:
-                # RFC 2920: the three commands in one write, the replies read in turn.
-                self.client.send("\r\n".join(commands) + "\r\n")
-                replies = [self._reply() for _ in commands]
+                # RFC 2920: MAIL and RCPT in one write. DATA waits for their verdicts, so
+                # that a refused recipient costs the server one error, not two.
+                self._write(("\r\n".join(envelope) + "\r\n").encode())
+                replies = [self._reply(deadline) for _ in envelope]
             else:
                 replies = []
-                for command in commands:
-                    self.client.send(command + "\r\n")
-                    replies.append(self._reply())
-                    if not replies[-1].ok and replies[-1].code != 354:
+                for command in envelope:
+                    self._write(command.encode() + b"\r\n")
+                    replies.append(self._reply(deadline))
+                    if not replies[-1].ok:
                         break
-        except (smtplib.SMTPServerDisconnected, OSError) as err:
-            raise ConnectionLost(_describe(err), after_data=False) from None
-        refusal = next((r for r in replies[:2] if not r.ok), None)
-        if refusal is None and replies[-1].code != 354:
-            refusal = replies[-1]
-        if refusal is not None:
-            if replies[-1].code == 354:
-                # A server that opened DATA anyway gets an empty message it will refuse.
-                self._quietly(".")
-            self._quietly("RSET")
-            return refusal
+            refusal = next((r for r in replies if not r.ok), None)
+            if refusal is not None:
+                self.refusals += 1
+                self.broken = False
+                self._quietly("RSET", deadline)
+                return refusal
+            self._write(b"DATA\r\n")
+            opened = self._reply(deadline)
+        except (OSError, _ProtocolError) as err:
+            raise ConnectionLost(_describe(err), after_data=False) from err
+        if opened.code != 354:
+            # Only 354 lets the message go. Anything else is the verdict; a 2xx here is
+            # a protocol error (the server received nothing), never a delivery.
+            self.refusals += 1
+            self._quietly("RSET", deadline)
+            self.broken = False
+            if opened.ok:
+                return Reply(
+                    opened.code,
+                    f"{opened.text} (protocol error: DATA answered without 354; nothing was sent)",
+                    protocol_error=True,
+                )
+            return opened
         if data.startswith(b".") or b"\r\n." in data:
             data = re.sub(rb"(?m)^\.", b"..", data)  # dot-stuffing (RFC 5321 4.5.2)
         ending = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
         try:
-            if self.client.sock is None:
-                raise smtplib.SMTPServerDisconnected("connection closed")
-            self.client.sock.sendall(data)
-            self.client.sock.sendall(ending)
-        except (smtplib.SMTPServerDisconnected, OSError) as err:
+            # One write: a separate small write of the final dot would wait for the
+            # server's delayed ACK (Nagle), some 40 ms a message.
+            self._write(data + ending)
+        except OSError as err:
             # The terminating dot was not written: the server cannot have accepted.
-            raise ConnectionLost(_describe(err), after_data=False) from None
+            raise ConnectionLost(_describe(err), after_data=False) from err
         try:
-            return self._reply()
-        except (smtplib.SMTPServerDisconnected, OSError) as err:
-            raise ConnectionLost(_describe(err), after_data=True) from None
+            verdict = self._reply(deadline)
+        except (OSError, _ProtocolError) as err:
+            raise ConnectionLost(_describe(err), after_data=True) from err
+        self.broken = False
+        if not verdict.ok:
+            self.refusals += 1
+        return verdict
 
-    def _reply(self) -> Reply:
-        code, text = self.client.getreply()
-        if code == -1:
-            raise smtplib.SMTPServerDisconnected("connection closed")
-        return Reply(code, text.decode("utf-8", "replace").replace("\n", " "))
+    def _write(self, data: bytes) -> None:
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
 
-    def _quietly(self, command: str) -> None:
+    def _reply(self, deadline: float) -> Reply:
+        """Read one reply, all its lines, before `deadline`."""
+        lines: list[bytes] = []
+        while True:
+            line = self._line(deadline)
+            if len(line) < 3 or not line[:3].isdigit():
+                raise _ProtocolError(f"not an SMTP reply: {line[:40]!r}")
+            lines.append(line[4:])
+            if len(line) == 3 or line[3:4] == b" ":
+                break
+            if len(lines) >= 100:
+                raise _ProtocolError("a reply of more than 100 lines")
+        text = b" ".join(lines).decode("utf-8", "replace")
+        return Reply(int(line[:3]), text)
+
+    def _line(self, deadline: float) -> bytes:
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no complete reply in time")
+            if len(self.buffer) > 4096:
+                raise _ProtocolError("a reply line of more than 4 KB")
+            self.sock.settimeout(min(self.timeout, remaining))
+            chunk = self.sock.recv(8192)
+            if not chunk:
+                raise _ProtocolError("connection closed")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def _quietly(self, command: str, deadline: float | None = None) -> None:
         """Send a command whose reply does not matter; close the connection if it fails."""
         try:
-            self.client.send(command + "\r\n")
-            self._reply()
-        except (smtplib.SMTPException, OSError):
-            self.close()
+            self._write(command.encode() + b"\r\n")
+            self._reply(deadline or time.monotonic() + self.timeout)
+        except (OSError, _ProtocolError):
+            self._close_socket()
 
     def close(self) -> None:
-        """Quit politely, or just close."""
-        try:
-            self.client.quit()
-        except (smtplib.SMTPException, OSError):
-            self.client.close()
+        """Quit politely, or just close (a session out of step gets no QUIT)."""
+        if not self.broken and self.client.sock is not None:
+            self._quietly("QUIT", time.monotonic() + min(self.timeout, 5.0))
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.client.sock = None
+
+
+class _ProtocolError(Exception):
+    """The server said something that is not SMTP, or hung up mid-reply."""
 
 
 class MaildirTransport:
@@ -308,6 +410,8 @@ class MemoryTransport:
 class RateLimiter:
     """One limiter shared by every connection: per second, per hour and per day."""
 
+    RECOVERY = 5.0
+
     def __init__(
         self,
         per_second: float,
@@ -323,6 +427,7 @@ class RateLimiter:
         self.rate = per_second  # lowered when the server asks us to slow down
         self.next_slot = clock()
         self.paused_until = 0.0
+        self.slowed_at = -1e9  # when the server last asked us to slow down
         self.minutes: dict[int, int] = dict(history or {})
         self.sent_times: deque[float] = deque()
 
@@ -350,22 +455,44 @@ class RateLimiter:
         return None
 
     def slow_down(self) -> None:
-        """Halve the rate and pause everyone a moment: the server asked (421, 4.7.x)."""
+        """Halve the rate and pause everyone a moment: the server asked (421, a limit)."""
         with self.lock:
+            now = self.clock()
+            if now - self.slowed_at < 1.0:
+                return  # the connections all heard it at once: one signal, one halving
             base = self.rate or self.per_second or 20.0
             self.rate = max(base / 2, 0.5)
-            self.paused_until = self.clock() + min(60.0, 10.0 / self.rate)
+            self.slowed_at = now
+            self.paused_until = now + min(10.0, 2.0 / self.rate)
 
     def speed_up(self) -> None:
-        """Creep back towards the configured rate after a success."""
+        """Get back to the configured rate after a success: the rate doubles every
+        `RECOVERY` seconds without a new request to slow down."""
         with self.lock:
-            if self.per_second == 0 and self.rate > 0:
-                self.rate = self.rate * 1.02 if self.rate < 500 else 0.0
-            elif self.rate < self.per_second:
-                self.rate = min(self.per_second, self.rate * 1.02)
+            target = self.per_second
+            if self.rate == target or (target == 0 and self.rate == 0):
+                return
+            now = self.clock()
+            if now - self.slowed_at < self.RECOVERY:
+                return
+            self.slowed_at = now - self.RECOVERY / 2  # the next doubling, half as soon
+            doubled = self.rate * 2
+            if target == 0:
+                self.rate = 0.0 if doubled > 200 else doubled  # 0: no limit again
+            else:
+                self.rate = min(target, doubled)
 
     def _since(self, minute: int) -> int:
         return sum(n for m, n in self.minutes.items() if m >= minute)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reply_text(err: smtplib.SMTPResponseException) -> str:

@@ -95,4 +95,5 @@ def cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]
 
 # Fixtures shared by several test modules.
 from tests.browser import browser  # noqa: E402, F401
+from tests.faulty_smtp import faulty_smtp  # noqa: E402, F401
 from tests.smtp_server import smtp_server  # noqa: E402, F401

@@ -63,18 +63,41 @@ def test_links_that_are_not_https_or_mailto(write_issue: WriteIssue, renderer: R
         sections:
           - event:
               title: T
-              body: "Voir [le site](http://example.com/a), [le fichier](ftp://example.com/f)."
+              body: "Voir [le site](https://example.com/a), [le fichier](ftp://example.com/f)."
               links:
                 - {title: Écrire, url: "mailto:redaction@example.com"}
                 - {title: Local, url: "file:///etc/passwd"}
+                - {title: Script, url: "javascript:alert(1)"}
         """
     )
     report = check(path, renderer)
     errors = {(p.field, p.line): p.message for p in report.errors}
     assert errors == {
-        ("sections.0.event.body.0", 6): "link 'ftp://example.com/f' is not http(s) or mailto",
-        ("sections.0.event.links.1.url", 9): "link 'file:///etc/passwd' is not http(s) or mailto",
+        ("sections.0.event.body.0", 6): (
+            "'ftp://example.com/f': a link is https://, http:// or mailto:"
+        ),
+        ("sections.0.event.links.1.url", 9): (
+            "'file:///etc/passwd': a link is https://, http:// or mailto:"
+        ),
+        ("sections.0.event.links.2.url", 10): (
+            "'javascript:alert(1)': a link is https://, http:// or mailto:"
+        ),
     }
+
+
+def test_links_that_are_http_are_a_warning(write_issue: WriteIssue, renderer: Renderer) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        sections:
+          - event:
+              title: T
+              body: "Voir [le site](http://example.com/a)."
+        """
+    )
+    report = check(path, renderer)
+    assert report.errors == []
     assert [(p.field, p.message) for p in report.warnings] == [
         ("sections.0.event.body.0", "link http://example.com/a is not https")
     ]

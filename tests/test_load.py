@@ -49,7 +49,7 @@ def test_every_problem_is_reported_at_once_with_its_position(write_issue: WriteI
         ("sections.0.event.lede", 5, 13): "input should be a valid string",
         ("sections.0.event.image.alt", 8, 14): "must not be empty",
         ("sections.0.event.links.0.url", 11, 16): (
-            "'pas une adresse' is not an absolute URL (https://…)"
+            "'pas une adresse' is not a full address (https://…)"
         ),
     }
 

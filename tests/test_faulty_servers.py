@@ -1,0 +1,204 @@
+"""Sending to servers that misbehave: nothing recorded `sent` that was not, no send held
+forever, the server's error limits respected, greylisting not mistaken for a rate limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from qant_mail.config import Sending, Settings
+from qant_mail.errors import ExitCode
+from qant_mail.ledger import Ledger, State
+from qant_mail.send import SendReport, prepare, send_to_list
+from qant_mail.tokens import SECRET_VARIABLE
+from qant_mail.transport import RateLimiter, Reply, SmtpTransport
+from tests.faulty_smtp import Behaviour, FaultyServer, FaultyServerFactory
+from tests.test_send import SAMPLE, subscribe
+
+pytestmark = pytest.mark.usefixtures("secret")
+
+
+@pytest.fixture
+def secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_VARIABLE, "a-test-secret-that-is-long-enough")
+
+
+def towards(settings: Settings, server: FaultyServer, **smtp: object) -> Settings:
+    changed = settings.smtp.model_copy(
+        update={"host": server.host, "port": server.port, "security": "none", **smtp}
+    )
+    sending = Sending(retry_after_seconds=0.05, max_attempts=3)
+    return dataclasses.replace(settings, smtp=changed, sending=sending)
+
+
+def send(settings: Settings, *, wait: bool = True) -> SendReport:
+    prepared = prepare(settings.root / SAMPLE, settings)
+    return send_to_list(prepared, settings, SmtpTransport(settings, env={}), wait_for_retries=wait)
+
+
+def states(settings: Settings) -> dict[State, int]:
+    ledger = Ledger(settings.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    counts = {state: n for state, n in ledger.counts(found).items() if n}
+    ledger.close()
+    return counts
+
+
+def test_a_250_answer_to_data_is_never_recorded_sent(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(data_reply="250 2.0.0 OK"))
+    settings = towards(project_settings, server)
+    subscribe(settings, 3)
+    report = send(settings)
+    assert server.received == []
+    assert states(settings) == {State.FAILED: 3}
+    assert report.exit_code == ExitCode.PARTIAL
+    ledger = Ledger(settings.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    (row, *_) = ledger.deliveries(found, State.FAILED)
+    assert "protocol error" in row.last_reply
+
+
+def test_a_server_that_trickles_its_reply_cannot_hold_a_send(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(trickle_after_data=0.2))
+    settings = towards(project_settings, server, message_timeout=1.0, timeout=5.0)
+    subscribe(settings, 6)
+    started = time.monotonic()
+    report = send(settings)
+    elapsed = time.monotonic() - started
+    # Each message that got its data out is `unknown`; after three silences in a row the
+    # run stops, resumable, instead of paying a timeout per reader.
+    assert report.stopped == "unavailable"
+    assert report.exit_code == ExitCode.UNAVAILABLE
+    counts = states(settings)
+    assert counts[State.UNKNOWN] >= 3
+    assert sum(counts.values()) == 6
+    assert elapsed < 10, elapsed
+
+
+def test_a_black_hole_after_data_stops_the_run_after_three_timeouts(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(silent_after_data=True))
+    settings = towards(project_settings, server, timeout=0.5, connections=1)
+    subscribe(settings, 10)
+    started = time.monotonic()
+    report = send(settings)
+    assert time.monotonic() - started < 8
+    assert report.stopped == "unavailable"
+    assert states(settings) == {State.UNKNOWN: 3, State.PENDING: 7}
+
+
+def test_a_refused_recipient_gets_no_data_command(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(reject_recipients=frozenset({"reader1@example.com"})))
+    settings = towards(project_settings, server)
+    subscribe(settings, 4)
+    send(settings)
+    assert server.data_after_refusal == 0
+    assert states(settings) == {State.SENT: 3, State.FAILED: 1}
+
+
+def test_many_refusals_stay_under_the_servers_error_limit(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    unknown = frozenset(f"reader{n}@example.com" for n in range(0, 40, 2))
+    server = faulty_smtp(Behaviour(reject_recipients=unknown, error_limit=10))
+    settings = towards(project_settings, server, connections=1)
+    subscribe(settings, 40)
+    report = send(settings)
+    # Postfix would have dropped us after 10 errors; we start afresh after 5.
+    assert report.done[State.SENT] == 20
+    assert report.done[State.FAILED] == 20
+    assert server.errors == 0  # the limit was never reached
+    assert server.connections >= 4
+
+
+def test_a_server_closing_with_421_midsession_loses_nothing(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(close_after_messages=3))
+    settings = towards(project_settings, server, connections=2)
+    addresses = subscribe(settings, 12)
+    report = send(settings)
+    assert report.exit_code == ExitCode.OK
+    assert server.recipients() == dict.fromkeys(addresses, 1)
+
+
+def test_a_552_fails_the_message_and_is_counted_once(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(final_reply="552 5.3.4 Message size exceeds fixed limit"))
+    settings = towards(project_settings, server)
+    subscribe(settings, 3)
+    report = send(settings)
+    assert report.done == {State.FAILED: 3}
+    assert report.exit_code == ExitCode.PARTIAL
+
+
+def test_an_unknown_user_then_a_closed_connection(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(
+        Behaviour(reject_recipients=frozenset({"reader0@example.com"}), close_after_reject=True)
+    )
+    settings = towards(project_settings, server, connections=1)
+    subscribe(settings, 3)
+    send(settings)
+    assert states(settings) == {State.FAILED: 1, State.SENT: 2}
+
+
+def test_greylisting_defers_without_slowing_the_whole_send(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    server = faulty_smtp(Behaviour(greylist_seconds=0.5))
+    settings = towards(project_settings, server)
+    settings = dataclasses.replace(
+        settings, sending=Sending(retry_after_seconds=0.6, max_attempts=4)
+    )
+    addresses = subscribe(settings, 24)
+    started = time.monotonic()
+    report = send(settings)
+    assert report.exit_code == ExitCode.OK
+    assert server.recipients() == dict.fromkeys(addresses, 1)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("reply", "slows"),
+    [
+        (Reply(421, "4.7.0 Try again later, closing connection"), True),
+        (Reply(450, "4.7.1 <a@b.c>: Recipient address rejected: Greylisted"), False),
+        (Reply(451, "4.7.1 Please try again later (greylisting)"), False),
+        (Reply(451, "4.7.500 Server busy. Please try again later"), True),
+        (Reply(450, "4.2.1 The user is receiving mail at a rate that prevents more"), True),
+        (Reply(452, "4.2.2 Mailbox full"), False),
+        (Reply(250, "2.0.0 OK", protocol_error=True), False),
+    ],
+)
+def test_which_replies_slow_the_send_down(reply: Reply, slows: bool) -> None:
+    assert reply.slow_down is slows
+
+
+def test_the_rate_recovers_within_seconds_of_the_last_slow_down() -> None:
+    now = [0.0]
+    limiter = RateLimiter(20, 0, 0, clock=lambda: now[0])
+    for _ in range(5):
+        limiter.slow_down()
+        now[0] += 1.1
+    assert limiter.rate == pytest.approx(20 / 32)
+    recovered_at = None
+    while recovered_at is None:
+        now[0] += 0.5
+        limiter.speed_up()
+        if limiter.rate == 20:
+            recovered_at = now[0]
+    assert recovered_at < 30
