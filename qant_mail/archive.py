@@ -66,7 +66,7 @@ def build_archive(settings: Settings, folder: Path) -> ArchiveReport:
         _swap(staging, folder)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise OutputError(f"{folder}: cannot write the archive: {err.strerror}") from None
+        raise OutputError(f"{folder}: cannot write the archive: {err.strerror}") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

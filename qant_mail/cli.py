@@ -82,15 +82,15 @@ def _handled(command: Callable[P, R]) -> Callable[P, R]:
             _error(str(err))
             for problem in err.problems:
                 typer.echo(str(problem), err=True)
-            raise typer.Exit(err.exit_code) from None
+            raise typer.Exit(err.exit_code) from err
         except QantError as err:
             if _options.debug:
                 traceback.print_exc()
             _error(str(err))
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+            raise typer.Exit(err.exit_code) from err
+        except KeyboardInterrupt as err:
             _error("interrupted")
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
+            raise typer.Exit(ExitCode.INTERRUPTED) from err
 
     return wrapper
 
@@ -299,9 +299,9 @@ def send(
     if not yes:
         try:
             confirmed = typer.confirm("Send?", err=True)
-        except typer.Abort:
+        except typer.Abort as err:
             _error("no answer to “Send?” (no terminal?): add --yes to send without asking")
-            raise typer.Exit(ExitCode.INVALID) from None
+            raise typer.Exit(ExitCode.INVALID) from err
         if not confirmed:
             typer.echo("nothing sent", err=True)
             raise typer.Exit(ExitCode.OK)
@@ -710,9 +710,9 @@ def _status(value: str | None) -> Any:
         return None
     try:
         return Status(value)
-    except ValueError:
+    except ValueError as err:
         choices = ", ".join(s.value for s in Status)
-        raise typer.BadParameter(f"{value!r} is not one of {choices}") from None
+        raise typer.BadParameter(f"{value!r} is not one of {choices}") from err
 
 
 def _warn(warnings: list[str]) -> None:
@@ -749,7 +749,9 @@ def _hint(file: Path, report: Any) -> str:
     if totals.get(State.UNKNOWN):
         hints.append(f"{totals[State.UNKNOWN]} unknown (maybe delivered)")
     hints.append(f"`qant-mail status {file}` lists them")
-    return "; ".join(hints)
+    # Why this run's failures failed, the most common first: the server's own words.
+    reasons = [f"  {n} × {reply}" for reply, n in report.failures.most_common(3)]
+    return "\n".join(["; ".join(hints), *reasons])
 
 
 def _already_done(file: Path, plan: Any) -> str:
@@ -841,8 +843,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def _parse_date(value: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date written YYYY-MM-DD") from None
+    except ValueError as err:
+        raise typer.BadParameter(f"{value!r} is not a date written YYYY-MM-DD") from err
 
 
 def _tagged(problem: Problem) -> str:

@@ -149,7 +149,7 @@ class MessageTemplate:
         try:
             name = check_display_name(recipient.name)
         except QantError as err:
-            raise ComposeError(str(err)) from None
+            raise ComposeError(str(err)) from err
         unsubscribe = f"<{values[Slot.UNSUBSCRIBE_URL]}>"
         if self.settings.sender.unsubscribe_address:
             mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject=unsubscribe"
@@ -400,7 +400,7 @@ class DkimSigner:
         try:
             dkim.crypto.parse_pem_private_key(private_key)
         except (dkim.crypto.UnparsableKeyError, ValueError, IndexError) as err:
-            raise ComposeError(f"{DKIM_KEY_VARIABLE}: not a PEM RSA private key ({err})") from None
+            raise ComposeError(f"{DKIM_KEY_VARIABLE}: not a PEM RSA private key ({err})") from err
         self.selector, self.domain = selector.encode(), domain.encode()
         self._key = private_key
 
@@ -433,7 +433,7 @@ def dkim_signer(settings: Settings, env: Mapping[str, str] | None = None) -> Dki
         try:
             key = key_file.read_bytes()
         except OSError as err:
-            raise ConfigError(f"{DKIM_KEY_VARIABLE}_FILE: {key_file}: {err.strerror}") from None
+            raise ConfigError(f"{DKIM_KEY_VARIABLE}_FILE: {key_file}: {err.strerror}") from err
     if not key:
         raise ConfigError(
             f"dkim.selector is set but neither {DKIM_KEY_VARIABLE} nor "

@@ -325,7 +325,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
             where = sources.get(tuple(map(str, problem.loc[:2])))  # type: ignore[arg-type]
             origin = f"{where} (environment)" if where else f"{path}: {problem.dotted}"
             lines.append(f"{origin}: {problem.message}")
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from err
     if data.lint.html_warning_bytes > data.lint.html_error_bytes:
         raise ConfigError(f"{path}: lint.html_warning_bytes is above lint.html_error_bytes")
     return Settings(
@@ -348,14 +348,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: settings file not found") from None
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: settings file not found") from err
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
 
 
 def _refuse_secrets(path: Path, raw: dict[str, Any]) -> None:

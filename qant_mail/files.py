@@ -105,7 +105,7 @@ def write_all(files: Mapping[Path, bytes]) -> None:
             with contextlib.suppress(OSError):
                 temporary.unlink()
         where = err.filename or (staged[-1][1] if staged else "output")
-        raise OutputError(f"{where}: cannot write: {err.strerror}") from None
+        raise OutputError(f"{where}: cannot write: {err.strerror}") from err
 
 
 def create_new(path: Path, data: bytes) -> None:
@@ -114,7 +114,7 @@ def create_new(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("xb") as out:
             out.write(data)
-    except FileExistsError:
-        raise OutputError(f"{path} already exists; edit it, or remove it first") from None
+    except FileExistsError as err:
+        raise OutputError(f"{path} already exists; edit it, or remove it first") from err
     except OSError as err:
-        raise OutputError(f"{path}: cannot write: {err.strerror}") from None
+        raise OutputError(f"{path}: cannot write: {err.strerror}") from err

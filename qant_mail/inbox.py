@@ -60,7 +60,7 @@ class Inbox:
         try:
             make_maildir(self.folder)
         except OSError as err:
-            raise InboxError(f"{self.folder}: cannot create the inbox: {err.strerror}") from None
+            raise InboxError(f"{self.folder}: cannot create the inbox: {err.strerror}") from err
         if not _port_is_free(self.host, self.port):
             raise InboxError(f"{self.host}:{self.port} is in use (another inbox?); choose --port")
         self.controller = Controller(

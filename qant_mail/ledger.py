@@ -108,11 +108,11 @@ class Ledger:
             try:
                 # Released by the kernel when the process dies, SIGKILL included.
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as err:
                 raise LedgerError(
                     f"another `qant-mail send` is sending {issue} right now; wait for it, "
                     "or stop it (a re-run resumes where it left off)"
-                ) from None
+                ) from err
             yield
         finally:
             os.close(handle)

@@ -17,6 +17,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor, SafeConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarstring import LiteralScalarString
 
 from qant_mail.errors import IssueError, Problem, Severity
@@ -112,7 +113,7 @@ def parse(raw: bytes, path: Path) -> Document:
                 line_offset=error.line_offset,
             )
             problems.append(Problem(path, line, column, error.dotted, message))
-        raise IssueError(path, problems) from None
+        raise IssueError(path, problems) from err
     if problems:
         raise IssueError(path, problems)
     return Document(path, text, issue)
@@ -145,7 +146,7 @@ def _decode(raw: bytes, path: Path) -> str:
             f"not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8",
             line,
             column,
-        ) from None
+        ) from err
     if not text.strip():
         raise _fail(path, "the file is empty; `qant-mail new` writes a skeleton to start from")
     return text
@@ -159,7 +160,13 @@ def _yaml(text: str, path: Path) -> dict[str, Any]:
         mark = err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = _yaml_message(err)
-        raise _fail(path, message, line, column) from None
+        raise _fail(path, message, line, column) from err
+    except ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        character = f"U+{err.character:04X}" if isinstance(err.character, int) else "?"
+        message = f"the character {character} cannot be in a YAML file; remove it"
+        raise _fail(path, message, line, column) from err
     except YAMLError as err:
         raise _fail(path, f"not valid YAML: {err}") from err
     except RecursionError as err:

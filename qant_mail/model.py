@@ -131,7 +131,7 @@ class Image(Strict):
             try:
                 found = probe(path)
             except ImageFileError as err:
-                raise ValueError(str(err)) from None
+                raise ValueError(str(err)) from err
             context.setdefault("images", {})[value] = (path, found)
         return value
 

@@ -256,12 +256,12 @@ class Renderer:
             template = self.env.get_template(name)
             output = template.render(context)
         except jinja2.TemplateNotFound as err:
-            raise TemplateError(f"{self._path(str(err))}: template not found") from None
+            raise TemplateError(f"{self._path(str(err))}: template not found") from err
         except jinja2.TemplateSyntaxError as err:
             where = err.filename or self._path(name)
-            raise TemplateError(f"{where}:{err.lineno}: {err.message}") from None
+            raise TemplateError(f"{where}:{err.lineno}: {err.message}") from err
         except jinja2.TemplateError as err:
-            raise TemplateError(f"{_template_frame(err, self._path(name))}: {err}") from None
+            raise TemplateError(f"{_template_frame(err, self._path(name))}: {err}") from err
         # What an autoescaped template writes is markup: typeset between its tags.
         if not _is_markup_template(name):
             return output
@@ -311,7 +311,7 @@ class Renderer:
         try:
             info = probe(path)
         except ImageFileError as err:
-            raise ConfigError(f"{self.settings.path}: newsletter.logo: {err}") from None
+            raise ConfigError(f"{self.settings.path}: newsletter.logo: {err}") from err
         # The logo file is drawn at twice the size it is shown, for sharp high-DPI screens.
         width, height = info.width // 2, info.height // 2
         src = self._embed(path, info.mime_type, assets)
@@ -362,7 +362,7 @@ def _file_digest(path: Path) -> bytes:
     try:
         return hashlib.sha256(path.read_bytes()).digest()
     except OSError as err:
-        raise ImageFileError(f"cannot read image {path}: {err.strerror}") from None
+        raise ImageFileError(f"cannot read image {path}: {err.strerror}") from err
 
 
 def _count_words(issue: Issue) -> int:

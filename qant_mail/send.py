@@ -116,6 +116,7 @@ class SendReport:
     stopped: str | None = None
     exit_code: ExitCode = ExitCode.OK
     limited: bool = False  # the run stopped at --limit, by request
+    failures: Counter[str] = field(default_factory=Counter)  # why, for the rows failed now
 
     @property
     def rate(self) -> float:
@@ -270,7 +271,7 @@ def send_test(
             try:
                 reply = connection.send(sender, address, data)
             except ConnectionLost as lost:
-                raise TransportUnavailable(f"{transport.description}: {lost}") from None
+                raise TransportUnavailable(f"{transport.description}: {lost}") from lost
             results.append((address, reply))
     finally:
         connection.close()
@@ -321,7 +322,8 @@ class _Run:
         self.gave_up = 0
         self.running = 0
         self.finished = threading.Condition(self.lock)
-        self.outcomes: dict[int, State] = {}  # position → the state it ended in, this run
+        # position → the state it ended in this run, with the last reply
+        self.outcomes: dict[int, tuple[State, str]] = {}
         self.silences = 0  # consecutive messages lost after their data
         # Quota counts go to the database about once a second, with an outcome: a killed
         # run forgets at most a second's worth, against a commit per message saved.
@@ -354,7 +356,10 @@ class _Run:
         for minute, messages in self._quota_to_flush(None).items():
             self.ledger.count_quota(minute, messages)
         self.report.elapsed = time.monotonic() - start
-        self.report.done = Counter(self.outcomes.values())
+        self.report.done = Counter(state for state, _ in self.outcomes.values())
+        self.report.failures = Counter(
+            reply for state, reply in self.outcomes.values() if state is State.FAILED
+        )
         self.report.limited = self.budget == 0
         return self.report
 
@@ -397,7 +402,7 @@ class _Run:
                 claimed, skipped = self.ledger.claim(self.send, size)
                 self._give_back_budget(size - len(claimed) - len(skipped))
                 for position in skipped:
-                    self._count(position, State.SKIPPED)
+                    self._count(position, State.SKIPPED, "left the list")
                 if not claimed and not skipped:
                     return
                 while claimed and not self.stop.is_set():
@@ -519,7 +524,7 @@ class _Run:
             quota=self._quota_to_flush(minute) if minute is not None else None,
             bounce=row.subscriber_id if bounce else None,
         )
-        self._count(row.position, state)
+        self._count(row.position, state, reply)
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:
         with self.lock:
@@ -532,9 +537,9 @@ class _Run:
             flush, self.unflushed = dict(self.unflushed), Counter()
             return flush
 
-    def _count(self, position: int, state: State) -> None:
+    def _count(self, position: int, state: State, reply: str) -> None:
         with self.lock:
-            self.outcomes[position] = state
+            self.outcomes[position] = (state, reply)
         self.progress.advance(state)
 
     def _connect(self, *, again: bool = False) -> Connection | None:

@@ -423,7 +423,7 @@ def _name(value: str) -> str:
     try:
         name = check_display_name(value)
     except AddressError as err:
-        raise SubscriberError(str(err)) from None
+        raise SubscriberError(str(err)) from err
     if len(name) > MAX_NAME:
         raise SubscriberError(f"name longer than {MAX_NAME} characters")
     return name
@@ -432,13 +432,15 @@ def _name(value: str) -> str:
 def _read_csv(stream: TextIO, where: str) -> Iterator[tuple[int, str, str]]:
     """Yield (line, email, name) for each data row; `email` is required, `name` optional."""
     first = stream.readline()
+    if not first.strip():
+        raise SubscriberError(f"{where}: the file is empty; it needs an `email` column")
     # Spreadsheets in French locales write ";" between columns.
     delimiter = ";" if first.count(";") > first.count(",") else ","
     reader = csv.reader(itertools.chain([first], stream), delimiter=delimiter)
     try:
         header = [column.strip().lower() for column in next(reader)]
-    except StopIteration:
-        raise SubscriberError(f"{where}: the file is empty; it needs an `email` column") from None
+    except StopIteration as err:
+        raise SubscriberError(f"{where}: the file is empty; it needs an `email` column") from err
     except csv.Error as err:
         raise SubscriberError(f"{where}:1: {err}") from err
     if "email" not in header:

@@ -178,14 +178,14 @@ class SmtpTransport:
         except smtplib.SMTPAuthenticationError as err:
             raise TransportUnavailable(
                 f"{where} refused the login of {self.username!r}: {_reply_text(err)}"
-            ) from None
+            ) from err
         except ssl.SSLCertVerificationError as err:
             raise TransportUnavailable(
                 f"{where}: certificate not trusted ({err.verify_message}); "
                 "smtp.verify_certificates = false only for a relay you control"
-            ) from None
+            ) from err
         except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
-            raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from None
+            raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from err
         return SmtpConnection(client, where, self.timeout, self.message_timeout)
 
 
@@ -348,7 +348,7 @@ class MaildirTransport:
         try:
             make_maildir(self.folder)
         except OSError as err:
-            raise TransportUnavailable(f"{self.folder}: cannot write: {err.strerror}") from None
+            raise TransportUnavailable(f"{self.folder}: cannot write: {err.strerror}") from err
         return MaildirConnection(self.folder)
 
 

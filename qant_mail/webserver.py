@@ -20,6 +20,7 @@ from qant_mail.errors import ExitCode, QantError
 HEADER_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 20.0
 MAX_BODY = 64 * 1024
+MAX_HEADERS = 16 * 1024
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,7 +43,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ServerError(f"{host}:{port}: {err.strerror}; choose another --port") from None
+        raise ServerError(f"{host}:{port}: {err.strerror}; choose another --port") from err
     sock.listen(128)
     return sock
 
@@ -91,14 +92,20 @@ class RequestLimits:
     """ASGI middleware: a body of at most `max_body` bytes, read within `timeout` seconds
     of the request (413 and 408 otherwise), never buffered whole beforehand."""
 
-    def __init__(self, app: Any, max_body: int = MAX_BODY, timeout: float = REQUEST_TIMEOUT):
-        self.app, self.max_body, self.timeout = app, max_body, timeout
+    def __init__(self, app: Any, max_body: int | None = None, timeout: float | None = None):
+        self.app = app
+        self.max_body = MAX_BODY if max_body is None else max_body
+        self.timeout = REQUEST_TIMEOUT if timeout is None else timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = scope.get("headers") or []
+        if sum(len(name) + len(value) for name, value in headers) > MAX_HEADERS:
+            await _plain(send, 431, "request headers too large\n")
+            return
+        declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             await _plain(send, 413, "request body too large\n")
             return
@@ -148,7 +155,7 @@ def _config(app: Any, proxy_headers: bool = False) -> uvicorn.Config:
         forwarded_allow_ips="127.0.0.1",
         # An idle keep-alive connection, and a header block larger than any honest one.
         timeout_keep_alive=5,
-        h11_max_incomplete_event_size=16 * 1024,
+        h11_max_incomplete_event_size=MAX_HEADERS,
         limit_concurrency=1000,
     )
 
