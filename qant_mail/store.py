@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,12 @@ def _translated(path: Path, err: sqlite3.DatabaseError) -> Exception:
         )
     elif "locked" in text or "busy" in text:
         why = "another process kept the database locked for 30 s; try again"
+    elif "unable to open" in text and not _writable(path):
+        # WAL needs files beside the database: a folder it cannot write is enough.
+        why = (
+            "cannot write the database: it is read-only for this user (check the "
+            "permissions of the file and of its folder, which SQLite writes to as well)"
+        )
     elif "unable to open" in text or "disk I/O" in text:
         why = f"cannot use the database ({text})"
     elif "not a database" in text or "malformed" in text:
@@ -127,6 +134,11 @@ def _translated(path: Path, err: sqlite3.DatabaseError) -> Exception:
     else:
         return StoreError(f"{path}: database error: {text}")
     return StoreUnavailable(f"{path}: {why}")
+
+
+def _writable(path: Path) -> bool:
+    folder_ok = os.access(path.parent, os.W_OK)
+    return folder_ok and (not path.exists() or os.access(path, os.W_OK))
 
 
 @contextlib.contextmanager

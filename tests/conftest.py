@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import textwrap
 from collections.abc import Callable
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from qant_mail.config import Settings, load_settings
+from qant_mail.config import Sending, Settings, load_settings
 from qant_mail.load import Document, load
 from qant_mail.render import RenderedIssue, Renderer
+from tests.smtp_server import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
@@ -91,6 +93,16 @@ def cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]
         return runner.invoke(app, list(args), env=env, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture
+def local(project_settings: Settings, smtp_server: SmtpServer) -> Settings:  # noqa: F811
+    """The project's settings, sending to the scripted server, retrying quickly."""
+    smtp = project_settings.smtp.model_copy(
+        update={"host": smtp_server.host, "port": smtp_server.port, "security": "none"}
+    )
+    sending = Sending(retry_after_seconds=0.05, max_attempts=3)
+    return dataclasses.replace(project_settings, smtp=smtp, sending=sending)
 
 
 # Fixtures shared by several test modules.

@@ -31,16 +31,6 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_VARIABLE, SECRET)
 
 
-@pytest.fixture
-def local(project_settings: Settings, smtp_server: SmtpServer) -> Settings:
-    """The project's settings, sending to the scripted server, retrying quickly."""
-    smtp = project_settings.smtp.model_copy(
-        update={"host": smtp_server.host, "port": smtp_server.port, "security": "none"}
-    )
-    sending = Sending(retry_after_seconds=0.05, max_attempts=3)
-    return dataclasses.replace(project_settings, smtp=smtp, sending=sending)
-
-
 def subscribe(settings: Settings, count: int, *, prefix: str = "reader") -> list[str]:
     """Add `count` active subscribers; return their addresses."""
     store = Subscribers.open(settings.store_path)
