@@ -160,3 +160,18 @@ def test_archive_index_in_a_browser(
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         page.close()
+
+
+def test_an_issue_with_a_link_check_refuses_is_not_published(
+    project_settings: Settings, tmp_path: Path
+) -> None:
+    folder = project_settings.issues_dir
+    (folder / "2024-01-15.yaml").write_text(
+        "subject: Piège\nsections:\n  - event:\n      title: T\n      links:\n"
+        '        - {title: Clic, url: "javascript:alert(1)"}\n'
+    )
+    report = build_archive(project_settings, tmp_path / "site")
+    reasons = {path.name: reason for path, reason in report.left_out}
+    assert "a link is https://, http:// or mailto:" in reasons["2024-01-15.yaml"]
+    assert not (tmp_path / "site" / "2024-01-15").exists()
+    assert b"javascript:" not in (tmp_path / "site" / "feed.xml").read_bytes()

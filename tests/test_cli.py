@@ -203,3 +203,10 @@ def test_big_file_is_refused_by_the_command(project: Path) -> None:
     )
     assert result.returncode == ExitCode.INVALID
     assert "at most 5 MB" in result.stdout
+
+
+def test_a_port_out_of_range_is_a_usage_error(cli: Cli) -> None:
+    result = cli("inbox", "--port", "99999")
+    assert result.exit_code == ExitCode.USAGE
+    assert "--port" in result.output
+    assert "65535" in result.output
