@@ -268,6 +268,7 @@ def send(
         prepared = sending.prepare(file, settings, test=True)
         _warn(prepared.warnings)
         transport = SmtpTransport(settings)
+        sending.require_signature(settings, prepared.template.keys, transport)
         failed = 0
         for address, reply in sending.send_test(prepared, settings, transport, addresses):
             typer.echo(f"{address}: {reply}")
@@ -296,6 +297,7 @@ def send(
         f"Recipients: {count} {where}" + (f" (of {plan.recipients})" if limit else ""), err=True
     )
     typer.echo(f"Server:     {plan.server}", err=True)
+    typer.echo(f"DKIM:       {plan.signing}", err=True)
     if not yes:
         try:
             confirmed = typer.confirm("Send?", err=True)
@@ -525,6 +527,54 @@ def serve(
         run(create_app(settings, site, secret), sock, proxy_headers=proxy_headers)
     finally:
         sock.close()
+
+
+dkim_app = typer.Typer(help="DKIM keys.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(dkim_app, name="dkim")
+
+
+@dkim_app.command("keygen")
+@_handled
+def dkim_keygen(
+    kind: Annotated[
+        str, typer.Option("--type", help="rsa (2048 bits, read everywhere) or ed25519.")
+    ] = "rsa",
+    selector: Annotated[
+        str | None,
+        typer.Option("--selector", help="The key's name in DNS (default: qant + the year)."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for SELECTOR.private.pem.")
+    ] = Path(),
+) -> None:
+    """Write a DKIM key pair and print the DNS records to publish (DKIM, SPF, DMARC)."""
+    from qant_mail import dkim
+    from qant_mail.files import create_new
+
+    if kind not in ("rsa", "ed25519"):
+        raise typer.BadParameter("rsa or ed25519", param_hint="--type")
+    settings = _settings()
+    name = selector or f"qant{dt.date.today().year}{'e' if kind == 'ed25519' else ''}"
+    domain = settings.dkim.domain or settings.sender_domain
+    pem, public = dkim.generate(kind)  # type: ignore[arg-type]
+    path = output / f"{name}.private.pem"
+    create_new(path, pem, mode=0o600)
+    record = dkim.dns_record(kind, public)
+    # A TXT string holds 255 characters at most: longer records are cut into several.
+    strings = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    variable = dkim.ED25519_VARIABLE if kind == "ed25519" else dkim.RSA_VARIABLE
+    setting = "ed25519_selector" if kind == "ed25519" else "selector"
+    typer.echo(f"wrote {_shown(path)} (the private key: keep it secret, out of the project)")
+    typer.echo("")
+    typer.echo("Publish in DNS:")
+    typer.echo(f"{name}._domainkey.{domain}. IN TXT {strings}")
+    typer.echo("")
+    typer.echo("and, if not there already (adapt SPF to the relays you send through):")
+    typer.echo(f'{domain}. IN TXT "v=spf1 mx include:YOUR-RELAY ~all"')
+    typer.echo(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"')
+    typer.echo("")
+    typer.echo(f'Then, in qant.toml: [dkim] {setting} = "{name}"; and in the environment:')
+    typer.echo(f"{variable}_FILE={path.resolve()}")
 
 
 subscribers_app = typer.Typer(

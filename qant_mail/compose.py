@@ -16,15 +16,16 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 from urllib.parse import quote
 
-from qant_mail import prose, tokens
+from qant_mail import dkim, prose, tokens
 from qant_mail.addresses import check_display_name, is_plain_address
 from qant_mail.config import Settings
-from qant_mail.errors import ConfigError, QantError
+from qant_mail.errors import QantError
 from qant_mail.files import write_all
 from qant_mail.load import load
 from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, Asset, RenderedIssue, Renderer, Slot
 
 CRLF = b"\r\n"
+HeaderField = tuple[str, bytes]  # a name, and its value as written after the colon
 # Quoted-printable keeps printable ASCII but "=" as is; everything else becomes =XX.
 _QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
 _QP_LINE = 76  # RFC 2045: encoded lines of at most 76 characters, the soft break included
@@ -81,20 +82,30 @@ class MessageTemplate:
         issue_key: str | None = None,
         test: bool = False,
         date: dt.datetime | None = None,
-        signer: DkimSigner | None = None,
+        keys: Sequence[dkim.DkimKey] = (),
     ) -> None:
         self.settings = settings
-        self.signer = signer
+        self.keys = tuple(keys)
         self.rendered = rendered
         self.secret = secret
         self.issue_key = issue_key or rendered.issue.date.isoformat()
         self.domain = settings.sender_domain
         self.unsubscribe_base = f"{settings.newsletter.base_url}/unsubscribe/"
+        # A test's Message-IDs are its own: a mail client that folds messages of one
+        # Message-ID together must not hide the real issue behind an editor's test.
+        self.test_nonce = secrets.token_hex(6) if test else ""
         subject = ("[TEST] " if test else "") + rendered.subject
         when = date or dt.datetime.now(dt.UTC).astimezone()
         self.subject = subject
-        self._headers = self._static_headers(subject, when)
-        self._segments = self._body()
+        alternative = _boundary("alt")
+        self._headers = self._static_headers(subject, when, alternative)
+        self._header_bytes = _render_headers(self._headers)
+        self._segments = self._body(alternative)
+        self._body_hash = (
+            dkim.BodyHash.of([s if isinstance(s, bytes) else None for s in self._segments])
+            if self.keys
+            else None
+        )
 
     # -- per recipient ---------------------------------------------------------------
 
@@ -102,23 +113,30 @@ class MessageTemplate:
         """Return the complete message for `recipient`, ready for SMTP DATA."""
         values = self.values(recipient)
         encoded: dict[_Slot, bytes] = {}
-        parts = [self._recipient_headers(recipient, values), self._headers]
+        own = self._recipient_headers(recipient, values)
+        parts = [_render_headers(own), self._header_bytes, CRLF]
+        varying: list[bytes] = []
         for segment in self._segments:
             if isinstance(segment, bytes):
                 parts.append(segment)
                 continue
             if isinstance(segment, _Wrapped):
-                parts.append(segment.fill(values))
-                continue
-            chunk = encoded.get(segment)
-            if chunk is None:
-                value = values[segment.slot]
-                if segment.html:
-                    value = html.escape(value)
-                chunk = encoded[segment] = qp_encode(value.encode("utf-8"), soft_end=True)
+                chunk = segment.fill(values)
+            else:
+                chunk = encoded.get(segment) or b""
+                if not chunk:
+                    value = values[segment.slot]
+                    if segment.html:
+                        value = html.escape(value)
+                    chunk = encoded[segment] = qp_encode(value.encode("utf-8"), soft_end=True)
             parts.append(chunk)
-        message = b"".join(parts)
-        return self.signer.sign(message) if self.signer else message
+            varying.append(chunk)
+        if self._body_hash is not None:
+            body_hash = self._body_hash.digest(varying)
+            headers = [*own, *self._headers]
+            signatures = [dkim.sign_headers(key, headers, body_hash) for key in self.keys]
+            parts[:0] = signatures
+        return b"".join(parts)
 
     def values(self, recipient: Recipient) -> dict[Slot, str]:
         """Return the per-recipient values that fill the placeholders."""
@@ -135,12 +153,15 @@ class MessageTemplate:
         return self.unsubscribe_base + token
 
     def message_id(self, recipient: Recipient) -> str:
-        """Return a Message-ID stable for this (issue, recipient) pair."""
-        key = f"{self.issue_key}\0{recipient.address.lower()}".encode()
+        """Return a Message-ID stable for this (issue, recipient) pair, and one of its
+        own for each test send."""
+        key = f"{self.issue_key}\0{recipient.address.lower()}\0{self.test_nonce}".encode()
         digest = hashlib.blake2b(key, digest_size=12, person=b"qant-mail-msgid").hexdigest()
         return f"<{self.issue_key}.{digest}@{self.domain}>"
 
-    def _recipient_headers(self, recipient: Recipient, values: dict[Slot, str]) -> bytes:
+    def _recipient_headers(
+        self, recipient: Recipient, values: dict[Slot, str]
+    ) -> list[HeaderField]:
         # Addresses were validated when they entered the store (or the command line);
         # here it is enough to make sure none can break out of its header line.
         address = recipient.address
@@ -150,43 +171,43 @@ class MessageTemplate:
             name = check_display_name(recipient.name)
         except QantError as err:
             raise ComposeError(str(err)) from err
-        unsubscribe = f"<{values[Slot.UNSUBSCRIBE_URL]}>"
+        # Folded before the URL: the header then stays within 78 characters a line,
+        # and the URL, which cannot be folded, starts a line of its own.
+        unsubscribe = f"\r\n <{values[Slot.UNSUBSCRIBE_URL]}>"
         if self.settings.sender.unsubscribe_address:
             mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject=unsubscribe"
             unsubscribe += f",\r\n <{mailto}>"
-        lines = [
-            f"Message-ID: {self.message_id(recipient)}",
-            f"To: {_address_header(name, address, 'To')}",
-            f"List-Unsubscribe: {unsubscribe}",
+        return [
+            ("Message-ID", f" {self.message_id(recipient)}".encode("ascii")),
+            ("To", f" {_address_header(name, address, 'To')}".encode("ascii")),
+            ("List-Unsubscribe", unsubscribe.encode("ascii")),
         ]
-        return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
     # -- once per issue --------------------------------------------------------------
 
-    def _static_headers(self, subject: str, when: dt.datetime) -> bytes:
+    def _static_headers(self, subject: str, when: dt.datetime, boundary: str) -> list[HeaderField]:
         sender = self.settings.sender
         list_label = f"{sender.address.partition('@')[0]}.{self.domain}"
-        lines = [
-            f"From: {_address_header(sender.name, sender.address, 'From')}",
+        headers: list[tuple[str, str]] = [
+            ("From", _address_header(sender.name, sender.address, "From")),
         ]
         if sender.reply_to:
-            lines.append(f"Reply-To: {sender.reply_to}")
-        lines += [
-            f"Subject: {_header_text(subject, 'Subject')}",
-            f"Date: {format_datetime(when)}",
-            "MIME-Version: 1.0",
-            f"List-Id: {_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>",
-            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
-            "Precedence: bulk",
-            f"Feedback-ID: {self.issue_key}:newsletter:{self.domain}",
+            headers.append(("Reply-To", sender.reply_to))
+        headers += [
+            ("Subject", _header_text(subject, "Subject")),
+            ("Date", format_datetime(when)),
+            ("MIME-Version", "1.0"),
+            ("List-Id", f"{_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>"),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ("Precedence", "bulk"),
+            ("Feedback-ID", f"{self.issue_key}:newsletter:{self.domain}"),
+            ("Content-Type", f'multipart/alternative;\r\n boundary="{boundary}"'),
         ]
-        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+        return [(name, f" {value}".encode("ascii")) for name, value in headers]
 
-    def _body(self) -> list[Segment]:
+    def _body(self, alternative: str) -> list[Segment]:
         rendered = self.rendered
-        alternative = _boundary("alt")
         segments: list[Segment] = [
-            f'Content-Type: multipart/alternative;\r\n boundary="{alternative}"\r\n\r\n'.encode(),
             f"--{alternative}\r\n".encode(),
             b'Content-Type: text/plain; charset="utf-8"\r\n'
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
@@ -227,6 +248,10 @@ class MessageTemplate:
             segments.append(CRLF)
         segments.append(f"--{alternative}--\r\n".encode())
         return _merge(segments)
+
+
+def _render_headers(headers: Sequence[HeaderField]) -> bytes:
+    return b"".join(name.encode("ascii") + b":" + value + CRLF for name, value in headers)
 
 
 def _boundary(kind: str) -> str:
@@ -378,65 +403,9 @@ def write_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
     return list(files)
 
 
-DKIM_KEY_VARIABLE = "QANT_DKIM_PRIVATE_KEY"
-# Gmail and Yahoo want the unsubscribe headers signed along with the usual ones.
-DKIM_HEADERS = (
-    b"from",
-    b"to",
-    b"subject",
-    b"date",
-    b"message-id",
-    b"list-unsubscribe",
-    b"list-unsubscribe-post",
-)
-
-
-class DkimSigner:
-    """Signs each message with the newsletter's DKIM key (dkimpy, relaxed/relaxed)."""
-
-    def __init__(self, selector: str, domain: str, private_key: bytes) -> None:
-        import dkim.crypto  # imported here: only senders that sign pay for it
-
-        try:
-            dkim.crypto.parse_pem_private_key(private_key)
-        except (dkim.crypto.UnparsableKeyError, ValueError, IndexError) as err:
-            raise ComposeError(f"{DKIM_KEY_VARIABLE}: not a PEM RSA private key ({err})") from err
-        self.selector, self.domain = selector.encode(), domain.encode()
-        self._key = private_key
-
-    def __repr__(self) -> str:
-        return f"DkimSigner(selector={self.selector!r}, domain={self.domain!r})"
-
-    def sign(self, message: bytes) -> bytes:
-        """Return `message` with a DKIM-Signature header in front."""
-        import dkim
-
-        signature = dkim.sign(
-            message,
-            self.selector,
-            self.domain,
-            self._key,
-            include_headers=list(DKIM_HEADERS),
-            canonicalize=(b"relaxed", b"relaxed"),
-        )
-        return bytes(signature) + message
-
-
-def dkim_signer(settings: Settings, env: Mapping[str, str] | None = None) -> DkimSigner | None:
-    """Return the signer the settings ask for (a selector), with its key from the environment."""
-    if not settings.dkim.selector:
-        return None
-    env = os.environ if env is None else env
-    key = env.get(DKIM_KEY_VARIABLE, "").encode()
-    if not key and env.get(f"{DKIM_KEY_VARIABLE}_FILE"):
-        key_file = Path(env[f"{DKIM_KEY_VARIABLE}_FILE"])
-        try:
-            key = key_file.read_bytes()
-        except OSError as err:
-            raise ConfigError(f"{DKIM_KEY_VARIABLE}_FILE: {key_file}: {err.strerror}") from err
-    if not key:
-        raise ConfigError(
-            f"dkim.selector is set but neither {DKIM_KEY_VARIABLE} nor "
-            f"{DKIM_KEY_VARIABLE}_FILE is: export the private key"
-        )
-    return DkimSigner(settings.dkim.selector, settings.dkim.domain or settings.sender_domain, key)
+def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:
+    """Return the DKIM keys the settings ask for, from the environment."""
+    config = settings.dkim
+    return dkim.keys_from_settings(
+        config.selector, config.ed25519_selector, config.domain or settings.sender_domain, env
+    )

@@ -28,6 +28,7 @@ SECRETS = {
     "secret_key": "QANT_SECRET_KEY",
     "private_key": "QANT_DKIM_PRIVATE_KEY",
     "dkim_private_key": "QANT_DKIM_PRIVATE_KEY",
+    "ed25519_private_key": "QANT_DKIM_ED25519_PRIVATE_KEY",
 }
 
 
@@ -75,6 +76,8 @@ class Newsletter(Strict):
     locale: Annotated[str, Field(pattern=r"^[a-z]{2,3}([_-][A-Za-z]{2,4})?$")] = "fr"
     base_url: Annotated[str, AfterValidator(_base_url)]
     logo: str | None = None
+    # For dark mode, where the mail client supports it (transparent, light letters).
+    logo_dark: str | None = None
     logo_alt: str = ""
     words_per_minute: Annotated[int, Field(ge=50, le=1000)] = 250
     postal_address: str = ""
@@ -219,10 +222,16 @@ class Store(Strict):
 
 
 class Dkim(Strict):
-    """DKIM signing (the private key comes from QANT_DKIM_PRIVATE_KEY[_FILE])."""
+    """DKIM signing: an RSA key (QANT_DKIM_PRIVATE_KEY[_FILE]) under `selector`, an
+    Ed25519 one (QANT_DKIM_ED25519_PRIVATE_KEY[_FILE]) under `ed25519_selector`, or both."""
 
     selector: str = ""
+    ed25519_selector: str = ""
     domain: str = ""
+    # Without a signature, Gmail and Yahoo treat a bulk sender as suspect and ignore
+    # one-click unsubscription: a send to a relay elsewhere is refused unless this is
+    # turned off on purpose. (The local test inbox needs none.)
+    required: bool = True
 
 
 class SettingsFile(Strict):

@@ -108,11 +108,12 @@ def write_all(files: Mapping[Path, bytes]) -> None:
         raise OutputError(f"{where}: cannot write: {err.strerror}") from err
 
 
-def create_new(path: Path, data: bytes) -> None:
+def create_new(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write a file that must not exist yet; never overwrite one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("xb") as out:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        with os.fdopen(handle, "wb") as out:
             out.write(data)
     except FileExistsError as err:
         raise OutputError(f"{path} already exists; edit it, or remove it first") from err

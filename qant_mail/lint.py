@@ -21,6 +21,7 @@ from qant_mail.schema import Loc
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
 _EMAIL: Loc = ("(email)",)
+_TEMPLATE: Loc = ("(template)",)
 # Values of typical length stand in for the per-recipient placeholders when the HTML is
 # measured: Gmail counts the bytes a subscriber receives, not our template.
 SAMPLE_VALUES = {
@@ -99,7 +100,7 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
             report(loc, problem, ERROR)
         elif href.lower().startswith("http:"):
             report(loc, f"link {_short(href)} is not https", WARNING)
-        if href in seen:
+        if href in seen and loc != _TEMPLATE:  # the templates' own repeats are on purpose
             report(loc, f"duplicate link {_short(href)} (also at {_dotted(seen[href])})", WARNING)
         else:
             seen[href] = loc
@@ -172,7 +173,7 @@ class _Origins:
         # The n-th time a target appears in the HTML is the n-th field that holds it.
         places = self.links.get(href)
         if not places:
-            return ("(template)",)
+            return _TEMPLATE
         index = self.used.get(href, 0)
         self.used[href] = index + 1
         return places[min(index, len(places) - 1)]

@@ -6,8 +6,10 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from markdown_it import MarkdownIt
+from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 
 # Raw HTML is parsed (not escaped) only so that it can be found and refused: an email's
@@ -18,6 +20,27 @@ _MD.disable("code")
 
 Typeset = Callable[[str], str]
 
+
+def _heading_open(
+    self: RendererHTML, tokens: Sequence[Token], idx: int, options: Any, env: Any
+) -> str:
+    # A body's "## Intertitre" is a subheading of its story, whose title is an h2 (the
+    # issue's is the h1): each level moves one down, for the outline screen readers use.
+    return f"<h{_shifted(tokens[idx].tag)}>"
+
+
+def _heading_close(
+    self: RendererHTML, tokens: Sequence[Token], idx: int, options: Any, env: Any
+) -> str:
+    return f"</h{_shifted(tokens[idx].tag)}>\n"
+
+
+def _shifted(tag: str) -> int:
+    return min(int(tag[1:]) + 1, 6)
+
+
+_MD.add_render_rule("heading_open", _heading_open)
+_MD.add_render_rule("heading_close", _heading_close)
 
 _WORD = re.compile(r"\w+(?:[-‑’']\w+)*")
 # Lines break at ASCII spaces only: a no-break space (French " : ") holds its words together.

@@ -294,14 +294,15 @@ class Renderer:
             ),
             "web_url": web_url,
             "recipient": {slot.value: slot.token for slot in Slot},
-            "logo": self._logo(assets),
+            "logo": self._logo("logo", assets),
+            "logo_dark": self._logo("logo_dark", assets),
             "figure": lambda image: self._figure(image, assets),
             "content_width": CONTENT_WIDTH,
             "text_width": TEXT_WIDTH,
         }
 
-    def _logo(self, assets: dict[Path, Asset]) -> dict[str, Any] | None:
-        logo = self.settings.newsletter.logo
+    def _logo(self, setting: str, assets: dict[Path, Asset]) -> dict[str, Any] | None:
+        logo = getattr(self.settings.newsletter, setting)
         if not logo:
             return None
         alt = self.settings.newsletter.logo_alt or self.settings.newsletter.name
@@ -311,7 +312,7 @@ class Renderer:
         try:
             info = probe(path)
         except ImageFileError as err:
-            raise ConfigError(f"{self.settings.path}: newsletter.logo: {err}") from err
+            raise ConfigError(f"{self.settings.path}: newsletter.{setting}: {err}") from err
         # The logo file is drawn at twice the size it is shown, for sharp high-DPI screens.
         width, height = info.width // 2, info.height // 2
         src = self._embed(path, info.mime_type, assets)

@@ -15,12 +15,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from qant_mail import tokens
-from qant_mail.compose import ComposeError, MessageTemplate, Recipient, dkim_signer
+from qant_mail import dkim, tokens
+from qant_mail.compose import ComposeError, MessageTemplate, Recipient, dkim_keys
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode, IssueError, QantError, Severity
 from qant_mail.ledger import Delivery, Ledger, Send, State
@@ -102,6 +103,7 @@ class Plan:
     resuming: bool
     server: str
     already: dict[State, int]
+    signing: str = ""
 
 
 @dataclass
@@ -159,7 +161,7 @@ def prepare(
         secret=secret or tokens.secret_from_env(),
         issue_key=path.stem,
         test=test,
-        signer=dkim_signer(settings),
+        keys=dkim_keys(settings),
     )
     digest = hashlib.sha256()
     for part in (rendered.subject, rendered.html, rendered.text):
@@ -168,17 +170,44 @@ def prepare(
     return Prepared(path.stem, rendered, template, digest.hexdigest()[:16], warnings)
 
 
+def require_signature(
+    settings: Settings, keys: Sequence[dkim.DkimKey], transport: Transport
+) -> str:
+    """Say how messages will be signed; refuse an unsigned send to a relay elsewhere
+    unless `dkim.required` is off."""
+    if not keys:
+        if getattr(transport, "remote", False) and settings.dkim.required:
+            raise SendError(
+                f"messages to {transport.description} would not be DKIM-signed: Gmail and "
+                "Yahoo treat unsigned bulk mail as suspect and ignore its one-click "
+                "unsubscribe. Create a key (`qant-mail dkim keygen`), publish its record, "
+                "set dkim.selector and QANT_DKIM_PRIVATE_KEY; or set dkim.required = false"
+            )
+        return "none (unsigned)"
+    from_domain = settings.sender_domain.lower()
+    described = []
+    for key in keys:
+        domain = key.domain.lower()
+        aligned = domain == from_domain or from_domain.endswith("." + domain)
+        aligned |= domain.endswith("." + from_domain)
+        alignment = "aligned with From" if aligned else f"NOT aligned with From ({from_domain})"
+        described.append(f"{key.algorithm} by {key.selector}._domainkey.{key.domain}, {alignment}")
+    return "; ".join(described)
+
+
 def plan(prepared: Prepared, settings: Settings, transport: Transport) -> Plan:
     """Say what `send` would do now, without changing anything."""
+    signing = require_signature(settings, prepared.template.keys, transport)
     ledger = Ledger(settings.store_path)
     try:
         send = ledger.find(prepared.issue_key)
+        subject, server = prepared.rendered.subject, transport.description
         if send is None:
             active = Subscribers(ledger.db).count()[Status.ACTIVE]
-            return Plan(prepared.rendered.subject, active, False, transport.description, {})
+            return Plan(subject, active, False, server, {}, signing)
         counts = ledger.counts(send)
         todo = counts[State.PENDING] + counts[State.SENDING] + counts[State.DEFERRED]
-        return Plan(prepared.rendered.subject, todo, True, transport.description, counts)
+        return Plan(subject, todo, True, server, counts, signing)
     finally:
         ledger.close()
 

@@ -127,7 +127,9 @@ class SmtpTransport:
             raise ConfigError(
                 f"smtp.username is set but {PASSWORD_VARIABLE} is not: export the password"
             )
-        cleartext = self.username and self.security == "none" and not _is_loopback(self.host)
+        # A relay elsewhere: what leaves this machine must be signed and encrypted.
+        self.remote = not _is_loopback(self.host)
+        cleartext = self.username and self.security == "none" and self.remote
         if cleartext and not smtp.allow_plaintext_login:
             raise ConfigError(
                 f'smtp.username is set but smtp.security is "none": the password would '

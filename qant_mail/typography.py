@@ -56,7 +56,7 @@ _HTML_ONLY: tuple[Rule, ...] = (
 # In a document, the text between tags is typeset; tags, comments, styles and scripts
 # (and MJML's head blocks) are left alone.
 _SKIPPED = re.compile(
-    r"<!--.*?-->|<(style|script|mj-style|mj-raw|mj-attributes)\b.*?</\1\s*>|<[^>]*>",
+    r"<!--.*?-->|<(style|script|mj-style|mj-attributes)\b.*?</\1\s*>|<[^>]*>",
     re.DOTALL | re.IGNORECASE,
 )
 

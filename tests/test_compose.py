@@ -36,7 +36,7 @@ def test_message_parses_without_defects(template: MessageTemplate) -> None:
         assert part.defects == [], part.get_content_type()
     types = [part.get_content_type() for part in message.walk()]
     assert types[:4] == ["multipart/alternative", "text/plain", "multipart/related", "text/html"]
-    assert types[4:] == ["image/png"] * 6
+    assert types[4:] == ["image/png"] * 7  # the logo, its dark-mode variant, five pictures
 
 
 def test_parts_decode_to_the_filled_render(
@@ -171,3 +171,28 @@ def test_sample_files_are_written_together(project: Path, project_settings: Sett
     assert "lecteur@example.com" in page
     assert 'src="../issues/2023-11-20/sam-altman-prend-la-porte.png"' in page
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+
+
+def test_a_test_send_has_message_ids_of_its_own(
+    sample_rendered: RenderedIssue, settings: Settings
+) -> None:
+    recipient = Recipient("lea@example.com", "Léa")
+    real = MessageTemplate(sample_rendered, settings, secret=b"s" * 32, issue_key="2023-11-20")
+    first = MessageTemplate(
+        sample_rendered, settings, secret=b"s" * 32, issue_key="2023-11-20", test=True
+    )
+    second = MessageTemplate(
+        sample_rendered, settings, secret=b"s" * 32, issue_key="2023-11-20", test=True
+    )
+    ids = {t.message_id(recipient) for t in (real, first, second)}
+    assert len(ids) == 3
+    # The real one stays stable: a re-run after a crash gives the same Message-ID.
+    again = MessageTemplate(sample_rendered, settings, secret=b"s" * 32, issue_key="2023-11-20")
+    assert again.message_id(recipient) == real.message_id(recipient)
+
+
+def test_no_header_line_is_longer_than_78(template: MessageTemplate) -> None:
+    message = template.personalise(Recipient("camille.lecteur-au-long-nom@example.com", "Camille"))
+    head = message.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert b"List-Unsubscribe:\r\n <https://" in head

@@ -102,3 +102,34 @@ def test_dark_mode_changes_the_paper_colour(browser: Browser, email_page: Path) 
         page.close()
     assert colours["light"] == ["rgb(255, 255, 255)", "rgb(31, 35, 40)"]
     assert colours["dark"] == ["rgb(28, 31, 34)", "rgb(232, 230, 227)"]
+
+
+def test_dark_mode_swaps_the_logo_and_keeps_muted_texts_muted(
+    browser: Browser, email_page: Path
+) -> None:
+    found = {}
+    for scheme in ("light", "dark"):
+        page = browser.new_page(viewport={"width": 600, "height": 800}, color_scheme=scheme)
+        page.goto(email_page.as_uri())
+        found[scheme] = page.evaluate(
+            """() => {
+                const shown = el => el && el.getBoundingClientRect().height > 0
+                    && getComputedStyle(el).display !== 'none';
+                const colour = sel => getComputedStyle(document.querySelector(sel)).color;
+                return {
+                    light_logo: shown(document.querySelector('.logo-light img')),
+                    dark_logo: shown(document.querySelector('.logo-dark img')),
+                    caption: colour('p.caption'), meta: colour('p.meta'),
+                    masthead: colour('p.masthead'), text: colour('.prose p'),
+                    tagline: colour('p.tagline'), footer: colour('p.footer'),
+                    quote_author: colour('p.quote-author'),
+                };
+            }"""
+        )
+        page.close()
+    assert (found["light"]["light_logo"], found["light"]["dark_logo"]) == (True, False)
+    assert (found["dark"]["light_logo"], found["dark"]["dark_logo"]) == (False, True)
+    muted = "rgb(169, 177, 186)"  # colours.dark_muted
+    for name in ("caption", "meta", "masthead", "tagline", "footer", "quote_author"):
+        assert found["dark"][name] == muted, name
+    assert found["dark"]["text"] == "rgb(232, 230, 227)"

@@ -86,7 +86,7 @@ def test_reading_time_is_computed_from_the_words(
 
 def test_every_image_has_alt_text_width_and_height(sample_rendered: RenderedIssue) -> None:
     images = soup_of(sample_rendered).find_all("img")
-    assert len(images) == 6  # the logo and the five illustrations
+    assert len(images) == 7  # the logo, its dark-mode variant and the five illustrations
     for image in images:
         assert attr(image, "alt").strip()
         assert 0 < int(attr(image, "width")) <= 600
@@ -148,6 +148,28 @@ def test_outlook_conditionals_and_responsive_rules_are_kept(sample_rendered: Ren
     assert "@media only screen and (min-width:480px)" in styles
     assert "prefers-color-scheme: dark" in styles
     assert attr(soup.find("meta", attrs={"name": "color-scheme"}), "content") == "light dark"
+
+
+def test_the_preheader_is_hidden_without_a_colour(sample_rendered: RenderedIssue) -> None:
+    # SpamAssassin's HTML_FONT_LOW_CONTRAST fires on text the colour of its background,
+    # as MJML's own preview writes it; hiding it by size and display does not.
+    hidden = soup_of(sample_rendered).select_one("div.preheader")
+    assert hidden is not None
+    style = attr(hidden, "style")
+    assert "display:none" in style
+    assert "color" not in style
+    assert hidden.get_text().startswith("Sam Altman évincé d’OpenAI")
+
+
+def test_headings_make_an_outline(sample_rendered: RenderedIssue) -> None:
+    soup = soup_of(sample_rendered)
+    outline = [(tag.name, tag.get_text()) for tag in soup.find_all(["h1", "h2", "h3", "h4"])]
+    assert outline[0] == ("h1", "D’OpenAI à Kyutai, une question de gouvernance")
+    assert [name for name, _ in outline].count("h1") == 1
+    titles = {text: name for name, text in outline}
+    assert titles["Sam Altman : ça s’en va et ça revient et ça s’en va…"] == "h2"
+    assert titles["Idéalisme efficace"] == "h3"  # a subheading of the event
+    assert titles["Les fondations des modèles de fondation"] == "h3"
 
 
 def test_css_is_inlined(sample_rendered: RenderedIssue) -> None:

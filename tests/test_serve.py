@@ -149,7 +149,7 @@ def test_a_send_in_progress_skips_who_unsubscribed(
     assert report.done[State.SKIPPED] == 1
     # The unsubscribe link in the message works against this very application.
     (_, _, data) = transport.messages[0]
-    url = data.split(b"List-Unsubscribe: <", 1)[1].split(b">", 1)[0].decode()
+    url = data.split(b"List-Unsubscribe:\r\n <", 1)[1].split(b">", 1)[0].decode()
     path = url.removeprefix(project_settings.newsletter.base_url)
     assert (
         client.post(path, content="List-Unsubscribe=One-Click", headers=ONE_CLICK).status_code
