@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -92,16 +92,14 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
     target = staging / key
     target.mkdir()
     base_url = renderer.settings.newsletter.base_url
-    names: dict[Path, str] = {}
+    # The images readers get (resized), where hosted messages link them.
     for asset in rendered.assets:
-        name = _unique_name(asset.path.name, names.values())
-        names[asset.path] = name
         (target / "images").mkdir(exist_ok=True)
-        shutil.copyfile(asset.path, target / "images" / name)
-    page = _page(rendered, lambda a: f"images/{quote(names[a.path])}")
+        shutil.copyfile(asset.path, target / "images" / asset.name)
+    page = _page(rendered, lambda a: f"images/{quote(a.name)}")
     (target / "index.html").write_text(page, encoding="utf-8")
     # The feed is read elsewhere: its images need absolute addresses.
-    absolute = _page(rendered, lambda a: f"{base_url}/{key}/images/{quote(names[a.path])}")
+    absolute = _page(rendered, lambda a: f"{base_url}/{key}/images/{quote(a.name)}")
     body = _BODY.search(absolute)
     return Entry(
         key=key,
@@ -125,16 +123,6 @@ def _page(rendered: RenderedIssue, asset_url: Callable[[Asset], str]) -> str:
 def _plain(markdown: str) -> str:
     text = " ".join(prose.to_text(markdown, width=10_000).split())
     return re.sub(r" <[^>\s]+>", "", text)  # the written-out links belong to the email
-
-
-def _unique_name(name: str, taken: Iterable[str]) -> str:
-    existing = set(taken)
-    stem, dot, suffix = name.rpartition(".")
-    candidate, number = name, 1
-    while candidate in existing:
-        number += 1
-        candidate = f"{stem}-{number}{dot}{suffix}"
-    return candidate
 
 
 def _feed(settings: Settings, entries: list[Entry]) -> bytes:

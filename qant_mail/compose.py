@@ -216,7 +216,9 @@ class MessageTemplate:
         web_url = rendered.web_url
         segments += _text_template(rendered.text.replace(Slot.BROWSER_URL.token, web_url))
         segments.append(f"\r\n--{alternative}\r\n".encode())
-        related = _boundary("rel") if rendered.assets else None
+        # Hosted images are links; only embedded ones travel inside the message.
+        embedded = [asset for asset in rendered.assets if asset.url.startswith("cid:")]
+        related = _boundary("rel") if embedded else None
         if related:
             segments.append(
                 f'Content-Type: multipart/related; type="text/html";\r\n boundary="{related}"'
@@ -229,10 +231,10 @@ class MessageTemplate:
         page = rendered.html.replace(Slot.BROWSER_URL.token, html.escape(web_url))
         segments += _qp_template(page, html=True)
         if related:
-            for asset in rendered.assets:
+            for asset in embedded:
                 data = asset.path.read_bytes()
                 encoded = base64.encodebytes(data).replace(b"\n", CRLF)
-                name = asset.path.name.encode("ascii", "replace").decode().replace('"', "")
+                name = asset.name.encode("ascii", "replace").decode().replace('"', "")
                 segments.append(
                     (
                         f"\r\n--{related}\r\n"
@@ -391,7 +393,7 @@ def write_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
 
     def local_url(asset: Asset) -> str:
         # The HTML file shows the images from where they are, so that it opens in a browser.
-        return quote(Path(os.path.relpath(asset.path, target)).as_posix())
+        return quote(Path(os.path.relpath(asset.source, target)).as_posix())
 
     page, text = rendered.fill(template.values(recipient), asset_url=local_url)
     files = {

@@ -163,6 +163,17 @@ class Paths(Strict):
     issues: str = "issues"
     templates: str = "templates"
     output: str = "out"
+    # Images resized for readers, made once: safe to delete.
+    cache: str = ".cache"
+
+
+class Images(Strict):
+    """How readers get the issue's pictures."""
+
+    # "embed": inside each message (nothing to publish; every reader downloads them all);
+    # "host": linked from the archive's page of the issue (`qant-mail archive` publishes
+    # them under base_url), which makes messages several times smaller.
+    mode: Literal["embed", "host"] = "embed"
 
 
 class Preview(Strict):
@@ -178,6 +189,10 @@ class Lint(Strict):
     # Gmail clips a message whose HTML passes about 102 KB: stay clear of it.
     html_error_bytes: Annotated[int, Field(gt=0)] = 100_000
     html_warning_bytes: Annotated[int, Field(gt=0)] = 90_000
+    # The whole message, images included when embedded: every reader downloads it, and
+    # relays refuse big ones (Postfix's default limit is 10,240,000 bytes).
+    message_warning_bytes: Annotated[int, Field(gt=0)] = 1_000_000
+    message_error_bytes: Annotated[int, Field(gt=0)] = 10_000_000
     subject_max_chars: Annotated[int, Field(gt=0)] = 80
     preheader_max_chars: Annotated[int, Field(gt=0)] = 150
 
@@ -244,6 +259,7 @@ class SettingsFile(Strict):
     paths: Paths = Paths()
     preview: Preview = Preview()
     lint: Lint = Lint()
+    images: Images = Images()
     smtp: Smtp = Smtp()
     sending: Sending = Sending()
     store: Store = Store()
@@ -262,6 +278,7 @@ class Settings:
     paths: Paths
     preview: Preview
     lint: Lint
+    images: Images
     smtp: Smtp
     sending: Sending
     store: Store
@@ -281,6 +298,11 @@ class Settings:
     def templates_dir(self) -> Path:
         """Return the folder of the email templates."""
         return self.root / self.paths.templates
+
+    @property
+    def cache_dir(self) -> Path:
+        """Return the folder of what is made once and kept (resized images)."""
+        return self.root / self.paths.cache
 
     @property
     def output_dir(self) -> Path:
@@ -335,8 +357,10 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
             origin = f"{where} (environment)" if where else f"{path}: {problem.dotted}"
             lines.append(f"{origin}: {problem.message}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from err
-    if data.lint.html_warning_bytes > data.lint.html_error_bytes:
-        raise ConfigError(f"{path}: lint.html_warning_bytes is above lint.html_error_bytes")
+    for what in ("html", "message"):
+        warning, error = f"{what}_warning_bytes", f"{what}_error_bytes"
+        if getattr(data.lint, warning) > getattr(data.lint, error):
+            raise ConfigError(f"{path}: lint.{warning} is above lint.{error}")
     return Settings(
         path=path.resolve(),
         newsletter=data.newsletter,
@@ -346,6 +370,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         paths=data.paths,
         preview=data.preview,
         lint=data.lint,
+        images=data.images,
         smtp=data.smtp,
         sending=data.sending,
         store=data.store,

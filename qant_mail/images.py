@@ -1,8 +1,13 @@
-"""Image files: their type and pixel size, read from their headers."""
+"""Image files: their type and pixel size, read from their headers; and the copy readers
+get, resized to twice its display width and recompressed (Pillow), made once and cached."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +104,58 @@ def _webp(head: bytes) -> ImageInfo | None:
         height = int.from_bytes(head[27:30], "little") + 1
         return ImageInfo("webp", width, height)
     return None
+
+
+# JPEG quality where artefacts stay invisible at the size shown; WebP likewise.
+_JPEG_QUALITY = 82
+_WEBP_QUALITY = 80
+
+
+def prepared(path: Path, info: ImageInfo, width: int, cache: Path) -> Path:
+    """Return a copy of the image at `path` at most `width` pixels wide, recompressed,
+    from `cache` when made before (keyed by the file's content); the file itself when
+    that would be no smaller, or when it is a GIF (an animation must stay one)."""
+    if info.kind == "gif":
+        return path
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:24]
+    target = cache / f"{digest}-{width}.{'jpg' if info.kind == 'jpeg' else info.kind}"
+    if target.exists():
+        return target
+    made = _recompress(data, info, width)
+    if made is None or len(made) >= len(data):
+        made = data  # cached all the same: the decision is not made again
+    cache.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=cache, suffix=".tmp")
+    with os.fdopen(handle, "wb") as out:
+        out.write(made)
+    made_file = Path(temporary)
+    made_file.chmod(0o644)  # published as it is by `archive`
+    made_file.replace(target)
+    return target
+
+
+def _recompress(data: bytes, info: ImageInfo, width: int) -> bytes | None:
+    # Imported here: Pillow's import costs more than a render, and most renders hit the
+    # cache.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            picture: Image.Image = opened
+            if picture.width > width:
+                height = max(1, round(picture.height * width / picture.width))
+                picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+            out = io.BytesIO()
+            if info.kind == "jpeg":
+                picture.convert("RGB").save(
+                    out, "JPEG", quality=_JPEG_QUALITY, optimize=True, progressive=True
+                )
+            elif info.kind == "webp":
+                picture.save(out, "WEBP", quality=_WEBP_QUALITY, method=6)
+            else:
+                picture.save(out, "PNG", optimize=True)
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None  # what the header promised, the file does not hold: sent as it is

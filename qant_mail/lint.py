@@ -41,12 +41,17 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
     def report(loc: Loc, message: str, severity: Severity) -> None:
         found.append(document.problem(loc, message, severity))
 
-    html, _ = rendered.fill(SAMPLE_VALUES)
-    size = len(html.encode("utf-8"))
+    html, text = rendered.fill(SAMPLE_VALUES)
+    html_bytes = html.encode("utf-8")
+    size = len(html_bytes)
     if size > limits.html_error_bytes:
         report(_EMAIL, _size_message(size, "past", limits.html_error_bytes), ERROR)
     elif size > limits.html_warning_bytes:
         report(_EMAIL, _size_message(size, "close to", limits.html_error_bytes), WARNING)
+    whole = message_size(html_bytes, text.encode("utf-8"), rendered)
+    if whole > limits.message_warning_bytes:
+        severity = ERROR if whole > limits.message_error_bytes else WARNING
+        report(_EMAIL, _message_size_message(whole, rendered, settings), severity)
 
     if len(issue.subject) > limits.subject_max_chars:
         report(
@@ -107,6 +112,44 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
     return sorted(found, key=lambda p: (p.severity != ERROR, p.line, p.column, p.message))
 
 
+_QP_ESCAPED = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t\r\n]")
+
+
+def message_size(html: bytes, text: bytes, rendered: RenderedIssue) -> int:
+    """Return about how many bytes one message weighs: both parts in quoted-printable,
+    and the embedded images in base64 (hosted ones are links)."""
+
+    def quoted(data: bytes) -> int:
+        escapes = sum(1 for _ in _QP_ESCAPED.finditer(data))
+        return len(data) + 2 * escapes + 3 * (len(data) // 73)
+
+    images = sum(
+        (asset.path.stat().st_size + 2) // 3 * 4 * 78 // 76
+        for asset in rendered.assets
+        if asset.url.startswith("cid:")
+    )
+    return quoted(html) + quoted(text) + images + 3_000  # headers and MIME boundaries
+
+
+def _message_size_message(size: int, rendered: RenderedIssue, settings: Settings) -> str:
+    embedded = [a for a in rendered.assets if a.url.startswith("cid:")]
+    message = f"the message weighs about {size / 1e6:.1f} MB"
+    if embedded:
+        biggest = max(embedded, key=lambda a: a.path.stat().st_size)
+        message += (
+            f" with its {len(embedded)} images embedded (the largest, {biggest.name}, "
+            f"{biggest.path.stat().st_size / 1e6:.1f} MB)"
+        )
+    limits = settings.lint
+    message += (
+        f": every reader downloads it, and relays refuse messages past about "
+        f"{limits.message_error_bytes / 1e6:.0f} MB"
+    )
+    if embedded:
+        message += '; link the images instead ([images] mode = "host") or make them smaller'
+    return message
+
+
 def _size_message(size: int, relation: str, limit: int) -> str:
     return (
         f"the HTML part is {size / 1000:.1f} KB, {relation} the {limit / 1000:.0f} KB limit: "
@@ -153,7 +196,7 @@ class _Origins:
         self.images: dict[str, Loc] = {}
         self.links: dict[str, list[Loc]] = {}
         self.used: dict[str, int] = {}
-        by_path = {asset.path: asset.url for asset in rendered.assets}
+        by_path = {asset.source: asset.url for asset in rendered.assets}
         for loc, value in _walk(issue, ()):
             if isinstance(value, Image):
                 url = by_path.get(value.file) if value.file else value.src

@@ -149,6 +149,11 @@ class Image(Strict):
         return self._file
 
     @property
+    def info(self) -> ImageInfo | None:
+        """Return the type and size read from a local image file."""
+        return self._info
+
+    @property
     def mime_type(self) -> str | None:
         """Return the Content-Type of a local image file."""
         return self._info.mime_type if self._info else None

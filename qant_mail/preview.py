@@ -158,7 +158,7 @@ class Preview:
         )
 
     def _asset_url(self, asset: Asset) -> str:
-        path = asset.path.resolve()
+        path = asset.source.resolve()  # the editor's file: the page serves it from there
         for name, base in self.roots.items():
             if path.is_relative_to(base):
                 return f"/assets/{name}/{path.relative_to(base).as_posix()}"

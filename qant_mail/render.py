@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import css_inline
 import jinja2
@@ -27,7 +28,7 @@ from markupsafe import Markup, escape
 from qant_mail import prose, typography
 from qant_mail.config import Settings
 from qant_mail.errors import ConfigError, TemplateError
-from qant_mail.images import ImageFileError, probe
+from qant_mail.images import ImageFileError, ImageInfo, prepared, probe
 from qant_mail.model import Image, Issue
 
 HTML_TEMPLATE = "email.mjml.j2"
@@ -70,16 +71,14 @@ def wrap_deferred(text: str) -> str:
 
 @dataclass(frozen=True)
 class Asset:
-    """A local image file the email embeds, referenced from the HTML as `cid:`."""
+    """A local image of the email: embedded (`cid:`) or hosted next to the issue's page."""
 
-    path: Path
+    source: Path  # the file the editor gave
+    path: Path  # the file readers get: resized and recompressed (cached), or the source
+    name: str  # its name in the issue's `images/` folder on the site
     content_id: str
     mime_type: str
-
-    @property
-    def url(self) -> str:
-        """Return the URL the HTML uses for it."""
-        return f"cid:{self.content_id}"
+    url: str  # how the HTML refers to it: cid:… when embedded, its address when hosted
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,7 @@ class Renderer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.hosted = settings.images.mode == "host"
         try:
             self.locale = Locale.parse(settings.newsletter.locale.replace("-", "_"))
         except (UnknownLocaleError, ValueError) as err:
@@ -161,8 +161,9 @@ class Renderer:
         its page in the archive (the file name; default: the date); `web` renders that
         page, which carries no subscriber's links."""
         timings: dict[str, float] = {}
-        assets: dict[Path, Asset] = {}
-        context = self._context(issue, key or issue.date.isoformat(), assets)
+        key = key or issue.date.isoformat()
+        assets: dict[tuple[Path, int], Asset] = {}
+        context = self._context(issue, key, _Assets(self, key, assets))
         context["web"] = web
         with _timed(timings, "template"):
             source = self._render_template(HTML_TEMPLATE, context)
@@ -267,7 +268,7 @@ class Renderer:
             return output
         return self.typeset_html.markup(output)
 
-    def _context(self, issue: Issue, key: str, assets: dict[Path, Asset]) -> dict[str, Any]:
+    def _context(self, issue: Issue, key: str, assets: _Assets) -> dict[str, Any]:
         settings = self.settings
         newsletter = settings.newsletter
         words = _count_words(issue)
@@ -301,7 +302,7 @@ class Renderer:
             "text_width": TEXT_WIDTH,
         }
 
-    def _logo(self, setting: str, assets: dict[Path, Asset]) -> dict[str, Any] | None:
+    def _logo(self, setting: str, assets: _Assets) -> dict[str, Any] | None:
         logo = getattr(self.settings.newsletter, setting)
         if not logo:
             return None
@@ -315,27 +316,59 @@ class Renderer:
             raise ConfigError(f"{self.settings.path}: newsletter.{setting}: {err}") from err
         # The logo file is drawn at twice the size it is shown, for sharp high-DPI screens.
         width, height = info.width // 2, info.height // 2
-        src = self._embed(path, info.mime_type, assets)
+        src = assets.add(path, info, width)
         return {"src": src, "alt": alt, "width": width, "height": height}
 
-    def _figure(self, image: Image, assets: dict[Path, Asset]) -> dict[str, Any]:
+    def _figure(self, image: Image, assets: _Assets) -> dict[str, Any]:
         width, height = image.size
         if width and width > CONTENT_WIDTH:
             height = round(height * CONTENT_WIDTH / width) if height else None
             width = CONTENT_WIDTH
-        if image.file is not None and image.mime_type:
-            src = self._embed(image.file, image.mime_type, assets)
+        if image.file is not None and image.info is not None:
+            src = assets.add(image.file, image.info, width or CONTENT_WIDTH)
         else:
             src = image.src
         return {"src": src, "alt": image.alt, "width": width, "height": height, "image": image}
 
-    def _embed(self, path: Path, mime_type: str, assets: dict[Path, Asset]) -> str:
-        asset = assets.get(path)
-        if asset is None:
-            digest = hashlib.sha256(str(path.name).encode() + _file_digest(path)).hexdigest()
-            cid = f"{digest[:16]}{path.suffix.lower()}@{self.settings.sender_domain}"
-            asset = assets[path] = Asset(path, cid, mime_type)
-        return asset.url
+
+class _Assets:
+    """The local images of one render: each prepared for the width it is shown at (twice
+    it, for high-DPI screens), named once in the issue's images folder."""
+
+    def __init__(self, renderer: Renderer, key: str, found: dict[tuple[Path, int], Asset]):
+        self.renderer, self.key, self.found = renderer, key, found
+
+    def add(self, path: Path, info: ImageInfo, shown_width: int) -> str:
+        """Return how the HTML refers to the image at `path`, shown `shown_width` wide."""
+        asset = self.found.get((path, shown_width))
+        if asset is not None:
+            return asset.url
+        settings = self.renderer.settings
+        try:
+            ready = prepared(path, info, 2 * shown_width, settings.cache_dir / "images")
+            digest = _file_digest(ready)
+        except OSError as err:
+            raise ImageFileError(f"cannot prepare image {path}: {err.strerror}") from err
+        name = _unique_name(path.name, {a.name for a in self.found.values()})
+        name = name.rsplit(".", 1)[0] + ready.suffix if ready != path else name
+        content_id = f"{hashlib.sha256(name.encode() + digest).hexdigest()[:16]}"
+        content_id += f"{ready.suffix.lower()}@{settings.sender_domain}"
+        if self.renderer.hosted:
+            url = f"{settings.newsletter.base_url}/{self.key}/images/{quote(name)}"
+        else:
+            url = f"cid:{content_id}"
+        asset = Asset(path, ready, name, content_id, info.mime_type, url)
+        self.found[(path, shown_width)] = asset
+        return url
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    stem, dot, suffix = name.rpartition(".")
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{stem}-{number}{dot}{suffix}"
+    return candidate
 
 
 @contextlib.contextmanager

@@ -167,6 +167,11 @@ def prepare(
     for part in (rendered.subject, rendered.html, rendered.text):
         digest.update(part.encode("utf-8"))
     warnings = [str(p) for p in report.problems if p.severity is Severity.WARNING]
+    if settings.images.mode == "host" and rendered.assets:
+        warnings.append(
+            f"the pictures are linked from {settings.newsletter.base_url}/{path.stem}/images/: "
+            "publish the archive (`qant-mail archive`) before readers open the issue"
+        )
     return Prepared(path.stem, rendered, template, digest.hexdigest()[:16], warnings)
 
 
