@@ -106,6 +106,8 @@ class MessageTemplate:
             if self.keys
             else None
         )
+        own = ("Message-ID", "To", "List-Unsubscribe")  # see _recipient_headers
+        self._signers = [dkim.Signer(key, self._headers, own) for key in self.keys]
 
     # -- per recipient ---------------------------------------------------------------
 
@@ -133,9 +135,7 @@ class MessageTemplate:
             varying.append(chunk)
         if self._body_hash is not None:
             body_hash = self._body_hash.digest(varying)
-            headers = [*own, *self._headers]
-            signatures = [dkim.sign_headers(key, headers, body_hash) for key in self.keys]
-            parts[:0] = signatures
+            parts[:0] = [signer.sign(own, body_hash) for signer in self._signers]
         return b"".join(parts)
 
     def values(self, recipient: Recipient) -> dict[Slot, str]:

@@ -193,44 +193,65 @@ class BodyHash:
         return state.digest()
 
 
-def sign_headers(
-    key: DkimKey,
-    headers: Sequence[tuple[str, bytes]],
-    body_hash: bytes,
-    *,
-    timestamp: int | None = None,
-) -> bytes:
-    """Return the DKIM-Signature header (CRLF-ended) over `headers` (name, raw value)."""
-    present: dict[str, list[bytes]] = {}
-    for name, value in headers:
-        present.setdefault(name.lower(), []).append(value)
-    signed = [name for name in SIGNED if name in present]
-    listed = signed + [name for name in OVERSIGNED if name in present]
-    when = int(time.time()) if timestamp is None else timestamp
-    tags = [
-        "v=1",
-        f"a={key.algorithm}",
-        "c=relaxed/relaxed",
-        f"d={key.domain}",
-        f"s={key.selector}",
-        f"t={when}",
-        "h=" + ":".join(listed),
-        f"bh={base64.b64encode(body_hash).decode()}",
-        "b=",
-    ]
-    # The header is folded first and signed as it will be sent, with an empty b=: the
-    # verifier canonicalises the folds we chose, not an unfolded copy of them.
-    unsigned = _fold(tags)
-    data = bytearray()
-    for name in signed:
-        # Each listed name takes the last occurrence not used yet (RFC 6376 5.4.2); the
-        # over-signed repeats find none, and count as empty: an added copy breaks it.
-        for value in reversed(present[name]):
-            data += relaxed_header(name, value) + b"\r\n"
-    data += relaxed_header("dkim-signature", unsigned)
-    signature = base64.b64encode(key.sign(bytes(data)))
-    folded = b"".join(b"\r\n\t " + signature[i : i + 72] for i in range(0, len(signature), 72))
-    return b"DKIM-Signature:" + unsigned + folded + b"\r\n"
+class Signer:
+    """Signs the messages of one issue with one key: the headers every message shares
+    are canonicalised once; per message, only its own headers, the body hash and the
+    signature itself are computed."""
+
+    def __init__(self, key: DkimKey, shared: Sequence[tuple[str, bytes]], own: Sequence[str]):
+        self.key = key
+        self.own = {name.lower() for name in own}
+        names = {name.lower() for name, _ in shared} | self.own
+        self.signed = [name for name in SIGNED if name in names]
+        self.listed = self.signed + [name for name in OVERSIGNED if name in names]
+        self.shared = {
+            name.lower(): relaxed_header(name, value) + b"\r\n"
+            for name, value in shared
+            if name.lower() in SIGNED
+        }
+        self._folded: tuple[int, bytes] | None = None
+
+    def sign(
+        self, own: Sequence[tuple[str, bytes]], body_hash: bytes, *, timestamp: int | None = None
+    ) -> bytes:
+        """Return the DKIM-Signature header (CRLF-ended) of a message whose own headers
+        are `own` (name, raw value) and whose body hashes to `body_hash`."""
+        mine = {name.lower(): relaxed_header(name, value) + b"\r\n" for name, value in own}
+        data = bytearray()
+        for name in self.signed:
+            # Each name appears once in our messages; the over-signed repeats find none,
+            # and count as empty: a copy added on the way breaks the signature.
+            data += mine.get(name) or self.shared[name]
+        when = int(time.time()) if timestamp is None else timestamp
+        unsigned = self._unsigned(when).replace(_BH_PLACEHOLDER, base64.b64encode(body_hash))
+        # The header is folded first and signed as it will be sent, with an empty b=:
+        # the verifier canonicalises the folds we chose, not an unfolded copy of them.
+        data += relaxed_header("dkim-signature", unsigned)
+        signature = base64.b64encode(self.key.sign(bytes(data)))
+        folded = b"".join(b"\r\n\t " + signature[i : i + 72] for i in range(0, len(signature), 72))
+        return b"DKIM-Signature:" + unsigned + folded + b"\r\n"
+
+    def _unsigned(self, when: int) -> bytes:
+        """Return the folded tags, with a placeholder for bh= (the same for a second)."""
+        if self._folded is None or self._folded[0] != when:
+            key = self.key
+            tags = [
+                "v=1",
+                f"a={key.algorithm}",
+                "c=relaxed/relaxed",
+                f"d={key.domain}",
+                f"s={key.selector}",
+                f"t={when}",
+                "h=" + ":".join(self.listed),
+                "bh=" + _BH_PLACEHOLDER.decode(),
+                "b=",
+            ]
+            self._folded = (when, _fold(tags))
+        return self._folded[1]
+
+
+# As long as a SHA-256 in base64, so that folding it in place changes nothing.
+_BH_PLACEHOLDER = b"@" * 44
 
 
 def _fold(tags: Sequence[str], width: int = 76) -> bytes:

@@ -303,7 +303,7 @@ def send_test(
         for address in addresses:
             data = prepared.template.personalise(Recipient(address))
             try:
-                reply = connection.send(sender, address, data)
+                reply = connection.send(sender, address, data, dot_safe=True)
             except ConnectionLost as lost:
                 raise TransportUnavailable(f"{transport.description}: {lost}") from lost
             results.append((address, reply))
@@ -478,7 +478,7 @@ class _Run:
             self.ledger.release(self.send, [row.position])
             return connection
         try:
-            reply = connection.send(self.sender, row.email, data)
+            reply = connection.send(self.sender, row.email, data, dot_safe=True)
         except ConnectionLost as lost:
             connection.close()
             if lost.after_data:

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,20 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     );
     """,
     lambda db: _ascii_domains(db),
+    # 4: what comes back after a message was accepted: bounces (RFC 3464 and kin) and
+    # complaints (RFC 5965), on the ledger's row of that issue; soft bounces counted per
+    # subscriber; each report read once
+    """
+    ALTER TABLE subscribers ADD COLUMN soft_bounces INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN bounce TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deliveries ADD COLUMN complaint TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deliveries ADD COLUMN feedback_at TEXT;
+    CREATE TABLE feedback_reports (
+        digest TEXT PRIMARY KEY,
+        outcome TEXT NOT NULL,
+        read_at TEXT NOT NULL
+    );
+    """,
 ]
 
 
@@ -235,4 +250,13 @@ def _ascii_domains(db: sqlite3.Connection) -> None:
 
 def now_text() -> str:
     """Return the current time as stored: ISO 8601, UTC, to the second."""
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+    # Written with every outcome of a send: formatted once a second, not each time.
+    second = int(time.time())
+    cached = _NOW
+    if cached[0] != second:
+        text = dt.datetime.fromtimestamp(second, dt.UTC).isoformat()
+        cached = _NOW[:] = [second, text]
+    return str(cached[1])
+
+
+_NOW: list[int | str] = [0, ""]

@@ -93,8 +93,10 @@ class Reply:
 class Connection(Protocol):
     """An open connection that sends messages one after the other."""
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
-        """Send one message; return the server's verdict, or raise `ConnectionLost`."""
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Send one message; return the server's verdict, or raise `ConnectionLost`.
+        `dot_safe`: no line of `data` starts with "." (the composer sees to it), so the
+        message needs no dot-stuffing, and no scan for it."""
         ...
 
     def close(self) -> None:
@@ -218,7 +220,7 @@ class SmtpConnection:
         """Return whether the server has refused enough here to count us as a nuisance."""
         return self.refusals >= self.MAX_REFUSALS
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Send one message in one transaction; RSET after a refusal. The whole exchange
         has `message_timeout` seconds: a server that trickles its reply lines cannot
         hold a send forever."""
@@ -261,7 +263,7 @@ class SmtpConnection:
                     protocol_error=True,
                 )
             return opened
-        if data.startswith(b".") or b"\r\n." in data:
+        if not dot_safe and (data.startswith(b".") or b"\n." in data):
             data = re.sub(rb"(?m)^\.", b"..", data)  # dot-stuffing (RFC 5321 4.5.2)
         ending = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
         try:
@@ -360,7 +362,7 @@ class MaildirConnection:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Store the message as a delivery agent would (Return-Path, Delivered-To)."""
         name = store_in_maildir(self.folder, sender, recipient, data)
         return Reply(250, f"2.0.0 stored as {name}")
@@ -398,7 +400,7 @@ class MemoryTransport:
         """The transport is its own connection."""
         return self
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Keep the message; answer as told."""
         reply = self.answer(recipient, data)
         if reply.ok:
