@@ -108,7 +108,7 @@ class _Discard:
     def connect(self) -> _Discard:
         return self
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         return Reply(250, "2.0.0 discarded")
 
     def close(self) -> None:
