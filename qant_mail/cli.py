@@ -383,6 +383,12 @@ def status(
     counts = ledger.counts(send)
     typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {counts[state]}" for state in State))
+    hard, soft, complaints = ledger.feedback_counts(send)
+    if hard or soft or complaints:
+        typer.echo(
+            f"  afterwards: {hard} bounced, {soft} bounced for now (soft), "
+            f"{complaints} complaints (`qant-mail bounces` reads them)"
+        )
     for state in (State.FAILED, State.UNKNOWN, State.DEFERRED):
         rows = ledger.deliveries(send, state)
         if rows:
@@ -527,6 +533,45 @@ def serve(
         run(create_app(settings, site, secret), sock, proxy_headers=proxy_headers)
     finally:
         sock.close()
+
+
+@app.command()
+@_handled
+def bounces(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A Maildir, an mbox file, imaps://USER@HOST/FOLDER (password in "
+            "QANT_BOUNCES_PASSWORD), or - for one message on standard input (a mail pipe)."
+        ),
+    ],
+) -> None:
+    """Read bounces and complaints; mark bounced and complained readers; record them."""
+    from qant_mail import tokens
+    from qant_mail.bounces import Outcome, process, read_source
+    from qant_mail.errors import ConfigError
+    from qant_mail.store import StoreError
+
+    settings = _settings()
+    secret = tokens.secret_from_env()
+    try:
+        report = process(settings, read_source(source), secret)
+    except (StoreError, ConfigError) as err:
+        if source != "-":
+            raise
+        # From a mail server's pipe: try again later, never bounce a bounce.
+        _error(f"{err} (the mail server will try again later)")
+        raise typer.Exit(EX_TEMPFAIL) from err
+    for finding in report.findings:
+        who = f" {finding.address}" if finding.address else ""
+        issue = f" ({finding.issue})" if finding.issue else ""
+        detail = f": {finding.detail}" if finding.detail else ""
+        typer.echo(f"{finding.source}: {finding.outcome.value}{who}{issue}{detail}")
+    counts = report.counts
+    summary = ", ".join(
+        f"{outcome.value} {counts[outcome]}" for outcome in Outcome if counts[outcome]
+    )
+    typer.echo(f"{len(report.findings)} read: {summary or 'nothing'}", err=True)
 
 
 dkim_app = typer.Typer(help="DKIM keys.", no_args_is_help=True, rich_markup_mode=None)

@@ -29,6 +29,7 @@ SECRETS = {
     "private_key": "QANT_DKIM_PRIVATE_KEY",
     "dkim_private_key": "QANT_DKIM_PRIVATE_KEY",
     "ed25519_private_key": "QANT_DKIM_ED25519_PRIVATE_KEY",
+    "imap_password": "QANT_BOUNCES_PASSWORD",
 }
 
 
@@ -230,6 +231,17 @@ class Sending(Strict):
     retry_after_seconds: Annotated[float, Field(ge=0)] = 60.0
 
 
+class Bounces(Strict):
+    """Where bounces come back, and when an address counts as gone."""
+
+    # A mailbox of yours (bounces@your-domain): each message's return path becomes
+    # bounces+TOKEN@your-domain (VERP), which names the message a bounce is about.
+    # Empty: the return path is smtp.return_path, or the sender's address.
+    address: Address | None = None
+    # Temporary failures (a full mailbox) seen in this many sends mark the address gone.
+    soft_limit: Annotated[int, Field(ge=1, le=100)] = 3
+
+
 class Store(Strict):
     """Where subscribers and the send ledger live."""
 
@@ -262,6 +274,7 @@ class SettingsFile(Strict):
     images: Images = Images()
     smtp: Smtp = Smtp()
     sending: Sending = Sending()
+    bounces: Bounces = Bounces()
     store: Store = Store()
     dkim: Dkim = Dkim()
 
@@ -281,6 +294,7 @@ class Settings:
     images: Images
     smtp: Smtp
     sending: Sending
+    bounces: Bounces
     store: Store
     dkim: Dkim
 
@@ -373,6 +387,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         images=data.images,
         smtp=data.smtp,
         sending=data.sending,
+        bounces=data.bounces,
         store=data.store,
         dkim=data.dkim,
     )

@@ -46,6 +46,21 @@ class Send:
     finished_at: str | None
 
 
+@dataclass(frozen=True)
+class FeedbackTarget:
+    """The message (and reader) a bounce or a complaint is about."""
+
+    email: str
+    subscriber_id: int | None
+    issue: str = ""
+    send_id: int | None = None
+    position: int | None = None
+
+
+# A reader's standing only ever gets stricter through feedback.
+_STRICTNESS = {"active": 0, "unsubscribed": 1, "bounced": 2, "complained": 3}
+
+
 @dataclass
 class Requeued:
     """What a re-queue did: how many rows go out again, and which were refused."""
@@ -322,6 +337,129 @@ class Ledger:
                 db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
         result.missing = sorted(wanted - {str(row[2]).lower() for row in rows})
         return result
+
+    def feedback_counts(self, send: Send) -> tuple[int, int, int]:
+        """Return how many of the send's messages bounced later (hard, soft) and drew a
+        complaint."""
+        row = self.db.execute(
+            "SELECT sum(bounce LIKE 'hard:%'), sum(bounce LIKE 'soft:%'), sum(complaint != '')"
+            " FROM deliveries WHERE send_id = ?",
+            (send.id,),
+        ).fetchone()
+        return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
+    def feedback_seen(self, digest: str) -> bool:
+        """Return whether a report with this digest was read already."""
+        row = self.db.execute("SELECT 1 FROM feedback_reports WHERE digest = ?", (digest,))
+        return row.fetchone() is not None
+
+    def note_feedback(self, digest: str, outcome: str) -> None:
+        """Remember that a report was read (reading it again changes nothing)."""
+        self.db.execute(
+            "INSERT INTO feedback_reports (digest, outcome, read_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (digest) DO NOTHING",
+            (digest, outcome, now_text()),
+        )
+
+    def feedback_targets(
+        self,
+        *,
+        verp: tuple[int, int] | None,
+        issue: str,
+        addresses: Sequence[str],
+        subscriber_id: int | None,
+    ) -> list[FeedbackTarget]:
+        """Find the messages a report is about: by its VERP token first, else by the
+        subscriber or addresses it names, in the issue it names (or their latest)."""
+        if verp is not None:
+            row = self.db.execute(
+                "SELECT d.email, d.subscriber_id, s.issue FROM deliveries d"
+                " JOIN sends s ON s.id = d.send_id WHERE d.send_id = ? AND d.position = ?",
+                verp,
+            ).fetchone()
+            if row is not None:
+                return [FeedbackTarget(row[0], row[1], row[2], verp[0], verp[1])]
+        emails = list(addresses)
+        if subscriber_id is not None:
+            found = Subscribers(self.db).by_id(subscriber_id)
+            if found is not None:
+                emails = [found.email]
+        targets = []
+        for email in dict.fromkeys(e.lower() for e in emails):
+            row = self.db.execute(
+                "SELECT d.email, d.subscriber_id, s.issue, d.send_id, d.position"
+                " FROM deliveries d JOIN sends s ON s.id = d.send_id"
+                " WHERE d.email = ? AND (? = '' OR s.issue = ?) ORDER BY s.id DESC LIMIT 1",
+                (email, issue, issue),
+            ).fetchone()
+            if row is not None:
+                targets.append(FeedbackTarget(*row))
+                continue
+            subscriber = Subscribers(self.db).get(email)
+            if subscriber is not None:
+                targets.append(FeedbackTarget(subscriber.email, subscriber.id, issue))
+        return targets
+
+    def record_feedback(
+        self, target: FeedbackTarget, kind: str, detail: str, soft_limit: int
+    ) -> str:
+        """Write what a report says on the ledger's row and the subscriber; return the
+        outcome ("hard", "soft" or "complaint")."""
+        now = now_text()
+        with transaction(self.db) as db:
+            row = (target.send_id, target.position)
+            if kind == "complaint":
+                self._on_row(db, row, "complaint = ?", detail or "abuse", now)
+                self._stricter(db, target.subscriber_id, Status.COMPLAINED, detail)
+                return kind
+            if kind == "soft":
+                already = db.execute(
+                    "SELECT bounce FROM deliveries WHERE send_id = ? AND position = ?", row
+                ).fetchone()
+                if target.send_id is None or not already or not already[0]:
+                    # Counted once per issue: the same full mailbox reported twice is one.
+                    db.execute(
+                        "UPDATE subscribers SET soft_bounces = soft_bounces + 1 WHERE id = ?",
+                        (target.subscriber_id,),
+                    )
+                self._on_row(db, row, "bounce = ?", f"soft: {detail}".strip(), now)
+                count = db.execute(
+                    "SELECT soft_bounces FROM subscribers WHERE id = ?", (target.subscriber_id,)
+                ).fetchone()
+                if count is not None and count[0] >= soft_limit:
+                    reason = f"{count[0]} soft bounces: {detail}".strip()
+                    self._stricter(db, target.subscriber_id, Status.BOUNCED, reason)
+                return kind
+            self._on_row(db, row, "bounce = ?", f"hard: {detail}".strip(), now)
+            self._stricter(db, target.subscriber_id, Status.BOUNCED, detail)
+            return "hard"
+
+    @staticmethod
+    def _on_row(
+        db: sqlite3.Connection,
+        row: tuple[int | None, int | None],
+        column: str,
+        value: str,
+        now: str,
+    ) -> None:
+        if row[0] is None:
+            return  # a reader, but no message of ours in the ledger: the status says it
+        db.execute(
+            f"UPDATE deliveries SET {column}, feedback_at = ? WHERE send_id = ? AND position = ?",
+            (value, now, *row),
+        )
+
+    @staticmethod
+    def _stricter(
+        db: sqlite3.Connection, subscriber_id: int | None, status: Status, reason: str
+    ) -> None:
+        if subscriber_id is None:
+            return
+        current = db.execute(
+            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+        ).fetchone()
+        if current is not None and _STRICTNESS[current[0]] < _STRICTNESS[status.value]:
+            Subscribers(db).set_status_by_id(subscriber_id, status, reason or status.value)
 
     def running(self, issue: str) -> bool:
         """Return whether a `send` of `issue` holds its lock right now."""

@@ -478,7 +478,7 @@ class _Run:
             self.ledger.release(self.send, [row.position])
             return connection
         try:
-            reply = connection.send(self.sender, row.email, data, dot_safe=True)
+            reply = connection.send(self._return_path(row), row.email, data, dot_safe=True)
         except ConnectionLost as lost:
             connection.close()
             if lost.after_data:
@@ -502,6 +502,16 @@ class _Run:
             connection.close()
             return self._connect(again=True)
         return connection
+
+    def _return_path(self, row: Delivery) -> str:
+        """Return the envelope sender: a VERP address naming this row, when bounces have
+        an address of their own, so that a bounce says which message it is about."""
+        verp = self.settings.bounces.address
+        if not verp:
+            return self.sender
+        local, _, domain = verp.partition("@")
+        token = tokens.make_return(self.prepared.template.secret, self.send.id, row.position)
+        return f"{local}+{token}@{domain}"
 
     def _silent_again(self) -> bool:
         """Count a message lost after its data; stop the run when it keeps happening."""

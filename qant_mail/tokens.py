@@ -91,3 +91,59 @@ def secret_or_sample(env: Mapping[str, str] | None = None) -> bytes:
     """Return the configured secret, or the sample one when none is set."""
     env = os.environ if env is None else env
     return secret_from_env(env) if env.get(SECRET_VARIABLE) else SAMPLE_SECRET
+
+
+# A VERP return path (bounces+TOKEN@domain) names the message a bounce is about: the
+# send and the row of the ledger, signed. Lower-case letters and digits only, since
+# some mail servers change the case of local parts.
+_RETURN = re.compile(r"([a-z2-7]{16,40})")
+_RETURN_MAC_BYTES = 10
+
+
+def make_return(secret: bytes, send_id: int, position: int) -> str:
+    """Return the token of a VERP address for row `position` of send `send_id`."""
+    ids = _varint(send_id) + _varint(position)
+    mac = hmac.digest(secret, b"return\0" + ids, hashlib.sha256)[:_RETURN_MAC_BYTES]
+    return base64.b32encode(ids + mac).decode("ascii").rstrip("=").lower()
+
+
+def read_return(secret: bytes, token: str) -> tuple[int, int] | None:
+    """Return (send id, position) a genuine VERP token names; None for anything else."""
+    if not _RETURN.fullmatch(token):
+        return None
+    try:
+        raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+    except ValueError:
+        return None
+    if base64.b32encode(raw).decode("ascii").rstrip("=").lower() != token:
+        return None  # one spelling only
+    ids, mac = raw[:-_RETURN_MAC_BYTES], raw[-_RETURN_MAC_BYTES:]
+    expected = hmac.digest(secret, b"return\0" + ids, hashlib.sha256)[:_RETURN_MAC_BYTES]
+    if not hmac.compare_digest(mac, expected):
+        return None
+    numbers = _unvarints(ids)
+    if numbers is None or len(numbers) != 2:
+        return None
+    return numbers[0], numbers[1]
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, number = number & 0x7F, number >> 7
+        out.append(byte | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def _unvarints(data: bytes) -> list[int] | None:
+    numbers, current, shift = [], 0, 0
+    for byte in data:
+        current |= (byte & 0x7F) << shift
+        shift += 7
+        if shift > 63:
+            return None
+        if not byte & 0x80:
+            numbers.append(current)
+            current, shift = 0, 0
+    return numbers if shift == 0 else None

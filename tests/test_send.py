@@ -303,7 +303,13 @@ def test_interrupted_send_releases_its_rows_and_resumes(
     subscribe(local, 40)
     smtp_server.handler.delay = 0.02
     stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
+
+    def stop_after_five() -> None:
+        # Stopped by count, not after a time: a slow machine still sends some first.
+        wait_until_received(smtp_server, 5)
+        stop.set()
+
+    threading.Thread(target=stop_after_five, daemon=True).start()
     report = send(local, stop=stop)
     assert report.stopped == "interrupted"
     assert report.exit_code == ExitCode.INTERRUPTED
