@@ -43,6 +43,8 @@ MAX_RETRY_DELAY = 3600.0
 # A server that goes silent after the data this many times in a row is broken, not
 # slow: stop (the run resumes later) rather than pay a timeout per message forever.
 SILENCES_BEFORE_STOP = 3
+# The distinct reasons of failure a run keeps for its report (they may name addresses).
+MAX_REASONS = 50
 # Permanent failures that mean the mailbox does not exist (RFC 3463): the address is
 # marked bounced, and later issues skip it.
 BOUNCE_CODES = {"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
@@ -356,8 +358,12 @@ class _Run:
         self.gave_up = 0
         self.running = 0
         self.finished = threading.Condition(self.lock)
-        # position → the state it ended in this run, with the last reply
-        self.outcomes: dict[int, tuple[State, str]] = {}
+        # Each recipient counted once, in the state it ended this run in: only the rows
+        # that may come back in this run (deferred) are remembered, so that memory does
+        # not grow with the list.
+        self.done: Counter[State] = Counter()
+        self.deferred: set[int] = set()
+        self.reasons: Counter[str] = Counter()
         self.silences = 0  # consecutive messages lost after their data
         # Quota counts go to the database about once a second, with an outcome: a killed
         # run forgets at most a second's worth, against a commit per message saved.
@@ -390,10 +396,8 @@ class _Run:
         for minute, messages in self._quota_to_flush(None).items():
             self.ledger.count_quota(minute, messages)
         self.report.elapsed = time.monotonic() - start
-        self.report.done = Counter(state for state, _ in self.outcomes.values())
-        self.report.failures = Counter(
-            reply for state, reply in self.outcomes.values() if state is State.FAILED
-        )
+        self.report.done = +self.done
+        self.report.failures = self.reasons
         self.report.limited = self.budget == 0
         return self.report
 
@@ -583,7 +587,16 @@ class _Run:
 
     def _count(self, position: int, state: State, reply: str) -> None:
         with self.lock:
-            self.outcomes[position] = (state, reply)
+            if position in self.deferred:
+                self.deferred.discard(position)
+                self.done[State.DEFERRED] -= 1
+            self.done[state] += 1
+            if state is State.DEFERRED:
+                self.deferred.add(position)
+            elif state is State.FAILED and (
+                reply in self.reasons or len(self.reasons) < MAX_REASONS
+            ):
+                self.reasons[reply] += 1
         self.progress.advance(state)
 
     def _connect(self, *, again: bool = False) -> Connection | None:
