@@ -34,7 +34,11 @@ code, tests, project = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 sys.path[:0] = [code, tests]
 from faulty_smtp import Behaviour, FaultyServerFactory
 from qant_mail.config import Sending, load_settings
-from qant_mail.send import prepare, send_to_list
+from qant_mail.send import send_to_list
+try:  # this tree
+    from qant_mail.pipeline import prepare_send
+except ImportError:  # a baseline from before the pipeline module
+    from qant_mail.send import prepare as prepare_send
 from qant_mail.subscribers import Subscribers
 from qant_mail.transport import SmtpTransport
 readers, greylist, retry, allowed = (float(a) for a in sys.argv[4:8])
@@ -49,7 +53,7 @@ store = Subscribers.open(settings.store_path)
 store.import_rows("email\n" + "".join(f"r{n}@example.com\n" for n in range(int(readers))), "b")
 store.close()
 issue = sorted((project / "issues").glob("2023-11-20.yaml"))[0]
-prepared = prepare(issue, settings)
+prepared = prepare_send(issue, settings)
 stop = threading.Event()
 timeline = []
 def watch():

@@ -38,8 +38,9 @@ from qant_mail.compose import MessageTemplate, Recipient  # noqa: E402
 from qant_mail.config import Settings, load_settings  # noqa: E402
 from qant_mail.ledger import State  # noqa: E402
 from qant_mail.load import load  # noqa: E402
+from qant_mail.pipeline import prepare_send  # noqa: E402
 from qant_mail.render import RenderedIssue, Renderer, Slot  # noqa: E402
-from qant_mail.send import prepare, send_to_list  # noqa: E402
+from qant_mail.send import send_to_list  # noqa: E402
 from qant_mail.subscribers import Subscribers  # noqa: E402
 from qant_mail.transport import Reply, SmtpTransport, Transport  # noqa: E402
 
@@ -175,7 +176,7 @@ def child_pipeline(store: Path, port: int | None, kinds: list[str]) -> dict[str,
             }
         ),
     )
-    prepared = prepare(SAMPLE, settings)
+    prepared = prepare_send(SAMPLE, settings)
     transport: Transport = SmtpTransport(settings, env={}) if port else _Discard()
     start = time.perf_counter()
     report = send_to_list(prepared, settings, transport)

@@ -4,40 +4,73 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import os
 import signal
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from qant_mail import __version__
 from qant_mail.errors import ExitCode, IssueError, Problem, QantError, Severity
 
-P = ParamSpec("P")
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from qant_mail.archive import ArchiveReport
+    from qant_mail.config import Settings
+    from qant_mail.ledger import State
+    from qant_mail.pipeline import SendStatus
+    from qant_mail.subscribers import Status, Subscribers
+
+
+class _Commands(TyperGroup):
+    """The command group, which turns the errors a user can cause into one line,
+    `error: …`, and the exit status the README documents: the one error handler."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except IssueError as err:
+            _report(ctx, err)
+            for problem in err.problems:
+                typer.echo(str(problem), err=True)
+            raise typer.Exit(err.exit_code) from err
+        except QantError as err:
+            _report(ctx, err)
+            raise typer.Exit(err.exit_code) from err
+        except KeyboardInterrupt as err:
+            _error("interrupted")
+            raise typer.Exit(ExitCode.INTERRUPTED) from err
+
+
+def _report(ctx: typer.Context, err: QantError) -> None:
+    options = ctx.find_object(Options)
+    if options is not None and options.debug:
+        traceback.print_exc()
+    _error(str(err))
+
 
 app = typer.Typer(
     name="qant-mail",
     help="Write, check, preview and send a newsletter issue by email.",
+    cls=_Commands,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
 
 @dataclass
-class _Options:
+class Options:
+    """The options every command shares, kept on the command line's context."""
+
     config: Path | None = None
     debug: bool = False
-
-
-_options = _Options()
 
 
 def _version(value: bool) -> None:
@@ -48,6 +81,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -65,50 +99,32 @@ def _main(
     ] = False,
 ) -> None:
     """Write, check, preview and send a newsletter issue by email."""
-    _options.config = config
-    _options.debug = debug
-
-
-def _handled(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn the errors a user can cause into `error: …` and a documented exit status."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except IssueError as err:
-            if _options.debug:
-                traceback.print_exc()
-            _error(str(err))
-            for problem in err.problems:
-                typer.echo(str(problem), err=True)
-            raise typer.Exit(err.exit_code) from err
-        except QantError as err:
-            if _options.debug:
-                traceback.print_exc()
-            _error(str(err))
-            raise typer.Exit(err.exit_code) from err
-        except KeyboardInterrupt as err:
-            _error("interrupted")
-            raise typer.Exit(ExitCode.INTERRUPTED) from err
-
-    return wrapper
+    ctx.obj = Options(config or None, debug)
 
 
 def _error(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
-def _settings() -> Any:
-    from qant_mail.config import find_config, load_settings
+def _options(ctx: typer.Context) -> Options:
+    return ctx.find_object(Options) or Options()
 
-    path = _options.config or find_config()
-    return load_settings(path)
+
+def _settings_path(ctx: typer.Context) -> Path:
+    from qant_mail.config import find_config
+
+    return _options(ctx).config or find_config()
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    from qant_mail.config import load_settings
+
+    return load_settings(_settings_path(ctx))
 
 
 @app.command()
-@_handled
 def new(
+    ctx: typer.Context,
     date: Annotated[
         str | None,
         typer.Argument(help="Date of the issue, YYYY-MM-DD (default: today).", show_default=False),
@@ -117,15 +133,15 @@ def new(
     """Write a commented skeleton issue for DATE in the issues folder."""
     from qant_mail.draft import write_skeleton
 
-    settings = _settings()
+    settings = _settings(ctx)
     day = _parse_date(date) if date else dt.date.today()
     path = write_skeleton(settings, day)
     typer.echo(f"wrote {_shown(path)}")
 
 
 @app.command()
-@_handled
 def schema(
+    ctx: typer.Context,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="File to write (default: standard output)."),
@@ -143,37 +159,62 @@ def schema(
 
 
 @app.command()
-@_handled
 def check(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate an issue and lint its email; print every problem as FILE:LINE:COL."""
-    from qant_mail.lint import check as check_issue
+    import json
+
+    from qant_mail.pipeline import check as check_issue
     from qant_mail.render import Renderer
 
-    settings = _settings()
-    report = check_issue(file, Renderer(settings))
-    for problem in report.errors + report.warnings:
-        typer.echo(_tagged(problem))
+    report = check_issue(file, Renderer(_settings(ctx)))
     errors, warnings = len(report.errors), len(report.warnings)
-    if errors or warnings:
-        typer.echo(f"{_count(errors, 'error')}, {_count(warnings, 'warning')}", err=True)
-    else:
+    failed = bool(errors or (strict and warnings))
+    if as_json:
         rendered = report.rendered
-        assert rendered is not None
         typer.echo(
-            f"{_shown(file)}: ok ({len(rendered.html.encode()) / 1000:.1f} KB of HTML, "
-            f"{rendered.words} words)",
-            err=True,
+            json.dumps(
+                {
+                    "file": str(file),
+                    "ok": not failed,
+                    "errors": [_problem_json(p) for p in report.errors],
+                    "warnings": [_problem_json(p) for p in report.warnings],
+                    "html_bytes": len(rendered.html.encode()) if rendered else None,
+                    "words": rendered.words if rendered else None,
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
         )
-    if errors or (strict and warnings):
+    else:
+        for problem in report.errors + report.warnings:
+            typer.echo(_tagged(problem), err=True)
+        if errors or warnings:
+            typer.echo(f"{_count(errors, 'error')}, {_count(warnings, 'warning')}", err=True)
+        elif report.rendered is not None:
+            size = len(report.rendered.html.encode()) / 1000
+            words = report.rendered.words
+            typer.echo(f"{_shown(file)}: ok ({size:.1f} KB of HTML, {words} words)", err=True)
+    if failed:
         raise typer.Exit(ExitCode.INVALID)
 
 
+def _problem_json(problem: Problem) -> dict[str, object]:
+    return {
+        "line": problem.line,
+        "column": problem.column,
+        "field": problem.field,
+        "message": problem.message,
+    }
+
+
 @app.command()
-@_handled
 def render(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     output: Annotated[
         Path | None,
@@ -181,17 +222,17 @@ def render(
     ] = None,
 ) -> None:
     """Write NAME.html, NAME.txt and NAME.eml, as a sample subscriber gets them."""
-    from qant_mail.compose import write_sample
+    from qant_mail.pipeline import render_sample
 
-    settings = _settings()
-    written = write_sample(file, settings, output or settings.output_dir)
+    settings = _settings(ctx)
+    written = render_sample(file, settings, output or settings.output_dir)
     for path in written:
         typer.echo(f"wrote {_shown(path)} ({path.stat().st_size / 1000:.1f} KB)")
 
 
 @app.command()
-@_handled
 def preview(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     port: Annotated[
         int, typer.Option("--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one).")
@@ -203,12 +244,11 @@ def preview(
     """Serve a live preview of an issue that reloads as you edit it."""
     import webbrowser
 
-    from qant_mail.config import find_config
     from qant_mail.preview import Preview, create_app
     from qant_mail.webserver import listen, run
 
-    settings_path = _options.config or find_config()
-    _settings()  # settings that do not load are an error now, not a blank page
+    settings_path = _settings_path(ctx)
+    _settings(ctx)  # settings that do not load are an error now, not a blank page
     sock = listen("127.0.0.1", port)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
     typer.echo(f"preview of {_shown(file)} at {url} (Ctrl-C to stop)", err=True)
@@ -221,8 +261,8 @@ def preview(
 
 
 @app.command()
-@_handled
 def send(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     to: Annotated[
         str | None,
@@ -258,14 +298,15 @@ def send(
     """Send an issue to every active subscriber, or a test to some addresses (--to)."""
     from qant_mail import send as sending
     from qant_mail.addresses import normalise_address
+    from qant_mail.pipeline import prepare_send
     from qant_mail.transport import SmtpTransport
 
-    settings = _settings()
+    settings = _settings(ctx)
     if to is not None:
         addresses = [normalise_address(a) for a in to.split(",") if a.strip()]
         if not addresses:
             raise typer.BadParameter("give at least one address", param_hint="--to")
-        prepared = sending.prepare(file, settings, test=True)
+        prepared = prepare_send(file, settings, test=True)
         _warn(prepared.warnings)
         transport = SmtpTransport(settings)
         sending.require_signature(settings, prepared.template.keys, transport)
@@ -276,20 +317,21 @@ def send(
         if failed:
             raise typer.Exit(ExitCode.PARTIAL)
         return
-    prepared = sending.prepare(file, settings)
+    prepared = prepare_send(file, settings)
     _warn(prepared.warnings)
     if dry_run:
         folder = output or settings.output_dir / "dry-run" / file.stem
         with _ProgressBar() as bar, _terminate_as_interrupt():
             report = sending.dry_run(prepared, settings, folder, progress=bar, limit=limit)
-        typer.echo(_summary(report))
+        typer.echo(report.summary())
         typer.echo(f"messages written to {_shown(folder / 'new')}")
         return
     transport = SmtpTransport(settings)
     plan = sending.plan(prepared, settings, transport)
     if plan.recipients == 0:
-        typer.echo(_already_done(file, plan))
-        raise typer.Exit(ExitCode.OK if not plan.already else _settled_code(plan))
+        why, code = plan.nothing_left(file)
+        typer.echo(why)
+        raise typer.Exit(code)
     count = min(plan.recipients, limit) if limit else plan.recipients
     where = "not served yet" if plan.resuming else "active subscribers"
     typer.echo(f"Subject:    {plan.subject}", err=True)
@@ -317,15 +359,15 @@ def send(
             wait_for_retries=not no_wait,
             accept_changes=accept_changes,
         )
-    typer.echo(_summary(report))
+    typer.echo(report.summary())
     if report.exit_code != ExitCode.OK:
-        typer.echo(_hint(file, report), err=True)
+        typer.echo(report.hints(file), err=True)
     raise typer.Exit(report.exit_code)
 
 
 @app.command()
-@_handled
 def status(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
     requeue_unknown: Annotated[
         bool, typer.Option("--requeue-unknown", help="Send the unknown ones again next run.")
@@ -352,78 +394,88 @@ def status(
         bool,
         typer.Option("--force", help="With --requeue-failed: hard bounces too (re-activated)."),
     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
 ) -> None:
     """Show where the send of an issue stands: counts, failures, unknowns."""
-    from qant_mail.ledger import Ledger, State
+    import json
 
-    settings = _settings()
-    ledger = Ledger(settings.store_path)
-    send = ledger.find(file.stem)
-    if send is None:
-        typer.echo(f"{file.stem} has not been sent (no send planned).")
-        return
+    from qant_mail import pipeline
+    from qant_mail.ledger import State
+
+    settings = _settings(ctx)
     if requeue_unknown and mark_unknown_sent:
         raise typer.BadParameter("choose one of --requeue-unknown and --mark-unknown-sent")
     if (reason or address or force) and not requeue_failed:
         raise typer.BadParameter("--reason, --address and --force go with --requeue-failed")
+    issue = file.stem
     if requeue_unknown or mark_unknown_sent:
-        changed = ledger.resolve_unknown(send, State.PENDING if requeue_unknown else State.SENT)
-        verb = "re-queued" if requeue_unknown else "marked sent"
-        typer.echo(f"{changed} unknown {verb}")
+        changed = pipeline.resolve_unknown(settings, issue, sent=mark_unknown_sent)
+        verb = "marked sent" if mark_unknown_sent else "re-queued"
+        typer.echo(f"{changed} unknown {verb}", err=True)
     if requeue_failed:
-        result = ledger.requeue_failed(
-            send, containing=reason, addresses=address or (), force=force
+        result = pipeline.requeue_failed(
+            settings, issue, containing=reason, addresses=address or (), force=force
         )
-        typer.echo(f"{result.requeued} failed re-queued: `qant-mail send {file}` sends them")
+        typer.echo(
+            f"{result.requeued} failed re-queued: `qant-mail send {file}` sends them", err=True
+        )
         for email, state in result.refused:
             hint = " (--force sends it anyway)" if state == "bounced" else ""
             typer.echo(f"  {email}: not re-queued, the subscriber is {state}{hint}", err=True)
         for email in result.missing:
             typer.echo(f"  {email}: no failed message to it in this send", err=True)
-    counts = ledger.counts(send)
+    found = pipeline.status(settings, issue)
+    send = found.send
+    if as_json:
+        typer.echo(json.dumps(_status_json(found), ensure_ascii=False, indent=2))
+        return
+    if send is None:
+        typer.echo(f"{issue} has not been sent (no send planned).")
+        return
     typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
-    typer.echo("  " + ", ".join(f"{state.value} {counts[state]}" for state in State))
-    hard, soft, complaints = ledger.feedback_counts(send)
-    if hard or soft or complaints:
+    typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
+    if found.bounced or found.soft_bounced or found.complaints:
         typer.echo(
-            f"  afterwards: {hard} bounced, {soft} bounced for now (soft), "
-            f"{complaints} complaints (`qant-mail bounces` reads them)"
+            f"  afterwards: {found.bounced} bounced, {found.soft_bounced} bounced for now "
+            f"(soft), {found.complaints} complaints (`qant-mail bounces` reads them)"
         )
-    for state in (State.FAILED, State.UNKNOWN, State.DEFERRED):
-        rows = ledger.deliveries(send, state)
+    for state, rows in found.rows.items():
         if rows:
             typer.echo(f"{state.value}:")
             for row in rows:
                 typer.echo(f"  {row.email}: {row.last_reply} ({row.attempts} attempts)")
-    if counts[State.SENDING]:
-        if ledger.running(send.issue):
-            typer.echo(
-                f"sending: {counts[State.SENDING]} in flight in a `send` running now", err=True
-            )
-        else:
-            typer.echo(
-                f"sending: {counts[State.SENDING]} were in flight when a run stopped without "
-                "finishing (killed?); the next `send` sends them again, and each may arrive "
-                "twice",
-                err=True,
-            )
-    if counts[State.UNKNOWN]:
-        typer.echo(
-            "unknown: the connection broke after the message was sent, so it may have "
-            "arrived; --requeue-unknown sends them again, --mark-unknown-sent does not",
-            err=True,
-        )
-    if counts[State.FAILED] and not requeue_failed:
-        typer.echo(
-            "failed: --requeue-failed [--reason TEXT] [--address A] sends them again "
-            "(after a full mailbox, a size limit, a server that gave up)",
-            err=True,
-        )
+    for note in found.notes:
+        if not (requeue_failed and note.startswith("failed:")):
+            typer.echo(note, err=True)
+
+
+def _status_json(found: SendStatus) -> dict[str, object]:
+    send = found.send
+    if send is None:
+        return {"issue": found.issue, "planned": False}
+    return {
+        "issue": found.issue,
+        "planned": True,
+        "subject": send.subject,
+        "created_at": send.created_at,
+        "finished_at": send.finished_at,
+        "running": found.running,
+        "counts": {state.value: n for state, n in found.counts.items()},
+        "bounced": found.bounced,
+        "soft_bounced": found.soft_bounced,
+        "complaints": found.complaints,
+        "rows": {
+            state.value: [
+                {"email": r.email, "reply": r.last_reply, "attempts": r.attempts} for r in rows
+            ]
+            for state, rows in found.rows.items()
+        },
+    }
 
 
 @app.command()
-@_handled
 def inbox(
+    ctx: typer.Context,
     port: Annotated[
         int, typer.Option("--port", min=1, max=65535, help="Port to listen on, on 127.0.0.1.")
     ] = 2525,
@@ -437,7 +489,7 @@ def inbox(
 
     from qant_mail.inbox import Inbox
 
-    settings = _settings()
+    settings = _settings(ctx)
     target = folder or settings.root / "data" / "inbox"
     with Inbox(target, port=port) as server:
         typer.echo(f"test inbox listening on {server.host}:{server.port}", err=True)
@@ -450,8 +502,8 @@ def inbox(
 
 
 @app.command()
-@_handled
 def demo(
+    ctx: typer.Context,
     issue: Annotated[Path, typer.Option("--issue", help="The issue to send.")] = Path(
         "issues/2023-11-20.yaml"
     ),
@@ -459,7 +511,7 @@ def demo(
     """Render the sample and send it to the demo list through a local test inbox."""
     from qant_mail.demo import run_demo
 
-    settings = _settings()
+    settings = _settings(ctx)
     with _ProgressBar() as bar:
         result = run_demo(settings, issue, progress=bar)
     for path in result.rendered:
@@ -468,7 +520,7 @@ def demo(
     typer.echo(f"demo list: {imported.added} subscribers imported")
     for line, reason in imported.rejected:
         typer.echo(f"  line {line} rejected: {reason}")
-    typer.echo(_summary(result.report))
+    typer.echo(result.report.summary())
     count = len(result.delivered)
     typer.echo(f"{count} messages delivered to the test inbox; open them in any mail client:")
     for path in result.delivered:
@@ -477,8 +529,8 @@ def demo(
 
 
 @app.command()
-@_handled
 def archive(
+    ctx: typer.Context,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="Folder of the site (default: out/archive)."),
@@ -487,21 +539,21 @@ def archive(
     """Write the web archive: an index of every issue, a page each, an Atom feed."""
     from qant_mail.archive import build_archive
 
-    settings = _settings()
+    settings = _settings(ctx)
     folder = output or settings.output_dir / "archive"
     report = build_archive(settings, folder)
     _left_out(report)
     typer.echo(f"archive of {len(report.entries)} issues in {_shown(folder)}")
 
 
-def _left_out(report: Any) -> None:
+def _left_out(report: ArchiveReport) -> None:
     for path, reason in report.left_out:
         typer.echo(f"left out {_shown(path)}: {reason}", err=True)
 
 
 @app.command()
-@_handled
 def serve(
+    ctx: typer.Context,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (a reverse proxy's upstream).")
     ] = "127.0.0.1",
@@ -521,7 +573,7 @@ def serve(
     from qant_mail.serve import create_app
     from qant_mail.webserver import listen, run
 
-    settings = _settings()
+    settings = _settings(ctx)
     secret = tokens.secret_from_env()
     if site is None:
         site = settings.output_dir / "archive"
@@ -536,8 +588,8 @@ def serve(
 
 
 @app.command()
-@_handled
 def bounces(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
@@ -552,7 +604,7 @@ def bounces(
     from qant_mail.errors import ConfigError
     from qant_mail.store import StoreError
 
-    settings = _settings()
+    settings = _settings(ctx)
     secret = tokens.secret_from_env()
     try:
         report = process(settings, read_source(source), secret)
@@ -579,8 +631,8 @@ app.add_typer(dkim_app, name="dkim")
 
 
 @dkim_app.command("keygen")
-@_handled
 def dkim_keygen(
+    ctx: typer.Context,
     kind: Annotated[
         str, typer.Option("--type", help="rsa (2048 bits, read everywhere) or ed25519.")
     ] = "rsa",
@@ -598,7 +650,7 @@ def dkim_keygen(
 
     if kind not in ("rsa", "ed25519"):
         raise typer.BadParameter("rsa or ed25519", param_hint="--type")
-    settings = _settings()
+    settings = _settings(ctx)
     name = selector or f"qant{dt.date.today().year}{'e' if kind == 'ed25519' else ''}"
     domain = settings.dkim.domain or settings.sender_domain
     pem, public = dkim.generate(kind)  # type: ignore[arg-type]
@@ -634,8 +686,8 @@ _TEST_DOMAINS = typer.Option(
 
 
 @subscribers_app.command("import")
-@_handled
 def subscribers_import(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="CSV with an `email` column, `name` optional.")],
     source: Annotated[
         str | None, typer.Option("--source", help="Where these people came from.")
@@ -643,7 +695,7 @@ def subscribers_import(
     test_domains: Annotated[bool, _TEST_DOMAINS] = False,
 ) -> None:
     """Import subscribers from a CSV file; re-importing changes nothing."""
-    store = _store()
+    store = _store(ctx)
     report = store.import_csv(file, source, test_domains=test_domains)
     typer.echo(
         f"added {report.added}, updated {report.renamed}, unchanged {report.unchanged}, "
@@ -659,8 +711,8 @@ def subscribers_import(
 
 
 @subscribers_app.command("add")
-@_handled
 def subscribers_add(
+    ctx: typer.Context,
     address: Annotated[str, typer.Argument(help="Email address.")],
     name: Annotated[str, typer.Option("--name", help="Their name.")] = "",
     resubscribe: Annotated[
@@ -670,21 +722,22 @@ def subscribers_add(
     test_domains: Annotated[bool, _TEST_DOMAINS] = False,
 ) -> None:
     """Add one subscriber."""
-    subscriber = _store().add(address, name, resubscribe=resubscribe, test_domains=test_domains)
+    subscriber = _store(ctx).add(address, name, resubscribe=resubscribe, test_domains=test_domains)
     typer.echo(f"{subscriber.email}: {subscriber.status}")
 
 
 @subscribers_app.command("remove")
-@_handled
-def subscribers_remove(address: Annotated[str, typer.Argument(help="Email address.")]) -> None:
+def subscribers_remove(
+    ctx: typer.Context, address: Annotated[str, typer.Argument(help="Email address.")]
+) -> None:
     """Delete a subscriber and their data."""
-    subscriber = _store().remove(address)
+    subscriber = _store(ctx).remove(address)
     typer.echo(f"{subscriber.email}: removed")
 
 
 @subscribers_app.command("unsubscribe")
-@_handled
 def subscribers_unsubscribe(
+    ctx: typer.Context,
     address: Annotated[
         str | None, typer.Argument(help="Email address (or --from-message).", show_default=False)
     ] = None,
@@ -700,11 +753,11 @@ def subscribers_unsubscribe(
 ) -> None:
     """Mark a subscriber unsubscribed (kept, so that no import re-activates them)."""
     if from_message:
-        _unsubscribe_from_message()
+        _unsubscribe_from_message(ctx)
         return
     if not address:
         raise typer.BadParameter("give an ADDRESS, or --from-message")
-    subscriber = _store().unsubscribe(address, reason)
+    subscriber = _store(ctx).unsubscribe(address, reason)
     typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
 
 
@@ -714,7 +767,7 @@ def subscribers_unsubscribe(
 EX_DATAERR, EX_TEMPFAIL = 65, 75
 
 
-def _unsubscribe_from_message() -> None:
+def _unsubscribe_from_message(ctx: typer.Context) -> None:
     """Unsubscribe the sender of the message on standard input, for a mail alias."""
     import sys
 
@@ -729,7 +782,7 @@ def _unsubscribe_from_message() -> None:
         _error(str(err))
         raise typer.Exit(EX_DATAERR) from err
     try:
-        store = _store()
+        store = _store(ctx)
         subscriber = store.get(address)
         if subscriber is None:
             # Not a reader (or not any more): nothing to do, and nothing to bounce back.
@@ -743,34 +796,58 @@ def _unsubscribe_from_message() -> None:
 
 
 @subscribers_app.command("list")
-@_handled
 def subscribers_list(
+    ctx: typer.Context,
     status: Annotated[
         str | None, typer.Option("--status", help="Only this status (active, unsubscribed…).")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="As JSON lines, for scripts.")] = False,
 ) -> None:
     """List subscribers: address, name, status, since when."""
-    store = _store()
-    for subscriber in store.all(_status(status)):
-        typer.echo(
-            f"{subscriber.email}\t{subscriber.name}\t{subscriber.status}\t"
-            f"{subscriber.status_changed_at}"
-        )
+    import json
+
+    for subscriber in _store(ctx).all(_status(status)):
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "email": subscriber.email,
+                        "name": subscriber.name,
+                        "status": subscriber.status.value,
+                        "since": subscriber.status_changed_at,
+                        "joined": subscriber.created_at,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            typer.echo(
+                f"{subscriber.email}\t{subscriber.name}\t{subscriber.status}\t"
+                f"{subscriber.status_changed_at}"
+            )
 
 
 @subscribers_app.command("count")
-@_handled
-def subscribers_count() -> None:
+def subscribers_count(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="As JSON, for scripts.")] = False,
+) -> None:
     """Count subscribers by status."""
-    counts = _store().count()
+    import json
+
+    counts = _store(ctx).count()
+    total = sum(counts.values())
+    if as_json:
+        typer.echo(json.dumps({**{s.value: n for s, n in counts.items()}, "total": total}))
+        return
     for state, number in counts.items():
         typer.echo(f"{state.value}\t{number}")
-    typer.echo(f"total\t{sum(counts.values())}")
+    typer.echo(f"total\t{total}")
 
 
 @subscribers_app.command("export")
-@_handled
 def subscribers_export(
+    ctx: typer.Context,
     file: Annotated[
         Path | None, typer.Argument(help="CSV file to write (default: standard output).")
     ] = None,
@@ -782,7 +859,7 @@ def subscribers_export(
 
     from qant_mail.files import write_all
 
-    store = _store()
+    store = _store(ctx)
     if file is None:
         store.export(sys.stdout, _status(status))
         return
@@ -792,13 +869,13 @@ def subscribers_export(
     typer.echo(f"wrote {written} subscribers to {_shown(file)}")
 
 
-def _store() -> Any:
+def _store(ctx: typer.Context) -> Subscribers:
     from qant_mail.subscribers import Subscribers
 
-    return Subscribers.open(_settings().store_path)
+    return Subscribers.open(_settings(ctx).store_path)
 
 
-def _status(value: str | None) -> Any:
+def _status(value: str | None) -> Status | None:
     from qant_mail.subscribers import Status
 
     if value is None:
@@ -813,60 +890,6 @@ def _status(value: str | None) -> Any:
 def _warn(warnings: list[str]) -> None:
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
-
-
-def _summary(report: Any) -> str:
-    from qant_mail.ledger import State
-
-    done = report.done
-    parts = [
-        f"{state.value} {done[state]}"
-        for state in (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN, State.SKIPPED)
-    ]
-    line = f"{', '.join(parts)} in {report.elapsed:.1f} s ({report.rate:.0f} messages/s)"
-    if report.stopped:
-        line += f"; stopped: {report.stopped}"
-    return line
-
-
-def _hint(file: Path, report: Any) -> str:
-    from qant_mail.ledger import State
-
-    totals = report.totals
-    hints = []
-    waiting = (
-        totals.get(State.PENDING, 0) + totals.get(State.DEFERRED, 0) + totals.get(State.SENDING, 0)
-    )
-    if waiting:
-        hints.append(f"{waiting} still to send: run `qant-mail send {file}` again to go on")
-    if totals.get(State.FAILED):
-        hints.append(f"{totals[State.FAILED]} failed for good")
-    if totals.get(State.UNKNOWN):
-        hints.append(f"{totals[State.UNKNOWN]} unknown (maybe delivered)")
-    hints.append(f"`qant-mail status {file}` lists them")
-    # Why this run's failures failed, the most common first: the server's own words.
-    reasons = [f"  {n} × {reply}" for reply, n in report.failures.most_common(3)]
-    return "\n".join(["; ".join(hints), *reasons])
-
-
-def _already_done(file: Path, plan: Any) -> str:
-    from qant_mail.ledger import State
-
-    counts = plan.already
-    if not counts:
-        return "no active subscriber: nothing to send"
-    return (
-        f"nothing left to send for {file.stem}: sent {counts[State.SENT]}, "
-        f"failed {counts[State.FAILED]}, unknown {counts[State.UNKNOWN]}, "
-        f"skipped {counts[State.SKIPPED]} (`qant-mail status {file}`)"
-    )
-
-
-def _settled_code(plan: Any) -> ExitCode:
-    from qant_mail.ledger import State
-
-    counts = plan.already
-    return ExitCode.PARTIAL if counts[State.FAILED] or counts[State.UNKNOWN] else ExitCode.OK
 
 
 class _ProgressBar:
@@ -891,7 +914,7 @@ class _ProgressBar:
             console=Console(stderr=True),
             transient=True,
         )
-        self.task: Any = None
+        self.task: TaskID | None = None
         self.started = 0.0
         self.done = 0
 
@@ -908,13 +931,14 @@ class _ProgressBar:
         self.task = self.bar.add_task("send", total=total, rate="")
         self.bar.start()
 
-    def advance(self, state: Any) -> None:
+    def advance(self, state: State) -> None:
         import time
 
         self.done += 1
         elapsed = time.monotonic() - self.started
         rate = f"{self.done / elapsed:.0f} msg/s" if elapsed > 0.5 else ""
-        self.bar.update(self.task, advance=1, rate=rate)
+        if self.task is not None:
+            self.bar.update(self.task, advance=1, rate=rate)
 
     def note(self, message: str) -> None:
         self.bar.console.print(message, markup=False, highlight=False)

@@ -6,23 +6,18 @@ import base64
 import datetime as dt
 import hashlib
 import html
-import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import format_datetime, formataddr
-from pathlib import Path
-from urllib.parse import quote
 
 from qant_mail import dkim, prose, tokens
 from qant_mail.addresses import check_display_name, is_plain_address
 from qant_mail.config import Settings
 from qant_mail.errors import QantError
-from qant_mail.files import write_all
-from qant_mail.load import load
-from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, Asset, RenderedIssue, Renderer, Slot
+from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, RenderedIssue, Slot
 
 CRLF = b"\r\n"
 HeaderField = tuple[str, bytes]  # a name, and its value as written after the colon
@@ -379,30 +374,6 @@ def _header_text(value: str, header: str) -> str:
     if value.isascii() and len(value) + len(header) + 2 <= 78:
         return value
     return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")
-
-
-def write_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
-    """Render the issue at `path` for the sample subscriber: write NAME.html, .txt, .eml."""
-    document = load(path)
-    rendered = Renderer(settings).render(document.issue, key=document.key)
-    template = MessageTemplate(
-        rendered, settings, secret=tokens.secret_or_sample(), issue_key=path.stem
-    )
-    recipient = Recipient(settings.preview.sample_email, settings.preview.sample_name)
-    target = out_dir.resolve()
-
-    def local_url(asset: Asset) -> str:
-        # The HTML file shows the images from where they are, so that it opens in a browser.
-        return quote(Path(os.path.relpath(asset.source, target)).as_posix())
-
-    page, text = rendered.fill(template.values(recipient), asset_url=local_url)
-    files = {
-        target / f"{path.stem}.html": page.encode("utf-8"),
-        target / f"{path.stem}.txt": text.encode("utf-8"),
-        target / f"{path.stem}.eml": template.personalise(recipient),
-    }
-    write_all(files)
-    return list(files)
 
 
 def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:

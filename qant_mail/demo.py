@@ -9,10 +9,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qant_mail.compose import write_sample
 from qant_mail.config import Settings
 from qant_mail.inbox import Inbox
-from qant_mail.send import Progress, SendReport, prepare, send_to_list
+from qant_mail.pipeline import prepare_send, render_sample
+from qant_mail.send import Progress, SendReport, send_to_list
 from qant_mail.subscribers import ImportReport, Subscribers
 from qant_mail.transport import SmtpTransport
 
@@ -35,7 +35,7 @@ def run_demo(settings: Settings, issue: Path, progress: Progress | None = None) 
     folder = settings.output_dir / "demo"
     if folder.exists():
         shutil.rmtree(folder)  # every demo starts from an empty list and inbox
-    rendered = write_sample(issue, settings, settings.output_dir)
+    rendered = render_sample(issue, settings, settings.output_dir)
     store = folder / "subscribers.db"
     subscribers = Subscribers.open(store)
     try:
@@ -48,7 +48,7 @@ def run_demo(settings: Settings, issue: Path, progress: Progress | None = None) 
         )
         local = dataclasses.replace(settings, smtp=smtp)
         # The demo's unsubscribe links are signed with a throwaway secret.
-        prepared = prepare(issue, local, secret=secrets.token_bytes(32))
+        prepared = prepare_send(issue, local, secret=secrets.token_bytes(32))
         report = send_to_list(
             prepared, local, SmtpTransport(local, env={}), progress=progress, store_path=store
         )

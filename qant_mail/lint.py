@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from html.parser import HTMLParser
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel
 
 from qant_mail import prose
 from qant_mail.config import Settings
-from qant_mail.errors import IssueError, Problem, Severity
-from qant_mail.load import Document, load
+from qant_mail.errors import Problem, Severity
+from qant_mail.load import Document
 from qant_mail.model import Image, Link
-from qant_mail.render import PLACEHOLDER, RenderedIssue, Renderer, Slot
+from qant_mail.render import PLACEHOLDER, RenderedIssue, Slot
 from qant_mail.schema import Loc
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
@@ -230,33 +229,3 @@ def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             yield from _walk(item, (*loc, index))
-
-
-@dataclass(frozen=True)
-class Report:
-    """What `check` found in an issue file; the document and render when it loaded."""
-
-    path: Path
-    problems: list[Problem]
-    document: Document | None = None
-    rendered: RenderedIssue | None = None
-
-    @property
-    def errors(self) -> list[Problem]:
-        """Return the problems that stop a render or a send."""
-        return [p for p in self.problems if p.severity is ERROR]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        """Return the problems worth a look that stop nothing."""
-        return [p for p in self.problems if p.severity is WARNING]
-
-
-def check(path: Path, renderer: Renderer) -> Report:
-    """Validate the issue at `path`, render it and lint the email: every problem at once."""
-    try:
-        document = load(path)
-    except IssueError as err:
-        return Report(path, err.problems)
-    rendered = renderer.render(document.issue, key=document.key)
-    return Report(path, lint(document, rendered, renderer.settings), document, rendered)

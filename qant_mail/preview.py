@@ -32,7 +32,7 @@ from watchfiles import DefaultFilter, awatch
 
 from qant_mail.config import Settings, load_settings
 from qant_mail.errors import Problem, QantError, Severity
-from qant_mail.lint import check
+from qant_mail.pipeline import check
 from qant_mail.render import Asset, RenderedIssue, Renderer, Slot
 
 PAGE = Path(__file__).with_name("web") / "preview.html"
@@ -321,13 +321,14 @@ async def _watch(preview: Preview, publish: Any, stop: anyio.Event) -> None:
 def _send_test(preview: Preview, address: str) -> dict[str, Any]:
     """Send the current issue as a test to `address` (what `send --to` does)."""
     from qant_mail.addresses import normalise_address
-    from qant_mail.send import prepare, send_test
+    from qant_mail.pipeline import prepare_send
+    from qant_mail.send import send_test
     from qant_mail.transport import SmtpTransport
 
     try:
         settings = load_settings(preview.settings_path)
         recipient = normalise_address(address)
-        prepared = prepare(preview.issue, settings, test=True)
+        prepared = prepare_send(preview.issue, settings, test=True)
         transport = SmtpTransport(settings)
         ((_, reply),) = send_test(prepared, settings, transport, [recipient])
     except QantError as err:

@@ -7,7 +7,6 @@ one message per open connection, the one in flight)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import sqlite3
@@ -21,12 +20,11 @@ from pathlib import Path
 from typing import Protocol
 
 from qant_mail import dkim, tokens
-from qant_mail.compose import ComposeError, MessageTemplate, Recipient, dkim_keys
+from qant_mail.compose import ComposeError, MessageTemplate, Recipient
 from qant_mail.config import Settings
-from qant_mail.errors import ExitCode, IssueError, QantError, Severity
+from qant_mail.errors import ExitCode, QantError
 from qant_mail.ledger import Delivery, Ledger, Send, State
-from qant_mail.lint import check
-from qant_mail.render import RenderedIssue, Renderer
+from qant_mail.render import RenderedIssue
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
     Connection,
@@ -107,6 +105,19 @@ class Plan:
     already: dict[State, int]
     signing: str = ""
 
+    def nothing_left(self, file: Path) -> tuple[str, ExitCode]:
+        """Say why there is nothing to send, and with what status to end."""
+        counts = self.already
+        if not counts:
+            return "no active subscriber: nothing to send", ExitCode.OK
+        text = (
+            f"nothing left to send for {file.stem}: sent {counts[State.SENT]}, "
+            f"failed {counts[State.FAILED]}, unknown {counts[State.UNKNOWN]}, "
+            f"skipped {counts[State.SKIPPED]} (`qant-mail status {file}`)"
+        )
+        unsettled = counts[State.FAILED] or counts[State.UNKNOWN]
+        return text, ExitCode.PARTIAL if unsettled else ExitCode.OK
+
 
 @dataclass
 class SendReport:
@@ -136,45 +147,28 @@ class SendReport:
         unsettled = (State.PENDING, State.SENDING, State.DEFERRED, State.UNKNOWN)
         return sum(self.totals.get(s, 0) for s in unsettled)
 
+    def summary(self) -> str:
+        """Return the one line a run ends with."""
+        shown = (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN, State.SKIPPED)
+        parts = [f"{state.value} {self.done[state]}" for state in shown]
+        line = f"{', '.join(parts)} in {self.elapsed:.1f} s ({self.rate:.0f} messages/s)"
+        return line + (f"; stopped: {self.stopped}" if self.stopped else "")
 
-def prepare(
-    path: Path,
-    settings: Settings,
-    *,
-    test: bool = False,
-    renderer: Renderer | None = None,
-    secret: bytes | None = None,
-) -> Prepared:
-    """Render, check and compose the issue at `path`; refuse what must not be sent."""
-    report = check(path, renderer or Renderer(settings))
-    if report.document is None or report.rendered is None:
-        raise IssueError(path, report.problems)
-    if report.errors:
-        raise IssueError(path, report.errors)
-    if report.document.issue.draft and not test:
-        raise SendError(
-            f"{path}: the issue is marked `draft: true`; remove that line when it is ready "
-            "(test sends with --to work on drafts)"
-        )
-    rendered = report.rendered
-    template = MessageTemplate(
-        rendered,
-        settings,
-        secret=secret or tokens.secret_from_env(),
-        issue_key=path.stem,
-        test=test,
-        keys=dkim_keys(settings),
-    )
-    digest = hashlib.sha256()
-    for part in (rendered.subject, rendered.html, rendered.text):
-        digest.update(part.encode("utf-8"))
-    warnings = [str(p) for p in report.problems if p.severity is Severity.WARNING]
-    if settings.images.mode == "host" and rendered.assets:
-        warnings.append(
-            f"the pictures are linked from {settings.newsletter.base_url}/{path.stem}/images/: "
-            "publish the archive (`qant-mail archive`) before readers open the issue"
-        )
-    return Prepared(path.stem, rendered, template, digest.hexdigest()[:16], warnings)
+    def hints(self, file: Path) -> str:
+        """Return what to do next after a run that did not settle everything."""
+        totals = self.totals
+        hints = []
+        waiting = sum(totals.get(s, 0) for s in (State.PENDING, State.DEFERRED, State.SENDING))
+        if waiting:
+            hints.append(f"{waiting} still to send: run `qant-mail send {file}` again to go on")
+        if totals.get(State.FAILED):
+            hints.append(f"{totals[State.FAILED]} failed for good")
+        if totals.get(State.UNKNOWN):
+            hints.append(f"{totals[State.UNKNOWN]} unknown (maybe delivered)")
+        hints.append(f"`qant-mail status {file}` lists them")
+        # Why this run's failures failed, the most common first: the server's own words.
+        reasons = [f"  {n} × {reply}" for reply, n in self.failures.most_common(3)]
+        return "\n".join(["; ".join(hints), *reasons])
 
 
 def require_signature(

@@ -158,27 +158,7 @@ class SmtpTransport:
         """Open, secure and log in a connection."""
         where = f"{self.host}:{self.port}"
         try:
-            if self.security == "tls":
-                client: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host,
-                    self.port,
-                    local_hostname=self.helo,
-                    timeout=self.timeout,
-                    context=self.context,
-                )
-            else:
-                client = smtplib.SMTP(
-                    self.host, self.port, local_hostname=self.helo, timeout=self.timeout
-                )
-            client.ehlo()
-            if self.security == "starttls":
-                if not client.has_extn("starttls"):
-                    client.close()
-                    raise TransportUnavailable(f"{where} does not offer STARTTLS")
-                client.starttls(context=self.context)
-                client.ehlo()
-            if self.username:
-                client.login(self.username, self._password)
+            client = self._open(where)
         except smtplib.SMTPAuthenticationError as err:
             raise TransportUnavailable(
                 f"{where} refused the login of {self.username!r}: {_reply_text(err)}"
@@ -191,6 +171,35 @@ class SmtpTransport:
         except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
             raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from err
         return SmtpConnection(client, where, self.timeout, self.message_timeout)
+
+    def _open(self, where: str) -> smtplib.SMTP:
+        """Connect, greet, secure and log in; close the connection if any step fails."""
+        client: smtplib.SMTP
+        if self.security == "tls":
+            client = smtplib.SMTP_SSL(
+                self.host,
+                self.port,
+                local_hostname=self.helo,
+                timeout=self.timeout,
+                context=self.context,
+            )
+        else:
+            client = smtplib.SMTP(
+                self.host, self.port, local_hostname=self.helo, timeout=self.timeout
+            )
+        try:
+            client.ehlo()
+            if self.security == "starttls":
+                if not client.has_extn("starttls"):
+                    raise TransportUnavailable(f"{where} does not offer STARTTLS")
+                client.starttls(context=self.context)
+                client.ehlo()
+            if self.username:
+                client.login(self.username, self._password)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
 
 class SmtpConnection:
@@ -331,9 +340,9 @@ class SmtpConnection:
         self._close_socket()
 
     def _close_socket(self) -> None:
+        # smtplib's own reader (a makefile) holds the socket open too: close both.
         with contextlib.suppress(OSError):
-            self.sock.close()
-        self.client.sock = None
+            self.client.close()
 
 
 class _ProtocolError(Exception):

@@ -17,7 +17,8 @@ from qant_mail import tokens
 from qant_mail.bounces import Outcome, process
 from qant_mail.config import Bounces, Settings
 from qant_mail.errors import ExitCode
-from qant_mail.send import prepare, send_to_list
+from qant_mail.pipeline import prepare_send
+from qant_mail.send import send_to_list
 from qant_mail.subscribers import Subscribers
 from qant_mail.transport import MemoryTransport
 from tests.conftest import ROOT
@@ -86,7 +87,7 @@ def sent(project_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Sent:
     store.import_rows("email\n" + "".join(f"reader{n}@example.com\n" for n in range(10)), "t")
     store.close()
     transport = MemoryTransport()
-    prepared = prepare(settings.issues_dir / "2023-11-20.yaml", settings)
+    prepared = prepare_send(settings.issues_dir / "2023-11-20.yaml", settings)
     send_to_list(prepared, settings, transport)
     verp, ids, links = {}, {}, {}
     for sender, recipient, data in transport.messages:
@@ -158,7 +159,7 @@ def test_a_whole_maildir_and_an_mbox_are_read_once(sent: Sent, tmp_path: Path) -
     for name in sorted(EXPECTED):
         folder.add(sent.fill(name))
         box.add(sent.fill(name))
-    box.flush()
+    box.close()
     env = {"QANT_SECRET_KEY": SECRET, "QANT_BOUNCES_ADDRESS": "bounces@qant.example"}
     root = sent.settings.root
     first = run_cli(["bounces", str(tmp_path / "Maildir")], cwd=root, env=env)

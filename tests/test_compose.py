@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from qant_mail import tokens
-from qant_mail.compose import ComposeError, MessageTemplate, Recipient, qp_encode, write_sample
+from qant_mail.compose import ComposeError, MessageTemplate, Recipient, qp_encode
 from qant_mail.config import Settings
+from qant_mail.pipeline import render_sample
 from qant_mail.render import PLACEHOLDER, RenderedIssue
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -165,7 +166,7 @@ def test_quoted_printable_round_trips_random_text() -> None:
 
 def test_sample_files_are_written_together(project: Path, project_settings: Settings) -> None:
     out = project / "out"
-    written = write_sample(project / "issues" / "2023-11-20.yaml", project_settings, out)
+    written = render_sample(project / "issues" / "2023-11-20.yaml", project_settings, out)
     assert [p.name for p in written] == ["2023-11-20.html", "2023-11-20.txt", "2023-11-20.eml"]
     page = (out / "2023-11-20.html").read_text()
     assert "lecteur@example.com" in page

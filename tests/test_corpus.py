@@ -17,9 +17,9 @@ from ruamel.yaml import YAML
 
 from qant_mail.archive import build_archive
 from qant_mail.config import Settings
-from qant_mail.lint import check
 from qant_mail.load import load
 from qant_mail.model import SCHEMA_FILE, json_schema
+from qant_mail.pipeline import check
 from qant_mail.render import RenderedIssue, Renderer, Slot
 from tests.conftest import ROOT, SAMPLE
 

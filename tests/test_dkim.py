@@ -16,8 +16,9 @@ from qant_mail.compose import MessageTemplate, Recipient, dkim_keys
 from qant_mail.config import Dkim, Settings
 from qant_mail.errors import ConfigError, ExitCode
 from qant_mail.ledger import State
+from qant_mail.pipeline import prepare_send
 from qant_mail.render import RenderedIssue
-from qant_mail.send import SendError, prepare, require_signature, send_to_list
+from qant_mail.send import SendError, require_signature, send_to_list
 from qant_mail.transport import SmtpTransport
 from tests.smtp_server import SmtpServer
 from tests.test_send import SAMPLE, subscribe
@@ -163,7 +164,7 @@ def test_every_message_of_a_send_verifies(
     monkeypatch.setenv("QANT_SECRET_KEY", "a-test-secret-that-is-long-enough")
     config = signing(local, "rsa", "ed25519")
     subscribe(config, 12)
-    prepared = prepare(config.root / SAMPLE, config)
+    prepared = prepare_send(config.root / SAMPLE, config)
     report = send_to_list(prepared, config, SmtpTransport(config, env={}))
     assert report.done[State.SENT] == 12
     for message in smtp_server.handler.received:

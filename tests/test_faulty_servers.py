@@ -11,7 +11,8 @@ import pytest
 from qant_mail.config import Sending, Settings
 from qant_mail.errors import ExitCode
 from qant_mail.ledger import Ledger, State
-from qant_mail.send import SendReport, prepare, send_to_list
+from qant_mail.pipeline import prepare_send
+from qant_mail.send import SendReport, send_to_list
 from qant_mail.tokens import SECRET_VARIABLE
 from qant_mail.transport import RateLimiter, Reply, SmtpTransport
 from tests.faulty_smtp import Behaviour, FaultyServer, FaultyServerFactory
@@ -34,7 +35,7 @@ def towards(settings: Settings, server: FaultyServer, **smtp: object) -> Setting
 
 
 def send(settings: Settings, *, wait: bool = True) -> SendReport:
-    prepared = prepare(settings.root / SAMPLE, settings)
+    prepared = prepare_send(settings.root / SAMPLE, settings)
     return send_to_list(prepared, settings, SmtpTransport(settings, env={}), wait_for_retries=wait)
 
 

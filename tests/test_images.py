@@ -18,8 +18,8 @@ from PIL import Image
 from qant_mail.archive import build_archive
 from qant_mail.compose import MessageTemplate, Recipient
 from qant_mail.config import Images, Settings
-from qant_mail.lint import check
 from qant_mail.load import load
+from qant_mail.pipeline import check
 from qant_mail.render import Renderer
 
 WriteIssue = Callable[..., Path]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from qant_mail.config import Lint, Settings
 from qant_mail.errors import Severity
-from qant_mail.lint import check, lint
+from qant_mail.lint import lint
 from qant_mail.load import load
+from qant_mail.pipeline import check
 from qant_mail.render import Renderer
 
 WriteIssue = Callable[..., Path]

@@ -168,6 +168,7 @@ def test_the_server_survives_any_file(server: BackgroundServer, issue: Path) -> 
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         connection.request("GET", "/state.json")
         state = json.loads(connection.getresponse().read())
+        connection.close()
         assert state["errors"] >= 1
     issue.unlink()
     time.sleep(0.3)
@@ -179,9 +180,11 @@ def test_other_hosts_and_forged_requests_are_refused(server: BackgroundServer) -
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     connection.request("GET", "/state.json", headers={"Host": "evil.example"})
     assert connection.getresponse().status == 400
+    connection.close()
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     connection.request("POST", "/send-test", body='{"address": "x@example.com"}')
     assert connection.getresponse().status == 403
+    connection.close()
 
 
 @needs_chromium

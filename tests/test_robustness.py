@@ -19,7 +19,8 @@ import pytest
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode
 from qant_mail.ledger import Ledger, State
-from qant_mail.send import dry_run, prepare
+from qant_mail.pipeline import prepare_send
+from qant_mail.send import dry_run
 from qant_mail.store import MIGRATIONS, StoreUnavailable, open_store
 from qant_mail.subscribers import Status, SubscriberError, Subscribers
 from tests.smtp_server import SmtpServer
@@ -188,11 +189,11 @@ def test_failed_rows_are_requeued_by_reason_or_address_but_not_bounces(
     by_reason = run_cli(
         ["status", SAMPLE, "--requeue-failed", "--reason", "mailbox full"], env, project
     )
-    assert "2 failed re-queued" in by_reason.stdout
+    assert "2 failed re-queued" in by_reason.stderr
     bounce = run_cli(
         ["status", SAMPLE, "--requeue-failed", "--address", addresses[2]], env, project
     )
-    assert "0 failed re-queued" in bounce.stdout
+    assert "0 failed re-queued" in bounce.stderr
     assert "the subscriber is bounced (--force sends it anyway)" in bounce.stderr
     assert run_cli(["send", SAMPLE, "--yes"], env, project).returncode == ExitCode.PARTIAL
     received = smtp_server.handler.recipients()
@@ -200,7 +201,7 @@ def test_failed_rows_are_requeued_by_reason_or_address_but_not_bounces(
     forced = run_cli(
         ["status", SAMPLE, "--requeue-failed", "--address", addresses[2], "--force"], env, project
     )
-    assert "1 failed re-queued" in forced.stdout
+    assert "1 failed re-queued" in forced.stderr
     assert run_cli(["send", SAMPLE, "--yes"], env, project).returncode == ExitCode.PARTIAL
     assert smtp_server.handler.recipients()[addresses[2]] == 1
     assert ledger_counts(local)[State.FAILED] == 1  # the spam refusal, left alone
@@ -211,7 +212,7 @@ def test_a_dry_run_after_the_real_send_composes_every_message(
 ) -> None:
     subscribe(local, 4)
     send(local)
-    report = dry_run(prepare(local.root / SAMPLE, local), local, tmp_path / "dry")
+    report = dry_run(prepare_send(local.root / SAMPLE, local), local, tmp_path / "dry")
     assert report.done[State.SENT] == 4
     assert len(list((tmp_path / "dry" / "new").glob("*.eml"))) == 4
     assert ledger_counts(local)[State.SENT] == 4  # the real ledger is untouched

@@ -16,7 +16,8 @@ import pytest
 from qant_mail.config import Sending, Settings
 from qant_mail.errors import ConfigError, ExitCode
 from qant_mail.ledger import Ledger, LedgerError, State
-from qant_mail.send import SendError, SendReport, dry_run, prepare, send_test, send_to_list
+from qant_mail.pipeline import prepare_send
+from qant_mail.send import SendError, SendReport, dry_run, send_test, send_to_list
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.tokens import SECRET_VARIABLE
 from qant_mail.transport import SmtpTransport, TransportUnavailable
@@ -43,7 +44,7 @@ def subscribe(settings: Settings, count: int, *, prefix: str = "reader") -> list
 def send(
     settings: Settings, *, limit: int | None = None, stop: threading.Event | None = None
 ) -> SendReport:
-    prepared = prepare(settings.root / SAMPLE, settings)
+    prepared = prepare_send(settings.root / SAMPLE, settings)
     transport = SmtpTransport(settings, env={})
     return send_to_list(prepared, settings, transport, limit=limit, stop=stop)
 
@@ -231,7 +232,7 @@ def test_wrong_password_is_an_error_that_does_not_show_it(
     subscribe(local, 1)
     with_login = dataclasses.replace(local, smtp=local.smtp.model_copy(update={"username": "qant"}))
     transport = SmtpTransport(with_login, env={"QANT_SMTP_PASSWORD": "hunter2-wrong"})
-    prepared = prepare(local.root / SAMPLE, with_login)
+    prepared = prepare_send(local.root / SAMPLE, with_login)
     with pytest.raises(TransportUnavailable) as caught:
         send_to_list(prepared, with_login, transport)
     assert "refused the login of 'qant'" in str(caught.value)
@@ -270,14 +271,14 @@ def test_drafts_are_not_sent_to_the_list(local: Settings, project: Path) -> None
     path = project / "issues" / "2024-01-15.yaml"
     path.write_text("draft: true\nsubject: S\npreheader: P\nsections: [text: T]\n")
     with pytest.raises(SendError, match="draft"):
-        prepare(path, local)
-    assert prepare(path, local, test=True).template.subject == "[TEST] S"
+        prepare_send(path, local)
+    assert prepare_send(path, local, test=True).template.subject == "[TEST] S"
 
 
 def test_test_send_marks_the_subject_and_skips_the_ledger(
     local: Settings, smtp_server: SmtpServer
 ) -> None:
-    prepared = prepare(local.root / SAMPLE, local, test=True)
+    prepared = prepare_send(local.root / SAMPLE, local, test=True)
     results = send_test(prepared, local, SmtpTransport(local, env={}), ["relecture@example.com"])
     assert [(a, r.code) for a, r in results] == [("relecture@example.com", 250)]
     (message,) = smtp_server.handler.received
@@ -289,7 +290,7 @@ def test_dry_run_writes_every_message_and_changes_nothing(
     local: Settings, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:
     subscribe(local, 7)
-    prepared = prepare(local.root / SAMPLE, local)
+    prepared = prepare_send(local.root / SAMPLE, local)
     report = dry_run(prepared, local, tmp_path / "dry")
     assert report.done[State.SENT] == 7
     assert len(list((tmp_path / "dry" / "new").glob("*.eml"))) == 7

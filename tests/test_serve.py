@@ -15,7 +15,8 @@ from qant_mail import tokens
 from qant_mail.archive import build_archive
 from qant_mail.config import Settings
 from qant_mail.ledger import Ledger, State
-from qant_mail.send import prepare, send_to_list
+from qant_mail.pipeline import prepare_send
+from qant_mail.send import send_to_list
 from qant_mail.serve import ONE_CLICK_DONE, create_app
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import MemoryTransport
@@ -138,7 +139,7 @@ def test_a_send_in_progress_skips_who_unsubscribed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("QANT_SECRET_KEY", SECRET.decode())
-    prepared = prepare(project_settings.issues_dir / "2023-11-20.yaml", project_settings)
+    prepared = prepare_send(project_settings.issues_dir / "2023-11-20.yaml", project_settings)
     transport = MemoryTransport()
     send_to_list(prepared, project_settings, transport, limit=0)  # planned, nothing sent
     client.post(

@@ -1,0 +1,223 @@
+"""The use cases, each one walk through the stages: check an issue, render it for the
+sample reader, make it ready to send, say where a send stands. The command line, the
+preview and the public side call these; the stages below know nothing of each other's
+callers.
+
+    load (YAML → Issue) → render (HTML, text) → lint (the email) → compose (MIME) → send
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from qant_mail import tokens
+from qant_mail.compose import MessageTemplate, Recipient, dkim_keys
+from qant_mail.config import Settings
+from qant_mail.errors import IssueError, Problem, Severity
+from qant_mail.files import write_all
+from qant_mail.ledger import Delivery, Ledger, Requeued, Send, State
+from qant_mail.lint import lint
+from qant_mail.load import Document, load
+from qant_mail.render import Asset, RenderedIssue, Renderer
+from qant_mail.send import Prepared, SendError
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What `check` found in an issue file; the document and render when it loaded."""
+
+    path: Path
+    problems: list[Problem]
+    document: Document | None = None
+    rendered: RenderedIssue | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Return the problems that stop a render or a send."""
+        return [p for p in self.problems if p.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Return the problems worth a look that stop nothing."""
+        return [p for p in self.problems if p.severity is Severity.WARNING]
+
+
+def check(path: Path, renderer: Renderer) -> CheckReport:
+    """Validate the issue at `path`, render it and lint the email: every problem at once."""
+    try:
+        document = load(path)
+    except IssueError as err:
+        return CheckReport(path, err.problems)
+    rendered = renderer.render(document.issue, key=document.key)
+    problems = lint(document, rendered, renderer.settings)
+    return CheckReport(path, problems, document, rendered)
+
+
+def render_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
+    """Render the issue at `path` for the sample reader: write NAME.html, .txt and .eml,
+    all of them or none."""
+    document = load(path)
+    rendered = Renderer(settings).render(document.issue, key=document.key)
+    template = MessageTemplate(
+        rendered, settings, secret=tokens.secret_or_sample(), issue_key=document.key
+    )
+    recipient = Recipient(settings.preview.sample_email, settings.preview.sample_name)
+    target = out_dir.resolve()
+
+    def local_url(asset: Asset) -> str:
+        # The HTML file shows the images from where they are, so that it opens in a browser.
+        return quote(Path(os.path.relpath(asset.source, target)).as_posix())
+
+    page, text = rendered.fill(template.values(recipient), asset_url=local_url)
+    files = {
+        target / f"{document.key}.html": page.encode("utf-8"),
+        target / f"{document.key}.txt": text.encode("utf-8"),
+        target / f"{document.key}.eml": template.personalise(recipient),
+    }
+    write_all(files)
+    return list(files)
+
+
+def prepare_send(
+    path: Path,
+    settings: Settings,
+    *,
+    test: bool = False,
+    renderer: Renderer | None = None,
+    secret: bytes | None = None,
+) -> Prepared:
+    """Check, render and compose the issue at `path` for a send; refuse what must not
+    go out (errors, a draft to the list)."""
+    report = check(path, renderer or Renderer(settings))
+    if report.document is None or report.rendered is None:
+        raise IssueError(path, report.problems)
+    if report.errors:
+        raise IssueError(path, report.errors)
+    key = report.document.key
+    if report.document.issue.draft and not test:
+        raise SendError(
+            f"{path}: the issue is marked `draft: true`; remove that line when it is ready "
+            "(test sends with --to work on drafts)"
+        )
+    rendered = report.rendered
+    template = MessageTemplate(
+        rendered,
+        settings,
+        secret=secret or tokens.secret_from_env(),
+        issue_key=key,
+        test=test,
+        keys=dkim_keys(settings),
+    )
+    digest = hashlib.sha256()
+    for part in (rendered.subject, rendered.html, rendered.text):
+        digest.update(part.encode("utf-8"))
+    warnings = [str(p) for p in report.warnings]
+    if settings.images.mode == "host" and rendered.assets:
+        warnings.append(
+            f"the pictures are linked from {settings.newsletter.base_url}/{key}/images/: "
+            "publish the archive (`qant-mail archive`) before readers open the issue"
+        )
+    return Prepared(key, rendered, template, digest.hexdigest()[:16], warnings)
+
+
+@dataclass
+class SendStatus:
+    """Where the send of an issue stands, and what the operator may want to know."""
+
+    issue: str
+    send: Send | None
+    counts: dict[State, int] = field(default_factory=dict)
+    rows: dict[State, list[Delivery]] = field(default_factory=dict)
+    bounced: int = 0
+    soft_bounced: int = 0
+    complaints: int = 0
+    running: bool = False
+
+    @property
+    def notes(self) -> list[str]:
+        """Return what the counts mean, where they need explaining."""
+        notes = []
+        in_flight = self.counts.get(State.SENDING, 0)
+        if in_flight and self.running:
+            notes.append(f"sending: {in_flight} in flight in a `send` running now")
+        elif in_flight:
+            notes.append(
+                f"sending: {in_flight} were in flight when a run stopped without finishing "
+                "(killed?); the next `send` sends them again, and each may arrive twice"
+            )
+        if self.counts.get(State.UNKNOWN):
+            notes.append(
+                "unknown: the connection broke after the message was sent, so it may have "
+                "arrived; --requeue-unknown sends them again, --mark-unknown-sent does not"
+            )
+        if self.counts.get(State.FAILED):
+            notes.append(
+                "failed: --requeue-failed [--reason TEXT] [--address A] sends them again "
+                "(after a full mailbox, a size limit, a server that gave up)"
+            )
+        return notes
+
+
+def status(settings: Settings, issue: str) -> SendStatus:
+    """Return where the send of `issue` (its file's name) stands."""
+    ledger = Ledger(settings.store_path)
+    try:
+        send = ledger.find(issue)
+        if send is None:
+            return SendStatus(issue, None)
+        rows = {
+            state: ledger.deliveries(send, state)
+            for state in (State.FAILED, State.UNKNOWN, State.DEFERRED)
+        }
+        hard, soft, complaints = ledger.feedback_counts(send)
+        return SendStatus(
+            issue,
+            send,
+            ledger.counts(send),
+            rows,
+            hard,
+            soft,
+            complaints,
+            ledger.running(issue),
+        )
+    finally:
+        ledger.close()
+
+
+def resolve_unknown(settings: Settings, issue: str, *, sent: bool) -> int:
+    """Mark the unknown rows of a send sent, or put them back in the queue; say how many."""
+    ledger = Ledger(settings.store_path)
+    try:
+        send = _planned(ledger, issue)
+        return ledger.resolve_unknown(send, State.SENT if sent else State.PENDING)
+    finally:
+        ledger.close()
+
+
+def requeue_failed(
+    settings: Settings,
+    issue: str,
+    *,
+    containing: str = "",
+    addresses: Sequence[str] = (),
+    force: bool = False,
+) -> Requeued:
+    """Put a send's failed rows back in the queue (see `Ledger.requeue_failed`)."""
+    ledger = Ledger(settings.store_path)
+    try:
+        send = _planned(ledger, issue)
+        return ledger.requeue_failed(send, containing=containing, addresses=addresses, force=force)
+    finally:
+        ledger.close()
+
+
+def _planned(ledger: Ledger, issue: str) -> Send:
+    send = ledger.find(issue)
+    if send is None:
+        raise SendError(f"{issue} has not been sent (no send planned)")
+    return send
