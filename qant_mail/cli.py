@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -990,4 +991,21 @@ def main() -> None:
     # qant-mail uses no pydantic plugin; looking for them scans the metadata of every
     # installed package, a quarter of a render's start-up. Users who want one can say so.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    app(prog_name="qant-mail")
+    try:
+        app(prog_name="qant-mail")
+        code: object = 0
+    except SystemExit as done:
+        code = done.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    # Every command has closed its files and databases by now (each opens them in a
+    # `with`), so the interpreter's own tear-down, collecting some 50,000 objects one by
+    # one, is pure waste: a sixth of a render's time. Flush what is written, and leave.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # whoever read the output stopped reading (`| head`): nothing left to say
+    os._exit(code)

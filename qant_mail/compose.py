@@ -12,12 +12,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import format_datetime, formataddr
+from typing import TYPE_CHECKING
 
-from qant_mail import dkim, prose, tokens
+from qant_mail import prose, tokens
 from qant_mail.addresses import check_display_name, is_plain_address
 from qant_mail.config import Settings
 from qant_mail.errors import QantError
 from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, RenderedIssue, Slot
+
+if TYPE_CHECKING:
+    # Imported where a key is used: loading `cryptography` is a tenth of a render's
+    # start-up, and `render`, `check` and the preview sign nothing.
+    from qant_mail import dkim
 
 CRLF = b"\r\n"
 HeaderField = tuple[str, bytes]  # a name, and its value as written after the colon
@@ -96,13 +102,15 @@ class MessageTemplate:
         self._headers = self._static_headers(subject, when, alternative)
         self._header_bytes = _render_headers(self._headers)
         self._segments = self._body(alternative)
-        self._body_hash = (
-            dkim.BodyHash.of([s if isinstance(s, bytes) else None for s in self._segments])
-            if self.keys
-            else None
-        )
-        own = ("Message-ID", "To", "List-Unsubscribe")  # see _recipient_headers
-        self._signers = [dkim.Signer(key, self._headers, own) for key in self.keys]
+        self._body_hash: dkim.BodyHash | None = None
+        self._signers: list[dkim.Signer] = []
+        if self.keys:
+            from qant_mail import dkim
+
+            signed = [s if isinstance(s, bytes) else None for s in self._segments]
+            self._body_hash = dkim.BodyHash.of(signed)
+            own = ("Message-ID", "To", "List-Unsubscribe")  # see _recipient_headers
+            self._signers = [dkim.Signer(key, self._headers, own) for key in self.keys]
 
     # -- per recipient ---------------------------------------------------------------
 
@@ -376,8 +384,21 @@ def _header_text(value: str, header: str) -> str:
     return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An issue ready to go: rendered, checked, composed once."""
+
+    issue_key: str
+    rendered: RenderedIssue
+    template: MessageTemplate
+    content_hash: str
+    warnings: list[str]
+
+
 def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:
     """Return the DKIM keys the settings ask for, from the environment."""
+    from qant_mail import dkim
+
     config = settings.dkim
     return dkim.keys_from_settings(
         config.selector, config.ed25519_selector, config.domain or settings.sender_domain, env

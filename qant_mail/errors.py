@@ -64,6 +64,11 @@ class IssueError(QantError):
         super().__init__(f"{path}: {len(self.problems)} {noun}")
 
 
+class SendError(QantError):
+    """An issue that must not be sent as it is (a draft, errors in the email), or a send
+    that does not exist."""
+
+
 class TemplateError(QantError):
     """A template could not be found, compiled or rendered."""
 

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from qant_mail import prose
 from qant_mail.images import ImageFileError, ImageInfo, probe
-from qant_mail.schema import Strict
+from qant_mail.schema import Strict, describe_fields
 
 # The name the schema is published under, next to the issues (`qant-mail new` writes it),
 # so that an editor's YAML plugin finds it from the first line of every issue.
@@ -516,7 +516,8 @@ Section = Annotated[
 ]
 
 
-def _issue_schema_extra(schema: dict[str, Any]) -> None:
+def _issue_schema_extra(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    describe_fields(schema, model)
     schema["title"] = "An issue of a qant-mail newsletter"
     # The date may be left to the file's name (2024-02-29.yaml).
     schema["required"] = [name for name in schema.get("required", []) if name != "date"]

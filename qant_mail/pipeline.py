@@ -13,18 +13,23 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from qant_mail import tokens
-from qant_mail.compose import MessageTemplate, Recipient, dkim_keys
+from qant_mail.compose import MessageTemplate, Prepared, Recipient, dkim_keys
 from qant_mail.config import Settings
-from qant_mail.errors import IssueError, Problem, Severity
+from qant_mail.errors import IssueError, Problem, SendError, Severity
 from qant_mail.files import write_all
-from qant_mail.ledger import Delivery, Ledger, Requeued, Send, State
 from qant_mail.lint import lint
 from qant_mail.load import Document, load
 from qant_mail.render import Asset, RenderedIssue, Renderer
-from qant_mail.send import Prepared, SendError
+
+if TYPE_CHECKING:
+    from qant_mail.ledger import Delivery, Ledger, Requeued, Send, State
+
+# The ledger (SQLite) is imported by the use cases that read it, not here: `render`,
+# `check` and the preview never open it, and start a little sooner without it.
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class SendStatus:
     @property
     def notes(self) -> list[str]:
         """Return what the counts mean, where they need explaining."""
+        from qant_mail.ledger import State
+
         notes = []
         in_flight = self.counts.get(State.SENDING, 0)
         if in_flight and self.running:
@@ -165,6 +172,8 @@ class SendStatus:
 
 def status(settings: Settings, issue: str) -> SendStatus:
     """Return where the send of `issue` (its file's name) stands."""
+    from qant_mail.ledger import Ledger, State
+
     ledger = Ledger(settings.store_path)
     try:
         send = ledger.find(issue)
@@ -191,6 +200,8 @@ def status(settings: Settings, issue: str) -> SendStatus:
 
 def resolve_unknown(settings: Settings, issue: str, *, sent: bool) -> int:
     """Mark the unknown rows of a send sent, or put them back in the queue; say how many."""
+    from qant_mail.ledger import Ledger, State
+
     ledger = Ledger(settings.store_path)
     try:
         send = _planned(ledger, issue)
@@ -208,6 +219,8 @@ def requeue_failed(
     force: bool = False,
 ) -> Requeued:
     """Put a send's failed rows back in the queue (see `Ledger.requeue_failed`)."""
+    from qant_mail.ledger import Ledger
+
     ledger = Ledger(settings.store_path)
     try:
         send = _planned(ledger, issue)

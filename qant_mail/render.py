@@ -111,6 +111,25 @@ class RenderedIssue:
         return html, text
 
 
+class Typeset(str):
+    """Text of the text part already typeset: what a macro or a typesetting filter returns."""
+
+    __slots__ = ()
+
+
+class _TextContext(jinja2.runtime.Context):
+    """A template context whose text macros return `Typeset` text.
+
+    Every value a macro writes has already gone through `finalize`; typesetting its whole
+    output again at each level of nesting cost more than the rest of the text render."""
+
+    def call(__self, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        value = super().call(__obj, *args, **kwargs)
+        if type(value) is str and isinstance(__obj, jinja2.runtime.Macro):
+            return Typeset(value)
+        return value
+
+
 class Renderer:
     """Renders issues with one newsletter's settings and templates (reuse it: it caches)."""
 
@@ -145,6 +164,7 @@ class Renderer:
             # (`_render_template`), where text and attributes can be told apart.
             finalize=self._finalize,
         )
+        self.env.context_class = _TextContext
         self.env.filters.update(
             markdown=self._markdown_filter,
             markdown_text=self._markdown_text_filter,
@@ -214,7 +234,7 @@ class Renderer:
 
     @jinja2.pass_eval_context
     def _finalize(self, eval_ctx: jinja2.nodes.EvalContext, value: Any) -> Any:
-        if isinstance(value, str) and not eval_ctx.autoescape:
+        if isinstance(value, str) and not eval_ctx.autoescape and not isinstance(value, Typeset):
             return self.typeset_text(value)
         return value
 
@@ -225,12 +245,14 @@ class Renderer:
     def _markdown_text_filter(
         self, text: str, lead: str = "", marker: str = "", width: int = TEXT_WIDTH
     ) -> str:
-        return prose.to_text(
-            text,
-            width=width,
-            lead=self.typeset_text(lead),
-            marker=marker,
-            typeset=self.typeset_text,
+        return Typeset(
+            prose.to_text(
+                text,
+                width=width,
+                lead=self.typeset_text(lead),
+                marker=marker,
+                typeset=self.typeset_text,
+            )
         )
 
     @jinja2.pass_eval_context
@@ -238,7 +260,7 @@ class Renderer:
         """Fill a label's `{…}` fields; in HTML, escape the label and its values alike."""
         if eval_ctx.autoescape:
             return Markup(escape(label)).format(**values)
-        return self.typeset_text(label.format(**values))
+        return Typeset(self.typeset_text(label.format(**values)))
 
     def _wrap_filter(
         self, text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
@@ -246,8 +268,8 @@ class Renderer:
         text = self.typeset_text(str(text))
         rest = indent if hanging is None else hanging
         if PLACEHOLDER.search(text):
-            return f"\x02{width}\x1f{indent}\x1f{rest}\x1f{text}\x03"
-        return "\n".join(prose.wrap(text, width, indent, rest))
+            return Typeset(f"\x02{width}\x1f{indent}\x1f{rest}\x1f{text}\x03")
+        return Typeset("\n".join(prose.wrap(text, width, indent, rest)))
 
     def _path(self, name: str) -> Path:
         return self.settings.templates_dir / name

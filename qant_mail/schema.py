@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import inspect
+import itertools
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -14,12 +19,53 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 Loc = tuple[str | int, ...]
 
 
+def describe_fields(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Give each property of a model's JSON Schema the docstring written under its field."""
+    docs = attribute_docstrings(model)
+    for name, field in model.model_fields.items():
+        spec = schema.get("properties", {}).get(field.alias or name)
+        if isinstance(spec, dict) and name in docs and "description" not in spec:
+            spec["description"] = docs[name]
+
+
+@functools.cache
+def attribute_docstrings(model: type[BaseModel]) -> dict[str, str]:
+    """Return the docstring written under each field of `model` and of its bases."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not issubclass(cls, BaseModel) or cls is BaseModel:
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+        except (OSError, TypeError, SyntaxError):  # no source (a frozen build): no docs
+            continue
+        statements = body.body if isinstance(body, ast.ClassDef) else []
+        for node, after in itertools.pairwise(statements):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
 class Strict(BaseModel):
     """A schema that refuses unknown keys and is immutable once validated."""
 
-    # Field docstrings become the descriptions of the published JSON Schema.
+    # The docstrings under the fields become the descriptions of the published JSON
+    # Schema when it is generated (`describe_fields`), not when each class is defined:
+    # pydantic's `use_attribute_docstrings` reads and parses the source of every model
+    # at import, a tenth of the start-up of every command. Validators are built on first
+    # use for the same reason: the nested models are never validated on their own.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, str_strip_whitespace=True, use_attribute_docstrings=True
+        extra="forbid",
+        frozen=True,
+        str_strip_whitespace=True,
+        defer_build=True,
+        json_schema_extra=describe_fields,
     )
 
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from qant_mail import dkim, tokens
-from qant_mail.compose import ComposeError, MessageTemplate, Recipient
+from qant_mail.compose import ComposeError, Prepared, Recipient
 from qant_mail.config import Settings
-from qant_mail.errors import ExitCode, QantError
+from qant_mail.errors import ExitCode, SendError
 from qant_mail.ledger import Delivery, Ledger, Send, State
-from qant_mail.render import RenderedIssue
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
     Connection,
@@ -53,10 +52,6 @@ _NO_MAILBOX = re.compile(
 )
 
 
-class SendError(QantError):
-    """An issue that must not be sent as it is (a draft, errors in the email)."""
-
-
 class Progress(Protocol):
     """What the sender tells whoever shows its progress."""
 
@@ -81,17 +76,6 @@ class NoProgress:
 
     def note(self, message: str) -> None:
         """Show nothing."""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """An issue ready to go: rendered, checked, composed once."""
-
-    issue_key: str
-    rendered: RenderedIssue
-    template: MessageTemplate
-    content_hash: str
-    warnings: list[str]
 
 
 @dataclass(frozen=True)

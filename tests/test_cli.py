@@ -185,6 +185,40 @@ def test_every_command_runs_as_a_process(project: Path) -> None:
         assert "Usage: qant-mail" in result.stdout
 
 
+def test_a_process_leaves_with_its_commands_status_and_all_it_printed(project: Path) -> None:
+    # The command line skips the interpreter's tear-down (os._exit): nothing written may
+    # be lost on the way, and the status must be the command's.
+    (project / "issues" / "broken.yaml").write_text("subject: S\nsections: [{evnt: {}}]\n")
+    run = [sys.executable, "-m", "qant_mail"]
+    bad = subprocess.run(
+        [*run, "check", "issues/broken.yaml"], cwd=project, capture_output=True, text=True
+    )
+    assert bad.returncode == ExitCode.INVALID
+    assert "broken.yaml:2:" in bad.stderr
+    good = subprocess.run(
+        [*run, "render", "issues/2023-11-20.yaml", "-o", "out"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.count("wrote ") == 3
+    assert (project / "out" / "2023-11-20.eml").stat().st_size > 50_000
+
+
+def test_rendering_and_checking_load_nothing_of_the_send_side() -> None:
+    # What `render`, `check` and the preview import is their start-up time.
+    code = (
+        "import sys, qant_mail.cli, qant_mail.pipeline, qant_mail.preview; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for heavy in ("qant_mail.send", "qant_mail.ledger", "qant_mail.dkim", "cryptography"):
+        assert heavy not in loaded
+
+
 def test_a_port_out_of_range_is_a_usage_error(cli: Cli) -> None:
     result = cli("inbox", "--port", "99999")
     assert result.exit_code == ExitCode.USAGE

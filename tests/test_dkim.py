@@ -14,11 +14,11 @@ import pytest
 from qant_mail import dkim
 from qant_mail.compose import MessageTemplate, Recipient, dkim_keys
 from qant_mail.config import Dkim, Settings
-from qant_mail.errors import ConfigError, ExitCode
+from qant_mail.errors import ConfigError, ExitCode, SendError
 from qant_mail.ledger import State
 from qant_mail.pipeline import prepare_send
 from qant_mail.render import RenderedIssue
-from qant_mail.send import SendError, require_signature, send_to_list
+from qant_mail.send import require_signature, send_to_list
 from qant_mail.transport import SmtpTransport
 from tests.smtp_server import SmtpServer
 from tests.test_send import SAMPLE, subscribe

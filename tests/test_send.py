@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from qant_mail.config import Sending, Settings
-from qant_mail.errors import ConfigError, ExitCode
+from qant_mail.errors import ConfigError, ExitCode, SendError
 from qant_mail.ledger import Ledger, LedgerError, State
 from qant_mail.pipeline import prepare_send
-from qant_mail.send import SendError, SendReport, dry_run, send_test, send_to_list
+from qant_mail.send import SendReport, dry_run, send_test, send_to_list
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.tokens import SECRET_VARIABLE
 from qant_mail.transport import SmtpTransport, TransportUnavailable

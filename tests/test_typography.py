@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qant_mail import prose
 from qant_mail.config import Settings
 from qant_mail.load import load
 from qant_mail.render import Renderer, Slot
-from qant_mail.typography import NBHY, NBSP, NNBSP, for_locale
+from qant_mail.typography import NBHY, NBSP, NNBSP, Typographer, for_locale
 
 TEXT = for_locale("fr", html=False)
 HTML = for_locale("fr", html=True)
@@ -58,6 +61,60 @@ def test_typography_applied_twice_changes_nothing(
 ) -> None:
     assert TEXT(TEXT(written)) == TEXT(written)
     assert HTML(HTML(written)) == HTML(written)
+
+
+# The rules as first written: each pattern led by its lookbehind and tried on every text.
+# The typographer's own are reordered for speed and skip texts that cannot match; both
+# must typeset every text alike.
+PLAIN_RULES = (
+    (r"(?<=[^\W\d_])'(?=[^\W_])", "’"),
+    (r"(?<=\S)[ \t\u202f]+(?=:)", NBSP),
+    (r"(?<=\S)[ \t\u00a0]+(?=[;!?»])", NNBSP),
+    (r"(?<=«)[ \t\u00a0]+", NNBSP),
+    (r"(?<=\S)[ \t]+(?=•)", NBSP),
+    (r"(?<=\b[nN]°)[ \t]+(?=\d)", NBSP),
+    (r"(?<=\d)[ \t\u00a0](?=\d{3}(?!\d))", NNBSP),
+    (r"(?<=\d)[ \t]+(?=[%€$£‰])", NBSP),
+    (r"«(?=[^\s\u202f\u00a0])", "«" + NNBSP),
+    (r"(?<=[^\s\u202f\u00a0])»", NNBSP + "»"),
+    (r"(?<=[^\W_])-(?=\d)|(?<=\d)-(?=[^\W_])", NBHY),
+    (r"(?<=[^\W\d_])&#(?:39|x27);(?=[^\W_])", "’"),
+)
+ALPHABET = "aéZ09 \t\n\u00a0\u202f'’:;!?«»•°%€-&#x@.<>/nN" + "3"
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.text(alphabet=ALPHABET, min_size=1, max_size=40))
+def test_fast_rules_typeset_as_the_plain_ones(written: str) -> None:
+    # A "needs" of the whole alphabet: the plain rules are tried on every text.
+    plain = Typographer(tuple((re.compile(p), r, ALPHABET) for p, r in PLAIN_RULES))
+    assert HTML(written) == plain(written)
+
+
+TAGS = st.sampled_from(["<b>", "</b>", '<a href="l\'a : b">', "</a>", "<br/>", "<!-- : -->"])
+TEXTS = st.text(alphabet=ALPHABET.replace("<", "").replace(">", ""), max_size=12)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(TEXTS, TAGS), max_size=8), TEXTS)
+def test_a_document_is_typeset_as_its_texts_one_by_one(
+    pieces: list[tuple[str, str]], last: str
+) -> None:
+    document = "".join(text + tag for text, tag in pieces) + last
+    expected = "".join(HTML(text) + tag for text, tag in pieces) + HTML(last)
+    assert HTML.markup(document) == expected
+
+
+URLISH = st.text(alphabet="aW w.:/%<>@q_-\n" + "hTtpsmailo", max_size=30)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(URLISH)
+def test_the_cheap_test_never_misses_a_protected_span(written: str) -> None:
+    from qant_mail import typography
+
+    if typography._PROTECTED.search(written):
+        assert typography._maybe_protected(written)
 
 
 def test_other_locales_are_left_as_written() -> None:
