@@ -871,9 +871,12 @@ def subscribers_export(
 
 
 def _store(ctx: typer.Context) -> Subscribers:
+    """Return the list, closed when the command ends, however it ends."""
     from qant_mail.subscribers import Subscribers
 
-    return Subscribers.open(_settings(ctx).store_path)
+    # Closed, SQLite folds its journal back into the file; the command line leaves with
+    # os._exit, which would not close it, and a copy of the file alone would miss rows.
+    return ctx.with_resource(Subscribers.open(_settings(ctx).store_path))
 
 
 def _status(value: str | None) -> Status | None:

@@ -211,25 +211,29 @@ def send_to_list(
 ) -> SendReport:
     """Send the issue to every active subscriber not sent it yet; resume after a crash."""
     ledger = Ledger(store_path or settings.store_path)
-    with ledger.lock(prepared.issue_key):
-        send = ledger.find(prepared.issue_key)
-        if send is None:
-            send = ledger.plan(prepared.issue_key, prepared.content_hash, prepared.rendered.subject)
-        elif send.content_hash != prepared.content_hash and not accept_changes:
-            raise SendError(
-                f"{prepared.issue_key} changed since its send started ({send.created_at}); "
-                "re-run with --accept-changes to send this version to those not served yet"
+    try:
+        with ledger.lock(prepared.issue_key):
+            send = ledger.find(prepared.issue_key)
+            if send is None:
+                send = ledger.plan(
+                    prepared.issue_key, prepared.content_hash, prepared.rendered.subject
+                )
+            elif send.content_hash != prepared.content_hash and not accept_changes:
+                raise SendError(
+                    f"{prepared.issue_key} changed since its send started ({send.created_at}); "
+                    "re-run with --accept-changes to send this version to those not served yet"
+                )
+            ledger.recover(send)
+            run = _Run(
+                prepared, settings, transport, ledger, send, progress or NoProgress(), limit, stop
             )
-        ledger.recover(send)
-        run = _Run(
-            prepared, settings, transport, ledger, send, progress or NoProgress(), limit, stop
-        )
-        report = run.run(wait_for_retries)
-        report.totals = ledger.counts(send)
-        if not report.remaining and report.totals[State.FAILED] == 0:
-            ledger.finish(send)
-        report.exit_code = _exit_code(report)
-    ledger.close()
+            report = run.run(wait_for_retries)
+            report.totals = ledger.counts(send)
+            if not report.remaining and report.totals[State.FAILED] == 0:
+                ledger.finish(send)
+            report.exit_code = _exit_code(report)
+    finally:
+        ledger.close()
     return report
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typer.testing import Result
 
 from qant_mail.cli import app
+from qant_mail.config import Settings
 from qant_mail.errors import ExitCode
 
 Cli = Callable[..., Result]
@@ -204,6 +205,22 @@ def test_a_process_leaves_with_its_commands_status_and_all_it_printed(project: P
     assert good.returncode == 0, good.stderr
     assert good.stdout.count("wrote ") == 3
     assert (project / "out" / "2023-11-20.eml").stat().st_size > 50_000
+
+
+def test_a_command_closes_the_list_it_opened(project: Path, project_settings: Settings) -> None:
+    # Closed, SQLite folds its journal back into the file: a copy of the file alone (a
+    # backup) holds every row. Left open at exit, the rows would sit in the -wal file.
+    (project / "list.csv").write_text("email,name\na@example.com,A\nb@example.com,B\n")
+    imported = subprocess.run(
+        [sys.executable, "-m", "qant_mail", "subscribers", "import", "list.csv"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert imported.returncode == 0, imported.stderr
+    store = project_settings.store_path
+    assert store.exists()
+    assert not Path(f"{store}-wal").exists()
 
 
 def test_rendering_and_checking_load_nothing_of_the_send_side() -> None:
