@@ -494,3 +494,21 @@ class Ledger:
         )
         if minute % 60 == 0:
             self.db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))
+
+
+def copy_without_send(source: Path, target: Path, issue: str) -> None:
+    """Copy the database at `source` to `target`, less the send of `issue` (for a
+    rehearsal of that send: a dry run)."""
+    original = sqlite3.connect(source)
+    copy = sqlite3.connect(target)
+    try:
+        with copy:
+            original.backup(copy)
+            copy.execute(
+                "DELETE FROM deliveries WHERE send_id IN (SELECT id FROM sends WHERE issue = ?)",
+                (issue,),
+            )
+            copy.execute("DELETE FROM sends WHERE issue = ?", (issue,))
+    finally:
+        original.close()
+        copy.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from qant_mail import dkim, tokens
 from qant_mail.compose import ComposeError, Prepared, Recipient
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode, SendError
-from qant_mail.ledger import Delivery, Ledger, Send, State
+from qant_mail.ledger import Delivery, Ledger, Send, State, copy_without_send
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
     Connection,
@@ -249,19 +248,8 @@ def dry_run(
     with tempfile.TemporaryDirectory(prefix="qant-dry-run-") as scratch:
         copy = Path(scratch) / "store.db"
         if settings.store_path.exists():
-            source = sqlite3.connect(settings.store_path)
-            target = sqlite3.connect(copy)
-            with target:
-                source.backup(target)
-                # A dry run shows the whole send, even of an issue already (partly) sent.
-                target.execute(
-                    "DELETE FROM deliveries WHERE send_id IN"
-                    " (SELECT id FROM sends WHERE issue = ?)",
-                    (prepared.issue_key,),
-                )
-                target.execute("DELETE FROM sends WHERE issue = ?", (prepared.issue_key,))
-            source.close()
-            target.close()
+            # A dry run shows the whole send, even of an issue already (partly) sent.
+            copy_without_send(settings.store_path, copy, prepared.issue_key)
         if folder.exists():
             shutil.rmtree(folder)
         return send_to_list(
