@@ -30,11 +30,14 @@ class Received:
 class ScriptedHandler:
     """Accepts everything, except what `answers` says (a list of replies per recipient,
     used up one per attempt); `drop_after_data` closes the connection instead of the
-    final reply; `delay` slows each message down."""
+    final reply; `delay` slows each message down; once `hold_after` messages are in,
+    the next ones wait for `release` (a test acts while a send is surely mid-way)."""
 
     answers: dict[str, list[str]] = field(default_factory=dict)
     drop_after_data: set[str] = field(default_factory=set)
     delay: float = 0.0
+    hold_after: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
     received: list[Received] = field(default_factory=list)
     attempts: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -54,6 +57,9 @@ class ScriptedHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.hold_after is not None:
+            while len(self.received) >= self.hold_after and not self.release.is_set():
+                await asyncio.sleep(0.005)
         data = envelope.original_content or b""
         for recipient in envelope.rcpt_tos:
             if recipient in self.drop_after_data:

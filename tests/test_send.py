@@ -302,13 +302,15 @@ def test_interrupted_send_releases_its_rows_and_resumes(
     local: Settings, smtp_server: SmtpServer
 ) -> None:
     subscribe(local, 40)
-    smtp_server.handler.delay = 0.02
+    # The server holds the sixth message on until the stop is given: however slow or
+    # busy the machine, the send is interrupted mid-way, never after it ended.
+    smtp_server.handler.hold_after = 5
     stop = threading.Event()
 
     def stop_after_five() -> None:
-        # Stopped by count, not after a time: a slow machine still sends some first.
         wait_until_received(smtp_server, 5)
         stop.set()
+        smtp_server.handler.release.set()
 
     threading.Thread(target=stop_after_five, daemon=True).start()
     report = send(local, stop=stop)
@@ -316,8 +318,7 @@ def test_interrupted_send_releases_its_rows_and_resumes(
     assert report.exit_code == ExitCode.INTERRUPTED
     counts = ledger_counts(local)
     assert counts[State.SENDING] == 0
-    assert 0 < counts[State.SENT] < 40
-    smtp_server.handler.delay = 0
+    assert 5 <= counts[State.SENT] <= 5 + local.smtp.connections
     send(local)
     assert smtp_server.handler.recipients() == {f"reader{n}@example.com": 1 for n in range(40)}
 
@@ -371,15 +372,15 @@ def test_sender_killed_mid_send_resumes_without_losing_anyone(
     local: Settings, smtp_server: SmtpServer, project: Path
 ) -> None:
     addresses = subscribe(local, 60)
-    smtp_server.handler.delay = 0.03
+    smtp_server.handler.hold_after = 15  # killed while the 16th and next wait
     env = cli_env(local, smtp_server)
     process = start_send(env, project)
     wait_until_received(smtp_server, 15)
     process.send_signal(signal.SIGKILL)
     process.communicate()
+    smtp_server.handler.release.set()
     killed_at = len(smtp_server.handler.received)
     assert 15 <= killed_at < 60
-    smtp_server.handler.delay = 0
     resumed = run_cli(["send", SAMPLE, "--yes"], env, project)
     assert resumed.returncode == ExitCode.OK, resumed.stderr
     received = smtp_server.handler.recipients()
@@ -393,11 +394,13 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(
     local: Settings, smtp_server: SmtpServer, project: Path
 ) -> None:
     addresses = subscribe(local, 40)
-    smtp_server.handler.delay = 0.03
+    smtp_server.handler.hold_after = 5  # Ctrl-C while the sixth and next wait
     env = cli_env(local, smtp_server)
     process = start_send(env, project)
     wait_until_received(smtp_server, 5)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the signal lands while the server still holds the messages
+    smtp_server.handler.release.set()
     out, err = process.communicate(timeout=30)
     assert process.returncode == ExitCode.INTERRUPTED, err
     assert "Traceback" not in err
@@ -405,7 +408,6 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(
     counts = ledger_counts(local)
     assert counts[State.SENDING] == 0
     assert counts[State.SENT] == len(smtp_server.handler.received)
-    smtp_server.handler.delay = 0
     assert run_cli(["send", SAMPLE, "--yes"], env, project).returncode == ExitCode.OK
     assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
 
