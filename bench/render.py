@@ -1,119 +1,140 @@
-"""Benchmark of issue #2: how long loading, rendering and the whole `render` command take.
+"""Benchmark of issues #2 and #11: how long loading, rendering and `qant-mail render` take.
 
-Prints medians (ms) of each stage of the in-process pipeline on the sample issue, and of
-the whole `qant-mail render` process, with ratios against baselines measured in the same
-run. Targets on a 2-core machine: in-process pipeline <= 10 ms; whole process <= 0.35 s.
+In rounds, interleaved: an in-process measurement (a child process loads and renders the
+sample issue cold, its parsed bodies forgotten, `--runs` times, and reports the median of
+each stage), then the whole `qant-mail render` process and an empty interpreter
+(`python -c pass`), `--process-runs` times each. With `--versus DIR` (another checkout of
+qant-mail, say the commit before a change), the same is measured of it in the same
+rounds, so that both figures share the machine's state. Printed: each round's figures,
+then the medians of the rounds, and the process time as a ratio to the empty
+interpreter measured in the same round.
 
-    python bench/render.py [--runs N]
+Targets on a 2-core machine: in-process pipeline <= 10 ms; whole process <= 0.35 s.
+
+    python bench/render.py [--rounds 5] [--versus /path/to/other/checkout]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qant_mail import prose  # noqa: E402
-from qant_mail.config import load_settings  # noqa: E402
-from qant_mail.load import load  # noqa: E402
-from qant_mail.render import Renderer  # noqa: E402
-
-SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
+SAMPLE = Path("issues") / "2023-11-20.yaml"
 
 
-def median_ms(action: Callable[[], object], runs: int) -> float:
-    """Return the median wall time of `action` in milliseconds."""
-    times = []
+def child(root: Path, runs: int) -> None:
+    """Measure the in-process pipeline of the checkout at `root`; print medians (ms)."""
+    sys.path.insert(0, str(root))
+    from qant_mail import prose
+    from qant_mail.config import load_settings
+    from qant_mail.load import load
+    from qant_mail.render import Renderer
+
+    settings = load_settings(root / "qant.toml", env={})
+    renderer = Renderer(settings)
+    sample = root / SAMPLE
+    renderer.render(load(sample).issue)  # templates compiled once, as for any second render
+    stages: dict[str, list[float]] = {"load": [], "html": [], "inline": [], "text": []}
+    whole: list[float] = []
     for _ in range(runs):
+        prose.clear_cache()  # a cold render: no parsed body is reused
+        gc.collect()  # a collection of earlier runs' garbage does not land in this one
         start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        issue = load(sample).issue
+        loaded = time.perf_counter()
+        rendered = renderer.render(issue)
+        whole.append(time.perf_counter() - start)
+        stages["load"].append(loaded - start)
+        stages["html"].append(rendered.timings["template"] + rendered.timings["mjml"])
+        stages["inline"].append(rendered.timings["inline"])
+        stages["text"].append(rendered.timings["text"])
+    result = {name: statistics.median(values) * 1000 for name, values in stages.items()}
+    result["pipeline"] = statistics.median(whole) * 1000
+    result["pipeline_min"] = min(whole) * 1000
+    print(json.dumps(result))
 
 
-def process_ms(command: list[str], runs: int, env: dict[str, str]) -> float:
+def in_process(root: Path, runs: int) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", str(root), "--runs", str(runs)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def process_ms(command: list[str], cwd: Path, runs: int) -> float:
     """Return the median wall time of a whole process in milliseconds."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run(command, cwd=cwd, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50, help="runs per in-process figure")
-    parser.add_argument("--process-runs", type=int, default=15, help="runs per process figure")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=40, help="cold renders per round")
+    parser.add_argument("--process-runs", type=int, default=5, help="processes per round")
+    parser.add_argument("--versus", type=Path, help="another checkout, measured alongside")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.runs)
+        return
 
-    settings = load_settings(ROOT / "qant.toml", env={})
-    renderer = Renderer(settings)
-    document = load(SAMPLE)
-    renderer.render(document.issue)  # warm the template cache, as any second render is
-
-    def cold_load() -> object:
-        prose.clear_cache()
-        return load(SAMPLE)
-
-    stages: dict[str, list[float]] = {"template+mjml": [], "inline": [], "text": []}
-    whole: list[float] = []
-    for _ in range(args.runs):
-        prose.clear_cache()  # every figure is of a cold render: no parsed body is reused
-        start = time.perf_counter()
-        rendered = renderer.render(load(SAMPLE).issue)
-        whole.append(time.perf_counter() - start)
-        stages["template+mjml"].append(rendered.timings["template"] + rendered.timings["mjml"])
-        stages["inline"].append(rendered.timings["inline"])
-        stages["text"].append(rendered.timings["text"])
-
-    def warm() -> object:
-        # A re-render with the parsed bodies cached, as the preview does on each change.
-        return renderer.render(load(SAMPLE).issue)
-
-    def fresh_renderer() -> object:
-        prose.clear_cache()
-        return Renderer(settings).render(load(SAMPLE).issue)
-
-    print(
-        f"sample: {SAMPLE.relative_to(ROOT)}, {len(rendered.html.encode()) / 1000:.1f} KB of HTML"
-    )
-    print(f"{'stage':44s} {'median':>10s}")
-    load_ms = median_ms(cold_load, args.runs)
-    print(f"{'load + validate (YAML -> Issue)':44s} {load_ms:8.2f} ms")
-    for name, values in stages.items():
-        print(f"{'render: ' + name:44s} {statistics.median(values) * 1000:8.2f} ms")
-    pipeline = statistics.median(whole) * 1000
-    print(f"{'whole in-process pipeline (cold)':44s} {pipeline:8.2f} ms   (target <= 10 ms)")
-    warm_ms = median_ms(warm, args.runs)
-    print(f"{'whole in-process pipeline (bodies cached)':44s} {warm_ms:8.2f} ms")
-    baseline = median_ms(fresh_renderer, max(5, args.runs // 5))
-    print(
-        f"{'baseline: new Renderer per issue':44s} {baseline:8.2f} ms   "
-        f"(reusing one is {baseline / pipeline:.1f}x faster)"
-    )
-
-    env = dict(os.environ)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "qant_mail")], check=True)
+    roots = {"this checkout": ROOT}
+    if args.versus:
+        roots["versus"] = args.versus.resolve()
+    for root in roots.values():
+        # Compiled once, as an installed package is; the first process would pay it.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "qant_mail")])
+    found: dict[str, dict[str, list[float]]] = {name: {} for name in roots}
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "qant_mail", "render", str(SAMPLE), "-o", out]
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
-        whole_process = process_ms(command, args.process_runs, env)
-    startup = process_ms([sys.executable, "-c", "pass"], args.process_runs, env)
-    print(f"{'whole process: qant-mail render':44s} {whole_process:8.1f} ms   (target <= 350 ms)")
-    print(
-        f"{'baseline: python -c pass':44s} {startup:8.1f} ms   "
-        f"(the command is {whole_process / startup:.0f}x an empty interpreter)"
-    )
+        for number in range(args.rounds):
+            empty = process_ms([sys.executable, "-c", "pass"], ROOT, args.process_runs)
+            line = [f"round {number + 1}: python -c pass {empty:.0f} ms"]
+            for name, root in roots.items():
+                figures = in_process(root, args.runs)
+                command = [sys.executable, "-m", "qant_mail", "render", str(SAMPLE), "-o", out]
+                figures["process"] = process_ms(command, root, args.process_runs)
+                figures["ratio"] = figures["process"] / empty
+                for key, value in figures.items():
+                    found[name].setdefault(key, []).append(value)
+                line.append(
+                    f"[{name}: in-process {figures['pipeline']:.1f} ms (load "
+                    f"{figures['load']:.1f}, html {figures['html']:.1f}, inline "
+                    f"{figures['inline']:.1f}, text {figures['text']:.1f}); process "
+                    f"{figures['process']:.0f} ms = {figures['ratio']:.1f}x python -c pass]"
+                )
+            print(" ".join(line), flush=True)
+
+    print(f"medians of {args.rounds} rounds:")
+    for name, root in roots.items():
+        figures = {key: statistics.median(values) for key, values in found[name].items()}
+        print(
+            f"  {name} ({root}): in-process {figures['pipeline']:.1f} ms "
+            f"(fastest run {figures['pipeline_min']:.1f}; target <= 10) = load "
+            f"{figures['load']:.1f} + html {figures['html']:.1f} + inline "
+            f"{figures['inline']:.1f} + text {figures['text']:.1f} + the rest; "
+            f"qant-mail render {figures['process']:.0f} ms (target <= 350), "
+            f"{figures['ratio']:.1f}x python -c pass"
+        )
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print("(PYTHONDONTWRITEBYTECODE is set: the package's bytecode was compiled above)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ _FILE = "(file)"
 # IDs and headers: only characters that are safe in all of them.
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # A YAML alias ("*name") where a value can start; Markdown's "**bold**" does not match.
-_ALIAS = re.compile(r"(?:^|[\s\[{,])\*[^\s*,\]}]", re.MULTILINE)
+# The "*" comes first, so that the search jumps from star to star; what may stand before
+# it (a space, a bracket, a comma, or nothing) is looked back at from there.
+_ALIAS = re.compile(r"\*(?<![^\s\[{,]\*)[^\s*,\]}]")
 
 
 @dataclass
@@ -187,17 +189,17 @@ def _yaml(text: str, path: Path) -> dict[str, Any]:
     return data
 
 
-_OPENERS = re.compile(r"[\[{]")
 _BRACKETS = re.compile(r"[\[\]{}]")
 _LEAD = re.compile(r"^[ \t\-?:]*", re.MULTILINE)
+_DEEP_LEAD = re.compile(rf"^[ \t\-?:]{{{MAX_INDENT + 1}}}", re.MULTILINE)
 
 
 def _refuse_deep_nesting(text: str, path: Path) -> None:
     """Refuse a document nested deeper than any issue, before the parser recurses into it."""
-    lead = max(map(len, _LEAD.findall(text)), default=0)
-    if lead > MAX_INDENT:
+    if _DEEP_LEAD.search(text):
+        lead = max(map(len, _LEAD.findall(text)), default=0)
         raise _fail(path, f"a line is indented or nested {lead} levels deep; {MAX_INDENT} at most")
-    if len(_OPENERS.findall(text)) <= MAX_DEPTH:
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
         return  # cannot nest deeper than it has brackets
     depth = 0
     for match in _BRACKETS.finditer(text):

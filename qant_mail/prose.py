@@ -1,46 +1,38 @@
-"""Markdown bodies (markdown-it-py): checks, HTML, plain text with links written out."""
+"""Markdown bodies (markdown-it-pyrs): checks, HTML, plain text with links written out."""
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import unquote
 
-from markdown_it import MarkdownIt
-from markdown_it.renderer import RendererHTML
-from markdown_it.token import Token
+from markdown_it_pyrs import MarkdownIt, Node
 
-# Raw HTML is parsed (not escaped) only so that it can be found and refused: an email's
-# markup belongs to the templates, where it is tested in mail clients.
-_MD = MarkdownIt("commonmark", {"html": True}).enable(["strikethrough", "table"])
-# An indented paragraph is prose that slipped in a YAML block, not a code sample.
-_MD.disable("code")
+# CommonMark's rules (markdown-it's "commonmark" preset, raw HTML included) with
+# strikethrough and tables, less "code": an indented paragraph is prose that slipped in a
+# YAML block, not a code sample. Raw HTML is parsed (not escaped) only so that it can be
+# found and refused: an email's markup belongs to the templates, tested in mail clients.
+# markdown-it-pyrs is markdown-it in Rust: the same trees and HTML, at a fifth of the
+# time of markdown-it-py, which was a sixth of a render.
+_RULES = [
+    *("blockquote", "fence", "heading", "hr", "lheading", "list", "paragraph", "reference"),
+    *("autolink", "backticks", "emphasis", "entity", "escape", "image", "link", "newline"),
+    *("html_block", "html_inline", "strikethrough", "table"),
+]
+_MD = MarkdownIt("zero").enable_many(_RULES)  # type: ignore[arg-type]
 
 Typeset = Callable[[str], str]
 
-
-def _heading_open(
-    self: RendererHTML, tokens: Sequence[Token], idx: int, options: Any, env: Any
-) -> str:
-    # A body's "## Intertitre" is a subheading of its story, whose title is an h2 (the
-    # issue's is the h1): each level moves one down, for the outline screen readers use.
-    return f"<h{_shifted(tokens[idx].tag)}>"
+# A body's "## Intertitre" is a subheading of its story, whose title is an h2 (the
+# issue's is the h1): each level moves one down, for the outline screen readers use.
+_HEADING_TAG = re.compile(r"<(/?)h([1-6])>")
 
 
-def _heading_close(
-    self: RendererHTML, tokens: Sequence[Token], idx: int, options: Any, env: Any
-) -> str:
-    return f"</h{_shifted(tokens[idx].tag)}>\n"
+def _shifted(match: re.Match[str]) -> str:
+    return f"<{match[1]}h{min(int(match[2]) + 1, 6)}>"
 
-
-def _shifted(tag: str) -> int:
-    return min(int(tag[1:]) + 1, 6)
-
-
-_MD.add_render_rule("heading_open", _heading_open)
-_MD.add_render_rule("heading_close", _heading_close)
 
 _WORD = re.compile(r"\w+(?:[-‑’']\w+)*")
 # Lines break at ASCII spaces only: a no-break space (French " : ") holds its words together.
@@ -78,15 +70,20 @@ class MarkdownProblem:
 
 
 @functools.lru_cache(maxsize=1024)
-def _tokens(text: str) -> tuple[Token, ...]:
+def _tree(text: str) -> Node:
     # Bodies are parsed once per distinct text and shared by the checks, the HTML and the
     # plain text; the preview re-renders unchanged bodies on every keystroke elsewhere.
-    return tuple(_MD.parse(text))
+    return _MD.tree(_secure(text))
+
+
+def _secure(text: str) -> str:
+    # CommonMark: U+0000 is replaced by U+FFFD (markdown-it-pyrs leaves it).
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def clear_cache() -> None:
     """Forget parsed bodies (benchmarks measure cold renders)."""
-    _tokens.cache_clear()
+    _tree.cache_clear()
 
 
 def problems(text: str) -> list[MarkdownProblem]:
@@ -94,26 +91,21 @@ def problems(text: str) -> list[MarkdownProblem]:
     if "<" not in text and "![" not in text and "](" not in text and "[" not in text:
         return []  # none can occur: skip the parse
     found: list[MarkdownProblem] = []
-    for token in _tokens(text):
-        start = token.map[0] if token.map else 0
-        if token.type == "html_block":
-            found.append(MarkdownProblem(start, _html_message(token.content)))
-        for child in token.children or ():
-            line = start + _line_within(token.content, child)
-            if child.type == "link_open":
-                unsafe = link_problem(str(child.attrs.get("href", "")))
-                if unsafe:
-                    found.append(MarkdownProblem(line, unsafe))
-            if child.type == "html_inline":
-                found.append(MarkdownProblem(line, _html_message(child.content)))
-            elif child.type == "image":
-                found.append(
-                    MarkdownProblem(
-                        line,
-                        "Markdown images are not allowed; use an `image:` block "
-                        "(with alt, caption, credit)",
-                    )
-                )
+    encoded = _secure(text).encode("utf-8")  # where a node starts is a byte offset
+    for node in _tree(text).walk():
+        kind = node.name
+        message = None
+        if kind in ("html_block", "html_inline"):
+            message = _html_message(str(node.meta.get("content", "")))
+        elif kind in ("link", "autolink"):
+            message = link_problem(_url(node, text))
+        elif kind == "image":
+            message = (
+                "Markdown images are not allowed; use an `image:` block (with alt, caption, credit)"
+            )
+        if message:
+            start = node.srcmap[0] if node.srcmap else 0
+            found.append(MarkdownProblem(encoded.count(b"\n", 0, start), message))
     # A closing tag repeats its opening tag's complaint: one per line is enough.
     unique: dict[int, MarkdownProblem] = {}
     for problem in found:
@@ -128,20 +120,19 @@ def _html_message(markup: str) -> str:
     return f"raw HTML is not allowed in Markdown: {snippet!r} (write Markdown instead)"
 
 
-def _line_within(content: str, child: Token) -> int:
-    if child.type == "link_open":
-        needle = str(child.attrs.get("href", ""))
-    elif child.type == "html_inline":
-        needle = child.content
-    else:
-        needle = f"![{child.content}"
-    index = content.find(needle)
-    return content.count("\n", 0, index) if index > 0 else 0
-
-
 def to_html(text: str, lead: str = "") -> str:
     """Return `text` as HTML; `lead` (HTML) opens its first paragraph, as a bold lead-in."""
-    html: str = _MD.renderer.render(list(_tokens(text)), _MD.options, {})
+    html = _HEADING_TAG.sub(_shifted, _MD.render(_secure(text)))
+    # markdown-it-pyrs writes an accented domain name percent-encoded: only then is there
+    # an address to put back in its ASCII form (see `_url`).
+    links = _tree(text).walk() if "%" in html and not text.isascii() else ()
+    for node in links:
+        if node.name in ("link", "autolink"):
+            written, address = str(node.meta.get("url", "")), _url(node, text)
+            if address != written:
+                html = html.replace(
+                    f'href="{_attribute(written)}"', f'href="{_attribute(address)}"'
+                )
     if lead:
         html = f"<p>{lead}{html[3:]}" if html.startswith("<p>") else f"<p>{lead}</p>{html}"
     return html
@@ -157,15 +148,15 @@ def to_text(
     """Return `text` as plain text wrapped at `width`, every link written out as `<url>`;
     `lead` opens the first paragraph; `marker` ("• ") opens the first line, and every
     other line is indented under it (a hanging indent)."""
-    writer = _TextWriter(width, " " * len(marker), typeset)
+    writer = _TextWriter(text, width, " " * len(marker), typeset)
     writer.pending_marker = marker or None  # taken by the first paragraph
-    writer.walk(_tokens(text), lead)
+    writer.write(_tree(text), lead)
     return writer.result()
 
 
 def words(text: str) -> int:
     """Return the number of words a reader reads in `text` (link targets excluded)."""
-    return sum(len(_WORD.findall(piece)) for piece in _inline_text(_tokens(text)))
+    return sum(len(_WORD.findall(piece)) for piece in _read(_tree(text).children))
 
 
 def plain_words(text: str) -> int:
@@ -175,29 +166,95 @@ def plain_words(text: str) -> int:
 
 def links(text: str) -> list[str]:
     """Return the link targets of `text`, in order."""
-    if "](" not in text and "<" not in text:
+    if "](" not in text and "<" not in text and "[" not in text:
         return []
-    found = []
-    for token in _tokens(text):
-        for child in token.children or ():
-            if child.type == "link_open":
-                found.append(str(child.attrs.get("href", "")))
-    return found
+    return [_url(n, text) for n in _tree(text).walk() if n.name in ("link", "autolink")]
 
 
-def _inline_text(tokens: Sequence[Token]) -> Iterator[str]:
-    for token in tokens:
-        for child in token.children or ():
-            if child.type in ("text", "code_inline"):
-                yield child.content
-        if token.type == "fence":
-            yield token.content
+def _read(nodes: Sequence[Node]) -> Iterable[str]:
+    """Yield the runs of text a reader reads (pictures' alt texts and raw HTML left out)."""
+    run: list[str] = []
+    for node in nodes:
+        kind = node.name
+        if kind in _TEXT:
+            run.append(str(node.meta.get("content", "")))
+            continue
+        if run:
+            yield "".join(run)
+            run = []
+        if kind == "fence":
+            yield str(node.meta.get("content", ""))
+        elif kind == "code_inline":
+            yield _plain(node.children)
+        elif kind not in ("image", "html_inline", "html_block"):
+            yield from _read(node.children)
+    if run:
+        yield "".join(run)
+
+
+# Text nodes: markdown-it-py joined each run of them into one text, and typesetting a run
+# at once is what makes "aujourd\'hui" one word and "mot\ :" one French colon.
+_TEXT = frozenset({"text", "text_special"})
+_INLINE = _TEXT | {
+    *("em", "strong", "strikethrough", "link", "autolink", "image", "code_inline"),
+    *("softbreak", "hardbreak", "html_inline"),
+}
+_CONTAINERS = frozenset({"table", "thead", "tbody", "trow", "tcell"})
+
+
+def _plain(nodes: Sequence[Node]) -> str:
+    """Return the text of `nodes` as written, markup dropped (code, an alt text)."""
+    return "".join(
+        str(n.meta.get("content", "")) if n.name in _TEXT else _plain(n.children) for n in nodes
+    )
+
+
+def _url(node: Node, text: str) -> str:
+    """Return a link's address as markdown-it normalises it: an international domain name
+    in its ASCII form (punycode), where markdown-it-pyrs leaves it percent-encoded."""
+    url = str(node.meta.get("url", ""))
+    if "%" not in url:
+        return url
+    match = _HOST.match(url)
+    if match is None:
+        return url
+    host = unquote(match["host"])
+    if host.isascii():
+        return url
+    # Only a name the editor wrote with its accents: "ex%C3%A9mple.fr" written so stays.
+    # Where the link is written inline, its own text says; a reference link's address is
+    # written elsewhere in the body.
+    written = text
+    if node.srcmap:
+        start, end = node.srcmap
+        written = _secure(text).encode("utf-8")[start:end].decode("utf-8", "replace")
+        if "](" not in written and not written.startswith("<"):
+            written = text
+    if host not in written:
+        return url
+    labels = (
+        label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+        for label in host.split(".")
+    )
+    return f"{url[: match.start('host')]}{'.'.join(labels)}{url[match.end('host') :]}"
+
+
+_HOST = re.compile(r"(?i:https?://(?:[^/?#@]*@)?|mailto:[^@?#]*@)(?P<host>[^/?#:]+)")
+
+
+def _attribute(value: str) -> str:
+    return (
+        value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
 
 
 class _TextWriter:
-    """Walk markdown-it's tokens and write wrapped plain text."""
+    """Walk markdown's tree and write wrapped plain text."""
 
-    def __init__(self, width: int, hanging: str = "", typeset: Typeset | None = None) -> None:
+    def __init__(
+        self, source: str, width: int, hanging: str = "", typeset: Typeset | None = None
+    ) -> None:
+        self.source = source
         self.width = width
         self.hanging = hanging
         self.typeset = typeset
@@ -210,44 +267,96 @@ class _TextWriter:
     def result(self) -> str:
         return "\n\n".join(self.blocks)
 
-    def walk(self, tokens: Sequence[Token], lead: str) -> None:
-        heading = False
-        for token in tokens:
-            kind = token.type
-            if kind == "bullet_list_open":
-                self.lists.append([])
-            elif kind == "ordered_list_open":
-                self.lists.append([int(token.attrs.get("start", 1) or 1)])
-            elif kind in ("bullet_list_close", "ordered_list_close"):
+    def write(self, root: Node, lead: str) -> None:
+        lead = self._blocks(root.children, lead, heading=False)
+        if lead:
+            self._paragraph(lead, False)
+
+    def _blocks(self, nodes: Sequence[Node], lead: str, heading: bool) -> str:
+        """Write block nodes; return the lead-in not used yet."""
+        run: list[Node] = []  # inline nodes outside a paragraph: a tight list item, a cell
+        for node in nodes:
+            kind = node.name
+            if kind in _INLINE:
+                run.append(node)
+                continue
+            if run:
+                lead, run = self._inline(run, lead, heading), []
+            if kind == "paragraph":
+                lead = self._inline(node.children, lead, heading)
+            elif kind == "heading":
+                lead = self._inline(node.children, lead, True)
+            elif kind in ("bullet_list", "ordered_list"):
+                start = node.meta.get("start", 1) if kind == "ordered_list" else None
+                self.lists.append([] if start is None else [int(start or 1)])
+                lead = self._blocks(node.children, lead, heading)
                 self.lists.pop()
                 if not self.lists:
                     self.list_block = None
-            elif kind == "list_item_open":
+            elif kind == "list_item":
                 counter = self.lists[-1]
                 if counter:
                     self.pending_marker = f"{counter[0]}. "
                     counter[0] += 1
                 else:
                     self.pending_marker = "• "
-            elif kind == "blockquote_open":
+                lead = self._blocks(node.children, lead, heading)
+            elif kind == "blockquote":
                 self.quote_depth += 1
-            elif kind == "blockquote_close":
+                lead = self._blocks(node.children, lead, heading)
                 self.quote_depth -= 1
-            elif kind == "heading_open":
-                heading = True
-            elif kind == "heading_close":
-                heading = False
             elif kind == "hr":
                 self.blocks.append("* * *")
             elif kind == "fence":
-                self.blocks.append(token.content.rstrip("\n"))
-            elif kind == "inline":
-                line = _inline_to_text(token.children or [], self.typeset)
-                if lead:
-                    line, lead = lead + line, ""
-                self._paragraph(line, heading)
+                self.blocks.append(str(node.meta.get("content", "")).rstrip("\n"))
+            elif kind in _CONTAINERS:
+                lead = self._blocks(node.children, lead, heading)
+        if run:
+            lead = self._inline(run, lead, heading)
+        return lead
+
+    def _inline(self, nodes: Sequence[Node], lead: str, heading: bool) -> str:
+        out: list[str] = []
+        self._inline_to(nodes, out)
+        line = "".join(out)
         if lead:
-            self._paragraph(lead, False)
+            line, lead = lead + line, ""
+        self._paragraph(line, heading)
+        return lead
+
+    def _inline_to(self, nodes: Sequence[Node], out: list[str]) -> None:
+        typeset = self.typeset
+        run: list[str] = []
+        for node in nodes:
+            kind = node.name
+            if kind in _TEXT:
+                run.append(str(node.meta.get("content", "")))
+                continue
+            if run:
+                joined = "".join(run)
+                out.append(typeset(joined) if typeset else joined)
+                run = []
+            if kind == "softbreak":
+                out.append(" ")
+            elif kind == "hardbreak":
+                out.append("\n")
+            elif kind in ("code_inline", "image"):
+                out.append(_plain(node.children))
+            elif kind in ("link", "autolink"):
+                target, start = _url(node, self.source), len(out)
+                self._inline_to(node.children, out)
+                label = "".join(out[start:]).strip()
+                shown = target.removeprefix("mailto:")
+                if label in (target, shown):
+                    del out[start:]  # an autolink: its label already is the address
+                    out.append(f"<{shown}>")
+                else:
+                    out.append(f" <{shown}>")
+            elif kind in ("em", "strong", "strikethrough"):
+                self._inline_to(node.children, out)
+        if run:
+            joined = "".join(run)
+            out.append(typeset(joined) if typeset else joined)
 
     def _paragraph(self, line: str, heading: bool) -> None:
         indent = self.hanging + "  " * max(len(self.lists) - 1, 0)
@@ -276,43 +385,17 @@ class _TextWriter:
                 self.list_block = len(self.blocks) - 1
 
 
-def _inline_to_text(children: Sequence[Token], typeset: Typeset | None = None) -> str:
-    out: list[str] = []
-    href: list[str] = []
-    label_start: list[int] = []
-    for child in children:
-        kind = child.type
-        if kind == "text":
-            out.append(typeset(child.content) if typeset else child.content)
-        elif kind == "code_inline":
-            out.append(child.content)
-        elif kind == "softbreak":
-            out.append(" ")
-        elif kind == "hardbreak":
-            out.append("\n")
-        elif kind == "link_open":
-            href.append(str(child.attrs.get("href", "")))
-            label_start.append(len(out))
-        elif kind == "link_close" and href:
-            target, start = href.pop(), label_start.pop()
-            label = "".join(out[start:]).strip()
-            shown = target.removeprefix("mailto:")
-            if label in (target, shown):
-                del out[start:]  # an autolink: its label already is the address
-                out.append(f"<{shown}>")
-            else:
-                out.append(f" <{shown}>")
-        elif kind == "image":
-            out.append(child.content)
-    return "".join(out)
-
-
 def wrap(text: str, width: int, first: str = "", rest: str = "") -> list[str]:
     """Wrap `text` at `width` between words, never inside one (a URL stays whole)."""
     # textwrap does the same at a tenth of the speed, which was half of a text render.
+    words = _SPACES.split(text.strip(" \t"))
+    if len(first) + len(text) <= width:
+        # It fits (the words and at least as many spaces as will stay): one line.
+        joined = " ".join(words)
+        return [first + joined] if joined else []
     lines: list[str] = []
     line, length, empty = first, len(first), True
-    for word in _SPACES.split(text.strip(" \t")):
+    for word in words:
         if not word:
             continue
         if not empty and length + 1 + len(word) > width and word not in _GLUED:

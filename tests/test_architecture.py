@@ -16,7 +16,7 @@ HOMES = {
     "typer": {"cli"},
     "rich": {"cli"},
     "ruamel": {"load"},
-    "markdown_it": {"prose"},
+    "markdown_it_pyrs": {"prose"},
     "jinja2": {"render"},
     "markupsafe": {"render"},
     "mjml": {"render"},
