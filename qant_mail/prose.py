@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
+import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,8 +38,8 @@ def _shifted(match: re.Match[str]) -> str:
 
 
 _WORD = re.compile(r"\w+(?:[-‑’']\w+)*")
-# Lines break at ASCII spaces only: a no-break space (French " : ") holds its words together.
-_SPACES = re.compile(r"[ \t]+")
+# Lines break at ASCII spaces and tabs only: a no-break space (French " : ") holds its
+# words together.
 # Punctuation standing alone never opens a line: it stays with the word before it.
 _GLUED = frozenset(":;!?»•–—|")
 
@@ -387,24 +390,28 @@ class _TextWriter:
 
 def wrap(text: str, width: int, first: str = "", rest: str = "") -> list[str]:
     """Wrap `text` at `width` between words, never inside one (a URL stays whole)."""
-    # textwrap does the same at a tenth of the speed, which was half of a text render.
-    words = _SPACES.split(text.strip(" \t"))
-    if len(first) + len(text) <= width:
-        # It fits (the words and at least as many spaces as will stay): one line.
-        joined = " ".join(words)
-        return [first + joined] if joined else []
+    # textwrap does the same at a tenth of the speed, which was half of a text render;
+    # a loop over the words, a third. Here each line is found by bisection on the running
+    # width of the words, so the Python work is per line, not per word.
+    stripped = text.strip(" \t")
+    if not stripped:
+        return []
+    # Split at ASCII spaces and tabs only (str.split() would split at no-break spaces);
+    # three times faster than the regex split.
+    words = list(filter(None, stripped.replace("\t", " ").split(" ")))
+    if len(first) + len(stripped) <= width:
+        return [first + " ".join(words)]
+    # ends[i]: the width of words[0..i], each followed by one space (built in C).
+    ends = list(map(operator.add, itertools.accumulate(map(len, words)), range(1, len(words) + 1)))
     lines: list[str] = []
-    line, length, empty = first, len(first), True
-    for word in words:
-        if not word:
-            continue
-        if not empty and length + 1 + len(word) > width and word not in _GLUED:
-            lines.append(line)
-            line, length, empty = rest + word, len(rest) + len(word), False
-        elif empty:
-            line, length, empty = line + word, length + len(word), False
-        else:
-            line, length = f"{line} {word}", length + 1 + len(word)
-    if not empty:
-        lines.append(line)
+    start, prefix = 0, first
+    while start < len(words):
+        before = ends[start - 1] if start else 0  # the width up to this line, its space too
+        # The last word that still fits: ends[stop - 1] - 1 - before + len(prefix) <= width.
+        stop = bisect.bisect_right(ends, width - len(prefix) + before + 1, lo=start)
+        stop = max(stop, start + 1)  # a word longer than the line goes on a line alone
+        while stop < len(words) and words[stop] in _GLUED:
+            stop += 1  # punctuation standing alone stays with the word before it
+        lines.append(prefix + " ".join(words[start:stop]))
+        start, prefix = stop, rest
     return lines
