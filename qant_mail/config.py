@@ -207,6 +207,9 @@ class Smtp(Strict):
     # "none": plain, for a relay on this machine or the local test inbox.
     security: Literal["tls", "starttls", "none"] = "starttls"
     verify_certificates: bool = True
+    # A PEM file of certificate authorities to trust besides the system's: a relay whose
+    # certificate a private CA signed. Relative to this file.
+    ca_file: str = ""
     username: str = ""
     # A login over a plain connection sends the password in clear: refused unless the
     # relay is on this machine, or this says the network is trusted.

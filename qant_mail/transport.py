@@ -143,6 +143,8 @@ class SmtpTransport:
         self.context: ssl.SSLContext | None = None
         if self.security != "none":
             self.context = ssl.create_default_context()
+            if smtp.ca_file:
+                self._trust(settings.root / smtp.ca_file, settings.path)
             if not smtp.verify_certificates:
                 self.context.check_hostname = False
                 self.context.verify_mode = ssl.CERT_NONE
@@ -153,6 +155,19 @@ class SmtpTransport:
     def __repr__(self) -> str:
         # Never the password: this object may end up in a traceback or a log.
         return f"SmtpTransport({self.description})"
+
+    def _trust(self, ca_file: Path, settings_file: Path) -> None:
+        """Trust the certificate authorities of `ca_file` too (a private CA)."""
+        assert self.context is not None
+        where = f"{settings_file}: smtp.ca_file"
+        try:
+            self.context.load_verify_locations(cafile=ca_file)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{where}: no such file {ca_file}") from err
+        except (ssl.SSLError, OSError, ValueError) as err:
+            raise ConfigError(
+                f"{where}: {ca_file} holds no certificate in PEM form ({err})"
+            ) from err
 
     def connect(self) -> SmtpConnection:
         """Open, secure and log in a connection."""
@@ -165,8 +180,9 @@ class SmtpTransport:
             ) from err
         except ssl.SSLCertVerificationError as err:
             raise TransportUnavailable(
-                f"{where}: certificate not trusted ({err.verify_message}); "
-                "smtp.verify_certificates = false only for a relay you control"
+                f"{where}: certificate not trusted ({err.verify_message}); for a relay "
+                "whose certificate a private CA signed, smtp.ca_file = that CA's certificate "
+                "(PEM); smtp.verify_certificates = false only for a relay you control"
             ) from err
         except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
             raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from err
