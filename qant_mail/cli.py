@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from qant_mail.archive import ArchiveReport
     from qant_mail.config import Settings
-    from qant_mail.ledger import State
+    from qant_mail.ledger import SendSummary, State
     from qant_mail.pipeline import SendStatus
     from qant_mail.subscribers import Status, Subscribers
 
@@ -435,6 +435,12 @@ def status(
         return
     typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
+    if found.expected_finish is not None:
+        local = found.expected_finish.astimezone().strftime("%H:%M:%S")
+        typer.echo(
+            f"  running at {found.rate * 60:.0f} messages a minute over the last minute: "
+            f"expected to finish around {local} (this machine's time)"
+        )
     if found.bounced or found.soft_bounced or found.complaints:
         typer.echo(
             f"  afterwards: {found.bounced} bounced, {found.soft_bounced} bounced for now "
@@ -450,6 +456,72 @@ def status(
             typer.echo(note, err=True)
 
 
+@app.command()
+def sends(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sends as JSON.")] = False,
+) -> None:
+    """List the sends of every issue, the latest first, with what came back since."""
+    import json
+
+    from qant_mail import pipeline
+    from qant_mail.ledger import State
+
+    found = pipeline.history(_settings(ctx))
+    if as_json:
+        typer.echo(json.dumps([_summary_json(s) for s in found], ensure_ascii=False, indent=2))
+        return
+    if not found:
+        typer.echo("No send yet.")
+        return
+    header: tuple[str, ...] = ("issue", "started (UTC)", "finished", "readers", "sent")
+    header += ("failed", "unknown", "left", "bounced", "complaints", "unsubscribed")
+    rows = [header]
+    for summary in found:
+        send, counts = summary.send, summary.counts
+        left = counts[State.PENDING] + counts[State.DEFERRED] + counts[State.SENDING]
+        finished = "running" if summary.running else _when(send.finished_at) or "-"
+        rows.append(
+            (
+                send.issue,
+                _when(send.created_at),
+                finished,
+                *map(str, (summary.recipients, counts[State.SENT], counts[State.FAILED])),
+                *map(str, (counts[State.UNKNOWN], left, summary.bounced, summary.complaints)),
+                str(summary.unsubscribed),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [
+            cell.ljust(width) if i < 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        typer.echo("  ".join(cells).rstrip())
+
+
+def _when(stamp: str | None) -> str:
+    """Return a stored time (ISO 8601, UTC) as the history shows it: to the minute."""
+    return stamp[:16].replace("T", " ") if stamp else ""
+
+
+def _summary_json(summary: SendSummary) -> dict[str, object]:
+    send = summary.send
+    return {
+        "issue": send.issue,
+        "subject": send.subject,
+        "created_at": send.created_at,
+        "finished_at": send.finished_at,
+        "running": summary.running,
+        "recipients": summary.recipients,
+        "counts": {state.value: n for state, n in summary.counts.items()},
+        "bounced": summary.bounced,
+        "soft_bounced": summary.soft_bounced,
+        "complaints": summary.complaints,
+        "unsubscribed": summary.unsubscribed,
+    }
+
+
 def _status_json(found: SendStatus) -> dict[str, object]:
     send = found.send
     if send is None:
@@ -461,6 +533,8 @@ def _status_json(found: SendStatus) -> dict[str, object]:
         "created_at": send.created_at,
         "finished_at": send.finished_at,
         "running": found.running,
+        "rate": found.rate,
+        "expected_finish": found.expected_finish.isoformat() if found.expected_finish else None,
         "counts": {state.value: n for state, n in found.counts.items()},
         "bounced": found.bounced,
         "soft_bounced": found.soft_bounced,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import enum
 import fcntl
 import os
@@ -81,6 +82,24 @@ class Delivery:
     state: State
     attempts: int
     last_reply: str
+
+
+@dataclass(frozen=True)
+class SendSummary:
+    """One send as the history shows it: its counts, and what came back afterwards."""
+
+    send: Send
+    counts: dict[State, int]
+    bounced: int  # hard bounces reported after it was accepted
+    soft_bounced: int
+    complaints: int
+    unsubscribed: int  # its readers who have unsubscribed since it started
+    running: bool = False  # a `send` of it is running now
+
+    @property
+    def recipients(self) -> int:
+        """Return how many readers the send was planned for."""
+        return sum(self.counts.values())
 
 
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
@@ -347,6 +366,56 @@ class Ledger:
             (send.id,),
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
+    def history(self) -> list[SendSummary]:
+        """Return every send, the latest first, with its counts and its aftermath."""
+        db = self.db
+        sends = [
+            Send(*row)
+            for row in db.execute(
+                "SELECT id, issue, content_hash, subject, created_at, finished_at FROM sends"
+                " ORDER BY created_at DESC, id DESC"
+            )
+        ]
+        counts: dict[int, dict[State, int]] = {s.id: dict.fromkeys(State, 0) for s in sends}
+        for send_id, state, number in db.execute(
+            "SELECT send_id, state, count(*) FROM deliveries GROUP BY send_id, state"
+        ):
+            counts[send_id][State(state)] = number
+        feedback = {
+            send_id: (int(hard or 0), int(soft or 0), int(complaints or 0))
+            for send_id, hard, soft, complaints in db.execute(
+                "SELECT send_id, sum(bounce LIKE 'hard:%'), sum(bounce LIKE 'soft:%'),"
+                " sum(complaint != '') FROM deliveries GROUP BY send_id"
+            )
+        }
+        unsubscribed = dict(
+            db.execute(
+                "SELECT d.send_id, count(*) FROM deliveries d"
+                " JOIN sends x ON x.id = d.send_id JOIN subscribers s ON s.id = d.subscriber_id"
+                " WHERE s.status = 'unsubscribed' AND s.status_changed_at >= x.created_at"
+                " GROUP BY d.send_id"
+            ).fetchall()
+        )
+        return [
+            SendSummary(
+                send,
+                counts[send.id],
+                *feedback.get(send.id, (0, 0, 0)),
+                unsubscribed.get(send.id, 0),
+            )
+            for send in sends
+        ]
+
+    def recent_rate(self, send: Send, seconds: int = 60) -> float:
+        """Return the messages a second the send has dealt with over the last `seconds`."""
+        since = dt.datetime.fromtimestamp(int(time.time()) - seconds, dt.UTC).isoformat()
+        (number,) = self.db.execute(
+            "SELECT count(*) FROM deliveries WHERE send_id = ? AND state IN ('sent', 'failed')"
+            " AND updated_at >= ?",
+            (send.id, since),
+        ).fetchone()
+        return int(number) / seconds
 
     def feedback_seen(self, digest: str) -> bool:
         """Return whether a report with this digest was read already."""

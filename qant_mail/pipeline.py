@@ -8,6 +8,7 @@ callers.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from qant_mail.load import Document, load
 from qant_mail.render import Asset, RenderedIssue, Renderer
 
 if TYPE_CHECKING:
-    from qant_mail.ledger import Delivery, Ledger, Requeued, Send, State
+    from qant_mail.ledger import Delivery, Ledger, Requeued, Send, SendSummary, State
 
 # The ledger (SQLite) is imported by the use cases that read it, not here: `render`,
 # `check` and the preview never open it, and start a little sooner without it.
@@ -142,6 +143,8 @@ class SendStatus:
     soft_bounced: int = 0
     complaints: int = 0
     running: bool = False
+    rate: float = 0.0  # messages a second over the last minute, while it runs
+    expected_finish: dt.datetime | None = None  # at that rate, while it runs
 
     @property
     def notes(self) -> list[str]:
@@ -184,16 +187,27 @@ def status(settings: Settings, issue: str) -> SendStatus:
             for state in (State.FAILED, State.UNKNOWN, State.DEFERRED)
         }
         hard, soft, complaints = ledger.feedback_counts(send)
-        return SendStatus(
-            issue,
-            send,
-            ledger.counts(send),
-            rows,
-            hard,
-            soft,
-            complaints,
-            ledger.running(issue),
-        )
+        counts = ledger.counts(send)
+        found = SendStatus(issue, send, counts, rows, hard, soft, complaints, ledger.running(issue))
+        if found.running:
+            found.rate = ledger.recent_rate(send)
+            left = counts[State.PENDING] + counts[State.DEFERRED] + counts[State.SENDING]
+            if found.rate > 0:
+                found.expected_finish = dt.datetime.now(dt.UTC) + dt.timedelta(
+                    seconds=left / found.rate
+                )
+        return found
+    finally:
+        ledger.close()
+
+
+def history(settings: Settings) -> list[SendSummary]:
+    """Return every send of the store, the latest first (see `Ledger.history`)."""
+    from qant_mail.ledger import Ledger
+
+    ledger = Ledger(settings.store_path)
+    try:
+        return ledger.history()
     finally:
         ledger.close()
 
