@@ -295,6 +295,13 @@ def send(
             help="Resume a send even though the issue changed since it started.",
         ),
     ] = False,
+    new_subscribers: Annotated[
+        bool,
+        typer.Option(
+            "--new-subscribers",
+            help="Send an issue sent before to the readers who joined since, once each.",
+        ),
+    ] = False,
 ) -> None:
     """Send an issue to every active subscriber, or a test to some addresses (--to)."""
     from qant_mail import send as sending
@@ -328,13 +335,21 @@ def send(
         typer.echo(f"messages written to {_shown(folder / 'new')}")
         return
     transport = SmtpTransport(settings)
-    plan = sending.plan(prepared, settings, transport)
+    plan = sending.plan(prepared, settings, transport, new_subscribers=new_subscribers)
+    if new_subscribers and not plan.resuming:
+        raise typer.BadParameter(
+            f"{file.stem} has not been sent yet: `qant-mail send {file}` sends it to every "
+            "active subscriber",
+            param_hint="--new-subscribers",
+        )
     if plan.recipients == 0:
         why, code = plan.nothing_left(file)
         typer.echo(why)
         raise typer.Exit(code)
     count = min(plan.recipients, limit) if limit else plan.recipients
     where = "not served yet" if plan.resuming else "active subscribers"
+    if new_subscribers:
+        where += f", {plan.joined} of them joined since it was planned"
     typer.echo(f"Subject:    {plan.subject}", err=True)
     typer.echo(
         f"Recipients: {count} {where}" + (f" (of {plan.recipients})" if limit else ""), err=True
@@ -359,10 +374,13 @@ def send(
             limit=limit,
             wait_for_retries=not no_wait,
             accept_changes=accept_changes,
+            new_subscribers=new_subscribers,
         )
     typer.echo(report.summary())
     if report.exit_code != ExitCode.OK:
         typer.echo(report.hints(file), err=True)
+    if report.joined:
+        typer.echo(sending.joined_hint(report.joined, file), err=True)
     raise typer.Exit(report.exit_code)
 
 

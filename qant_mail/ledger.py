@@ -103,6 +103,12 @@ class SendSummary:
 
 
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
+# The active subscribers a send has no row for (the UNIQUE (send_id, email) index finds
+# each one): those who joined, or came back, after it was planned.
+_JOINED = (
+    "FROM subscribers s WHERE s.status = 'active' AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.send_id = ? AND d.email = s.email)"
+)
 _CLAIM = (
     "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts, d.last_reply,"
     " s.status FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
@@ -184,6 +190,29 @@ class Ledger:
         send = self.find(issue)
         assert send is not None
         return send
+
+    def joined_since(self, send: Send) -> int:
+        """Return how many active subscribers the send has no row for: they joined (or
+        came back) after it was planned."""
+        (number,) = self.db.execute(f"SELECT count(*) {_JOINED}", (send.id,)).fetchone()
+        return int(number)
+
+    def add_joined(self, send: Send) -> int:
+        """Add the readers who joined since `send` was planned to it, after the others;
+        return how many. The send is open again until they are served."""
+        with transaction(self.db) as db:
+            (last,) = db.execute(
+                "SELECT coalesce(max(position), 0) FROM deliveries WHERE send_id = ?", (send.id,)
+            ).fetchone()
+            added = db.execute(
+                "INSERT INTO deliveries (send_id, position, subscriber_id, email, name, updated_at)"
+                f" SELECT ?, ? + row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, ?"
+                f" {_JOINED}",
+                (send.id, last, now_text(), send.id),
+            ).rowcount
+            if added:
+                db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
+        return int(added)
 
     def recover(self, send: Send) -> int:
         """Put back the rows a killed run left `sending`; return how many."""

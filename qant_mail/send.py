@@ -87,6 +87,7 @@ class Plan:
     server: str
     already: dict[State, int]
     signing: str = ""
+    joined: int = 0  # active subscribers who joined after the send was planned
 
     def nothing_left(self, file: Path) -> tuple[str, ExitCode]:
         """Say why there is nothing to send, and with what status to end."""
@@ -98,6 +99,8 @@ class Plan:
             f"failed {counts[State.FAILED]}, unknown {counts[State.UNKNOWN]}, "
             f"skipped {counts[State.SKIPPED]} (`qant-mail status {file}`)"
         )
+        if self.joined:
+            text += "\n" + joined_hint(self.joined, file)
         unsettled = counts[State.FAILED] or counts[State.UNKNOWN]
         return text, ExitCode.PARTIAL if unsettled else ExitCode.OK
 
@@ -115,6 +118,7 @@ class SendReport:
     exit_code: ExitCode = ExitCode.OK
     limited: bool = False  # the run stopped at --limit, by request
     failures: Counter[str] = field(default_factory=Counter)  # why, for the rows failed now
+    joined: int = 0  # active subscribers who joined after the send was planned
 
     @property
     def rate(self) -> float:
@@ -154,6 +158,12 @@ class SendReport:
         return "\n".join(["; ".join(hints), *reasons])
 
 
+def joined_hint(joined: int, file: Path) -> str:
+    """Say that readers joined after a send, and how to send the issue to them."""
+    who = "reader joined" if joined == 1 else "readers joined"
+    return f"{joined} {who} since this send was planned: `qant-mail send {file} --new-subscribers`"
+
+
 def require_signature(
     settings: Settings, keys: Sequence[dkim.DkimKey], transport: Transport
 ) -> str:
@@ -179,8 +189,11 @@ def require_signature(
     return "; ".join(described)
 
 
-def plan(prepared: Prepared, settings: Settings, transport: Transport) -> Plan:
-    """Say what `send` would do now, without changing anything."""
+def plan(
+    prepared: Prepared, settings: Settings, transport: Transport, *, new_subscribers: bool = False
+) -> Plan:
+    """Say what `send` would do now (`new_subscribers`: with the readers who joined since
+    the send was planned), without changing anything."""
     signing = require_signature(settings, prepared.template.keys, transport)
     ledger = Ledger(settings.store_path)
     try:
@@ -191,7 +204,9 @@ def plan(prepared: Prepared, settings: Settings, transport: Transport) -> Plan:
             return Plan(subject, active, False, server, {}, signing)
         counts = ledger.counts(send)
         todo = counts[State.PENDING] + counts[State.SENDING] + counts[State.DEFERRED]
-        return Plan(subject, todo, True, server, counts, signing)
+        joined = ledger.joined_since(send)
+        todo += joined if new_subscribers else 0
+        return Plan(subject, todo, True, server, counts, signing, joined)
     finally:
         ledger.close()
 
@@ -207,8 +222,10 @@ def send_to_list(
     accept_changes: bool = False,
     stop: threading.Event | None = None,
     store_path: Path | None = None,
+    new_subscribers: bool = False,
 ) -> SendReport:
-    """Send the issue to every active subscriber not sent it yet; resume after a crash."""
+    """Send the issue to every active subscriber not sent it yet; resume after a crash.
+    `new_subscribers`: an issue sent before goes to the readers who joined since, too."""
     ledger = Ledger(store_path or settings.store_path)
     try:
         with ledger.lock(prepared.issue_key):
@@ -222,12 +239,15 @@ def send_to_list(
                     f"{prepared.issue_key} changed since its send started ({send.created_at}); "
                     "re-run with --accept-changes to send this version to those not served yet"
                 )
+            if new_subscribers:
+                ledger.add_joined(send)
             ledger.recover(send)
             run = _Run(
                 prepared, settings, transport, ledger, send, progress or NoProgress(), limit, stop
             )
             report = run.run(wait_for_retries)
             report.totals = ledger.counts(send)
+            report.joined = ledger.joined_since(send)
             if not report.remaining and report.totals[State.FAILED] == 0:
                 ledger.finish(send)
             report.exit_code = _exit_code(report)

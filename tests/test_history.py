@@ -105,3 +105,53 @@ def test_a_send_that_is_not_running_has_no_expected_finish(local: Settings) -> N
     found = pipeline.status(local, "2023-11-20")
     assert not found.running
     assert found.expected_finish is None
+
+
+def test_catch_up_reaches_only_those_who_joined_since_and_only_once(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    first = subscribe(local, 4)
+    send(local)
+    store = Subscribers.open(local.store_path)
+    store.unsubscribe(first[0], "link")  # gone since: not a new reader
+    store.close()
+    joined = subscribe(local, 3, prefix="new")
+    prepared = pipeline.prepare_send(local.root / SAMPLE, local)
+    plain = send_to_list(prepared, local, SmtpTransport(local, env={}))
+    assert plain.done[State.SENT] == 0  # a plain re-run serves nobody new
+    assert plain.joined == 3
+    caught_up = send_to_list(prepared, local, SmtpTransport(local, env={}), new_subscribers=True)
+    assert caught_up.done[State.SENT] == 3
+    assert caught_up.joined == 0
+    again = send_to_list(prepared, local, SmtpTransport(local, env={}), new_subscribers=True)
+    assert again.done[State.SENT] == 0
+    assert smtp_server.handler.recipients() == dict.fromkeys([*first, *joined], 1)
+    ledger = Ledger(local.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    assert found.finished_at is not None  # closed again once the newcomers were served
+    assert ledger.counts(found)[State.SENT] == 7
+    ledger.close()
+
+
+def test_send_says_who_joined_and_new_subscribers_needs_a_first_send(
+    local: Settings, smtp_server: SmtpServer, cli: Cli
+) -> None:
+    subscribe(local, 2)
+    env = {"QANT_SMTP_HOST": smtp_server.host, "QANT_SMTP_PORT": str(smtp_server.port)}
+
+    def run(*args: str) -> Result:
+        return cli("send", SAMPLE, "--yes", *args, env=env)
+
+    refused = run("--new-subscribers")
+    assert refused.exit_code == 2
+    assert "has not been sent yet" in refused.stderr
+    assert run().exit_code == 0
+    subscribe(local, 2, prefix="new")
+    nothing = run()
+    assert "2 readers joined since this send was planned" in nothing.stdout
+    assert "--new-subscribers" in nothing.stdout
+    caught_up = run("--new-subscribers")
+    assert caught_up.exit_code == 0, caught_up.stderr
+    assert "2 not served yet, 2 of them joined since it was planned" in caught_up.stderr
+    assert len(smtp_server.handler.received) == 4
