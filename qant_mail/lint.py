@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import PurePosixPath
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -14,7 +12,7 @@ from qant_mail import prose
 from qant_mail.config import Settings
 from qant_mail.errors import Problem, Severity
 from qant_mail.load import Document
-from qant_mail.model import Image, Link
+from qant_mail.model import Image, Link, walk
 from qant_mail.render import PLACEHOLDER, RenderedIssue, Slot
 from qant_mail.schema import Loc
 
@@ -196,7 +194,7 @@ class _Origins:
         self.links: dict[str, list[Loc]] = {}
         self.used: dict[str, int] = {}
         by_path = {asset.source: asset.url for asset in rendered.assets}
-        for loc, value in _walk(issue, ()):
+        for loc, value in walk(issue, ()):
             if isinstance(value, Image):
                 url = by_path.get(value.file) if value.file else value.src
                 self.images.setdefault(url or value.src, loc)
@@ -219,13 +217,3 @@ class _Origins:
         index = self.used.get(href, 0)
         self.used[href] = index + 1
         return places[min(index, len(places) - 1)]
-
-
-def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:
-    yield loc, value
-    if isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from _walk(getattr(value, name), (*loc, name))
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from _walk(item, (*loc, index))

@@ -7,7 +7,7 @@ import functools
 import itertools
 import operator
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -176,21 +176,28 @@ def links(text: str) -> list[str]:
 
 def _read(nodes: Sequence[Node]) -> Iterable[str]:
     """Yield the runs of text a reader reads (pictures' alt texts and raw HTML left out)."""
+    for item in _runs(nodes):
+        if isinstance(item, str):
+            yield item
+        elif item.name == "fence":
+            yield str(item.meta.get("content", ""))
+        elif item.name == "code_inline":
+            yield _plain(item.children)
+        elif item.name not in ("image", "html_inline", "html_block"):
+            yield from _read(item.children)
+
+
+def _runs(nodes: Sequence[Node]) -> Iterator[str | Node]:
+    """Yield `nodes`, each run of text nodes joined into one string."""
     run: list[str] = []
     for node in nodes:
-        kind = node.name
-        if kind in _TEXT:
+        if node.name in _TEXT:
             run.append(str(node.meta.get("content", "")))
             continue
         if run:
             yield "".join(run)
             run = []
-        if kind == "fence":
-            yield str(node.meta.get("content", ""))
-        elif kind == "code_inline":
-            yield _plain(node.children)
-        elif kind not in ("image", "html_inline", "html_block"):
-            yield from _read(node.children)
+        yield node
     if run:
         yield "".join(run)
 
@@ -329,25 +336,20 @@ class _TextWriter:
 
     def _inline_to(self, nodes: Sequence[Node], out: list[str]) -> None:
         typeset = self.typeset
-        run: list[str] = []
-        for node in nodes:
-            kind = node.name
-            if kind in _TEXT:
-                run.append(str(node.meta.get("content", "")))
+        for item in _runs(nodes):
+            if isinstance(item, str):
+                out.append(typeset(item) if typeset else item)
                 continue
-            if run:
-                joined = "".join(run)
-                out.append(typeset(joined) if typeset else joined)
-                run = []
+            kind = item.name
             if kind == "softbreak":
                 out.append(" ")
             elif kind == "hardbreak":
                 out.append("\n")
             elif kind in ("code_inline", "image"):
-                out.append(_plain(node.children))
+                out.append(_plain(item.children))
             elif kind in ("link", "autolink"):
-                target, start = _url(node, self.source), len(out)
-                self._inline_to(node.children, out)
+                target, start = _url(item, self.source), len(out)
+                self._inline_to(item.children, out)
                 label = "".join(out[start:]).strip()
                 shown = target.removeprefix("mailto:")
                 if label in (target, shown):
@@ -356,10 +358,7 @@ class _TextWriter:
                 else:
                     out.append(f" <{shown}>")
             elif kind in ("em", "strong", "strikethrough"):
-                self._inline_to(node.children, out)
-        if run:
-            joined = "".join(run)
-            out.append(typeset(joined) if typeset else joined)
+                self._inline_to(item.children, out)
 
     def _paragraph(self, line: str, heading: bool) -> None:
         indent = self.hanging + "  " * max(len(self.lists) - 1, 0)

@@ -44,9 +44,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return key, cert
 
 
-@pytest.fixture
-def starttls_server(certificate: tuple[Path, Path]) -> Iterator[tuple[int, ScriptedHandler]]:
-    key, cert = certificate
+def _starttls_server(key: Path, cert: Path) -> Iterator[tuple[int, ScriptedHandler]]:
+    """Run a server that requires STARTTLS, with this certificate; yield its port."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     handler, port = ScriptedHandler(), free_port()
@@ -56,6 +55,11 @@ def starttls_server(certificate: tuple[Path, Path]) -> Iterator[tuple[int, Scrip
     controller.start()
     yield port, handler
     controller.stop()
+
+
+@pytest.fixture
+def starttls_server(certificate: tuple[Path, Path]) -> Iterator[tuple[int, ScriptedHandler]]:
+    yield from _starttls_server(*certificate)
 
 
 def with_smtp(settings: Settings, **changes: object) -> Settings:
@@ -178,15 +182,7 @@ def privately_signed_server(
     private_ca: tuple[Path, Path, Path],
 ) -> Iterator[tuple[int, ScriptedHandler]]:
     _, key, cert = private_ca
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    handler, port = ScriptedHandler(), free_port()
-    controller = Controller(
-        handler, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True
-    )
-    controller.start()
-    yield port, handler
-    controller.stop()
+    yield from _starttls_server(key, cert)
 
 
 def test_a_relay_signed_by_a_private_ca_is_trusted_with_ca_file_only(
