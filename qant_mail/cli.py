@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import traceback
+import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,6 +517,69 @@ def sends(
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         typer.echo("  ".join(cells).rstrip())
+
+
+@app.command()
+def schedule(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None, typer.Argument(help="The issue's YAML file (none: list the schedule).")
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="When: YYYY-MM-DD HH:MM, in newsletter.timezone."),
+    ] = None,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel its scheduled send.")] = False,
+) -> None:
+    """Set an issue to go to the list at a time; `qant-mail run-due` sends it then."""
+    from qant_mail import pipeline
+
+    settings = _settings(ctx)
+    zone = settings.newsletter.timezone
+    if file is None:
+        if at or cancel:
+            raise typer.BadParameter("--at and --cancel go with an issue's file")
+        found = pipeline.schedules(settings)
+        if not found:
+            typer.echo("Nothing scheduled.")
+        for item in found:
+            when = item.due_at.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
+            outcome = item.outcome.splitlines()[0] if item.outcome else ""
+            typer.echo(f"{item.issue}  {when} ({zone})  {item.state}  {outcome}".rstrip())
+        return
+    if cancel == (at is not None):
+        raise typer.BadParameter("give either --at TIME or --cancel")
+    if cancel:
+        pipeline.cancel(settings, file.stem)
+        typer.echo(f"{file.stem}: its scheduled send is cancelled")
+        return
+    assert at is not None
+    item = pipeline.schedule(file, settings, pipeline.parse_time(at, settings))
+    when = item.due_at.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
+    typer.echo(
+        f"{item.issue} goes to the list at {when} ({zone}), checked again then; "
+        "`qant-mail run-due` sends it (run it from cron or a systemd timer: see the README)"
+    )
+
+
+@app.command("run-due")
+def run_due(ctx: typer.Context) -> None:
+    """Send the scheduled issues whose time has come (for cron or a systemd timer)."""
+    from qant_mail import pipeline
+
+    with _terminate_as_interrupt():
+        outcomes = pipeline.run_due(_settings(ctx))
+    if outcomes is None:
+        typer.echo("another `qant-mail run-due` is running: it sends what is due", err=True)
+        return
+    if not outcomes:
+        typer.echo("nothing due")
+    for outcome in outcomes:
+        if outcome.state == "sent" and outcome.exit_code == ExitCode.OK:
+            typer.echo(outcome.message)
+        else:
+            _error(outcome.message)
+    raise typer.Exit(max((o.exit_code for o in outcomes), default=ExitCode.OK))
 
 
 def _when(stamp: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,14 @@ def _base_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"{value!r} is not a time zone (like Europe/Paris or UTC)") from err
+    return value
+
+
 def _colour(value: str) -> str:
     if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
         raise ValueError(f"{value!r} is not a colour written #rrggbb")
@@ -82,6 +91,8 @@ class Newsletter(Strict):
     logo_alt: str = ""
     words_per_minute: Annotated[int, Field(ge=50, le=1000)] = 250
     postal_address: str = ""
+    # Where the editors are: `schedule --at` times are read, and shown, in it.
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
 
 
 class Sender(Strict):

@@ -85,6 +85,28 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A send set for a time: the issue, its file, when (UTC), and how it went."""
+
+    issue: str
+    path: Path
+    due_at: dt.datetime
+    state: str  # scheduled, running, sent, failed, cancelled
+    outcome: str
+    updated_at: str
+
+
+_SCHEDULE = "issue, path, due_at, state, outcome, updated_at"
+
+
+def _schedule(row: tuple[str, str, str, str, str, str]) -> Schedule:
+    issue, path, due_at, state, outcome, updated_at = row
+    return Schedule(
+        issue, Path(path), dt.datetime.fromisoformat(due_at), state, outcome, updated_at
+    )
+
+
+@dataclass(frozen=True)
 class SendSummary:
     """One send as the history shows it: its counts, and what came back afterwards."""
 
@@ -142,20 +164,13 @@ class Ledger:
     @contextlib.contextmanager
     def lock(self, issue: str) -> Iterator[None]:
         """Hold the lock that keeps a second process from sending the same issue."""
-        path = self.path.with_name(f"{self.path.name}.{issue}.lock")
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                # Released by the kernel when the process dies, SIGKILL included.
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
+        with _held(self.path.with_name(f"{self.path.name}.{issue}.lock")) as held:
+            if not held:
                 raise LedgerError(
                     f"another `qant-mail send` is sending {issue} right now; wait for it, "
                     "or stop it (a re-run resumes where it left off)"
-                ) from err
+                )
             yield
-        finally:
-            os.close(handle)
 
     def find(self, issue: str) -> Send | None:
         """Return the send of `issue`, if one was planned."""
@@ -446,6 +461,73 @@ class Ledger:
         ).fetchone()
         return int(number) / seconds
 
+    def schedule(self, issue: str, path: Path, due_at: dt.datetime) -> Schedule:
+        """Set the send of `issue` (the file at `path`) for `due_at`; a later call moves it.
+        A schedule whose send is running cannot be moved."""
+        now = now_text()
+        due = due_at.astimezone(dt.UTC).isoformat()
+        with transaction(self.db) as db:
+            row = db.execute("SELECT state FROM schedules WHERE issue = ?", (issue,)).fetchone()
+            if row and row[0] == "running":
+                raise LedgerError(f"{issue} is being sent by `qant-mail run-due` right now")
+            db.execute(
+                "INSERT INTO schedules (issue, path, due_at, state, outcome, created_at,"
+                " updated_at) VALUES (?, ?, ?, 'scheduled', '', ?, ?) ON CONFLICT (issue) DO"
+                " UPDATE SET path = excluded.path, due_at = excluded.due_at,"
+                " state = 'scheduled', outcome = '', updated_at = excluded.updated_at",
+                (issue, str(path), due, now, now),
+            )
+        found = self.scheduled(issue)
+        assert found is not None
+        return found
+
+    def scheduled(self, issue: str) -> Schedule | None:
+        """Return the schedule of `issue`, if it has one."""
+        row = self.db.execute(
+            f"SELECT {_SCHEDULE} FROM schedules WHERE issue = ?", (issue,)
+        ).fetchone()
+        return _schedule(row) if row else None
+
+    def schedules(self) -> list[Schedule]:
+        """Return every schedule, the next due first."""
+        rows = self.db.execute(f"SELECT {_SCHEDULE} FROM schedules ORDER BY due_at, issue")
+        return [_schedule(row) for row in rows]
+
+    def cancel(self, issue: str) -> bool:
+        """Cancel the schedule of `issue`, unless its send is running; say if one was."""
+        return bool(
+            self.db.execute(
+                "UPDATE schedules SET state = 'cancelled', updated_at = ?"
+                " WHERE issue = ? AND state = 'scheduled'",
+                (now_text(), issue),
+            ).rowcount
+        )
+
+    def take_due(self, now: dt.datetime) -> list[Schedule]:
+        """Mark `running` the schedules due at `now`, and those a run that stopped left
+        `running`, and return them, the earliest first. The caller holds `run_lock`."""
+        with transaction(self.db) as db:
+            db.execute(
+                "UPDATE schedules SET state = 'running', updated_at = ?"
+                " WHERE state = 'scheduled' AND due_at <= ?",
+                (now_text(), now.astimezone(dt.UTC).isoformat()),
+            )
+            rows = db.execute(
+                f"SELECT {_SCHEDULE} FROM schedules WHERE state = 'running' ORDER BY due_at"
+            ).fetchall()
+        return [_schedule(row) for row in rows]
+
+    def settle(self, issue: str, state: str, outcome: str) -> None:
+        """Write how a scheduled send went: `sent`, `failed`, or `scheduled` to try again."""
+        self.db.execute(
+            "UPDATE schedules SET state = ?, outcome = ?, updated_at = ? WHERE issue = ?",
+            (state, outcome, now_text(), issue),
+        )
+
+    def run_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the lock of `qant-mail run-due`; give False when another one holds it."""
+        return _held(self.path.with_name(f"{self.path.name}.run-due.lock"))
+
     def feedback_seen(self, digest: str) -> bool:
         """Return whether a report with this digest was read already."""
         row = self.db.execute("SELECT 1 FROM feedback_reports WHERE digest = ?", (digest,))
@@ -610,3 +692,19 @@ def copy_without_send(source: Path, target: Path, issue: str) -> None:
     finally:
         original.close()
         copy.close()
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the file at `path`; give False when another holds it."""
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            # Released by the kernel when the process dies, SIGKILL included.
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(handle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +21,23 @@ from urllib.parse import quote
 from qant_mail import tokens
 from qant_mail.compose import MessageTemplate, Prepared, Recipient, dkim_keys
 from qant_mail.config import Settings
-from qant_mail.errors import IssueError, Problem, SendError, Severity
+from qant_mail.errors import ExitCode, IssueError, Problem, QantError, SendError, Severity
 from qant_mail.files import write_all
 from qant_mail.lint import lint
 from qant_mail.load import Document, load
 from qant_mail.render import Asset, RenderedIssue, Renderer
 
 if TYPE_CHECKING:
-    from qant_mail.ledger import Delivery, Ledger, Requeued, Send, SendSummary, State
+    from qant_mail.ledger import Delivery, Ledger, Requeued, Schedule, Send, SendSummary, State
+    from qant_mail.send import Progress
+    from qant_mail.transport import Transport
 
 # The ledger (SQLite) is imported by the use cases that read it, not here: `render`,
 # `check` and the preview never open it, and start a little sooner without it.
+
+
+class ScheduleError(QantError):
+    """A send that cannot be scheduled (a time past, an issue sent already) or cancelled."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,22 @@ def render_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
     return list(files)
 
 
+def sendable(path: Path, renderer: Renderer, *, test: bool = False) -> CheckReport:
+    """Check the issue at `path`; raise what keeps it from going out: its errors, or a
+    draft (unless for a test)."""
+    report = check(path, renderer)
+    if report.document is None or report.rendered is None:
+        raise IssueError(path, report.problems)
+    if report.errors:
+        raise IssueError(path, report.errors)
+    if report.document.issue.draft and not test:
+        raise SendError(
+            f"{path}: the issue is marked `draft: true`; remove that line when it is ready "
+            "(test sends with --to work on drafts)"
+        )
+    return report
+
+
 def prepare_send(
     path: Path,
     settings: Settings,
@@ -99,17 +122,10 @@ def prepare_send(
 ) -> Prepared:
     """Check, render and compose the issue at `path` for a send; refuse what must not
     go out (errors, a draft to the list)."""
-    report = check(path, renderer or Renderer(settings))
-    if report.document is None or report.rendered is None:
-        raise IssueError(path, report.problems)
-    if report.errors:
-        raise IssueError(path, report.errors)
+    report = sendable(path, renderer or Renderer(settings), test=test)
+    assert report.document is not None
+    assert report.rendered is not None
     key = report.document.key
-    if report.document.issue.draft and not test:
-        raise SendError(
-            f"{path}: the issue is marked `draft: true`; remove that line when it is ready "
-            "(test sends with --to work on drafts)"
-        )
     rendered = report.rendered
     template = MessageTemplate(
         rendered,
@@ -248,3 +264,135 @@ def _planned(ledger: Ledger, issue: str) -> Send:
     if send is None:
         raise SendError(f"{issue} has not been sent (no send planned)")
     return send
+
+
+@dataclass(frozen=True)
+class DueOutcome:
+    """What `run_due` did with one scheduled send."""
+
+    schedule: Schedule
+    state: str  # sent, failed, or scheduled (to try again at the next run)
+    message: str
+    exit_code: ExitCode
+
+
+def parse_time(text: str, settings: Settings) -> dt.datetime:
+    """Return the moment `text` names ("2026-12-01 08:00", ISO 8601), read in the
+    newsletter's time zone unless it gives its own offset."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError as err:
+        raise ScheduleError(
+            f"{text!r} is not a time written YYYY-MM-DD HH:MM (in {settings.newsletter.timezone})"
+        ) from err
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(settings.newsletter.timezone))
+    return moment
+
+
+def schedule(
+    path: Path, settings: Settings, at: dt.datetime, *, now: dt.datetime | None = None
+) -> Schedule:
+    """Set the issue at `path` to go to the list at `at`, once it passes its checks now
+    (they run again at its time)."""
+    from qant_mail.ledger import Ledger
+
+    now = now or dt.datetime.now(dt.UTC)
+    if at <= now:
+        raise ScheduleError(f"{at.isoformat()} is past: give a time to come, or send it now")
+    # Its errors (and a draft) are refused now, not found at its time. The secret and the
+    # keys are the sender's business then: a schedule can be set where they are not.
+    sendable(path, Renderer(settings))
+    ledger = Ledger(settings.store_path)
+    try:
+        if ledger.find(path.stem) is not None:
+            raise ScheduleError(
+                f"{path.stem} has been sent already (`qant-mail status {path}`); "
+                "`qant-mail send FILE --new-subscribers` serves those who joined since"
+            )
+        return ledger.schedule(path.stem, path.resolve(), at)
+    finally:
+        ledger.close()
+
+
+def schedules(settings: Settings) -> list[Schedule]:
+    """Return every scheduled send, the next due first."""
+    from qant_mail.ledger import Ledger
+
+    ledger = Ledger(settings.store_path)
+    try:
+        return ledger.schedules()
+    finally:
+        ledger.close()
+
+
+def cancel(settings: Settings, issue: str) -> None:
+    """Cancel the scheduled send of `issue`."""
+    from qant_mail.ledger import Ledger
+
+    ledger = Ledger(settings.store_path)
+    try:
+        if not ledger.cancel(issue):
+            found = ledger.scheduled(issue)
+            state = f"it is {found.state}" if found else "it is not scheduled"
+            raise ScheduleError(f"{issue} cannot be cancelled: {state}")
+    finally:
+        ledger.close()
+
+
+def run_due(
+    settings: Settings,
+    *,
+    now: dt.datetime | None = None,
+    transport: Transport | None = None,
+    progress: Progress | None = None,
+) -> list[DueOutcome] | None:
+    """Send every scheduled issue whose time has come, each checked again first; None
+    when another `run-due` is running (it will do them)."""
+    from qant_mail.ledger import Ledger
+    from qant_mail.send import send_to_list
+    from qant_mail.transport import SmtpTransport, TransportUnavailable
+
+    ledger = Ledger(settings.store_path)
+    outcomes: list[DueOutcome] = []
+    try:
+        with ledger.run_lock() as held:
+            if not held:
+                return None
+            for due in ledger.take_due(now or dt.datetime.now(dt.UTC)):
+                try:
+                    prepared = prepare_send(due.path, settings)
+                except QantError as err:  # its errors, a draft, no secret where it runs
+                    problems = err.problems if isinstance(err, IssueError) else []
+                    why = "\n".join([str(err), *map(str, problems)])
+                    message = (
+                        f"{due.issue} was not sent at its time: {why}\nfix it, then "
+                        f"`qant-mail schedule {due.path} --at …` again (or `qant-mail send`)"
+                    )
+                    outcomes.append(_settled(ledger, due, "failed", message, err.exit_code))
+                    continue
+                try:
+                    report = send_to_list(
+                        prepared, settings, transport or SmtpTransport(settings), progress=progress
+                    )
+                except TransportUnavailable as err:
+                    # The relay is down: the send stays due, and the next run tries again.
+                    message = f"{due.issue}: {err}; tried again at the next run"
+                    outcomes.append(_settled(ledger, due, "scheduled", message, err.exit_code))
+                    continue
+                except QantError as err:  # a missing secret, an issue changed mid-send…
+                    message = f"{due.issue} was not sent: {err}"
+                    outcomes.append(_settled(ledger, due, "failed", message, err.exit_code))
+                    continue
+                summary = f"{due.issue}: {report.summary()}"
+                if report.exit_code != ExitCode.OK:
+                    summary += "\n" + report.hints(due.path)
+                outcomes.append(_settled(ledger, due, "sent", summary, report.exit_code))
+    finally:
+        ledger.close()
+    return outcomes
+
+
+def _settled(ledger: Ledger, due: Schedule, state: str, message: str, code: ExitCode) -> DueOutcome:
+    ledger.settle(due.issue, state, message)
+    return DueOutcome(due, state, message, code)

@@ -89,6 +89,20 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         read_at TEXT NOT NULL
     );
     """,
+    # 5: sends scheduled for a set time, one per issue, run by `qant-mail run-due`
+    """
+    CREATE TABLE schedules (
+        issue TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        due_at TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'scheduled'
+            CHECK (state IN ('scheduled', 'running', 'sent', 'failed', 'cancelled')),
+        outcome TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX schedules_due ON schedules (state, due_at);
+    """,
 ]
 
 
