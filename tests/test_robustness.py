@@ -31,6 +31,7 @@ from tests.test_send import (
     run_cli,
     send,
     start_send,
+    stopped_cleanly_by,
     subscribe,
     wait_until_received,
 )
@@ -139,22 +140,7 @@ def test_the_migration_folds_international_domains_into_one_row(tmp_path: Path) 
 def test_sigterm_stops_a_send_like_ctrl_c(
     local: Settings, smtp_server: SmtpServer, project: Path
 ) -> None:
-    addresses = subscribe(local, 40)
-    smtp_server.handler.delay = 0.03
-    env = cli_env(local, smtp_server)
-    process = start_send(env, project)
-    wait_until_received(smtp_server, 5)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == ExitCode.INTERRUPTED, err
-    assert "Traceback" not in err
-    assert "stopped: interrupted" in out
-    counts = ledger_counts(local)
-    assert counts[State.SENDING] == 0
-    assert counts[State.SENT] == len(smtp_server.handler.received)
-    smtp_server.handler.delay = 0
-    assert run_cli(["send", SAMPLE, "--yes"], env, project).returncode == ExitCode.OK
-    assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
+    stopped_cleanly_by(signal.SIGTERM, local, smtp_server, project)
 
 
 def test_status_explains_rows_left_sending_by_a_killed_run(

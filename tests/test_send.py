@@ -393,12 +393,20 @@ def test_sender_killed_mid_send_resumes_without_losing_anyone(
 def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(
     local: Settings, smtp_server: SmtpServer, project: Path
 ) -> None:
+    stopped_cleanly_by(signal.SIGINT, local, smtp_server, project)
+
+
+def stopped_cleanly_by(
+    signal_number: int, local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    """Stop a `send` process with `signal_number` mid-way: it records what it did, says
+    so, exits INTERRUPTED; a re-run serves the rest, each reader once."""
     addresses = subscribe(local, 40)
-    smtp_server.handler.hold_after = 5  # Ctrl-C while the sixth and next wait
+    smtp_server.handler.hold_after = 5  # the signal comes while the sixth and next wait
     env = cli_env(local, smtp_server)
     process = start_send(env, project)
     wait_until_received(smtp_server, 5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     time.sleep(0.5)  # the signal lands while the server still holds the messages
     smtp_server.handler.release.set()
     out, err = process.communicate(timeout=30)
