@@ -1,18 +1,19 @@
 """The use cases, each one walk through the stages: check an issue, render it for the
-sample reader, make it ready to send, say where a send stands. The command line, the
-preview and the public side call these; the stages below know nothing of each other's
-callers.
+sample reader, make it ready to send, say where a send stands, list past sends, schedule
+a send and run what is due. The command line, the preview and the public side call
+these; the stages below know nothing of each other's callers.
 
     load (YAML → Issue) → render (HTML, text) → lint (the email) → compose (MIME) → send
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,8 +33,19 @@ if TYPE_CHECKING:
     from qant_mail.send import Progress
     from qant_mail.transport import Transport
 
-# The ledger (SQLite) is imported by the use cases that read it, not here: `render`,
-# `check` and the preview never open it, and start a little sooner without it.
+
+@contextlib.contextmanager
+def _ledger(settings: Settings) -> Iterator[Ledger]:
+    """Open the send ledger for one use case, and close it however that ends."""
+    # Imported here, not above: `render`, `check` and the preview never open it, and
+    # start a little sooner without SQLite and the sender.
+    from qant_mail.ledger import Ledger
+
+    ledger = Ledger(settings.store_path)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
 
 
 class ScheduleError(QantError):
@@ -191,10 +203,9 @@ class SendStatus:
 
 def status(settings: Settings, issue: str) -> SendStatus:
     """Return where the send of `issue` (its file's name) stands."""
-    from qant_mail.ledger import Ledger, State
+    from qant_mail.ledger import State
 
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         send = ledger.find(issue)
         if send is None:
             return SendStatus(issue, None)
@@ -213,31 +224,21 @@ def status(settings: Settings, issue: str) -> SendStatus:
                     seconds=left / found.rate
                 )
         return found
-    finally:
-        ledger.close()
 
 
 def history(settings: Settings) -> list[SendSummary]:
     """Return every send of the store, the latest first (see `Ledger.history`)."""
-    from qant_mail.ledger import Ledger
-
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         return ledger.history()
-    finally:
-        ledger.close()
 
 
 def resolve_unknown(settings: Settings, issue: str, *, sent: bool) -> int:
     """Mark the unknown rows of a send sent, or put them back in the queue; say how many."""
-    from qant_mail.ledger import Ledger, State
+    from qant_mail.ledger import State
 
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         send = _planned(ledger, issue)
         return ledger.resolve_unknown(send, State.SENT if sent else State.PENDING)
-    finally:
-        ledger.close()
 
 
 def requeue_failed(
@@ -249,14 +250,9 @@ def requeue_failed(
     force: bool = False,
 ) -> Requeued:
     """Put a send's failed rows back in the queue (see `Ledger.requeue_failed`)."""
-    from qant_mail.ledger import Ledger
-
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         send = _planned(ledger, issue)
         return ledger.requeue_failed(send, containing=containing, addresses=addresses, force=force)
-    finally:
-        ledger.close()
 
 
 def _planned(ledger: Ledger, issue: str) -> Send:
@@ -295,7 +291,6 @@ def schedule(
 ) -> Schedule:
     """Set the issue at `path` to go to the list at `at`, once it passes its checks now
     (they run again at its time)."""
-    from qant_mail.ledger import Ledger
 
     now = now or dt.datetime.now(dt.UTC)
     if at <= now:
@@ -303,41 +298,28 @@ def schedule(
     # Its errors (and a draft) are refused now, not found at its time. The secret and the
     # keys are the sender's business then: a schedule can be set where they are not.
     sendable(path, Renderer(settings))
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         if ledger.find(path.stem) is not None:
             raise ScheduleError(
                 f"{path.stem} has been sent already (`qant-mail status {path}`); "
                 "`qant-mail send FILE --new-subscribers` serves those who joined since"
             )
         return ledger.schedule(path.stem, path.resolve(), at)
-    finally:
-        ledger.close()
 
 
 def schedules(settings: Settings) -> list[Schedule]:
     """Return every scheduled send, the next due first."""
-    from qant_mail.ledger import Ledger
-
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         return ledger.schedules()
-    finally:
-        ledger.close()
 
 
 def cancel(settings: Settings, issue: str) -> None:
     """Cancel the scheduled send of `issue`."""
-    from qant_mail.ledger import Ledger
-
-    ledger = Ledger(settings.store_path)
-    try:
+    with _ledger(settings) as ledger:
         if not ledger.cancel(issue):
             found = ledger.scheduled(issue)
             state = f"it is {found.state}" if found else "it is not scheduled"
             raise ScheduleError(f"{issue} cannot be cancelled: {state}")
-    finally:
-        ledger.close()
 
 
 def run_due(
@@ -349,48 +331,50 @@ def run_due(
 ) -> list[DueOutcome] | None:
     """Send every scheduled issue whose time has come, each checked again first; None
     when another `run-due` is running (it will do them)."""
-    from qant_mail.ledger import Ledger
-    from qant_mail.send import send_to_list
-    from qant_mail.transport import SmtpTransport, TransportUnavailable
+    from qant_mail.transport import SmtpTransport
 
-    ledger = Ledger(settings.store_path)
-    outcomes: list[DueOutcome] = []
+    with _ledger(settings) as ledger, ledger.run_lock() as held:
+        if not held:
+            return None
+        return [
+            _run_one(ledger, due, settings, transport or SmtpTransport(settings), progress)
+            for due in ledger.take_due(now or dt.datetime.now(dt.UTC))
+        ]
+
+
+def _run_one(
+    ledger: Ledger,
+    due: Schedule,
+    settings: Settings,
+    transport: Transport,
+    progress: Progress | None,
+) -> DueOutcome:
+    """Check one scheduled issue again, send it, and write down how that went."""
+    from qant_mail.send import send_to_list
+    from qant_mail.transport import TransportUnavailable
+
     try:
-        with ledger.run_lock() as held:
-            if not held:
-                return None
-            for due in ledger.take_due(now or dt.datetime.now(dt.UTC)):
-                try:
-                    prepared = prepare_send(due.path, settings)
-                except QantError as err:  # its errors, a draft, no secret where it runs
-                    problems = err.problems if isinstance(err, IssueError) else []
-                    why = "\n".join([str(err), *map(str, problems)])
-                    message = (
-                        f"{due.issue} was not sent at its time: {why}\nfix it, then "
-                        f"`qant-mail schedule {due.path} --at …` again (or `qant-mail send`)"
-                    )
-                    outcomes.append(_settled(ledger, due, "failed", message, err.exit_code))
-                    continue
-                try:
-                    report = send_to_list(
-                        prepared, settings, transport or SmtpTransport(settings), progress=progress
-                    )
-                except TransportUnavailable as err:
-                    # The relay is down: the send stays due, and the next run tries again.
-                    message = f"{due.issue}: {err}; tried again at the next run"
-                    outcomes.append(_settled(ledger, due, "scheduled", message, err.exit_code))
-                    continue
-                except QantError as err:  # a missing secret, an issue changed mid-send…
-                    message = f"{due.issue} was not sent: {err}"
-                    outcomes.append(_settled(ledger, due, "failed", message, err.exit_code))
-                    continue
-                summary = f"{due.issue}: {report.summary()}"
-                if report.exit_code != ExitCode.OK:
-                    summary += "\n" + report.hints(due.path)
-                outcomes.append(_settled(ledger, due, "sent", summary, report.exit_code))
-    finally:
-        ledger.close()
-    return outcomes
+        prepared = prepare_send(due.path, settings)
+    except QantError as err:  # its errors, a draft, no secret where it runs
+        problems = err.problems if isinstance(err, IssueError) else []
+        why = "\n".join([str(err), *map(str, problems)])
+        message = (
+            f"{due.issue} was not sent at its time: {why}\nfix it, then "
+            f"`qant-mail schedule {due.path} --at …` again (or `qant-mail send`)"
+        )
+        return _settled(ledger, due, "failed", message, err.exit_code)
+    try:
+        report = send_to_list(prepared, settings, transport, progress=progress)
+    except TransportUnavailable as err:
+        # The relay is down: the send stays due, and the next run tries again.
+        message = f"{due.issue}: {err}; tried again at the next run"
+        return _settled(ledger, due, "scheduled", message, err.exit_code)
+    except QantError as err:  # an issue changed mid-send, a lock held by a manual send…
+        return _settled(ledger, due, "failed", f"{due.issue} was not sent: {err}", err.exit_code)
+    summary = f"{due.issue}: {report.summary()}"
+    if report.exit_code != ExitCode.OK:
+        summary += "\n" + report.hints(due.path)
+    return _settled(ledger, due, "sent", summary, report.exit_code)
 
 
 def _settled(ledger: Ledger, due: Schedule, state: str, message: str, code: ExitCode) -> DueOutcome:
