@@ -30,6 +30,14 @@ def test_invalid_environment_value_names_the_variable(project: Path) -> None:
     assert "QANT_NEWSLETTER_WORDS_PER_MINUTE (environment)" in str(caught.value)
 
 
+def test_an_unknown_time_zone_is_named(project: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(project / "qant.toml", env={"QANT_NEWSLETTER_TIMEZONE": "Mars/Olympus"})
+    message = str(caught.value)
+    assert "QANT_NEWSLETTER_TIMEZONE" in message
+    assert "'Mars/Olympus' is not a time zone" in message
+
+
 def test_missing_setting_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "qant.toml"
     path.write_text('[newsletter]\nname = "N"\n[sender]\nname = "N"\naddress = "a@b.fr"\n')
