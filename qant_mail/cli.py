@@ -484,7 +484,7 @@ def sends(
     import json
 
     from qant_mail import pipeline
-    from qant_mail.ledger import State
+    from qant_mail.ledger import State, left
 
     found = pipeline.history(_settings(ctx))
     if as_json:
@@ -498,7 +498,6 @@ def sends(
     rows = [header]
     for summary in found:
         send, counts = summary.send, summary.counts
-        left = counts[State.PENDING] + counts[State.DEFERRED] + counts[State.SENDING]
         finished = "running" if summary.running else _when(send.finished_at) or "-"
         rows.append(
             (
@@ -506,7 +505,9 @@ def sends(
                 _when(send.created_at),
                 finished,
                 *map(str, (summary.recipients, counts[State.SENT], counts[State.FAILED])),
-                *map(str, (counts[State.UNKNOWN], left, summary.bounced, summary.complaints)),
+                *map(
+                    str, (counts[State.UNKNOWN], left(counts), summary.bounced, summary.complaints)
+                ),
                 str(summary.unsubscribed),
             )
         )
@@ -543,7 +544,7 @@ def schedule(
         if not found:
             typer.echo("Nothing scheduled.")
         for item in found:
-            when = item.due_at.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
+            when = _local(item.due_at, zone)
             outcome = item.outcome.splitlines()[0] if item.outcome else ""
             typer.echo(f"{item.issue}  {when} ({zone})  {item.state}  {outcome}".rstrip())
         return
@@ -555,11 +556,16 @@ def schedule(
         return
     assert at is not None
     item = pipeline.schedule(file, settings, pipeline.parse_time(at, settings))
-    when = item.due_at.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
+    when = _local(item.due_at, zone)
     typer.echo(
         f"{item.issue} goes to the list at {when} ({zone}), checked again then; "
         "`qant-mail run-due` sends it (run it from cron or a systemd timer: see the README)"
     )
+
+
+def _local(moment: dt.datetime, zone: str) -> str:
+    """Return `moment` as the editors read it: in their time zone, to the minute."""
+    return moment.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("run-due")

@@ -31,6 +31,16 @@ class State(enum.StrEnum):
     SKIPPED = "skipped"  # the subscriber left the list after the send started
 
 
+# A row in one of these states is still to be sent (a `sending` one, by a run now, or
+# again after a run that stopped).
+LEFT = (State.PENDING, State.DEFERRED, State.SENDING)
+
+
+def left(counts: Mapping[State, int]) -> int:
+    """Return how many rows of a send are still to be sent, from its counts by state."""
+    return sum(counts.get(state, 0) for state in LEFT)
+
+
 class LedgerError(QantError):
     """A send that cannot start or go on (already running, changed issue)."""
 

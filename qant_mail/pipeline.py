@@ -203,7 +203,7 @@ class SendStatus:
 
 def status(settings: Settings, issue: str) -> SendStatus:
     """Return where the send of `issue` (its file's name) stands."""
-    from qant_mail.ledger import State
+    from qant_mail.ledger import State, left
 
     with _ledger(settings) as ledger:
         send = ledger.find(issue)
@@ -218,10 +218,9 @@ def status(settings: Settings, issue: str) -> SendStatus:
         found = SendStatus(issue, send, counts, rows, hard, soft, complaints, ledger.running(issue))
         if found.running:
             found.rate = ledger.recent_rate(send)
-            left = counts[State.PENDING] + counts[State.DEFERRED] + counts[State.SENDING]
             if found.rate > 0:
                 found.expected_finish = dt.datetime.now(dt.UTC) + dt.timedelta(
-                    seconds=left / found.rate
+                    seconds=left(counts) / found.rate
                 )
         return found
 

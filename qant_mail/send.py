@@ -22,7 +22,7 @@ from qant_mail import dkim, tokens
 from qant_mail.compose import ComposeError, Prepared, Recipient
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode, SendError
-from qant_mail.ledger import Delivery, Ledger, Send, State, copy_without_send
+from qant_mail.ledger import Delivery, Ledger, Send, State, copy_without_send, left
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
     Connection,
@@ -145,7 +145,7 @@ class SendReport:
         """Return what to do next after a run that did not settle everything."""
         totals = self.totals
         hints = []
-        waiting = sum(totals.get(s, 0) for s in (State.PENDING, State.DEFERRED, State.SENDING))
+        waiting = left(totals)
         if waiting:
             hints.append(f"{waiting} still to send: run `qant-mail send {file}` again to go on")
         if totals.get(State.FAILED):
@@ -203,7 +203,7 @@ def plan(
             active = Subscribers(ledger.db).count()[Status.ACTIVE]
             return Plan(subject, active, False, server, {}, signing)
         counts = ledger.counts(send)
-        todo = counts[State.PENDING] + counts[State.SENDING] + counts[State.DEFERRED]
+        todo = left(counts)
         joined = ledger.joined_since(send)
         todo += joined if new_subscribers else 0
         return Plan(subject, todo, True, server, counts, signing, joined)
