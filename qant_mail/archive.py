@@ -48,21 +48,34 @@ class ArchiveReport:
 
 
 def build_archive(settings: Settings, folder: Path) -> ArchiveReport:
-    """Write the archive of `settings.issues_dir` into `folder`, replacing it whole."""
-    renderer = Renderer(settings)
+    """Write the archive of `settings.issues_dir` into `folder`, replacing it whole: the
+    main newsletter's at its root, each other newsletter's in its own folder
+    (`archive_path`), each with its index and its feed."""
+    base = Renderer(settings)
     report = ArchiveReport(folder)
     folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    folders = {s.archive_path for s in (e.newsletter for e in settings.editions.values())}
     try:
+        published: dict[str, list[Entry]] = {key: [] for key in settings.editions}
         for path in sorted(settings.issues_dir.glob("*.yaml")):
-            entry = _publish(path, renderer, staging, report)
+            if path.stem in folders:
+                report.left_out.append((path, "its name is that of a newsletter's folder"))
+                continue
+            entry, key = _publish(path, base, staging, report)
             if entry is not None:
-                report.entries.append(entry)
-        report.entries.sort(key=lambda e: (e.date, e.key), reverse=True)
-        index = renderer.render_page(INDEX_TEMPLATE, entries=report.entries)
-        (staging / "index.html").write_text(index, encoding="utf-8")
-        (staging / "feed.xml").write_bytes(_feed(settings, report.entries))
+                published[key].append(entry)
+        for key, entries in published.items():
+            newsletter = settings.for_newsletter(key)
+            renderer = base.for_newsletter(key)
+            entries.sort(key=lambda e: (e.date, e.key), reverse=True)
+            home = staging / (newsletter.newsletter.archive_path or "")
+            home.mkdir(parents=True, exist_ok=True)
+            index = renderer.render_page(INDEX_TEMPLATE, entries=entries)
+            (home / "index.html").write_text(index, encoding="utf-8")
+            (home / "feed.xml").write_bytes(_feed(newsletter, entries))
+            report.entries += entries
         _swap(staging, folder)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -73,8 +86,12 @@ def build_archive(settings: Settings, folder: Path) -> ArchiveReport:
     return report
 
 
-def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveReport) -> Entry | None:
-    """Write one issue's page and images; None (and a reason) when it is left out."""
+def _publish(
+    path: Path, renderer: Renderer, staging: Path, report: ArchiveReport
+) -> tuple[Entry | None, str]:
+    """Write one issue's page and images in its newsletter's folder; return its entry
+    and newsletter, or None (and a reason) when it is left out."""
+    main = renderer.settings.main_id
     try:
         document = load(path)
     except IssueError as err:
@@ -82,16 +99,21 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
         first = err.problems[0].short()
         plural = "s; the first" if count > 1 else ""
         report.left_out.append((path, f"{count} problem{plural}: {first} (see `qant-mail check`)"))
-        return None
+        return None, main
     issue = document.issue
+    newsletter = issue.newsletter or main
+    if newsletter not in renderer.settings.editions:
+        report.left_out.append((path, f"no newsletter {newsletter!r} in the settings"))
+        return None, main
     if issue.draft:
         report.left_out.append((path, "a draft (draft: true)"))
-        return None
+        return None, newsletter
+    renderer = renderer.for_newsletter(newsletter)
     key = document.key
     rendered = renderer.render(issue, key=key, web=True)
-    target = staging / key
-    target.mkdir()
-    base_url = renderer.settings.newsletter.base_url
+    target = staging / (renderer.settings.newsletter.archive_path or "") / key
+    target.mkdir(parents=True)
+    base_url = renderer.settings.archive_url
     # The images readers get (resized), where hosted messages link them.
     for asset in rendered.assets:
         (target / "images").mkdir(exist_ok=True)
@@ -101,7 +123,7 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
     # The feed is read elsewhere: its images need absolute addresses.
     absolute = _page(rendered, lambda a: f"{base_url}/{key}/images/{quote(a.name)}")
     body = _BODY.search(absolute)
-    return Entry(
+    entry = Entry(
         key=key,
         date=issue.date,
         date_long=renderer.format_date(issue.date),
@@ -110,6 +132,7 @@ def _publish(path: Path, renderer: Renderer, staging: Path, report: ArchiveRepor
         url=f"{base_url}/{key}/",
         html=body.group(1) if body else absolute,
     )
+    return entry, newsletter
 
 
 def _page(rendered: RenderedIssue, asset_url: Callable[[Asset], str]) -> str:
@@ -128,7 +151,7 @@ def _plain(markdown: str) -> str:
 def _feed(settings: Settings, entries: list[Entry]) -> bytes:
     """Return the Atom feed (RFC 4287) of the entries, with their full content."""
     ET.register_namespace("", ATOM)
-    base = settings.newsletter.base_url
+    base = settings.archive_url
     feed = ET.Element(f"{{{ATOM}}}feed")
     _text(feed, "id", f"{base}/")
     _text(feed, "title", settings.newsletter.title)

@@ -846,6 +846,12 @@ app.add_typer(subscribers_app, name="subscribers")
 _TEST_DOMAINS = typer.Option(
     "--allow-test-domains", help="Accept the reserved .test domains (for trying things out)."
 )
+_NEWSLETTER = typer.Option(
+    "--newsletter",
+    "-n",
+    help="The newsletter's key, as in [newsletters.NAME] (default: the main one).",
+    show_default=False,
+)
 
 
 @subscribers_app.command("import")
@@ -856,9 +862,10 @@ def subscribers_import(
         str | None, typer.Option("--source", help="Where these people came from.")
     ] = None,
     test_domains: Annotated[bool, _TEST_DOMAINS] = False,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
 ) -> None:
     """Import subscribers from a CSV file; re-importing changes nothing."""
-    store = _store(ctx)
+    store = _store(ctx, newsletter)
     report = store.import_csv(file, source, test_domains=test_domains)
     typer.echo(
         f"added {report.added}, updated {report.renamed}, unchanged {report.unchanged}, "
@@ -883,9 +890,12 @@ def subscribers_add(
         typer.Option("--resubscribe", help="Re-activate an unsubscribed or removed address."),
     ] = False,
     test_domains: Annotated[bool, _TEST_DOMAINS] = False,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
 ) -> None:
     """Add one subscriber."""
-    subscriber = _store(ctx).add(address, name, resubscribe=resubscribe, test_domains=test_domains)
+    subscriber = _store(ctx, newsletter).add(
+        address, name, resubscribe=resubscribe, test_domains=test_domains
+    )
     typer.echo(f"{subscriber.email}: {subscriber.status}")
 
 
@@ -901,6 +911,7 @@ def subscribers_remove(
 @subscribers_app.command("unsubscribe")
 def subscribers_unsubscribe(
     ctx: typer.Context,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
     address: Annotated[
         str | None, typer.Argument(help="Email address (or --from-message).", show_default=False)
     ] = None,
@@ -916,11 +927,11 @@ def subscribers_unsubscribe(
 ) -> None:
     """Mark a subscriber unsubscribed (kept, so that no import re-activates them)."""
     if from_message:
-        _unsubscribe_from_message(ctx)
+        _unsubscribe_from_message(ctx, newsletter)
         return
     if not address:
         raise typer.BadParameter("give an ADDRESS, or --from-message")
-    subscriber = _store(ctx).unsubscribe(address, reason)
+    subscriber = _store(ctx, newsletter).unsubscribe(address, reason)
     typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
 
 
@@ -930,22 +941,25 @@ def subscribers_unsubscribe(
 EX_DATAERR, EX_TEMPFAIL = 65, 75
 
 
-def _unsubscribe_from_message(ctx: typer.Context) -> None:
-    """Unsubscribe the sender of the message on standard input, for a mail alias."""
+def _unsubscribe_from_message(ctx: typer.Context, newsletter: str | None) -> None:
+    """Unsubscribe the sender of the message on standard input, for a mail alias: from
+    the newsletter its subject names ("unsubscribe KEY", as the List-Unsubscribe mailto
+    of each newsletter but the main one writes it), else from `newsletter`."""
     import sys
 
     from qant_mail.errors import ConfigError
     from qant_mail.store import StoreError
-    from qant_mail.subscribers import MAX_MESSAGE, SubscriberError, sender_of
+    from qant_mail.subscribers import MAX_MESSAGE, SubscriberError, newsletter_asked, sender_of
 
     try:
         message = sys.stdin.buffer.read(MAX_MESSAGE + 1)
         address = sender_of(message)
+        newsletter = newsletter_asked(message) or newsletter
     except SubscriberError as err:
         _error(str(err))
         raise typer.Exit(EX_DATAERR) from err
     try:
-        store = _store(ctx)
+        store = _store(ctx, newsletter)
         subscriber = store.get(address)
         if subscriber is None:
             # Not a reader (or not any more): nothing to do, and nothing to bounce back.
@@ -961,6 +975,7 @@ def _unsubscribe_from_message(ctx: typer.Context) -> None:
 @subscribers_app.command("list")
 def subscribers_list(
     ctx: typer.Context,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
     status: Annotated[
         str | None, typer.Option("--status", help="Only this status (active, unsubscribed…).")
     ] = None,
@@ -969,7 +984,7 @@ def subscribers_list(
     """List subscribers: address, name, status, since when."""
     import json
 
-    for subscriber in _store(ctx).all(_status(status)):
+    for subscriber in _store(ctx, newsletter).all(_status(status)):
         if as_json:
             typer.echo(
                 json.dumps(
@@ -993,12 +1008,13 @@ def subscribers_list(
 @subscribers_app.command("count")
 def subscribers_count(
     ctx: typer.Context,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
     as_json: Annotated[bool, typer.Option("--json", help="As JSON, for scripts.")] = False,
 ) -> None:
     """Count subscribers by status."""
     import json
 
-    counts = _store(ctx).count()
+    counts = _store(ctx, newsletter).count()
     total = sum(counts.values())
     if as_json:
         typer.echo(json.dumps({**{s.value: n for s, n in counts.items()}, "total": total}))
@@ -1011,6 +1027,7 @@ def subscribers_count(
 @subscribers_app.command("export")
 def subscribers_export(
     ctx: typer.Context,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
     file: Annotated[
         Path | None, typer.Argument(help="CSV file to write (default: standard output).")
     ] = None,
@@ -1022,7 +1039,7 @@ def subscribers_export(
 
     from qant_mail.files import write_all
 
-    store = _store(ctx)
+    store = _store(ctx, newsletter)
     if file is None:
         store.export(sys.stdout, _status(status))
         return
@@ -1032,13 +1049,52 @@ def subscribers_export(
     typer.echo(f"wrote {written} subscribers to {_shown(file)}")
 
 
-def _store(ctx: typer.Context) -> Subscribers:
-    """Return the list, closed when the command ends, however it ends."""
+@subscribers_app.command("rename-newsletter")
+def subscribers_rename_newsletter(
+    ctx: typer.Context,
+    old: Annotated[str, typer.Argument(help="The key the store has now.")],
+    new: Annotated[str, typer.Argument(help="The newsletter's key in the settings.")],
+) -> None:
+    """Move a newsletter's subscriptions and sends to a new key, after changing its key
+    (or the main newsletter's `id`) in the settings."""
     from qant_mail.subscribers import Subscribers
 
+    store = ctx.with_resource(Subscribers.open(_settings(ctx).store_path))
+    moved = store.rename_newsletter(old, new)
+    typer.echo(f"{old} → {new}: {moved} subscriptions moved")
+
+
+@app.command("newsletters")
+def newsletters(ctx: typer.Context) -> None:
+    """List the newsletters of the settings with their active readers, and any key the
+    store has subscriptions to that the settings no longer name."""
+    from qant_mail.subscribers import Status, Subscribers
+
+    settings = _settings(ctx)
+    store = ctx.with_resource(Subscribers.open(settings.store_path))
+    in_store = store.newsletters()
+    for edition in settings.editions.values():
+        key = edition.newsletter.id
+        active = store.of(key).count()[Status.ACTIVE]
+        main = " (main)" if key == settings.main_id else ""
+        typer.echo(f"{key}{main}\t{edition.newsletter.name}\t{active} active")
+    for key in sorted(set(in_store) - set(settings.editions)):
+        _error(
+            f"the store has {in_store[key]} subscriptions to {key!r}, which the settings do "
+            f"not name: rename it with `qant-mail subscribers rename-newsletter {key} NEW`"
+        )
+
+
+def _store(ctx: typer.Context, newsletter: str | None = None) -> Subscribers:
+    """Return the list of `newsletter` (None: the main one), closed when the command
+    ends, however it ends."""
+    from qant_mail.subscribers import Subscribers
+
+    settings = _settings(ctx)
+    key = settings.for_newsletter(newsletter).newsletter.id  # refuses an unknown key
     # Closed, SQLite folds its journal back into the file; the command line leaves with
     # os._exit, which would not close it, and a copy of the file alone would miss rows.
-    return ctx.with_resource(Subscribers.open(_settings(ctx).store_path))
+    return ctx.with_resource(Subscribers.open(settings.store_path, key))
 
 
 def _status(value: str | None) -> Status | None:

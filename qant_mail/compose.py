@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from qant_mail import prose, tokens
 from qant_mail.addresses import check_display_name, is_plain_address
-from qant_mail.config import Settings
+from qant_mail.config import DEFAULT_NEWSLETTER, Settings
 from qant_mail.errors import QantError
 from qant_mail.render import DEFERRED_WRAP, PLACEHOLDER, RenderedIssue, Slot
 
@@ -71,6 +71,65 @@ class _Wrapped:
 Segment = bytes | _Slot | _Wrapped
 
 
+def reader_page_url(settings: Settings, secret: bytes, recipient: Recipient) -> str:
+    """Return the link to the recipient's page: the newsletters they get, one click each."""
+    token = tokens.make(secret, recipient.subscriber_id, recipient.address, purpose=tokens.READER)
+    return f"{settings.newsletter.base_url}/subscriptions/{token}"
+
+
+def notice(
+    settings: Settings,
+    recipient: Recipient,
+    subject: str,
+    html_part: str,
+    text_part: str,
+    *,
+    keys: Sequence[dkim.DkimKey] = (),
+) -> bytes:
+    """Return a one-off message to one reader (a signup's confirmation): From the
+    newsletter, HTML and text, DKIM-signed like the issues; no list headers, since it
+    is not a mailing to a list."""
+    alternative = _boundary("alt")
+    sender = settings.sender
+    domain = settings.sender_domain
+    headers: list[tuple[str, str]] = [
+        ("From", _address_header(sender.name, sender.address, "From")),
+        ("To", _address_header(check_display_name(recipient.name), recipient.address, "To")),
+        ("Subject", _header_text(subject, "Subject")),
+        ("Date", format_datetime(dt.datetime.now(dt.UTC).astimezone())),
+        ("Message-ID", f"<notice.{secrets.token_hex(12)}@{domain}>"),
+        ("MIME-Version", "1.0"),
+        # RFC 3834: no vacation replies to it.
+        ("Auto-Submitted", "auto-generated"),
+        ("Content-Type", f'multipart/alternative;\r\n boundary="{alternative}"'),
+    ]
+    if sender.reply_to:
+        headers.insert(1, ("Reply-To", sender.reply_to))
+    if not is_plain_address(recipient.address):
+        raise ComposeError(f"{recipient.address!r} cannot be put in a To header")
+    fields = [(name, f" {value}".encode("ascii")) for name, value in headers]
+    body = b"".join(
+        [
+            f"--{alternative}\r\n".encode(),
+            b'Content-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+            qp_encode(text_part.encode("utf-8"), soft_end=False),
+            f"\r\n--{alternative}\r\n".encode(),
+            b'Content-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+            qp_encode(html_part.encode("utf-8"), soft_end=False),
+            f"\r\n--{alternative}--\r\n".encode(),
+        ]
+    )
+    signatures = b""
+    if keys:
+        from qant_mail import dkim
+
+        body_hash = dkim.BodyHash.of([body]).digest([])
+        signatures = b"".join(dkim.Signer(key, fields, ()).sign([], body_hash) for key in keys)
+    return signatures + _render_headers(fields) + CRLF + body
+
+
 class MessageTemplate:
     """An issue's message with every part encoded once; `personalise` is cheap splicing."""
 
@@ -92,6 +151,10 @@ class MessageTemplate:
         self.issue_key = issue_key or rendered.issue.date.isoformat()
         self.domain = settings.sender_domain
         self.unsubscribe_base = f"{settings.newsletter.base_url}/unsubscribe/"
+        # The main newsletter's links name no newsletter: those mailed before there were
+        # several keep working.
+        key = settings.newsletter.id
+        self.newsletter_token = "" if key == settings.main_id else key
         # A test's Message-IDs are its own: a mail client that folds messages of one
         # Message-ID together must not hide the real issue behind an editor's test.
         self.test_nonce = secrets.token_hex(6) if test else ""
@@ -147,12 +210,15 @@ class MessageTemplate:
             Slot.NAME: recipient.name,
             Slot.EMAIL: recipient.address,
             Slot.UNSUBSCRIBE_URL: self.unsubscribe_url(recipient),
+            Slot.PREFERENCES_URL: reader_page_url(self.settings, self.secret, recipient),
             Slot.BROWSER_URL: self.rendered.web_url,
         }
 
     def unsubscribe_url(self, recipient: Recipient) -> str:
         """Return the recipient's one-click unsubscribe link."""
-        token = tokens.make(self.secret, recipient.subscriber_id, recipient.address)
+        token = tokens.make(
+            self.secret, recipient.subscriber_id, recipient.address, self.newsletter_token
+        )
         return self.unsubscribe_base + token
 
     def message_id(self, recipient: Recipient) -> str:
@@ -178,7 +244,10 @@ class MessageTemplate:
         # and the URL, which cannot be folded, starts a line of its own.
         unsubscribe = f"\r\n <{values[Slot.UNSUBSCRIBE_URL]}>"
         if self.settings.sender.unsubscribe_address:
-            mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject=unsubscribe"
+            subject = (
+                f"unsubscribe%20{self.newsletter_token}" if self.newsletter_token else "unsubscribe"
+            )
+            mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject={subject}"
             unsubscribe += f",\r\n <{mailto}>"
         return [
             ("Message-ID", f" {self.message_id(recipient)}".encode("ascii")),
@@ -190,7 +259,7 @@ class MessageTemplate:
 
     def _static_headers(self, subject: str, when: dt.datetime, boundary: str) -> list[HeaderField]:
         sender = self.settings.sender
-        list_label = f"{sender.address.partition('@')[0]}.{self.domain}"
+        list_label = self.settings.edition.list_id
         headers: list[tuple[str, str]] = [
             ("From", _address_header(sender.name, sender.address, "From")),
         ]
@@ -203,10 +272,15 @@ class MessageTemplate:
             ("List-Id", f"{_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>"),
             ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
             ("Precedence", "bulk"),
-            ("Feedback-ID", f"{self.issue_key}:newsletter:{self.domain}"),
+            ("Feedback-ID", f"{self.issue_key}:{self._campaign}:{self.domain}"),
             ("Content-Type", f'multipart/alternative;\r\n boundary="{boundary}"'),
         ]
         return [(name, f" {value}".encode("ascii")) for name, value in headers]
+
+    @property
+    def _campaign(self) -> str:
+        # Gmail's Feedback-ID: issue, then the newsletter, so complaints add up per title.
+        return self.newsletter_token or "newsletter"
 
     def _body(self, alternative: str) -> list[Segment]:
         rendered = self.rendered
@@ -393,6 +467,7 @@ class Prepared:
     template: MessageTemplate
     content_hash: str
     warnings: list[str]
+    newsletter: str = DEFAULT_NEWSLETTER  # the key of the newsletter it is an issue of
 
 
 def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:

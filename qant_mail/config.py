@@ -7,7 +7,8 @@ import re
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -75,9 +76,17 @@ Colour = Annotated[str, AfterValidator(_colour)]
 Text = Annotated[str, Field(min_length=1)]
 
 
+# A newsletter's key: in issues (`newsletter:`), links, List-Id and the archive's paths.
+NEWSLETTER_ID = r"^[a-z0-9][a-z0-9-]{0,31}$"
+DEFAULT_NEWSLETTER = "default"
+
+
 class Newsletter(Strict):
     """Who the newsletter is and how it speaks to readers."""
 
+    # The key subscriptions and sends are stored under. Only the main newsletter
+    # ([newsletter]) sets it; each [newsletters.NAME] is keyed by its NAME.
+    id: Annotated[str, Field(pattern=NEWSLETTER_ID)] = DEFAULT_NEWSLETTER
     name: Text
     title: Text
     tagline: str = ""
@@ -93,6 +102,19 @@ class Newsletter(Strict):
     postal_address: str = ""
     # Where the editors are: `schedule --at` times are read, and shown, in it.
     timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    # One sentence on the signup form and the reader's page: what it is, how often.
+    description: str = ""
+    # Offered on the public signup forms and the reader's page.
+    public: bool = True
+    # The issue file (YAML, relative to the settings) a reader gets once confirmed.
+    welcome: str = ""
+    # The label of the List-Id header (RFC 2919): mail clients file and filter by it.
+    # Default: the sender's local part and domain, the newsletter's key before them
+    # for every newsletter but the main one.
+    list_id: str = ""
+    # Where its archive lives under base_url: "" for the main newsletter, its key
+    # for the others.
+    archive_path: Annotated[str, Field(pattern=r"^([a-z0-9][a-z0-9-]*)?$")] | None = None
 
 
 class Sender(Strict):
@@ -160,6 +182,31 @@ class Labels(Strict):
     unsubscribe_button: Text
     unsubscribed: Text
     unsubscribe_invalid: Text
+    preferences: Text
+    subscribe: Text
+    subscribe_intro: Text
+    subscribe_email: Text
+    subscribe_name: Text
+    subscribe_choose: Text
+    subscribe_sent: Text
+    subscribe_invalid_email: Text
+    subscribe_no_choice: Text
+    confirm_subject: Text
+    confirm_text: Text
+    confirm_button: Text
+    confirm_ignore: Text
+    confirm_question: Text
+    confirmed: Text
+    confirm_invalid: Text
+    reader_title: Text
+    reader_intro: Text
+    reader_subscribed: Text
+    reader_not_subscribed: Text
+    reader_stopped: Text
+    reader_leave: Text
+    reader_join: Text
+    reader_saved: Text
+    reader_invalid: Text
 
 
 # Labels of an earlier version, and what replaced them.
@@ -275,13 +322,32 @@ class Dkim(Strict):
     required: bool = True
 
 
+class Signup(Strict):
+    """The public signup form: double opt-in, and its limits against abuse."""
+
+    # How long a confirmation link works.
+    confirm_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 48
+    # Confirmation mails one address may receive in a day, however often it is entered.
+    per_address_per_day: Annotated[int, Field(ge=1, le=100)] = 3
+    # Signup requests one client (IP address) may make in an hour.
+    per_client_per_hour: Annotated[int, Field(ge=1, le=10_000)] = 10
+    # Behind a reverse proxy, the client is the last address of X-Forwarded-For, which
+    # only a proxy you run may be trusted to write.
+    trust_proxy: bool = False
+
+
 class SettingsFile(Strict):
     """The schema of `qant.toml`."""
 
     newsletter: Newsletter
+    # More newsletters of the same house: each [newsletters.NAME] table takes the keys
+    # of [newsletter] (and [newsletters.NAME.sender], .labels, .colours), inheriting
+    # what it does not set from the main newsletter. Validated in `_editions`.
+    newsletters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sender: Sender
     colours: Colours = Colours()
     labels: Labels
+    signup: Signup = Signup()
     paths: Paths = Paths()
     preview: Preview = Preview()
     lint: Lint = Lint()
@@ -293,9 +359,46 @@ class SettingsFile(Strict):
     dkim: Dkim = Dkim()
 
 
+class _Edition(Strict):
+    """One newsletter's own settings, as validated."""
+
+    newsletter: Newsletter
+    sender: Sender
+    labels: Labels
+    colours: Colours
+
+
+@dataclass(frozen=True)
+class Edition:
+    """What differs from one newsletter of the installation to another."""
+
+    newsletter: Newsletter
+    sender: Sender
+    labels: Labels
+    colours: Colours
+
+    @property
+    def archive_url(self) -> str:
+        """Return the address of the newsletter's archive (its issues' pages, its feed)."""
+        path = self.newsletter.archive_path
+        return f"{self.newsletter.base_url}/{path}" if path else self.newsletter.base_url
+
+    @property
+    def list_id(self) -> str:
+        """Return the label of its List-Id header."""
+        if self.newsletter.list_id:
+            return self.newsletter.list_id
+        local, _, domain = self.sender.address.partition("@")
+        if self.newsletter.id == DEFAULT_NEWSLETTER:
+            return f"{local}.{domain}"
+        return f"{self.newsletter.id}.{local}.{domain}"
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings, with the folder they are relative to."""
+    """Validated settings, with the folder they are relative to: those of one newsletter
+    of the installation (`newsletter`, `sender`, `labels`, `colours`), the main one unless
+    `for_newsletter` chose another, and what all of them share."""
 
     path: Path
     newsletter: Newsletter
@@ -311,6 +414,45 @@ class Settings:
     bounces: Bounces
     store: Store
     dkim: Dkim
+    signup: Signup = dc_field(default_factory=Signup)
+    # Every newsletter of the installation by key, the main one first.
+    editions: Mapping[str, Edition] = dc_field(default_factory=dict, compare=False)
+
+    @property
+    def main_id(self) -> str:
+        """Return the key of the main newsletter: the one issues belong to by default."""
+        return next(iter(self.editions), self.newsletter.id)
+
+    @property
+    def edition(self) -> Edition:
+        """Return this newsletter's own settings."""
+        return Edition(self.newsletter, self.sender, self.labels, self.colours)
+
+    def for_newsletter(self, key: str | None) -> Settings:
+        """Return the settings seen by newsletter `key` (None: the main one)."""
+        key = key or self.main_id
+        if key == self.newsletter.id:
+            return self
+        edition = self.editions.get(key)
+        if edition is None:
+            known = ", ".join(self.editions) or self.newsletter.id
+            raise ConfigError(f"{self.path}: no newsletter {key!r} (known: {known})")
+        return replace(
+            self,
+            newsletter=edition.newsletter,
+            sender=edition.sender,
+            labels=edition.labels,
+            colours=edition.colours,
+        )
+
+    def all_newsletters(self) -> list[Settings]:
+        """Return the settings of each newsletter, the main one first."""
+        return [self.for_newsletter(key) for key in self.editions or [self.newsletter.id]]
+
+    @property
+    def archive_url(self) -> str:
+        """Return the address of this newsletter's archive."""
+        return self.edition.archive_url
 
     @property
     def root(self) -> Path:
@@ -373,6 +515,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     _apply_env(raw, env, sources)
     locale = raw.get("newsletter", {}).get("locale", "fr") if isinstance(raw, dict) else "fr"
     labels = raw.get("labels", {})
+    own_labels = dict(labels) if isinstance(labels, dict) else {}
     if isinstance(labels, dict):
         _refuse_retired_labels(path, labels)
         raw["labels"] = {**_builtin_labels(locale), **labels}
@@ -389,9 +532,11 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         warning, error = f"{what}_warning_bytes", f"{what}_error_bytes"
         if getattr(data.lint, warning) > getattr(data.lint, error):
             raise ConfigError(f"{path}: lint.{warning} is above lint.{error}")
+    editions = _editions(path, raw, data, own_labels)
+    main = editions[data.newsletter.id]
     return Settings(
         path=path.resolve(),
-        newsletter=data.newsletter,
+        newsletter=main.newsletter,
         sender=data.sender,
         colours=data.colours,
         labels=data.labels,
@@ -404,7 +549,66 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         bounces=data.bounces,
         store=data.store,
         dkim=data.dkim,
+        signup=data.signup,
+        editions=editions,
     )
+
+
+# What each newsletter sets for itself, never inherited from the main one.
+_OWN_KEYS = ("description", "welcome", "list_id", "archive_path")
+_SUBTABLES = ("sender", "labels", "colours")
+
+
+def _editions(
+    path: Path, raw: dict[str, Any], data: SettingsFile, base_labels: dict[str, Any]
+) -> dict[str, Edition]:
+    """Return every newsletter's own settings: the main one, then each [newsletters.NAME]
+    with what it does not set taken from the main one."""
+    main_newsletter = data.newsletter
+    if main_newsletter.archive_path is None:
+        main_newsletter = main_newsletter.model_copy(update={"archive_path": ""})
+    editions = {
+        main_newsletter.id: Edition(main_newsletter, data.sender, data.labels, data.colours)
+    }
+    base = {k: v for k, v in raw.get("newsletter", {}).items() if k not in (*_OWN_KEYS, "id")}
+    problems: list[str] = []
+    for key, table in data.newsletters.items():
+        where = f"{path}: newsletters.{key}"
+        if not re.fullmatch(NEWSLETTER_ID, key):
+            problems.append(f"{where}: a newsletter's key is lower-case letters, digits and -")
+            continue
+        if key in editions:
+            problems.append(f"{where}: the key {key!r} is the main newsletter's already")
+            continue
+        own = {k: v for k, v in table.items() if k not in _SUBTABLES}
+        if "id" in own:
+            problems.append(f"{where}.id: the key of the table is the newsletter's id")
+            continue
+        merged = {**base, **own, "id": key}
+        merged.setdefault("archive_path", key)
+        locale = merged.get("locale", "fr")
+        labels = dict(_builtin_labels(locale))
+        if locale == data.newsletter.locale:
+            # The main newsletter's wording, unless this one speaks another language.
+            labels.update(base_labels)
+        candidate = {
+            "newsletter": merged,
+            "sender": {**data.sender.model_dump(exclude_none=True), **table.get("sender", {})},
+            "labels": {**labels, **table.get("labels", {})},
+            "colours": {**data.colours.model_dump(), **table.get("colours", {})},
+        }
+        try:
+            edition = _Edition.model_validate(candidate)
+        except ValidationError as err:
+            for problem in readable_errors(err, _Edition):
+                loc = list(map(str, problem.loc))
+                dotted = ".".join(loc[1:] if loc[:1] == ["newsletter"] else loc)
+                problems.append(f"{where}.{dotted}: {problem.message}")
+            continue
+        editions[key] = Edition(edition.newsletter, edition.sender, edition.labels, edition.colours)
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+    return editions
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -421,16 +625,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
 
 
-def _refuse_secrets(path: Path, raw: dict[str, Any]) -> None:
+def _refuse_secrets(path: Path, raw: dict[str, Any], prefix: str = "") -> None:
     for section, values in raw.items():
         if not isinstance(values, dict):
             continue
-        for key in values:
+        for key, value in values.items():
             if key.lower() in SECRETS:
                 raise ConfigError(
-                    f"{path}: {section}.{key}: secrets do not belong in the settings file; "
-                    f"set {SECRETS[key.lower()]} in the environment instead"
+                    f"{path}: {prefix}{section}.{key}: secrets do not belong in the settings "
+                    f"file; set {SECRETS[key.lower()]} in the environment instead"
                 )
+            if isinstance(value, dict):  # [newsletters.NAME.sender] and the like
+                _refuse_secrets(path, {key: value}, f"{prefix}{section}.")
 
 
 def _refuse_retired_labels(path: Path, labels: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qant_mail.config import DEFAULT_NEWSLETTER
 from qant_mail.errors import QantError
 from qant_mail.store import now_text, open_store, transaction
 from qant_mail.subscribers import Status, Subscribers
@@ -55,6 +56,10 @@ class Send:
     subject: str
     created_at: str
     finished_at: str | None
+    newsletter: str = DEFAULT_NEWSLETTER
+
+
+_SEND = "id, issue, content_hash, subject, created_at, finished_at, newsletter"
 
 
 @dataclass(frozen=True)
@@ -137,13 +142,19 @@ class SendSummary:
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
 # The active subscribers a send has no row for (the UNIQUE (send_id, email) index finds
 # each one): those who joined, or came back, after it was planned.
+# Parameters: the newsletter, the send.
 _JOINED = (
-    "FROM subscribers s WHERE s.status = 'active' AND NOT EXISTS"
+    "FROM subscriptions b JOIN subscribers s ON s.id = b.subscriber_id"
+    " WHERE b.newsletter = ? AND b.status = 'active' AND s.status = 'active' AND NOT EXISTS"
     " (SELECT 1 FROM deliveries d WHERE d.send_id = ? AND d.email = s.email)"
 )
+# Each row with its reader's status for the send's newsletter, now (parameters: the
+# newsletter, the send): someone who left since the plan is skipped.
 _CLAIM = (
     "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts, d.last_reply,"
-    " s.status FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+    " CASE WHEN s.status != 'active' THEN s.status ELSE b.status END"
+    " FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+    " LEFT JOIN subscriptions b ON b.subscriber_id = d.subscriber_id AND b.newsletter = ?"
     " WHERE d.send_id = ?"
 )
 
@@ -184,31 +195,31 @@ class Ledger:
 
     def find(self, issue: str) -> Send | None:
         """Return the send of `issue`, if one was planned."""
-        row = self.db.execute(
-            "SELECT id, issue, content_hash, subject, created_at, finished_at FROM sends"
-            " WHERE issue = ?",
-            (issue,),
-        ).fetchone()
+        row = self.db.execute(f"SELECT {_SEND} FROM sends WHERE issue = ?", (issue,)).fetchone()
         return Send(*row) if row else None
 
-    def plan(self, issue: str, content_hash: str, subject: str) -> Send:
-        """Freeze the recipients of `issue`: every active subscriber, once, in list order."""
+    def plan(
+        self, issue: str, content_hash: str, subject: str, newsletter: str = DEFAULT_NEWSLETTER
+    ) -> Send:
+        """Freeze the recipients of `issue`: every active subscriber of its newsletter,
+        once, in list order."""
         try:
             with transaction(self.db) as db:
                 now = now_text()
                 cursor = db.execute(
-                    "INSERT INTO sends (issue, content_hash, subject, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (issue, content_hash, subject, now),
+                    "INSERT INTO sends (issue, content_hash, subject, created_at, newsletter)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (issue, content_hash, subject, now, newsletter),
                 )
                 send_id = cursor.lastrowid
                 # The UNIQUE (email) of subscribers already makes addresses distinct.
                 db.execute(
                     "INSERT INTO deliveries"
                     " (send_id, position, subscriber_id, email, name, updated_at)"
-                    " SELECT ?, row_number() OVER (ORDER BY id), id, email, name, ?"
-                    " FROM subscribers WHERE status = 'active'",
-                    (send_id, now),
+                    " SELECT ?, row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, ?"
+                    " FROM subscriptions b JOIN subscribers s ON s.id = b.subscriber_id"
+                    " WHERE b.newsletter = ? AND b.status = 'active' AND s.status = 'active'",
+                    (send_id, now, newsletter),
                 )
         except sqlite3.IntegrityError as err:
             raise LedgerError(f"{issue} was planned by another process meanwhile") from err
@@ -219,7 +230,9 @@ class Ledger:
     def joined_since(self, send: Send) -> int:
         """Return how many active subscribers the send has no row for: they joined (or
         came back) after it was planned."""
-        (number,) = self.db.execute(f"SELECT count(*) {_JOINED}", (send.id,)).fetchone()
+        (number,) = self.db.execute(
+            f"SELECT count(*) {_JOINED}", (send.newsletter, send.id)
+        ).fetchone()
         return int(number)
 
     def add_joined(self, send: Send) -> int:
@@ -233,7 +246,7 @@ class Ledger:
                 "INSERT INTO deliveries (send_id, position, subscriber_id, email, name, updated_at)"
                 f" SELECT ?, ? + row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, ?"
                 f" {_JOINED}",
-                (send.id, last, now_text(), send.id),
+                (send.id, last, now_text(), send.newsletter, send.id),
             ).rowcount
             if added:
                 db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
@@ -260,12 +273,12 @@ class Ledger:
             rows = db.execute(
                 _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= ?"
                 " ORDER BY d.next_attempt_at LIMIT ?",
-                (send.id, now, limit),
+                (send.newsletter, send.id, now, limit),
             ).fetchall()
             if len(rows) < limit:
                 rows += db.execute(
                     _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?",
-                    (send.id, limit - len(rows)),
+                    (send.newsletter, send.id, limit - len(rows)),
                 ).fetchall()
             stamp = now_text()
             claimed: list[Delivery] = []
@@ -276,7 +289,8 @@ class Ledger:
                         Delivery(position, sub_id, email, name, State.SENDING, attempts, reply)
                     )
                 else:
-                    why = f"not sent: the subscriber is {status or 'no longer on the list'}"
+                    gone = "not subscribed" if sub_id is not None else "no longer on the list"
+                    why = f"not sent: the subscriber is {status or gone}"
                     skipped.append((why, send.id, position))
             db.executemany(
                 "UPDATE deliveries SET state = 'sending', updated_at = ?"
@@ -426,10 +440,7 @@ class Ledger:
         db = self.db
         sends = [
             Send(*row)
-            for row in db.execute(
-                "SELECT id, issue, content_hash, subject, created_at, finished_at FROM sends"
-                " ORDER BY created_at DESC, id DESC"
-            )
+            for row in db.execute(f"SELECT {_SEND} FROM sends ORDER BY created_at DESC, id DESC")
         ]
         counts: dict[int, dict[State, int]] = {s.id: dict.fromkeys(State, 0) for s in sends}
         for send_id, state, number in db.execute(
@@ -445,10 +456,10 @@ class Ledger:
         }
         unsubscribed = dict(
             db.execute(
-                "SELECT d.send_id, count(*) FROM deliveries d"
-                " JOIN sends x ON x.id = d.send_id JOIN subscribers s ON s.id = d.subscriber_id"
-                " WHERE s.status = 'unsubscribed' AND s.status_changed_at >= x.created_at"
-                " GROUP BY d.send_id"
+                "SELECT d.send_id, count(*) FROM deliveries d JOIN sends x ON x.id = d.send_id"
+                " JOIN subscriptions b ON b.subscriber_id = d.subscriber_id"
+                " AND b.newsletter = x.newsletter WHERE b.status = 'unsubscribed'"
+                " AND b.status_changed_at >= x.created_at GROUP BY d.send_id"
             ).fetchall()
         )
         return [

@@ -25,6 +25,7 @@ SAMPLE_VALUES = {
     Slot.NAME: "Dominique Exemple-Durand",
     Slot.EMAIL: "dominique.exemple-durand@example.com",
     Slot.UNSUBSCRIBE_URL: "https://newsletter.example.com/unsubscribe/AAAAAQ.0123456789abcdefghijkl",
+    Slot.PREFERENCES_URL: "https://newsletter.example.com/subscriptions/AAAAAQ.0123456789abcdefghijkl",
     Slot.BROWSER_URL: "https://newsletter.example.com/2023-11-20/",
 }
 

@@ -543,6 +543,9 @@ class Issue(Strict):
 
     date: dt.date
     """The day of the issue, YYYY-MM-DD (default: the file's name)."""
+    newsletter: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")] | None = None
+    """Which newsletter it is an issue of: the NAME of its `[newsletters.NAME]` settings
+    (absent: the main newsletter)."""
     subject: Text
     """The subject line."""
     preheader: OptionalText = ""

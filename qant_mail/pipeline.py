@@ -60,6 +60,7 @@ class CheckReport:
     problems: list[Problem]
     document: Document | None = None
     rendered: RenderedIssue | None = None
+    settings: Settings | None = None  # those of the issue's newsletter
 
     @property
     def errors(self) -> list[Problem]:
@@ -73,20 +74,33 @@ class CheckReport:
 
 
 def check(path: Path, renderer: Renderer) -> CheckReport:
-    """Validate the issue at `path`, render it and lint the email: every problem at once."""
+    """Validate the issue at `path`, render it (with the settings of the newsletter it
+    belongs to) and lint the email: every problem at once."""
     try:
         document = load(path)
     except IssueError as err:
         return CheckReport(path, err.problems)
+    wanted = document.issue.newsletter
+    if wanted is not None and wanted not in renderer.settings.editions:
+        known = ", ".join(renderer.settings.editions)
+        problem = document.problem(
+            ("newsletter",),
+            f"no newsletter {wanted!r} in the settings (known: {known})",
+            Severity.ERROR,
+        )
+        return CheckReport(path, [problem], document)
+    if wanted is not None:  # else the renderer given: the main newsletter's, or a welcome's
+        renderer = renderer.for_newsletter(wanted)
     rendered = renderer.render(document.issue, key=document.key)
     problems = lint(document, rendered, renderer.settings)
-    return CheckReport(path, problems, document, rendered)
+    return CheckReport(path, problems, document, rendered, renderer.settings)
 
 
 def render_sample(path: Path, settings: Settings, out_dir: Path) -> list[Path]:
     """Render the issue at `path` for the sample reader: write NAME.html, .txt and .eml,
     all of them or none."""
     document = load(path)
+    settings = settings.for_newsletter(document.issue.newsletter)
     rendered = Renderer(settings).render(document.issue, key=document.key)
     template = MessageTemplate(
         rendered, settings, secret=tokens.secret_or_sample(), issue_key=document.key
@@ -137,6 +151,8 @@ def prepare_send(
     report = sendable(path, renderer or Renderer(settings), test=test)
     assert report.document is not None
     assert report.rendered is not None
+    assert report.settings is not None
+    settings = report.settings
     key = report.document.key
     rendered = report.rendered
     template = MessageTemplate(
@@ -153,10 +169,12 @@ def prepare_send(
     warnings = [str(p) for p in report.warnings]
     if settings.images.mode == "host" and rendered.assets:
         warnings.append(
-            f"the pictures are linked from {settings.newsletter.base_url}/{key}/images/: "
+            f"the pictures are linked from {settings.archive_url}/{key}/images/: "
             "publish the archive (`qant-mail archive`) before readers open the issue"
         )
-    return Prepared(key, rendered, template, digest.hexdigest()[:16], warnings)
+    return Prepared(
+        key, rendered, template, digest.hexdigest()[:16], warnings, settings.newsletter.id
+    )
 
 
 @dataclass

@@ -143,6 +143,7 @@ class Preview:
             Slot.NAME: sample.sample_name,
             Slot.EMAIL: sample.sample_email,
             Slot.UNSUBSCRIBE_URL: f"{renderer.settings.newsletter.base_url}/unsubscribe/exemple",
+            Slot.PREFERENCES_URL: f"{renderer.settings.newsletter.base_url}/subscriptions/exemple",
             Slot.BROWSER_URL: rendered.web_url,
         }
         html, text = rendered.fill(values, asset_url=self._asset_url)

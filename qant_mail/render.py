@@ -22,6 +22,7 @@ import jinja2
 import mjml
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date
+from babel.lists import format_list
 from babel.numbers import format_decimal
 from markupsafe import Markup, escape
 
@@ -44,6 +45,7 @@ class Slot(enum.StrEnum):
     NAME = "name"
     EMAIL = "email"
     UNSUBSCRIBE_URL = "unsubscribe_url"
+    PREFERENCES_URL = "preferences_url"  # the reader's page: which newsletters they get
     BROWSER_URL = "browser_url"
 
     @property
@@ -175,6 +177,18 @@ class Renderer:
         # CSS rules stay in <style> as well as being inlined: @media (the phone layout)
         # and prefers-color-scheme (dark mode) only work from there. Nothing is fetched.
         self.inliner = css_inline.CSSInliner(keep_style_tags=True, load_remote_stylesheets=False)
+        self._siblings: dict[str, Renderer] = {settings.newsletter.id: self}
+
+    def for_newsletter(self, key: str | None) -> Renderer:
+        """Return the renderer of newsletter `key` of the same installation (None: the
+        main one); made once, and kept."""
+        key = key or self.settings.main_id
+        sibling = self._siblings.get(key)
+        if sibling is None:
+            sibling = Renderer(self.settings.for_newsletter(key))
+            sibling._siblings = self._siblings
+            self._siblings[key] = sibling
+        return sibling
 
     def render(self, issue: Issue, *, key: str | None = None, web: bool = False) -> RenderedIssue:
         """Render `issue` to HTML and text, with per-recipient placeholders; `key` names
@@ -217,6 +231,34 @@ class Renderer:
         """Return `day` written out in the newsletter's language ("lundi 20 novembre 2023")."""
         return format_date(day, format="full", locale=self.locale)
 
+    def format_number(self, number: float) -> str:
+        """Return `number` written in the newsletter's language."""
+        return str(format_decimal(number, locale=self.locale))
+
+    def format_list(self, items: list[str]) -> str:
+        """Return `items` as the language lists them ("A, B et C")."""
+        return str(format_list(items, locale=self.locale))
+
+    def render_notice(self, name: str, **context: Any) -> tuple[str, str]:
+        """Render a one-off email (a signup's confirmation) from `NAME.mjml.j2` and
+        `NAME.txt.j2` with the newsletter's look: HTML (MJML, CSS inlined) and text."""
+        settings = self.settings
+        values = {
+            "archive_url": settings.archive_url,
+            "newsletter": settings.newsletter,
+            "colours": settings.colours,
+            "labels": settings.labels,
+            "lang": self.locale.language,
+            **context,
+        }
+        source = self._render_template(f"{name}.mjml.j2", values)
+        try:
+            html = self.inliner.inline(mjml.mjml2html(source, disable_comments=True))
+        except (ValueError, css_inline.InlineError) as err:
+            raise TemplateError(f"{self._path(name + '.mjml.j2')}: {err}") from err
+        text = _tidy_text(self._render_template(f"{name}.txt.j2", values))
+        return html, text
+
     def render_string(self, name: str, **context: Any) -> str:
         """Render another template of the folder (the skeleton of a new issue, say)."""
         return self._render_template(name, context)
@@ -225,6 +267,7 @@ class Renderer:
         """Render a public page (archive, unsubscribe) with the newsletter's look."""
         settings = self.settings
         base = {
+            "archive_url": settings.archive_url,
             "newsletter": settings.newsletter,
             "colours": settings.colours,
             "labels": settings.labels,
@@ -296,7 +339,7 @@ class Renderer:
         words = _count_words(issue)
         # Rounded to the nearest minute, as the reference issue announced its "7 mn".
         minutes = max(1, math.floor(words / newsletter.words_per_minute + 0.5))
-        web_url = f"{newsletter.base_url}/{key}/"
+        web_url = f"{settings.archive_url}/{key}/"
         labels = settings.labels
         return {
             "issue": issue,
@@ -316,6 +359,7 @@ class Renderer:
                 minutes=format_decimal(minutes, locale=self.locale)
             ),
             "web_url": web_url,
+            "archive_url": settings.archive_url,
             "recipient": {slot.value: slot.token for slot in Slot},
             "logo": self._logo("logo", assets),
             "logo_dark": self._logo("logo_dark", assets),
@@ -376,7 +420,7 @@ class _Assets:
         content_id = f"{hashlib.sha256(name.encode() + digest).hexdigest()[:16]}"
         content_id += f"{ready.suffix.lower()}@{settings.sender_domain}"
         if self.renderer.hosted:
-            url = f"{settings.newsletter.base_url}/{self.key}/images/{quote(name)}"
+            url = f"{settings.archive_url}/{self.key}/images/{quote(name)}"
         else:
             url = f"cid:{content_id}"
         asset = Asset(path, ready, name, content_id, info.mime_type, url)

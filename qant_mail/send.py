@@ -200,7 +200,7 @@ def plan(
         send = ledger.find(prepared.issue_key)
         subject, server = prepared.rendered.subject, transport.description
         if send is None:
-            active = Subscribers(ledger.db).count()[Status.ACTIVE]
+            active = Subscribers(ledger.db, prepared.newsletter).count()[Status.ACTIVE]
             return Plan(subject, active, False, server, {}, signing)
         counts = ledger.counts(send)
         todo = left(counts)
@@ -232,7 +232,16 @@ def send_to_list(
             send = ledger.find(prepared.issue_key)
             if send is None:
                 send = ledger.plan(
-                    prepared.issue_key, prepared.content_hash, prepared.rendered.subject
+                    prepared.issue_key,
+                    prepared.content_hash,
+                    prepared.rendered.subject,
+                    prepared.newsletter,
+                )
+            elif send.newsletter != prepared.newsletter:
+                raise SendError(
+                    f"{prepared.issue_key} was sent as an issue of {send.newsletter}, and this "
+                    f"one is of {prepared.newsletter}: issue files of the newsletters need "
+                    "names of their own (rename this file)"
                 )
             elif send.content_hash != prepared.content_hash and not accept_changes:
                 raise SendError(

@@ -103,6 +103,54 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     );
     CREATE INDEX schedules_due ON schedules (state, due_at);
     """,
+    # 6: several newsletters. A reader (subscribers) has a subscription to each newsletter
+    # they get; leaving one is the subscription's status, while a bounce or a complaint
+    # stays the reader's. What was "the" list becomes the main newsletter's, keyed
+    # 'default'. Signup requests wait for their confirmation in `signups`; the attempts
+    # are counted for the rate limits.
+    """
+    CREATE TABLE subscriptions (
+        subscriber_id INTEGER NOT NULL REFERENCES subscribers (id) ON DELETE CASCADE,
+        newsletter TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'unsubscribed')),
+        status_changed_at TEXT NOT NULL,
+        status_reason TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT '',
+        consent_at TEXT,
+        consent_form TEXT NOT NULL DEFAULT '',
+        confirmed_at TEXT,
+        PRIMARY KEY (newsletter, subscriber_id)
+    );
+    CREATE INDEX subscriptions_reader ON subscriptions (subscriber_id);
+    INSERT INTO subscriptions (subscriber_id, newsletter, status, status_changed_at,
+        status_reason, created_at, source)
+    SELECT id, 'default', CASE status WHEN 'unsubscribed' THEN 'unsubscribed' ELSE 'active' END,
+        CASE status WHEN 'unsubscribed' THEN status_changed_at ELSE created_at END,
+        CASE status WHEN 'unsubscribed' THEN status_reason ELSE '' END, created_at, source
+    FROM subscribers;
+    UPDATE subscribers SET status = 'active', status_reason = '' WHERE status = 'unsubscribed';
+    ALTER TABLE sends ADD COLUMN newsletter TEXT NOT NULL DEFAULT 'default';
+    CREATE TABLE signups (
+        id INTEGER PRIMARY KEY,
+        email TEXT NOT NULL COLLATE NOCASE,
+        name TEXT NOT NULL DEFAULT '',
+        newsletters TEXT NOT NULL,
+        form TEXT NOT NULL,
+        requested_at TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        confirmed_at TEXT
+    );
+    CREATE INDEX signups_expiry ON signups (expires_at);
+    CREATE TABLE signup_attempts (
+        at REAL NOT NULL,
+        client TEXT NOT NULL,
+        email_hash TEXT NOT NULL,
+        mailed INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX signup_attempts_client ON signup_attempts (client, at);
+    CREATE INDEX signup_attempts_email ON signup_attempts (email_hash, at);
+    """,
 ]
 
 

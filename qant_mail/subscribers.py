@@ -1,4 +1,9 @@
-"""The subscriber list (SQLite): statuses, suppressions, CSV import and export."""
+"""The subscriber list (SQLite): readers, their subscriptions to each newsletter,
+statuses, suppressions, CSV import and export.
+
+A reader is one row of `subscribers` whatever they read; `subscriptions` says which
+newsletters they get. Leaving a newsletter is a subscription's status; a hard bounce or
+a complaint is the reader's, and stops every newsletter at once."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import enum
 import hashlib
 import io
 import itertools
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from qant_mail.addresses import AddressChecker, AddressError, check_display_name
+from qant_mail.config import DEFAULT_NEWSLETTER
 from qant_mail.errors import QantError
 from qant_mail.files import first_bad_utf8_line, open_text
 from qant_mail.store import now_text, open_store, transaction
@@ -28,7 +35,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 class Status(enum.StrEnum):
-    """Where a subscriber stands; only `active` ones get issues."""
+    """Where a subscriber stands for one newsletter; only `active` ones get its issues.
+    `bounced` and `complained` belong to the reader, and hold for every newsletter."""
 
     ACTIVE = "active"
     UNSUBSCRIBED = "unsubscribed"
@@ -40,9 +48,14 @@ class SubscriberError(QantError):
     """A subscriber operation that cannot be done (unknown address, refused change)."""
 
 
+# A reader's own statuses: they stop every newsletter.
+READER_STATUSES = (Status.BOUNCED, Status.COMPLAINED)
+
+
 @dataclass(frozen=True)
 class Subscriber:
-    """One row of the list."""
+    """A reader as one newsletter's list shows them: the status is the reader's when
+    they bounced or complained, else that of their subscription."""
 
     id: int
     email: str
@@ -75,11 +88,47 @@ class ImportReport:
             self.rejected.append((line, reason))
 
 
-_COLUMNS = "id, email, name, status, status_changed_at, status_reason, created_at, source"
+# A reader seen from one newsletter (the first parameter): without a subscription to it,
+# they count as unsubscribed from it.
+_VIEW = (
+    "SELECT s.id, s.email, s.name,"
+    " CASE WHEN s.status != 'active' THEN s.status ELSE coalesce(b.status, 'unsubscribed') END,"
+    " CASE WHEN s.status != 'active' OR b.status IS NULL THEN s.status_changed_at"
+    " ELSE b.status_changed_at END,"
+    " CASE WHEN s.status != 'active' THEN s.status_reason"
+    " ELSE coalesce(b.status_reason, 'not subscribed') END,"
+    " coalesce(b.created_at, s.created_at), coalesce(b.source, s.source)"
+    " FROM subscribers s LEFT JOIN subscriptions b"
+    " ON b.subscriber_id = s.id AND b.newsletter = ?"
+)
+# The same, for the readers who have a subscription to it only.
+_LIST = _VIEW.replace("LEFT JOIN", "JOIN")
+_COMBINED_STATUS = "CASE WHEN s.status != 'active' THEN s.status ELSE b.status END"
 _INSERT = (
     "INSERT INTO subscribers (email, name, status, status_changed_at, created_at, source)"
     " VALUES (?, ?, 'active', ?, ?, ?) ON CONFLICT (email) DO NOTHING"
 )
+_SUBSCRIBE = (
+    "INSERT INTO subscriptions (subscriber_id, newsletter, status, status_changed_at,"
+    " status_reason, created_at, source, consent_at, consent_form, confirmed_at)"
+    " VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (newsletter, subscriber_id) DO UPDATE SET status = 'active',"
+    " status_changed_at = excluded.status_changed_at, status_reason = excluded.status_reason,"
+    " consent_at = coalesce(excluded.consent_at, consent_at),"
+    " consent_form = CASE WHEN excluded.consent_form != '' THEN excluded.consent_form"
+    " ELSE consent_form END, confirmed_at = coalesce(excluded.confirmed_at, confirmed_at)"
+)
+
+
+@dataclass(frozen=True)
+class Consent:
+    """How a reader asked for a newsletter: when, on which form, confirmed when."""
+
+    requested_at: str
+    form: str
+    confirmed_at: str
+
+
 EXPORT_HEADER = [
     "email",
     "name",
@@ -92,15 +141,21 @@ EXPORT_HEADER = [
 
 
 class Subscribers:
-    """The subscriber list in a SQLite database."""
+    """The list of one newsletter (`newsletter`, its key) in a SQLite database; the
+    readers and their erasure are shared by every newsletter."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, newsletter: str = DEFAULT_NEWSLETTER):
         self.db = connection
+        self.newsletter = newsletter
 
     @classmethod
-    def open(cls, path: Path) -> Subscribers:
+    def open(cls, path: Path, newsletter: str = DEFAULT_NEWSLETTER) -> Subscribers:
         """Open the list stored at `path`, creating it if needed."""
-        return cls(open_store(path))
+        return cls(open_store(path), newsletter)
+
+    def of(self, newsletter: str) -> Subscribers:
+        """Return the list of another newsletter, on the same connection."""
+        return Subscribers(self.db, newsletter)
 
     def close(self) -> None:
         """Close the database."""
@@ -113,18 +168,96 @@ class Subscribers:
         self.close()
 
     def get(self, email: str) -> Subscriber | None:
-        """Return the subscriber with this address (any case), if any."""
+        """Return the reader with this address (any case), if any."""
         row = self.db.execute(
-            f"SELECT {_COLUMNS} FROM subscribers WHERE email = ?", (email.strip(),)
+            f"{_VIEW} WHERE s.email = ?", (self.newsletter, email.strip())
         ).fetchone()
         return _subscriber(row) if row else None
 
     def by_id(self, subscriber_id: int) -> Subscriber | None:
-        """Return subscriber number `subscriber_id`, if any."""
+        """Return reader number `subscriber_id`, if any."""
         row = self.db.execute(
-            f"SELECT {_COLUMNS} FROM subscribers WHERE id = ?", (subscriber_id,)
+            f"{_VIEW} WHERE s.id = ?", (self.newsletter, subscriber_id)
         ).fetchone()
         return _subscriber(row) if row else None
+
+    def subscriptions(self, subscriber_id: int) -> dict[str, Status]:
+        """Return each newsletter the reader has a subscription to, with its status for
+        them (a bounced or complained reader is that for every one)."""
+        return {
+            str(newsletter): Status(str(status))
+            for newsletter, status in self.db.execute(
+                f"SELECT b.newsletter, {_COMBINED_STATUS} FROM subscriptions b"
+                " JOIN subscribers s ON s.id = b.subscriber_id WHERE s.id = ?"
+                " ORDER BY b.created_at, b.newsletter",
+                (subscriber_id,),
+            )
+        }
+
+    def reader_status(self, subscriber_id: int) -> Status | None:
+        """Return the reader's own status (active, bounced, complained), if they exist."""
+        row = self.db.execute(
+            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+        ).fetchone()
+        return Status(str(row[0])) if row else None
+
+    def newsletters(self) -> dict[str, int]:
+        """Return every newsletter key the store has subscriptions to, with their number
+        (those of a newsletter no longer in the settings included)."""
+        return {
+            str(key): int(number)
+            for key, number in self.db.execute(
+                "SELECT newsletter, count(*) FROM subscriptions GROUP BY newsletter"
+            )
+        }
+
+    def confirm(self, email: str, name: str, consent: Consent, source: str) -> Subscriber:
+        """Subscribe `email` to this newsletter on their confirmed request (double
+        opt-in): their consent is recorded, and it brings back an address that had
+        bounced, complained or been erased, since they asked again and proved the
+        mailbox theirs."""
+        address = AddressChecker(test_domains=True).check(email)
+        name = _name(name)
+        now = now_text()
+        with transaction(self.db) as db:
+            db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
+            db.execute(_INSERT, (address, name, now, now, source))
+            db.execute(
+                "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
+                " status_reason = 'confirmed again', soft_bounces = 0,"
+                " name = CASE WHEN ? != '' THEN ? ELSE name END"
+                " WHERE email = ? AND status != 'active'",
+                (now, name, name, address),
+            )
+            (reader,) = db.execute(
+                "SELECT id FROM subscribers WHERE email = ?", (address,)
+            ).fetchone()
+            db.execute(
+                _SUBSCRIBE,
+                (
+                    reader,
+                    self.newsletter,
+                    now,
+                    "confirmed",
+                    now,
+                    source,
+                    consent.requested_at,
+                    consent.form,
+                    consent.confirmed_at,
+                ),
+            )
+        found = self.get(address)
+        assert found is not None
+        return found
+
+    def consent(self, subscriber_id: int) -> Consent | None:
+        """Return the recorded consent of a reader to this newsletter, if any."""
+        row = self.db.execute(
+            "SELECT consent_at, consent_form, confirmed_at FROM subscriptions"
+            " WHERE subscriber_id = ? AND newsletter = ? AND consent_at IS NOT NULL",
+            (subscriber_id, self.newsletter),
+        ).fetchone()
+        return Consent(str(row[0]), str(row[1]), str(row[2] or "")) if row else None
 
     def add(
         self,
@@ -140,6 +273,7 @@ class Subscribers:
         address = AddressChecker(test_domains=test_domains).check(email)
         name = _name(name)
         existing = self.get(address)
+        subscribed = existing is not None and self._subscribed(existing.id)
         now = now_text()
         if existing is None:
             suppressed = self.suppressed_since(address)
@@ -148,32 +282,42 @@ class Subscribers:
                     f"{address} was removed from the list on request ({suppressed}); add it "
                     "again with --resubscribe, and only with their consent"
                 )
-            with transaction(self.db) as db:
-                db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
-                db.execute(_INSERT, (address, name, now, now, source))
         elif existing.status is Status.ACTIVE:
             raise SubscriberError(f"{existing.email} is already subscribed")
-        elif not resubscribe:
+        elif (subscribed or existing.status in READER_STATUSES) and not resubscribe:
             raise SubscriberError(
                 f"{existing.email} is {existing.status} (since {existing.status_changed_at}); "
                 "re-activate it with --resubscribe, and only with their consent"
             )
-        else:
-            self.db.execute(
-                "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
-                " status_reason = 'resubscribed', name = CASE WHEN ? != '' THEN ? ELSE name END"
-                " WHERE id = ?",
-                (now, name, name, existing.id),
+        with transaction(self.db) as db:
+            db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
+            db.execute(_INSERT, (address, name, now, now, source))
+            reason = "resubscribed" if subscribed or existing is not None else ""
+            if existing is not None and existing.status in READER_STATUSES:
+                db.execute(
+                    "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
+                    " status_reason = 'resubscribed' WHERE id = ?",
+                    (now, existing.id),
+                )
+            if existing is not None and name:
+                db.execute("UPDATE subscribers SET name = ? WHERE id = ?", (name, existing.id))
+            (reader,) = db.execute(
+                "SELECT id FROM subscribers WHERE email = ?", (address,)
+            ).fetchone()
+            db.execute(
+                _SUBSCRIBE, (reader, self.newsletter, now, reason, now, source, None, "", None)
             )
         found = self.get(address)
         assert found is not None
         return found
 
     def remove(self, email: str) -> Subscriber:
-        """Delete a subscriber and their data (the right to erasure). What remains is a
-        one-way hash of the address, so that no later import adds them back."""
+        """Delete a reader and their data (the right to erasure), from every newsletter.
+        What remains is a one-way hash of the address, so that no later import adds them
+        back."""
         subscriber = self._require(email)
         with transaction(self.db) as db:
+            db.execute("DELETE FROM subscriptions WHERE subscriber_id = ?", (subscriber.id,))
             db.execute("DELETE FROM subscribers WHERE id = ?", (subscriber.id,))
             db.execute(
                 "INSERT INTO suppressions (email_hash, reason, created_at) VALUES (?, ?, ?)"
@@ -197,40 +341,72 @@ class Subscribers:
     def set_status_by_id(
         self, subscriber_id: int, status: Status, reason: str
     ) -> Subscriber | None:
-        """Change the status of subscriber `subscriber_id`; None if there is no such one."""
-        self.db.execute(
-            "UPDATE subscribers SET status = ?, status_changed_at = ?, status_reason = ?"
-            " WHERE id = ? AND status != ?",
-            (status.value, now_text(), reason, subscriber_id, status.value),
-        )
-        row = self.db.execute(
-            f"SELECT {_COLUMNS} FROM subscribers WHERE id = ?", (subscriber_id,)
+        """Change the status of reader `subscriber_id`; None if there is no such one.
+
+        `bounced` and `complained` are the reader's, for every newsletter; `unsubscribed`
+        is their subscription to this one; `active` undoes the reader's own status if
+        they have one, else it subscribes them to this newsletter again."""
+        # One UPDATE, and no transaction of its own: the ledger calls this inside its own.
+        db = self.db
+        now = now_text()
+        current = db.execute(
+            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
         ).fetchone()
-        return _subscriber(row) if row else None
+        if current is None:
+            return None
+        if status in READER_STATUSES or (status is Status.ACTIVE and current[0] != Status.ACTIVE):
+            db.execute(
+                "UPDATE subscribers SET status = ?, status_changed_at = ?, status_reason = ?"
+                " WHERE id = ? AND status != ?",
+                (status.value, now, reason, subscriber_id, status.value),
+            )
+        else:
+            db.execute(
+                "UPDATE subscriptions SET status = ?, status_changed_at = ?,"
+                " status_reason = ? WHERE subscriber_id = ? AND newsletter = ?"
+                " AND status != ?",
+                (status.value, now, reason, subscriber_id, self.newsletter, status.value),
+            )
+        return self.by_id(subscriber_id)
 
     def unsubscribe(self, email: str, reason: str = "command line") -> Subscriber:
-        """Mark a subscriber unsubscribed."""
-        return self.set_status(email, Status.UNSUBSCRIBED, reason)
+        """Unsubscribe a reader from this newsletter (the others are not touched)."""
+        subscriber = self._require(email)
+        if not self._subscribed(subscriber.id):
+            raise SubscriberError(f"{subscriber.email} does not get {self.newsletter}")
+        return self.set_status_by_id(subscriber.id, Status.UNSUBSCRIBED, reason) or subscriber
 
     def all(self, status: Status | None = None) -> Iterator[Subscriber]:
-        """Yield subscribers in the order they joined, of one status or all."""
+        """Yield this newsletter's subscribers in the order they joined, of one status or
+        all."""
         if status is None:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM subscribers ORDER BY id")
+            rows = self.db.execute(f"{_LIST} ORDER BY s.id", (self.newsletter,))
         else:
             rows = self.db.execute(
-                f"SELECT {_COLUMNS} FROM subscribers WHERE status = ? ORDER BY id", (status.value,)
+                f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id",
+                (self.newsletter, status.value),
             )
         for row in rows:
             yield _subscriber(row)
 
     def count(self) -> dict[Status, int]:
-        """Return the number of subscribers in each status."""
+        """Return the number of this newsletter's subscribers in each status."""
         counts = dict.fromkeys(Status, 0)
         for status, number in self.db.execute(
-            "SELECT status, count(*) FROM subscribers GROUP BY status"
+            f"SELECT {_COMBINED_STATUS}, count(*) FROM subscriptions b"
+            " JOIN subscribers s ON s.id = b.subscriber_id WHERE b.newsletter = ?"
+            f" GROUP BY {_COMBINED_STATUS}",
+            (self.newsletter,),
         ):
             counts[Status(status)] = number
         return counts
+
+    def _subscribed(self, subscriber_id: int) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM subscriptions WHERE subscriber_id = ? AND newsletter = ?",
+            (subscriber_id, self.newsletter),
+        ).fetchone()
+        return row is not None
 
     def export(self, out: TextIO, status: Status | None = None) -> int:
         """Write the list as CSV (with a header); return the number of rows."""
@@ -300,10 +476,15 @@ class Subscribers:
                     valid,
                 )
                 report.duplicates += len(valid) - (db.total_changes - before)
+            newsletter = (self.newsletter,)
+            # Known readers who left this newsletter, bounced or complained: left as
+            # they are, since a list someone kept is no consent to write again.
             report.inactive = _count(
                 db,
                 "SELECT count(*) FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
-                " WHERE s.status != 'active'",
+                " LEFT JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
+                " WHERE s.status != 'active' OR b.status = 'unsubscribed'",
+                newsletter,
             )
             report.suppressed = _count(
                 db,
@@ -314,22 +495,36 @@ class Subscribers:
             known_active = _count(
                 db,
                 "SELECT count(*) FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
-                " WHERE s.status = 'active'",
+                " JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
+                " WHERE s.status = 'active' AND b.status = 'active'",
+                newsletter,
             )
             report.renamed = db.execute(
                 "UPDATE subscribers SET name = i.name FROM temp.incoming i"
                 " WHERE subscribers.email = i.email AND subscribers.status = 'active'"
-                " AND i.name != '' AND i.name != subscribers.name"
+                " AND i.name != '' AND i.name != subscribers.name AND EXISTS (SELECT 1"
+                " FROM subscriptions b WHERE b.subscriber_id = subscribers.id"
+                " AND b.newsletter = ? AND b.status = 'active')",
+                newsletter,
             ).rowcount
             report.unchanged = known_active - report.renamed
             now = now_text()
-            report.added = db.execute(
+            db.execute(
                 "INSERT INTO subscribers (email, name, status, status_changed_at, created_at,"
                 " source) SELECT i.email, i.name, 'active', ?, ?, ? FROM temp.incoming i"
                 " WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email = i.email)"
                 " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.email_hash = i.email_hash)"
                 " ORDER BY i.line",
                 (now, now, source),
+            )
+            # New readers, and active readers of other newsletters who had none of this one.
+            report.added = db.execute(
+                "INSERT INTO subscriptions (subscriber_id, newsletter, status,"
+                " status_changed_at, created_at, source) SELECT s.id, ?, 'active', ?, ?, ?"
+                " FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
+                " WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM subscriptions b"
+                " WHERE b.subscriber_id = s.id AND b.newsletter = ?) ORDER BY i.line",
+                (self.newsletter, now, now, source, self.newsletter),
             ).rowcount
             db.execute("DELETE FROM temp.incoming")
         return report
@@ -339,6 +534,18 @@ class Subscribers:
         if subscriber is None:
             raise SubscriberError(f"{email.strip()} is not on the list")
         return subscriber
+
+    def rename_newsletter(self, old: str, new: str) -> int:
+        """Move the subscriptions, sends and scheduled sends of newsletter `old` to key
+        `new` (after its key changed in the settings); return the subscriptions moved."""
+        with transaction(self.db) as db:
+            if db.execute("SELECT 1 FROM subscriptions WHERE newsletter = ?", (new,)).fetchone():
+                raise SubscriberError(f"newsletter {new!r} has subscriptions already")
+            moved = db.execute(
+                "UPDATE subscriptions SET newsletter = ? WHERE newsletter = ?", (new, old)
+            ).rowcount
+            db.execute("UPDATE sends SET newsletter = ? WHERE newsletter = ?", (new, old))
+        return int(moved)
 
 
 _INCOMING = (
@@ -352,8 +559,8 @@ def _hash(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()
 
 
-def _count(db: sqlite3.Connection, query: str) -> int:
-    (number,) = db.execute(query).fetchone()
+def _count(db: sqlite3.Connection, query: str, parameters: tuple[str, ...] = ()) -> int:
+    (number,) = db.execute(query, parameters).fetchone()
     return int(number)
 
 
@@ -403,6 +610,25 @@ def sender_of(message: bytes) -> str:
         return AddressChecker(test_domains=True).check(str(addresses[0].addr_spec))
     except AddressError as err:
         raise SubscriberError(f"the message's From is not usable: {err}") from err
+
+
+_ASKED = re.compile(r"^\s*unsubscribe\s+([a-z0-9][a-z0-9-]{0,31})\s*$", re.IGNORECASE)
+
+
+def newsletter_asked(message: bytes) -> str | None:
+    """Return the newsletter an unsubscription email names in its subject
+    ("unsubscribe KEY"), if it names one."""
+    from email import policy
+    from email.errors import MessageError
+    from email.parser import HeaderParser
+
+    try:
+        text = message[:MAX_MESSAGE].decode("utf-8", "replace")
+        subject = HeaderParser(policy=policy.default).parsestr(text, headersonly=True)["Subject"]
+    except (MessageError, ValueError, LookupError, TypeError, RecursionError):
+        return None
+    match = _ASKED.match(str(subject or ""))
+    return match.group(1).lower() if match else None
 
 
 def _subscriber(row: tuple[object, ...]) -> Subscriber:
@@ -457,3 +683,109 @@ def _read_csv(stream: TextIO, where: str) -> Iterator[tuple[int, str, str]]:
             yield reader.line_num, email, name
     except csv.Error as err:
         raise SubscriberError(f"{where}:{reader.line_num}: {err}") from err
+
+
+@dataclass(frozen=True)
+class PendingSignup:
+    """A signup request waiting for its confirmation."""
+
+    id: int
+    email: str
+    name: str
+    newsletters: tuple[str, ...]
+    form: str
+    requested_at: str
+    expires_at: float
+    confirmed_at: str | None
+
+
+class Signups:
+    """Signup requests waiting for their confirmation, and the attempts the rate limits
+    count (by a hash of the client and of the address: nothing that names anyone)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.db = connection
+
+    def attempt(
+        self, client: str, email: str, now: float, *, per_client_hour: int, per_address_day: int
+    ) -> bool:
+        """Count a request from `client` for `email`; return whether a confirmation may be
+        mailed for it (neither the client's hourly nor the address's daily limit is
+        reached). Attempts older than a day are forgotten."""
+        address = _hash(email)
+        with transaction(self.db) as db:
+            db.execute("DELETE FROM signup_attempts WHERE at < ?", (now - 86400,))
+            (by_client,) = db.execute(
+                "SELECT count(*) FROM signup_attempts WHERE client = ? AND at >= ?",
+                (client, now - 3600),
+            ).fetchone()
+            (mailed,) = db.execute(
+                "SELECT count(*) FROM signup_attempts WHERE email_hash = ? AND mailed = 1",
+                (address,),
+            ).fetchone()
+            allowed = by_client < per_client_hour and mailed < per_address_day
+            db.execute(
+                "INSERT INTO signup_attempts (at, client, email_hash, mailed) VALUES (?, ?, ?, ?)",
+                (now, client, address, int(allowed)),
+            )
+        return bool(allowed)
+
+    def add(
+        self,
+        email: str,
+        name: str,
+        newsletters: Iterable[str],
+        form: str,
+        requested_at: str,
+        expires_at: float,
+    ) -> int:
+        """Record a request; return its number."""
+        cursor = self.db.execute(
+            "INSERT INTO signups (email, name, newsletters, form, requested_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (email, name, " ".join(newsletters), form, requested_at, expires_at),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def get(self, signup_id: int) -> PendingSignup | None:
+        """Return request number `signup_id`, if it is still kept."""
+        row = self.db.execute(
+            "SELECT id, email, name, newsletters, form, requested_at, expires_at, confirmed_at"
+            " FROM signups WHERE id = ?",
+            (signup_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        number, email, name, newsletters, form, requested, expires, confirmed = row
+        return PendingSignup(
+            int(number),
+            str(email),
+            str(name),
+            tuple(str(newsletters).split()),
+            str(form),
+            str(requested),
+            float(expires),
+            None if confirmed is None else str(confirmed),
+        )
+
+    def confirm(self, signup: PendingSignup, consent_form: str) -> list[Subscriber]:
+        """Subscribe the request's address to its newsletters, with its consent (the
+        request's time and form, confirmed now), and mark it confirmed; return the
+        subscriptions."""
+        now = now_text()
+        consent = Consent(signup.requested_at, consent_form, now)
+        source = f"signup form {consent_form}"
+        subscribed = [
+            Subscribers(self.db, key).confirm(signup.email, signup.name, consent, source)
+            for key in signup.newsletters
+        ]
+        self.db.execute(
+            "UPDATE signups SET confirmed_at = ? WHERE id = ? AND confirmed_at IS NULL",
+            (now, signup.id),
+        )
+        return subscribed
+
+    def purge(self, now: float) -> int:
+        """Delete the requests whose link has expired; return how many."""
+        cursor = self.db.execute("DELETE FROM signups WHERE expires_at < ?", (now,))
+        return int(cursor.rowcount)

@@ -1,4 +1,5 @@
-"""Unsubscribe tokens: opaque, signed with the newsletter's secret (HMAC-SHA256)."""
+"""Signed, opaque tokens (HMAC-SHA256 with the installation's secret): unsubscribe links,
+the reader's page, signup confirmations, VERP return paths."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ SECRET_VARIABLE = "QANT_SECRET_KEY"
 # (128 bits) make forging one as hard as guessing the secret.
 _MAC_BYTES = 16
 _MIN_SECRET_BYTES = 16
-# The exact shape of a token: an id of 1 to 8 bytes, a 16-byte MAC, both in unpadded
-# URL-safe base64. Anything else (padding, other characters, a longer id that would
-# overflow the database's integers) is refused before it is decoded.
-_TOKEN = re.compile(r"([A-Za-z0-9_-]{2,11})\.([A-Za-z0-9_-]{22})")
+# The exact shape of a token: an id of 1 to 8 bytes, the key of a newsletter other than
+# the main one if it is about one, a 16-byte MAC; id and MAC in unpadded URL-safe
+# base64. Anything else (padding, other characters, a longer id that would overflow the
+# database's integers) is refused before it is decoded.
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{2,11})\.(?:([a-z0-9][a-z0-9-]{0,31})\.)?([A-Za-z0-9_-]{22})")
+UNSUBSCRIBE = "unsubscribe"
+READER = "reader"  # the reader's page: which newsletters they get
 _MAX_ID = 2**63 - 1
 
 
@@ -38,10 +42,26 @@ def secret_from_env(env: Mapping[str, str] | None = None) -> bytes:
     return secret
 
 
-def make(secret: bytes, subscriber_id: int, address: str) -> str:
-    """Return the token that lets the holder unsubscribe `address` (subscriber `subscriber_id`)."""
+def make(
+    secret: bytes,
+    subscriber_id: int,
+    address: str,
+    newsletter: str = "",
+    purpose: str = UNSUBSCRIBE,
+) -> str:
+    """Return the token that lets the holder unsubscribe `address` (subscriber
+    `subscriber_id`) from `newsletter` ("": the main one), or, for `purpose` READER,
+    open their page."""
     number = subscriber_id.to_bytes(max(1, (subscriber_id.bit_length() + 7) // 8), "big")
-    return f"{_b64(number)}.{_b64(_mac(secret, subscriber_id, address))}"
+    mac = _b64(_mac(secret, subscriber_id, address, newsletter, purpose))
+    middle = f"{newsletter}." if newsletter else ""
+    return f"{_b64(number)}.{middle}{mac}"
+
+
+def newsletter_of(token: str) -> str:
+    """Return the newsletter key a token names (unverified); "" for the main one."""
+    match = _TOKEN.fullmatch(token)
+    return match.group(2) or "" if match else ""
 
 
 def subscriber_id(token: str) -> int | None:
@@ -56,19 +76,27 @@ def subscriber_id(token: str) -> int | None:
     return number if 0 < number <= _MAX_ID else None
 
 
-def verify(secret: bytes, token: str, subscriber_id: int, address: str) -> bool:
-    """Return whether `token` was made with `secret` for this subscriber and address."""
+def verify(
+    secret: bytes, token: str, subscriber_id: int, address: str, purpose: str = UNSUBSCRIBE
+) -> bool:
+    """Return whether `token` was made with `secret` for this subscriber, address and
+    purpose (and the newsletter it names)."""
     match = _TOKEN.fullmatch(token)
     if match is None:
         return False
-    given = _unb64(match.group(2))
-    if _b64(given) != match.group(2):
+    given = _unb64(match.group(3))
+    if _b64(given) != match.group(3):
         return False
-    return hmac.compare_digest(given, _mac(secret, subscriber_id, address))
+    expected = _mac(secret, subscriber_id, address, match.group(2) or "", purpose)
+    return hmac.compare_digest(given, expected)
 
 
-def _mac(secret: bytes, subscriber_id: int, address: str) -> bytes:
-    message = f"unsubscribe\0{subscriber_id}\0{address.lower()}".encode()
+def _mac(secret: bytes, subscriber_id: int, address: str, newsletter: str, purpose: str) -> bytes:
+    # The main newsletter's unsubscribe MAC is the one links carried before there were
+    # several newsletters: those already in inboxes keep working.
+    message = f"{purpose}\0{subscriber_id}\0{address.lower()}".encode()
+    if newsletter:
+        message += f"\0{newsletter}".encode()
     # hmac.digest: OpenSSL's one-shot HMAC, several times faster than hmac.new per token.
     return hmac.digest(secret, message, hashlib.sha256)[:_MAC_BYTES]
 
@@ -147,3 +175,41 @@ def _unvarints(data: bytes) -> list[int] | None:
             numbers.append(current)
             current, shift = 0, 0
     return numbers if shift == 0 else None
+
+
+# A signup's confirmation link names the pending request and when the link expires,
+# signed with the address it was sent to (which the token does not reveal).
+_CONFIRM = re.compile(r"[A-Za-z0-9_-]{24,44}")
+
+
+def make_confirm(secret: bytes, signup_id: int, address: str, expires: int) -> str:
+    """Return the token of the confirmation link of signup `signup_id`."""
+    ids = _varint(signup_id) + _varint(expires)
+    return _b64(ids + _confirm_mac(secret, ids, address))
+
+
+def read_confirm(token: str) -> tuple[int, int] | None:
+    """Return (signup id, expiry) a well-formed confirmation token claims, unverified."""
+    if not _CONFIRM.fullmatch(token):
+        return None
+    raw = _unb64(token)
+    if _b64(raw) != token or len(raw) <= _MAC_BYTES:
+        return None
+    numbers = _unvarints(raw[:-_MAC_BYTES])
+    if numbers is None or len(numbers) != 2 or not 0 < numbers[0] <= _MAX_ID:
+        return None
+    return numbers[0], numbers[1]
+
+
+def verify_confirm(secret: bytes, token: str, address: str) -> bool:
+    """Return whether a confirmation token was made with `secret` for `address`."""
+    if read_confirm(token) is None:
+        return False
+    raw = _unb64(token)
+    ids, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+    return hmac.compare_digest(mac, _confirm_mac(secret, ids, address))
+
+
+def _confirm_mac(secret: bytes, ids: bytes, address: str) -> bytes:
+    message = b"confirm\0" + ids + b"\0" + address.lower().encode("utf-8")
+    return hmac.digest(secret, message, hashlib.sha256)[:_MAC_BYTES]

@@ -36,6 +36,7 @@ SAMPLE_VALUES = {
     Slot.NAME: "Camille Lecteur",
     Slot.EMAIL: "camille@example.com",
     Slot.UNSUBSCRIBE_URL: "https://lettre.qant.example/unsubscribe/AA.jeton",
+    Slot.PREFERENCES_URL: "https://lettre.qant.example/subscriptions/AA.jeton",
 }
 
 

@@ -34,6 +34,7 @@ def write_page(rendered: RenderedIssue, folder: Path) -> Path:
         Slot.NAME: "Camille Lecteur",
         Slot.EMAIL: "camille.lecteur-avec-une-adresse-longue@example.com",
         Slot.UNSUBSCRIBE_URL: "https://lettre.qant.example/unsubscribe/AQ.abcdefghijklmnopqrstuv",
+        Slot.PREFERENCES_URL: "https://lettre.qant.example/subscriptions/AQ.abcdefghijklmnopqrstuv",
         Slot.BROWSER_URL: rendered.web_url,
     }
     html, _ = rendered.fill(values, asset_url=lambda asset: asset.path.as_uri())

@@ -129,6 +129,7 @@ def test_placeholders_are_filled_and_escaped_per_recipient(sample_rendered: Rend
         Slot.NAME: "Zoé",
         Slot.EMAIL: "zoe+<tag>@example.com",
         Slot.UNSUBSCRIBE_URL: "https://x.example/u/a?b=1&c=2",
+        Slot.PREFERENCES_URL: "https://x.example/p/a",
         Slot.BROWSER_URL: sample_rendered.web_url,
     }
     html, text = sample_rendered.fill(values)

@@ -61,9 +61,14 @@ def test_a_row_that_cannot_be_composed_fails_alone(
     addresses = subscribe(local, 5)
     # A row from before addresses were checked this way, written behind the tool's back.
     with sqlite3.connect(local.store_path) as db:
-        db.execute(
+        cursor = db.execute(
             "INSERT INTO subscribers (email, status_changed_at, created_at)"
             " VALUES ('jérôme@example.com', 'x', 'x')"
+        )
+        db.execute(
+            "INSERT INTO subscriptions (subscriber_id, newsletter, status_changed_at,"
+            " created_at) VALUES (?, 'default', 'x', 'x')",
+            (cursor.lastrowid,),
         )
     report = send(local)
     assert report.exit_code == ExitCode.PARTIAL
@@ -227,11 +232,11 @@ class Disk:
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Disk]:
-    """A 256 KB tmpfs; skipped, visibly, where mounting is not allowed."""
+    """A 1 MB tmpfs; skipped, visibly, where mounting is not allowed."""
     mount = tmp_path / "disk"
     mount.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
