@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import anyio
 from starlette.applications import Starlette
@@ -89,14 +92,19 @@ class _Unsubscriptions:
 
 
 def create_app(
-    settings: Settings, archive: Path | None, secret: bytes, mailer: Mailer | None = None
+    settings: Settings,
+    archive: Path | None,
+    secret: bytes,
+    mailer: Mailer | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """Return the public application: unsubscribe pages, signup forms, confirmation
     links, the reader's page, health check, the archive. `mailer` carries the
     confirmation and welcome emails (default: the relay of the settings)."""
     renderer = Renderer(settings)
     unsubscriptions = _Unsubscriptions(settings, secret)
-    signup = Signup(settings, secret, mailer or SmtpMailer(settings))
+    signup = Signup(settings, secret, mailer or SmtpMailer(settings), clock=clock)
 
     def html(
         template: str, key: str | None = None, status: int = 200, **context: object
@@ -159,15 +167,11 @@ def create_app(
         return form(key)
 
     async def subscribe(request: Request) -> Response:
-        length = request.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > MAX_FORM_BYTES:
-            return PlainTextResponse("form too large\n", status_code=413, headers=_HEADERS)
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/x-www-form-urlencoded":
-            return PlainTextResponse("a form is expected\n", status_code=415, headers=_HEADERS)
-        data = await request.form(max_files=0, max_fields=40)
-        fields = {k: v for k, v in data.multi_items() if isinstance(v, str)}
-        chosen = [v for k, v in data.multi_items() if k == "newsletter" and isinstance(v, str)]
+        items = await _form(request)
+        if isinstance(items, Response):
+            return items
+        fields = dict(items)
+        chosen = [value for key, value in items if key == "newsletter"]
         form_key = fields.get("form", "all")
         single = form_key if form_key in settings.editions else None
         try:
@@ -184,7 +188,7 @@ def create_app(
             return form(single, 400, err, chosen=chosen, **values)
         # The same answer, at once, whoever the address is: what is done about it (a
         # mail, or nothing when a limit or the trap says so) happens afterwards.
-        response = html(SUBSCRIBE_PAGE, single, state="sent", values={})
+        response = html(SUBSCRIBE_PAGE, single, state="sent", single=single is not None)
         response.background = BackgroundTask(_quietly, signup.request, valid)
         return response
 
@@ -220,11 +224,11 @@ def create_app(
 
     async def reader_choose(request: Request) -> Response:
         token = request.path_params["token"]
-        length = request.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > MAX_FORM_BYTES:
-            return PlainTextResponse("form too large\n", status_code=413, headers=_HEADERS)
-        data = await request.form(max_files=0, max_fields=10)
-        key, action = str(data.get("newsletter", "")), str(data.get("action", ""))
+        items = await _form(request)
+        if isinstance(items, Response):
+            return items
+        data = dict(items)
+        key, action = data.get("newsletter", ""), data.get("action", "")
         if action not in ("join", "leave"):
             return html(READER_PAGE, state="invalid", status=400)
         found = await anyio.to_thread.run_sync(signup.choose, token, key, action == "join")
@@ -248,6 +252,7 @@ def create_app(
         Route("/subscribe", subscribe_form, methods=["GET", "HEAD"]),
         Route("/subscribe", subscribe, methods=["POST"]),
         Route("/subscribe/{newsletter}", subscribe_form, methods=["GET", "HEAD"]),
+        Route("/subscribe/{newsletter}", subscribe, methods=["POST"]),
         Route("/confirm/{token}", confirm_page, methods=["GET", "HEAD"]),
         Route("/confirm/{token}", confirm, methods=["POST"]),
         Route("/subscriptions/{token}", reader_page, methods=["GET", "HEAD"]),
@@ -256,6 +261,30 @@ def create_app(
     if archive is not None:
         routes.append(Mount("/", StaticFiles(directory=archive, html=True), name="archive"))
     return Starlette(routes=routes)
+
+
+async def _form(request: Request) -> list[tuple[str, str]] | Response:
+    """Return the fields of a small URL-encoded form, or the answer to anything else
+    (too large, another type, too many fields)."""
+
+    def refuse(status: int, why: str) -> Response:
+        return PlainTextResponse(f"{why}\n", status_code=status, headers=_HEADERS)
+
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        return refuse(411, "a Content-Length is required")
+    if int(length) > MAX_FORM_BYTES:
+        return refuse(413, "form too large")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return refuse(415, "a form is expected")
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        return refuse(413, "form too large")
+    try:
+        return parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=40)
+    except ValueError:
+        return refuse(400, "too many fields")
 
 
 def _name(settings: Settings, key: str) -> str:
@@ -273,9 +302,8 @@ def _client(request: Request, trust_proxy: bool) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _quietly(work: object, *args: object) -> None:
+def _quietly(work: Callable[..., object], *args: object) -> None:
     """Run a step after the answer was sent; what goes wrong is logged, never shown."""
-    assert callable(work)
     try:
         work(*args)
     except (QantError, sqlite3.Error, OSError) as err:

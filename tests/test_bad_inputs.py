@@ -433,3 +433,59 @@ def test_the_corpus_is_all_exercised() -> None:
     ):
         files = {p.name.removesuffix(suffix) for p in (BAD / kind).glob(f"*{suffix}")}
         assert files == set(CASES[kind]), kind
+
+
+# ---- the signup form -------------------------------------------------------------------
+
+
+class _Outbox:
+    """Keeps what the signup would mail (the form's answer is the test's concern)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    def deliver(self, address: str, data: bytes) -> None:
+        self.messages.append((address, data))
+
+
+FORM_TEXT = strategies.text(
+    strategies.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=80
+) | strategies.sampled_from(
+    ["lea@example.com", "default", "all", "a@b", "x" * 400, "\r\nBcc: x@evil", "%00"]
+)
+
+
+@FUZZ
+@given(
+    fields=strategies.lists(
+        strategies.tuples(
+            strategies.sampled_from(["email", "name", "newsletter", "form", "website", "x"]),
+            FORM_TEXT,
+        ),
+        max_size=8,
+    )
+)
+def test_fuzzed_signup_forms_never_fail_and_mail_only_valid_addresses(
+    project: Path, fields: list[tuple[str, str]]
+) -> None:
+    from urllib.parse import urlencode
+
+    from starlette.testclient import TestClient
+
+    from qant_mail.config import load_settings
+    from qant_mail.serve import create_app
+
+    outbox = _Outbox()
+    app = create_app(load_settings(project / "qant.toml", env={}), None, b"s" * 32, outbox)
+    body = urlencode(fields).encode()
+    answer = TestClient(app).post(
+        "/subscribe",
+        content=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code in (200, 400, 413), answer.text
+    assert "Traceback" not in answer.text
+    for address, data in outbox.messages:
+        assert "\r" not in address
+        assert "\n" not in address
+        assert data.count(b"\r\nTo: ") == 1
