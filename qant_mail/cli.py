@@ -452,7 +452,8 @@ def status(
     if send is None:
         typer.echo(f"{issue} has not been sent (no send planned).")
         return
-    typer.echo(f"{send.issue}: “{send.subject}”, planned {send.created_at}")
+    of = f" ({send.newsletter})" if len(settings.editions) > 1 else ""
+    typer.echo(f"{send.issue}{of}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
     if found.expected_finish is not None:
         local = found.expected_finish.astimezone().strftime("%H:%M:%S")
@@ -486,14 +487,17 @@ def sends(
     from qant_mail import pipeline
     from qant_mail.ledger import State, left
 
-    found = pipeline.history(_settings(ctx))
+    settings = _settings(ctx)
+    found = pipeline.history(settings)
+    several = len(settings.editions) > 1  # a newsletter column, then
     if as_json:
         typer.echo(json.dumps([_summary_json(s) for s in found], ensure_ascii=False, indent=2))
         return
     if not found:
         typer.echo("No send yet.")
         return
-    header: tuple[str, ...] = ("issue", "started (UTC)", "finished", "readers", "sent")
+    header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []), "started (UTC)")
+    header += ("finished", "readers", "sent")
     header += ("failed", "unknown", "left", "bounced", "complaints", "unsubscribed")
     rows = [header]
     for summary in found:
@@ -502,6 +506,7 @@ def sends(
         rows.append(
             (
                 send.issue,
+                *([send.newsletter] if several else []),
                 _when(send.created_at),
                 finished,
                 *map(str, (summary.recipients, counts[State.SENT], counts[State.FAILED])),
@@ -514,7 +519,7 @@ def sends(
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         cells = [
-            cell.ljust(width) if i < 3 else cell.rjust(width)
+            cell.ljust(width) if i < 3 + several else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         typer.echo("  ".join(cells).rstrip())
@@ -597,6 +602,7 @@ def _summary_json(summary: SendSummary) -> dict[str, object]:
     send = summary.send
     return {
         "issue": send.issue,
+        "newsletter": send.newsletter,
         "subject": send.subject,
         "created_at": send.created_at,
         "finished_at": send.finished_at,
@@ -617,6 +623,7 @@ def _status_json(found: SendStatus) -> dict[str, object]:
     return {
         "issue": found.issue,
         "planned": True,
+        "newsletter": send.newsletter,
         "subject": send.subject,
         "created_at": send.created_at,
         "finished_at": send.finished_at,

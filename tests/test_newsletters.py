@@ -275,3 +275,23 @@ def test_renaming_a_newsletter_moves_its_readers_and_sends(tmp_path: Path) -> No
 
 def _store_at(path: Path) -> Store:
     return Store(path=str(path))
+
+
+def test_sends_and_status_name_the_newsletter_when_there_are_several(
+    project: Path, two: Settings
+) -> None:
+    from typer.testing import CliRunner
+
+    from qant_mail.cli import app
+
+    with Subscribers.open(two.store_path) as main:
+        main.of("finance").import_rows("email\nfin@example.com\n", "t")
+    send_to_list(prepare_send(finance_issue(project), two, secret=SECRET), two, MemoryTransport())
+    config = ["--config", str(project / "qant.toml")]
+    listed = CliRunner().invoke(app, [*config, "sends"])
+    assert listed.exit_code == 0, listed.output
+    header, row = listed.output.splitlines()[:2]
+    assert header.split()[:2] == ["issue", "newsletter"]
+    assert row.split()[:2] == ["2024-01-15-finance", "finance"]
+    status = CliRunner().invoke(app, [*config, "status", "2024-01-15-finance"])
+    assert status.output.startswith("2024-01-15-finance (finance): ")
