@@ -303,10 +303,30 @@ class Bounces(Strict):
     soft_limit: Annotated[int, Field(ge=1, le=100)] = 3
 
 
+def _store_url(value: str) -> str:
+    value = value.strip()
+    if not value:
+        return value
+    if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ValueError(
+            f"{value!r}: a store URL is sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+        )
+    if re.search(r"://[^/@]*:[^/@]*@", value):
+        raise ValueError(
+            "the URL holds a password: secrets do not belong in the settings file; set "
+            "QANT_STORE_PASSWORD in the environment instead"
+        )
+    return value
+
+
 class Store(Strict):
-    """Where subscribers and the send ledger live."""
+    """Where subscribers and the send ledger live: a SQLite file, or PostgreSQL."""
 
     path: str = "data/subscribers.db"
+    # "sqlite:///data/subscribers.db" (relative to this file; sqlite:////abs for an
+    # absolute path), or "postgresql://USER@HOST:PORT/DATABASE" (password:
+    # QANT_STORE_PASSWORD, or libpq's own PGPASSWORD and ~/.pgpass). Empty: `path`.
+    url: Annotated[str, AfterValidator(_store_url)] = ""
 
 
 class Dkim(Strict):
@@ -480,8 +500,14 @@ class Settings:
         return self.root / self.paths.output
 
     @property
-    def store_path(self) -> Path:
-        """Return the database of subscribers and sends."""
+    def store_path(self) -> Path | str:
+        """Return the database of subscribers and sends: a SQLite file, or the URL of a
+        PostgreSQL database (without its password)."""
+        url = self.store.url
+        if url.startswith(("postgresql://", "postgres://")):
+            return url
+        if url.startswith("sqlite:///"):
+            return self.root / url.removeprefix("sqlite:///")
         return self.root / self.store.path
 
     @property

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import enum
 import fcntl
+import hashlib
 import os
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from qant_mail.config import DEFAULT_NEWSLETTER
 from qant_mail.errors import QantError
-from qant_mail.store import now_text, open_store, transaction
+from qant_mail.store import Db, StoreTarget, is_postgres, now_text, open_store, transaction
 from qant_mail.subscribers import Status, Subscribers
 
 
@@ -162,15 +163,15 @@ _CLAIM = (
 class Ledger:
     """The ledger of the database at `path`; each thread gets its own connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: StoreTarget) -> None:
         self.path = path
         self._local = threading.local()
         self.db  # noqa: B018 - open (and migrate) now, so that errors show up early
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Db:
         """Return this thread's connection."""
-        connection: sqlite3.Connection | None = getattr(self._local, "db", None)
+        connection: Db | None = getattr(self._local, "db", None)
         if connection is None:
             connection = self._local.db = open_store(self.path)
         return connection
@@ -185,7 +186,7 @@ class Ledger:
     @contextlib.contextmanager
     def lock(self, issue: str) -> Iterator[None]:
         """Hold the lock that keeps a second process from sending the same issue."""
-        with _held(self.path.with_name(f"{self.path.name}.{issue}.lock")) as held:
+        with self._lock(issue) as held:
             if not held:
                 raise LedgerError(
                     f"another `qant-mail send` is sending {issue} right now; wait for it, "
@@ -206,12 +207,11 @@ class Ledger:
         try:
             with transaction(self.db) as db:
                 now = now_text()
-                cursor = db.execute(
+                (send_id,) = db.execute(
                     "INSERT INTO sends (issue, content_hash, subject, created_at, newsletter)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (issue, content_hash, subject, now, newsletter),
-                )
-                send_id = cursor.lastrowid
+                ).fetchone()
                 # The UNIQUE (email) of subscribers already makes addresses distinct.
                 db.execute(
                     "INSERT INTO deliveries"
@@ -377,7 +377,7 @@ class Ledger:
             " ELSE last_reply END, updated_at = ? WHERE send_id = ? AND state = 'unknown'",
             (state.value, reply, reply, now_text(), send.id),
         )
-        return cursor.rowcount
+        return int(cursor.rowcount)
 
     def requeue_failed(
         self,
@@ -429,7 +429,8 @@ class Ledger:
         """Return how many of the send's messages bounced later (hard, soft) and drew a
         complaint."""
         row = self.db.execute(
-            "SELECT sum(bounce LIKE 'hard:%'), sum(bounce LIKE 'soft:%'), sum(complaint != '')"
+            "SELECT count(*) FILTER (WHERE bounce LIKE 'hard:%'),"
+            " count(*) FILTER (WHERE bounce LIKE 'soft:%'), count(*) FILTER (WHERE complaint != '')"
             " FROM deliveries WHERE send_id = ?",
             (send.id,),
         ).fetchone()
@@ -450,8 +451,9 @@ class Ledger:
         feedback = {
             send_id: (int(hard or 0), int(soft or 0), int(complaints or 0))
             for send_id, hard, soft, complaints in db.execute(
-                "SELECT send_id, sum(bounce LIKE 'hard:%'), sum(bounce LIKE 'soft:%'),"
-                " sum(complaint != '') FROM deliveries GROUP BY send_id"
+                "SELECT send_id, count(*) FILTER (WHERE bounce LIKE 'hard:%'),"
+                " count(*) FILTER (WHERE bounce LIKE 'soft:%'),"
+                " count(*) FILTER (WHERE complaint != '') FROM deliveries GROUP BY send_id"
             )
         }
         unsubscribed = dict(
@@ -547,7 +549,15 @@ class Ledger:
 
     def run_lock(self) -> contextlib.AbstractContextManager[bool]:
         """Hold the lock of `qant-mail run-due`; give False when another one holds it."""
-        return _held(self.path.with_name(f"{self.path.name}.run-due.lock"))
+        return self._lock("run-due")
+
+    def _lock(self, name: str) -> contextlib.AbstractContextManager[bool]:
+        """Hold the lock `name`: a file beside a SQLite store; an advisory lock of the
+        PostgreSQL server, which every host sees. Both go with the process that dies."""
+        if is_postgres(self.path):
+            return _held_on_server(str(self.path), name)
+        path = Path(self.path)
+        return _held(path.with_name(f"{path.name}.{name}.lock"))
 
     def feedback_seen(self, digest: str) -> bool:
         """Return whether a report with this digest was read already."""
@@ -637,7 +647,7 @@ class Ledger:
 
     @staticmethod
     def _on_row(
-        db: sqlite3.Connection,
+        db: Db,
         row: tuple[int | None, int | None],
         column: str,
         value: str,
@@ -651,9 +661,7 @@ class Ledger:
         )
 
     @staticmethod
-    def _stricter(
-        db: sqlite3.Connection, subscriber_id: int | None, status: Status, reason: str
-    ) -> None:
+    def _stricter(db: Db, subscriber_id: int | None, status: Status, reason: str) -> None:
         if subscriber_id is None:
             return
         current = db.execute(
@@ -690,29 +698,43 @@ class Ledger:
         """Add messages to the count of `minute`; forget counts older than a day."""
         self.db.execute(
             "INSERT INTO quota (minute, messages) VALUES (?, ?)"
-            " ON CONFLICT (minute) DO UPDATE SET messages = messages + excluded.messages",
+            " ON CONFLICT (minute) DO UPDATE SET messages = quota.messages + excluded.messages",
             (minute, messages),
         )
         if minute % 60 == 0:
             self.db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))
 
 
-def copy_without_send(source: Path, target: Path, issue: str) -> None:
-    """Copy the database at `source` to `target`, less the send of `issue` (for a
-    rehearsal of that send: a dry run)."""
-    original = sqlite3.connect(source)
-    copy = sqlite3.connect(target)
+def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:
+    """Copy the store at `source` to the SQLite file `target`, less the send of `issue`
+    (for a rehearsal of that send: a dry run)."""
+    from qant_mail.store import copy_store
+
+    copy_store(source, target)
+    copy = open_store(target)
     try:
-        with copy:
-            original.backup(copy)
-            copy.execute(
+        with transaction(copy) as db:
+            db.execute(
                 "DELETE FROM deliveries WHERE send_id IN (SELECT id FROM sends WHERE issue = ?)",
                 (issue,),
             )
-            copy.execute("DELETE FROM sends WHERE issue = ?", (issue,))
+            db.execute("DELETE FROM sends WHERE issue = ?", (issue,))
     finally:
-        original.close()
         copy.close()
+
+
+@contextlib.contextmanager
+def _held_on_server(url: str, name: str) -> Iterator[bool]:
+    """Hold a PostgreSQL advisory lock named `name` on a connection of its own (the
+    server releases it when that connection ends, a killed process's included)."""
+    db = open_store(url)
+    try:
+        digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+        key = int.from_bytes(digest, "big", signed=True)
+        (held,) = db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
+        yield bool(held)
+    finally:
+        db.close()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from qant_mail.compose import ComposeError, Prepared, Recipient
 from qant_mail.config import Settings
 from qant_mail.errors import ExitCode, SendError
 from qant_mail.ledger import Delivery, Ledger, Send, State, copy_without_send, left
+from qant_mail.store import is_postgres
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
     Connection,
@@ -221,7 +222,7 @@ def send_to_list(
     wait_for_retries: bool = True,
     accept_changes: bool = False,
     stop: threading.Event | None = None,
-    store_path: Path | None = None,
+    store_path: Path | str | None = None,
     new_subscribers: bool = False,
 ) -> SendReport:
     """Send the issue to every active subscriber not sent it yet; resume after a crash.
@@ -276,9 +277,10 @@ def dry_run(
     """Run the same send into `folder` (a Maildir), on a copy of the database."""
     with tempfile.TemporaryDirectory(prefix="qant-dry-run-") as scratch:
         copy = Path(scratch) / "store.db"
-        if settings.store_path.exists():
+        source = settings.store_path
+        if is_postgres(source) or Path(source).exists():
             # A dry run shows the whole send, even of an issue already (partly) sent.
-            copy_without_send(settings.store_path, copy, prepared.issue_key)
+            copy_without_send(source, copy, prepared.issue_key)
         if folder.exists():
             shutil.rmtree(folder)
         return send_to_list(

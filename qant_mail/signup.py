@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +20,7 @@ from qant_mail.compose import Prepared, Recipient, dkim_keys, notice, reader_pag
 from qant_mail.config import Settings
 from qant_mail.errors import QantError
 from qant_mail.render import Renderer
-from qant_mail.store import now_text, open_store
+from qant_mail.store import Db, now_text, open_store
 from qant_mail.subscribers import (
     READER_STATUSES,
     Consent,
@@ -310,7 +309,7 @@ class Signup:
 
 
 @contextlib.contextmanager
-def _store(settings: Settings) -> Iterator[sqlite3.Connection]:
+def _store(settings: Settings) -> Iterator[Db]:
     """Open the database for one step, and close it however that ends."""
     db = open_store(settings.store_path)
     try:

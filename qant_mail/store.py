@@ -1,22 +1,26 @@
-"""The SQLite database of subscribers and sends: opening it, its schema migrations, and
-the one way to write several rows at once (`transaction`)."""
+"""The database of subscribers and sends: SQLite (a file, the default) or PostgreSQL
+(`[store] url = "postgresql://…"`, when one machine is not enough). Opening it, its
+schema migrations (the same numbered steps for both), and the one way to write several
+rows at once (`transaction`). The SQL of the other modules is written once, in SQLite's
+words, and said in PostgreSQL's by `_postgres` here."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qant_mail.errors import ExitCode, QantError
 
 # Each step brings a database from version N to N + 1 (PRAGMA user_version). Steps are
 # never edited once released: a change of schema is a new step.
-MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
+MIGRATIONS: list[str | Callable[[Db], None]] = [
     # 1: subscribers
     """
     CREATE TABLE subscribers (
@@ -154,6 +158,33 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
 ]
 
 
+class Cursor(Protocol):
+    """What a statement gives back, in both databases."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """A connection to the store, SQLite or PostgreSQL: SQL in SQLite's words, `?`
+    parameters."""
+
+    dialect: str
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor: ...
+    def close(self) -> None: ...
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+class IntegrityError(sqlite3.IntegrityError):
+    """A constraint refused a row (PostgreSQL's, said as SQLite's: callers catch one)."""
+
+
 class StoreError(QantError):
     """The database cannot be opened or is not ours."""
 
@@ -171,18 +202,108 @@ class Connection(sqlite3.Connection):
     bad statement) stay sqlite3's own."""
 
     path: Path = Path("?")
+    dialect = "sqlite"
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         try:
-            return super().execute(*args, **kwargs)
+            return super().execute(sql, parameters)
         except sqlite3.DatabaseError as err:
             raise _translated(self.path, err) from err
 
-    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+    def executemany(self, sql: str, rows: Any, /) -> sqlite3.Cursor:
         try:
-            return super().executemany(*args, **kwargs)
+            return super().executemany(sql, rows)
         except sqlite3.DatabaseError as err:
             raise _translated(self.path, err) from err
+
+
+class PgConnection:
+    """A PostgreSQL connection (psycopg 3) that speaks like `Connection`: the same SQL,
+    `?` parameters, explicit BEGIN/COMMIT, SQLite's IntegrityError, and errors of
+    circumstance as `StoreError`s naming the server (never the password)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, raw: Any, where: str) -> None:
+        self.raw = raw
+        self.where = where
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        try:
+            cursor: Cursor = self.raw.execute(_postgres(sql), parameters or None)
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        return cursor
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor:
+        cursor = self.raw.cursor()
+        try:
+            cursor.executemany(_postgres(sql), list(rows))
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        result: Cursor = cursor
+        return result
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg import pq
+
+        return bool(self.raw.info.transaction_status != pq.TransactionStatus.IDLE)
+
+
+def _pg_translated(where: str, err: Exception) -> Exception:
+    import psycopg
+
+    if isinstance(err, psycopg.errors.IntegrityError):
+        return IntegrityError(str(err))
+    if isinstance(err, psycopg.errors.DiskFull):
+        return StoreUnavailable(f"{where}: the database server's disk is full; nothing was written")
+    if isinstance(err, psycopg.OperationalError):
+        return StoreUnavailable(
+            f"{where}: the database server cannot be used now: {_first_line(err)}"
+        )
+    if isinstance(err, psycopg.Error):
+        return err
+    return err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+# SQLite's words → PostgreSQL's: the types of the schema (ids are 64-bit identities,
+# addresses compare case-insensitively as citext), and what differs in statements.
+_PG_RULES = [
+    (
+        re.compile(r"INTEGER PRIMARY KEY AUTOINCREMENT"),
+        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    ),
+    (
+        re.compile(r"\bid INTEGER PRIMARY KEY\b"),
+        "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    ),
+    (re.compile(r"TEXT (NOT NULL |PRIMARY KEY )?(UNIQUE )?COLLATE NOCASE"), r"CITEXT \1\2"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"^\s*BEGIN IMMEDIATE\s*$"), "BEGIN"),
+]
+_PG_CACHE: dict[str, str] = {}
+
+
+def _postgres(sql: str) -> str:
+    """Return `sql` (SQLite's words, `?` parameters) as PostgreSQL says it."""
+    said = _PG_CACHE.get(sql)
+    if said is None:
+        said = sql
+        for pattern, replacement in _PG_RULES:
+            said = pattern.sub(replacement, said)
+        # psycopg's parameters are %s, and a literal % is written %%.
+        said = said.replace("%", "%%").replace("?", "%s")
+        _PG_CACHE[sql] = said
+    return said
 
 
 def _translated(path: Path, err: sqlite3.DatabaseError) -> Exception:
@@ -219,7 +340,7 @@ def _writable(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(db: Db) -> Iterator[Db]:
     """Run the block as one write transaction: all of it is committed, or none.
 
     On an error the transaction is rolled back if it is still open (SQLite rolls back by
@@ -230,12 +351,39 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error, StoreError):
+            # Whatever a failed ROLLBACK says, the error that led to it is the one to raise.
+            with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
         raise
 
 
-def open_store(path: Path) -> sqlite3.Connection:
+StoreTarget = Path | str  # a SQLite file, or a postgresql:// URL
+PASSWORD_VARIABLE = "QANT_STORE_PASSWORD"
+
+
+def is_postgres(target: StoreTarget) -> bool:
+    """Return whether `target` names a PostgreSQL database."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def describe(target: StoreTarget) -> str:
+    """Return how messages name the store: its file, or its server and database (the
+    URL without its password)."""
+    if not is_postgres(target):
+        return str(target)
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1@", str(target))
+
+
+def open_store(target: StoreTarget, *, migrate: bool = True) -> Db:
+    """Open the store: a SQLite file (created and migrated if needed), or a PostgreSQL
+    database, which must be at this qant-mail's schema (`qant-mail db migrate`) unless
+    `migrate`."""
+    if is_postgres(target):
+        return _open_postgres(str(target), migrate=migrate)
+    return _open_sqlite(Path(target))
+
+
+def _open_sqlite(path: Path) -> Connection:
     """Open (creating if needed) the database at `path`, migrated to the current schema."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +407,89 @@ def open_store(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+def _open_postgres(url: str, *, migrate: bool) -> PgConnection:
+    where = describe(url)
+    try:
+        import psycopg
+    except ImportError as err:
+        raise StoreError(
+            f"{where}: PostgreSQL needs psycopg: pip install 'qant-mail[postgresql]'"
+        ) from err
+    password = os.environ.get(PASSWORD_VARIABLE) or None
+    try:
+        raw = psycopg.connect(url, autocommit=True, password=password, connect_timeout=10)
+    except psycopg.Error as err:
+        raise StoreUnavailable(f"{where}: cannot connect: {_first_line(err)}") from err
+    connection = PgConnection(raw, where)
+    try:
+        _check_postgres(connection, where, migrate=migrate)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+# Taken while a PostgreSQL store is migrated: two processes never migrate it at once.
+_MIGRATION_LOCK = 0x71A7_0001
+
+
+def _check_postgres(db: PgConnection, where: str, *, migrate: bool) -> None:
+    version = postgres_version(db)
+    if version == len(MIGRATIONS):
+        return
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"{where}: schema version {version} is newer than this qant-mail knows "
+            f"({len(MIGRATIONS)}); upgrade qant-mail"
+        )
+    if not migrate:
+        raise StoreError(
+            f"{where}: the database is at schema version {version}, this qant-mail needs "
+            f"{len(MIGRATIONS)}: run `qant-mail db migrate` (once, from one host)"
+        )
+    db.execute("SELECT pg_advisory_lock(?)", (_MIGRATION_LOCK,))
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS qant_schema (version INTEGER NOT NULL)")
+        for number in range(postgres_version(db), len(MIGRATIONS)):
+            with transaction(db):
+                if number == 0:
+                    db.execute("CREATE EXTENSION IF NOT EXISTS citext")
+                    db.execute(_PG_INSTR)
+                    db.execute("INSERT INTO qant_schema (version) VALUES (0)")
+                step = MIGRATIONS[number]
+                if not callable(step):  # the callable steps mend SQLite data of old versions
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                db.execute("UPDATE qant_schema SET version = ?", (number + 1,))
+    finally:
+        db.execute("SELECT pg_advisory_unlock(?)", (_MIGRATION_LOCK,))
+
+
+# SQLite's instr(), which the ledger's SQL uses, in PostgreSQL.
+_PG_INSTR = (
+    "CREATE OR REPLACE FUNCTION instr(text, text) RETURNS integer"
+    " LANGUAGE sql IMMUTABLE AS 'SELECT strpos($1, $2)'"
+)
+
+
+def postgres_version(db: Db) -> int:
+    """Return the schema version of a PostgreSQL store (0: none yet)."""
+    exists = db.execute("SELECT to_regclass('qant_schema') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    row = db.execute("SELECT version FROM qant_schema").fetchone()
+    return int(row[0]) if row else 0
+
+
+def schema_version(db: Db) -> int:
+    """Return the schema version of an open store."""
+    if db.dialect == "postgresql":
+        return postgres_version(db)
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(connection: Connection, path: Path) -> None:
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > len(MIGRATIONS):
         raise StoreError(
@@ -281,7 +511,7 @@ def _migrate(connection: sqlite3.Connection, path: Path) -> None:
                 connection.execute(f"PRAGMA user_version = {number + 1}")
 
 
-def _ascii_domains(db: sqlite3.Connection) -> None:
+def _ascii_domains(db: Db) -> None:
     """Write the international domains of stored addresses in their ASCII form; where
     that makes two rows of one mailbox, keep the older, with the stricter status."""
     from qant_mail.addresses import AddressError, normalise_address
@@ -322,3 +552,97 @@ def now_text() -> str:
 
 
 _NOW: list[int | str] = [0, ""]
+
+
+# Every table, parents before children: the order a copy writes them in.
+TABLES = (
+    "subscribers",
+    "subscriptions",
+    "suppressions",
+    "sends",
+    "deliveries",
+    "quota",
+    "feedback_reports",
+    "schedules",
+    "signups",
+    "signup_attempts",
+)
+_COPY_BATCH = 5000
+
+
+def copy_store(source: StoreTarget, target: StoreTarget) -> dict[str, int]:
+    """Copy every row of the store at `source` into the empty store at `target` (made
+    at the current schema), in one transaction, and check the counts; return them."""
+    origin = open_store(source)
+    try:
+        destination = open_store(target)
+    except BaseException:
+        origin.close()
+        raise
+    counts: dict[str, int] = {}
+    try:
+        for table in TABLES:
+            (rows,) = destination.execute(f"SELECT count(*) FROM {table}").fetchone()
+            if rows:
+                raise StoreError(
+                    f"{describe(target)}: not empty ({rows} rows in {table}); copy into a "
+                    "new database"
+                )
+        with transaction(destination):
+            for table in TABLES:
+                counts[table] = _copy_table(origin, destination, table)
+            if destination.dialect == "postgresql":
+                for table in ("subscribers", "sends", "signups"):
+                    # Rows came with their ids: the next id follows the largest.
+                    destination.execute(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                        f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+                    )
+            for table in TABLES:
+                (copied,) = destination.execute(f"SELECT count(*) FROM {table}").fetchone()
+                if copied != counts[table]:
+                    raise StoreError(
+                        f"{describe(target)}: {table} has {copied} rows after the copy, "
+                        f"{counts[table]} expected; nothing was kept"
+                    )
+    finally:
+        origin.close()
+        destination.close()
+    return counts
+
+
+def _copy_table(origin: Db, destination: Db, table: str) -> int:
+    columns = (
+        [
+            str(name)
+            for name, *_ in origin.execute(
+                "SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,)
+            ).fetchall()
+        ]
+        if origin.dialect == "sqlite"
+        else [
+            str(name)
+            for (name,) in origin.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?"
+                " AND table_schema = current_schema() ORDER BY ordinal_position",
+                (table,),
+            ).fetchall()
+        ]
+    )
+    listed = ", ".join(columns)
+    insert = f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' for _ in columns)})"
+    copied = 0
+    rows = origin.execute(f"SELECT {listed} FROM {table}")
+    while batch := _take(rows, _COPY_BATCH):
+        destination.executemany(insert, batch)
+        copied += len(batch)
+    return copied
+
+
+def _take(rows: Cursor, size: int) -> list[Any]:
+    out = []
+    for row in rows:
+        out.append(tuple(row))
+        if len(out) == size:
+            break
+    return out

@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from qant_mail.addresses import AddressChecker, AddressError, check_display_name
 from qant_mail.config import DEFAULT_NEWSLETTER
 from qant_mail.errors import QantError
 from qant_mail.files import first_bad_utf8_line, open_text
-from qant_mail.store import now_text, open_store, transaction
+from qant_mail.store import Db, StoreTarget, now_text, open_store, transaction
 
 MAX_NAME = 200
 # Rows go to the database this many at a time, so that memory does not grow with the file.
@@ -114,9 +113,10 @@ _SUBSCRIBE = (
     " VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (newsletter, subscriber_id) DO UPDATE SET status = 'active',"
     " status_changed_at = excluded.status_changed_at, status_reason = excluded.status_reason,"
-    " consent_at = coalesce(excluded.consent_at, consent_at),"
+    " consent_at = coalesce(excluded.consent_at, subscriptions.consent_at),"
     " consent_form = CASE WHEN excluded.consent_form != '' THEN excluded.consent_form"
-    " ELSE consent_form END, confirmed_at = coalesce(excluded.confirmed_at, confirmed_at)"
+    " ELSE subscriptions.consent_form END,"
+    " confirmed_at = coalesce(excluded.confirmed_at, subscriptions.confirmed_at)"
 )
 
 
@@ -144,12 +144,12 @@ class Subscribers:
     """The list of one newsletter (`newsletter`, its key) in a SQLite database; the
     readers and their erasure are shared by every newsletter."""
 
-    def __init__(self, connection: sqlite3.Connection, newsletter: str = DEFAULT_NEWSLETTER):
+    def __init__(self, connection: Db, newsletter: str = DEFAULT_NEWSLETTER):
         self.db = connection
         self.newsletter = newsletter
 
     @classmethod
-    def open(cls, path: Path, newsletter: str = DEFAULT_NEWSLETTER) -> Subscribers:
+    def open(cls, path: StoreTarget, newsletter: str = DEFAULT_NEWSLETTER) -> Subscribers:
         """Open the list stored at `path`, creating it if needed."""
         return cls(open_store(path), newsletter)
 
@@ -460,7 +460,7 @@ class Subscribers:
         rows = _read_csv(stream, where)
         with transaction(self.db) as db:
             db.execute(_INCOMING)
-            db.execute("DELETE FROM temp.incoming")
+            db.execute("DELETE FROM incoming")
             for batch in _batches(rows, BATCH):
                 valid = []
                 for line, email, name in batch:
@@ -469,38 +469,37 @@ class Subscribers:
                         valid.append((address, _name(_uncell(name)), line, _hash(address)))
                     except (AddressError, SubscriberError) as err:
                         report.reject(line, str(err))
-                before = db.total_changes
-                db.executemany(
-                    "INSERT INTO temp.incoming (email, name, line, email_hash)"
+                inserted = db.executemany(
+                    "INSERT INTO incoming (email, name, line, email_hash)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING",
                     valid,
-                )
-                report.duplicates += len(valid) - (db.total_changes - before)
+                ).rowcount
+                report.duplicates += len(valid) - inserted
             newsletter = (self.newsletter,)
             # Known readers who left this newsletter, bounced or complained: left as
             # they are, since a list someone kept is no consent to write again.
             report.inactive = _count(
                 db,
-                "SELECT count(*) FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
+                "SELECT count(*) FROM incoming i JOIN subscribers s ON s.email = i.email"
                 " LEFT JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
                 " WHERE s.status != 'active' OR b.status = 'unsubscribed'",
                 newsletter,
             )
             report.suppressed = _count(
                 db,
-                "SELECT count(*) FROM temp.incoming i"
+                "SELECT count(*) FROM incoming i"
                 " JOIN suppressions p ON p.email_hash = i.email_hash"
                 " WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email = i.email)",
             )
             known_active = _count(
                 db,
-                "SELECT count(*) FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
+                "SELECT count(*) FROM incoming i JOIN subscribers s ON s.email = i.email"
                 " JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
                 " WHERE s.status = 'active' AND b.status = 'active'",
                 newsletter,
             )
             report.renamed = db.execute(
-                "UPDATE subscribers SET name = i.name FROM temp.incoming i"
+                "UPDATE subscribers SET name = i.name FROM incoming i"
                 " WHERE subscribers.email = i.email AND subscribers.status = 'active'"
                 " AND i.name != '' AND i.name != subscribers.name AND EXISTS (SELECT 1"
                 " FROM subscriptions b WHERE b.subscriber_id = subscribers.id"
@@ -511,7 +510,7 @@ class Subscribers:
             now = now_text()
             db.execute(
                 "INSERT INTO subscribers (email, name, status, status_changed_at, created_at,"
-                " source) SELECT i.email, i.name, 'active', ?, ?, ? FROM temp.incoming i"
+                " source) SELECT i.email, i.name, 'active', ?, ?, ? FROM incoming i"
                 " WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email = i.email)"
                 " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.email_hash = i.email_hash)"
                 " ORDER BY i.line",
@@ -521,12 +520,12 @@ class Subscribers:
             report.added = db.execute(
                 "INSERT INTO subscriptions (subscriber_id, newsletter, status,"
                 " status_changed_at, created_at, source) SELECT s.id, ?, 'active', ?, ?, ?"
-                " FROM temp.incoming i JOIN subscribers s ON s.email = i.email"
+                " FROM incoming i JOIN subscribers s ON s.email = i.email"
                 " WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM subscriptions b"
                 " WHERE b.subscriber_id = s.id AND b.newsletter = ?) ORDER BY i.line",
                 (self.newsletter, now, now, source, self.newsletter),
             ).rowcount
-            db.execute("DELETE FROM temp.incoming")
+            db.execute("DELETE FROM incoming")
         return report
 
     def _require(self, email: str) -> Subscriber:
@@ -559,7 +558,7 @@ def _hash(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()
 
 
-def _count(db: sqlite3.Connection, query: str, parameters: tuple[str, ...] = ()) -> int:
+def _count(db: Db, query: str, parameters: tuple[str, ...] = ()) -> int:
     (number,) = db.execute(query, parameters).fetchone()
     return int(number)
 
@@ -703,7 +702,7 @@ class Signups:
     """Signup requests waiting for their confirmation, and the attempts the rate limits
     count (by a hash of the client and of the address: nothing that names anyone)."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: Db) -> None:
         self.db = connection
 
     def attempt(
@@ -740,12 +739,12 @@ class Signups:
         expires_at: float,
     ) -> int:
         """Record a request; return its number."""
-        cursor = self.db.execute(
+        (number,) = self.db.execute(
             "INSERT INTO signups (email, name, newsletters, form, requested_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (email, name, " ".join(newsletters), form, requested_at, expires_at),
-        )
-        return int(cursor.lastrowid or 0)
+        ).fetchone()
+        return int(number)
 
     def get(self, signup_id: int) -> PendingSignup | None:
         """Return request number `signup_id`, if it is still kept."""

@@ -23,6 +23,7 @@ HOMES = {
     "css_inline": {"render"},
     "babel": {"render"},
     "PIL": {"images"},
+    "psycopg": {"store"},
     "email_validator": {"addresses"},
     "cryptography": {"dkim"},
     "flufl": {"bounces"},
