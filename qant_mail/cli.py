@@ -844,6 +844,75 @@ def dkim_keygen(
     typer.echo(f"{variable}_FILE={path.resolve()}")
 
 
+db_app = typer.Typer(
+    help="The store itself: its schema version, migrations, and copies between SQLite and "
+    "PostgreSQL.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+
+
+def _target(value: str) -> Path | str:
+    """Return a store named on the command line: a postgresql:// URL, sqlite:///PATH or
+    a file's path."""
+    if value.startswith(("postgresql://", "postgres://")):
+        return value
+    return Path(value.removeprefix("sqlite:///"))
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context) -> None:
+    """Say which store the settings name, its schema version and its rows per table."""
+    from qant_mail import store as stores
+
+    settings = _settings(ctx)
+    db = stores.open_store(settings.store_path, migrate=False)
+    try:
+        version = stores.schema_version(db)
+        typer.echo(f"{stores.describe(settings.store_path)} ({db.dialect}), schema {version}")
+        for table in stores.TABLES:
+            (rows,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+            typer.echo(f"  {table}\t{rows}")
+    finally:
+        db.close()
+
+
+@db_app.command("migrate")
+def db_migrate(ctx: typer.Context) -> None:
+    """Bring the store to this qant-mail's schema (a PostgreSQL store is never migrated
+    by another command: run this once, from one host, when upgrading)."""
+    from qant_mail import store as stores
+
+    settings = _settings(ctx)
+    db = stores.open_store(settings.store_path, migrate=True)
+    try:
+        version = stores.schema_version(db)
+    finally:
+        db.close()
+    typer.echo(f"{stores.describe(settings.store_path)}: at schema {version}")
+
+
+@db_app.command("copy")
+def db_copy(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="The store to copy: a file or a URL.")],
+    target: Annotated[str, typer.Argument(help="An empty store to copy into.")],
+) -> None:
+    """Copy every row of one store into another, empty one (SQLite into PostgreSQL and
+    back), in one transaction, checked by the counts of each table."""
+    from qant_mail import store as stores
+
+    origin, destination = _target(source), _target(target)
+    if isinstance(origin, Path) and not origin.is_file():
+        raise typer.BadParameter(f"{origin}: no such store")
+    counts = stores.copy_store(origin, destination)
+    total = sum(counts.values())
+    typer.echo(
+        f"copied {total} rows into {stores.describe(destination)}: "
+        + ", ".join(f"{table} {n}" for table, n in counts.items() if n)
+    )
+
+
 subscribers_app = typer.Typer(
     help="Manage the subscriber list.", no_args_is_help=True, rich_markup_mode=None
 )

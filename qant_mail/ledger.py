@@ -270,14 +270,17 @@ class Ledger:
         with transaction(self.db) as db:
             # Due retries first, then the next pending rows in list order: two queries
             # that each walk an index, where one with OR would sort the whole send.
+            # SQLite's BEGIN IMMEDIATE already lets one claim at a time; PostgreSQL lets
+            # several senders claim at once, each skipping the rows another holds.
+            lock = " FOR UPDATE OF d SKIP LOCKED" if db.dialect == "postgresql" else ""
             rows = db.execute(
                 _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= ?"
-                " ORDER BY d.next_attempt_at LIMIT ?",
+                " ORDER BY d.next_attempt_at LIMIT ?" + lock,
                 (send.newsletter, send.id, now, limit),
             ).fetchall()
             if len(rows) < limit:
                 rows += db.execute(
-                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?",
+                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?" + lock,
                     (send.newsletter, send.id, limit - len(rows)),
                 ).fetchall()
             stamp = now_text()

@@ -247,6 +247,11 @@ class PgConnection:
     def close(self) -> None:
         self.raw.close()
 
+    def __del__(self) -> None:
+        # As sqlite3 does: a connection dropped without close() is closed, quietly.
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
     @property
     def in_transaction(self) -> bool:
         from psycopg import pq
@@ -374,10 +379,11 @@ def describe(target: StoreTarget) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1@", str(target))
 
 
-def open_store(target: StoreTarget, *, migrate: bool = True) -> Db:
+def open_store(target: StoreTarget, *, migrate: bool | None = None) -> Db:
     """Open the store: a SQLite file (created and migrated if needed), or a PostgreSQL
-    database, which must be at this qant-mail's schema (`qant-mail db migrate`) unless
-    `migrate`."""
+    database. An empty PostgreSQL database gets the schema on first use; one at an older
+    version must be migrated on purpose (`qant-mail db migrate`, `migrate=True`), since
+    other hosts may still be running the version it suits."""
     if is_postgres(target):
         return _open_postgres(str(target), migrate=migrate)
     return _open_sqlite(Path(target))
@@ -407,7 +413,7 @@ def _open_sqlite(path: Path) -> Connection:
     return connection
 
 
-def _open_postgres(url: str, *, migrate: bool) -> PgConnection:
+def _open_postgres(url: str, *, migrate: bool | None) -> PgConnection:
     where = describe(url)
     try:
         import psycopg
@@ -433,10 +439,12 @@ def _open_postgres(url: str, *, migrate: bool) -> PgConnection:
 _MIGRATION_LOCK = 0x71A7_0001
 
 
-def _check_postgres(db: PgConnection, where: str, *, migrate: bool) -> None:
+def _check_postgres(db: PgConnection, where: str, *, migrate: bool | None) -> None:
     version = postgres_version(db)
     if version == len(MIGRATIONS):
         return
+    if migrate is None:
+        migrate = version == 0
     if version > len(MIGRATIONS):
         raise StoreError(
             f"{where}: schema version {version} is newer than this qant-mail knows "
@@ -447,10 +455,17 @@ def _check_postgres(db: PgConnection, where: str, *, migrate: bool) -> None:
             f"{where}: the database is at schema version {version}, this qant-mail needs "
             f"{len(MIGRATIONS)}: run `qant-mail db migrate` (once, from one host)"
         )
+    migrate_postgres(db)
+
+
+def migrate_postgres(db: Db, to_version: int | None = None) -> None:
+    """Bring a PostgreSQL store to `to_version` (default: this qant-mail's), step by
+    step, each in its transaction, holding a lock that keeps other hosts waiting."""
+    target = len(MIGRATIONS) if to_version is None else to_version
     db.execute("SELECT pg_advisory_lock(?)", (_MIGRATION_LOCK,))
     try:
         db.execute("CREATE TABLE IF NOT EXISTS qant_schema (version INTEGER NOT NULL)")
-        for number in range(postgres_version(db), len(MIGRATIONS)):
+        for number in range(postgres_version(db), target):
             with transaction(db):
                 if number == 0:
                     db.execute("CREATE EXTENSION IF NOT EXISTS citext")

@@ -62,9 +62,38 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+# The modules whose tests run against both stores: SQLite, and a real PostgreSQL.
+BOTH_STORES = {"test_subscribers", "test_send", "test_serve", "test_history", "test_signup"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test of the BOTH_STORES modules on SQLite and on PostgreSQL (but those
+    marked `sqlite_only`, about the file itself)."""
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if (
+        module in BOTH_STORES
+        and "store_kind" in metafunc.fixturenames
+        and not metafunc.definition.get_closest_marker("sqlite_only")
+    ):
+        metafunc.parametrize("store_kind", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def project_settings(project: Path) -> Settings:
-    """The settings of the `project` copy."""
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store the project uses: "sqlite" (the default) or "postgresql"."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def project_settings(project: Path, store_kind: str, request: pytest.FixtureRequest) -> Settings:
+    """The settings of the `project` copy; with a PostgreSQL store of its own when the
+    test runs on PostgreSQL (written in its qant.toml, so that commands use it too)."""
+    if store_kind == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        path = project / "qant.toml"
+        text = path.read_text(encoding="utf-8")
+        text = text.replace("[store]\n", f'[store]\nurl = "{url}"\n', 1)
+        path.write_text(text, encoding="utf-8")
     return load_settings(project / "qant.toml", env={})
 
 
@@ -81,7 +110,9 @@ def write_issue(project: Path) -> Callable[[str, str], Path]:
 
 
 @pytest.fixture
-def cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+def cli(
+    project: Path, project_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Result]:
     """Run `qant-mail ARGS` in-process, in the project folder; return the result."""
     from qant_mail.cli import app
 
@@ -108,4 +139,5 @@ def local(project_settings: Settings, smtp_server: SmtpServer) -> Settings:  # n
 # Fixtures shared by several test modules.
 from tests.browser import browser  # noqa: E402, F401
 from tests.faulty_smtp import faulty_smtp  # noqa: E402, F401
+from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401
 from tests.smtp_server import smtp_server  # noqa: E402, F401

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import re
-import sqlite3
+import time
 from email import policy
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from qant_mail import tokens
 from qant_mail.config import Settings, Signup, load_settings
 from qant_mail.serve import create_app
+from qant_mail.store import open_store
 from qant_mail.subscribers import Status, Subscribers
 from tests.browser import needs_chromium
 from tests.smtp_server import SmtpServer
@@ -291,8 +292,9 @@ def test_unconfirmed_requests_are_deleted_once_expired(
     ask(client, "lea@example.com")
     clock.now += 49 * 3600
     ask(client, "max@example.com")
-    with sqlite3.connect(site.store_path) as db:
-        kept = [row[0] for row in db.execute("SELECT email FROM signups")]
+    db = open_store(site.store_path)
+    kept = [row[0] for row in db.execute("SELECT email FROM signups")]
+    db.close()
     assert kept == ["max@example.com"]
 
 
@@ -326,6 +328,10 @@ def test_the_whole_flow_in_a_browser(
         page.get_by_role("button", name="S’abonner").click()
         page.wait_for_selector("text=Vérifiez votre boîte de réception")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # The mail leaves after the answer: wait for it.
+        deadline = time.monotonic() + 10
+        while not mails(smtp_server, "lea@example.com") and time.monotonic() < deadline:
+            time.sleep(0.02)
         (confirmation,) = mails(smtp_server, "lea@example.com")
         text = confirmation.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         link = re.search(r"http://127\.0\.0\.1:\d+/confirm/\S+", text)
@@ -333,6 +339,8 @@ def test_the_whole_flow_in_a_browser(
         page.goto(link.group(0))
         page.get_by_role("button", name="Confirmer mon abonnement").click()
         page.wait_for_selector("text=C’est confirmé")
+        while len(mails(smtp_server, "lea@example.com")) < 3 and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
         subjects = [m["Subject"] for m in mails(smtp_server, "lea@example.com")[1:]]
         assert subjects == ["Bienvenue dans Qant", "Bienvenue dans Qant Finance"]
         page.get_by_role("link", name="Gérer mes abonnements").click()

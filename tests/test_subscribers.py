@@ -7,7 +7,7 @@ import io
 import random
 import sqlite3
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,14 @@ Cli = Callable[..., Result]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Subscribers:
-    return Subscribers.open(tmp_path / "subscribers.db")
+def store(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> Iterator[Subscribers]:
+    """A new list: a SQLite file, or a PostgreSQL database of its own."""
+    if store_kind == "postgresql":
+        opened = Subscribers.open(request.getfixturevalue("postgres_url"))
+    else:
+        opened = Subscribers.open(tmp_path / "subscribers.db")
+    yield opened
+    opened.close()
 
 
 def test_addresses_are_unique_whatever_their_case(store: Subscribers) -> None:

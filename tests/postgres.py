@@ -1,0 +1,97 @@
+"""A real PostgreSQL for the tests: Debian's server, started by the tests themselves
+(initdb and pg_ctl in a temporary folder, on a Unix socket), one database per test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# PostgreSQL refuses to run as root: the server runs as this user when the tests are root.
+SERVER_USER = "postgres"
+
+
+def _binaries() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if found:
+        return found[-1].parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).resolve().parent if pg_ctl else None
+
+
+def _unavailable(why: str) -> None:
+    # Locally a missing server skips, visibly; in CI (.ci/run installs it) it fails.
+    if os.environ.get("QANT_TEST_REQUIRE_POSTGRESQL") or os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is needed in CI: {why}")
+    pytest.skip(f"no PostgreSQL here ({why}): `apt-get install postgresql` to run these tests")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Path]:
+    """A PostgreSQL server for the session; its Unix socket's folder."""
+    binaries = _binaries()
+    if binaries is None:
+        _unavailable("no pg_ctl")
+    assert binaries is not None
+    folder = Path(tempfile.mkdtemp(prefix="qant-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, SERVER_USER)
+        run_as = ["runuser", "-u", SERVER_USER, "--"]
+    data = folder / "data"
+    try:
+        initdb = [str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "qant"]
+        subprocess.run(
+            [*run_as, *initdb, "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-k {folder} -c listen_addresses='' -c fsync=off -c max_connections=300"
+        options += " -c synchronous_commit=off -c full_page_writes=off"
+        pg_ctl = [str(binaries / "pg_ctl"), "-D", str(data), "-o", options]
+        subprocess.run(
+            [*run_as, *pg_ctl, "-l", str(folder / "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        _unavailable(f"the server did not start: {err.stderr.decode(errors='replace')[-300:]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            [*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def url_of(folder: Path, database: str) -> str:
+    """Return the URL of `database` on the server whose socket is in `folder`."""
+    return f"postgresql://qant@/{database}?host={folder}"
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Path) -> Iterator[str]:
+    """A new, empty database of its own for one test; its URL."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url_of(postgres_server, "postgres"), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield url_of(postgres_server, name)
+    finally:
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(url_of(postgres_server, "postgres"), autocommit=True) as admin,
+        ):
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,0 +1,177 @@
+"""The store on PostgreSQL beside SQLite: the schema and its versions, copies from one
+to the other and back, locks seen from every host, secrets kept out of messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import Result
+
+from qant_mail.config import Store
+from qant_mail.errors import ConfigError
+from qant_mail.ledger import Ledger, LedgerError
+from qant_mail.store import (
+    MIGRATIONS,
+    TABLES,
+    StoreError,
+    copy_store,
+    describe,
+    open_store,
+    schema_version,
+    transaction,
+)
+from qant_mail.subscribers import Status, Subscribers
+
+Cli = Callable[..., Result]
+
+
+def test_an_empty_database_gets_the_schema_and_an_older_one_waits_for_db_migrate(
+    postgres_url: str, postgres_server: Path
+) -> None:
+    import psycopg
+
+    from qant_mail.store import PgConnection, migrate_postgres
+
+    older = PgConnection(psycopg.connect(postgres_url, autocommit=True), "test")
+    migrate_postgres(older, 5)  # what a qant-mail of schema 5 made
+    older.execute(
+        "INSERT INTO subscribers (email, status, status_changed_at, created_at)"
+        " VALUES ('left@example.com', 'unsubscribed', 'x', 'x')"
+    )
+    older.close()
+    with pytest.raises(StoreError, match=r"schema version 5.*qant-mail db migrate"):
+        open_store(postgres_url)
+    migrated = open_store(postgres_url, migrate=True)
+    assert migrated.dialect == "postgresql"
+    assert schema_version(migrated) == len(MIGRATIONS)
+    with Subscribers(migrated) as store:
+        found = store.get("left@example.com")
+        assert found is not None
+        assert found.status is Status.UNSUBSCRIBED  # migration 6 on PostgreSQL too
+    migrated = open_store(postgres_url)
+    migrated.execute("UPDATE qant_schema SET version = 99")
+    migrated.close()
+    with pytest.raises(StoreError, match="newer than this qant-mail"):
+        open_store(postgres_url)
+
+
+def test_addresses_compare_without_case_and_constraints_hold(postgres_url: str) -> None:
+    with Subscribers.open(postgres_url) as store:
+        store.add("Lea@Example.com")
+        assert store.get("lea@example.COM") is not None
+        report = store.import_rows("email\nLEA@example.com\nmax@example.com\n", "t")
+        assert (report.added, report.unchanged) == (1, 1)
+        with pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"), transaction(store.db):
+            store.db.execute(
+                "INSERT INTO subscribers (email, status_changed_at, created_at)"
+                " VALUES ('LEA@EXAMPLE.COM', 'x', 'x')"
+            )
+        assert store.count()[Status.ACTIVE] == 2  # the failed transaction left nothing
+
+
+def test_a_copy_sqlite_to_postgresql_and_back_gives_identical_exports(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    first = tmp_path / "first.db"
+    with Subscribers.open(first) as store:
+        rows = "email,name\n" + "".join(f"r{n}@example.com,Lecteur {n}\n" for n in range(300))
+        store.import_rows(rows, "t")
+        store.unsubscribe("r3@example.com")
+        store.set_status("r4@example.com", Status.BOUNCED, "550")
+        store.remove("r5@example.com")
+        store.of("finance").import_rows("email\nr1@example.com\nnew@example.com\n", "t")
+    ledger = Ledger(first)
+    send = ledger.plan("2023-11-20", "hash", "Sujet")
+    ledger.close()
+    counts = copy_store(first, postgres_url)
+    assert counts["subscribers"] == 300  # 299 + new, less the erased
+    assert counts["deliveries"] == 297
+    back = tmp_path / "back.db"
+    assert copy_store(postgres_url, back) == counts
+    exports = []
+    for target in (first, postgres_url, back):
+        with Subscribers.open(target) as store:
+            for key in ("default", "finance"):
+                out = __import__("io").StringIO()
+                store.of(key).export(out)
+                exports.append(out.getvalue())
+            assert store.suppressed_since("r5@example.com")
+    assert exports[0:2] == exports[2:4] == exports[4:6]
+    # The copy goes on where the original was: new rows get new ids.
+    with Subscribers.open(postgres_url) as store:
+        added = store.add("after@example.com")
+        assert added.id > 300
+    assert Ledger(postgres_url).find("2023-11-20") == send
+
+
+def test_a_copy_into_a_store_that_has_rows_is_refused(tmp_path: Path, postgres_url: str) -> None:
+    with Subscribers.open(postgres_url) as store:
+        store.add("here@example.com")
+    source = tmp_path / "s.db"
+    Subscribers.open(source).close()
+    with pytest.raises(StoreError, match="not empty"):
+        copy_store(source, postgres_url)
+
+
+def test_the_send_lock_is_seen_from_another_process(postgres_url: str) -> None:
+    ledger = Ledger(postgres_url)
+    code = (
+        "import sys; from qant_mail.ledger import Ledger; "
+        "print(Ledger(sys.argv[1]).running('2023-11-20'))"
+    )
+    with ledger.lock("2023-11-20"):
+        other = subprocess.run(
+            [sys.executable, "-c", code, postgres_url], capture_output=True, text=True
+        )
+        assert other.stdout.strip() == "True", other.stderr
+        with (
+            pytest.raises(LedgerError, match="another `qant-mail send`"),
+            ledger.lock("2023-11-20"),
+        ):
+            pass
+    again = subprocess.run(
+        [sys.executable, "-c", code, postgres_url], capture_output=True, text=True
+    )
+    assert again.stdout.strip() == "False"
+    ledger.close()
+
+
+def test_the_password_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (
+        describe("postgresql://qant:s3cret@db.example/qant") == "postgresql://qant@db.example/qant"
+    )
+    with pytest.raises(ValueError, match="QANT_STORE_PASSWORD"):
+        Store(url="postgresql://qant:s3cret@db.example/qant")
+    monkeypatch.setenv("QANT_STORE_PASSWORD", "s3cret")
+    with pytest.raises(StoreError) as caught:
+        open_store("postgresql://qant@127.0.0.1:1/qant")
+    assert "s3cret" not in str(caught.value)
+    assert "127.0.0.1" in str(caught.value)
+
+
+def test_db_commands(cli: Cli, project: Path, postgres_url: str) -> None:
+    (project / "list.csv").write_text("email\na@example.com\nb@example.com\n")
+    assert cli("subscribers", "import", "list.csv").exit_code == 0
+    copied = cli("db", "copy", "data/subscribers.db", postgres_url)
+    assert copied.exit_code == 0, copied.output
+    assert "copied" in copied.stdout
+    assert "subscribers 2" in copied.stdout
+    status = cli("db", "status")
+    assert "schema" in status.stdout
+    assert "subscribers\t2" in status.stdout
+    assert cli("db", "migrate").exit_code == 0
+    for table in TABLES:
+        assert table in status.stdout
+
+
+def test_a_bad_store_url_is_a_settings_error(project: Path) -> None:
+    from qant_mail.config import load_settings
+
+    path = project / "qant.toml"
+    path.write_text(path.read_text().replace("[store]\n", '[store]\nurl = "mysql://x"\n', 1))
+    with pytest.raises(ConfigError, match=r"store\.url"):
+        load_settings(path, env={})
