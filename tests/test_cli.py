@@ -218,7 +218,7 @@ def test_a_command_closes_the_list_it_opened(project: Path, project_settings: Se
         text=True,
     )
     assert imported.returncode == 0, imported.stderr
-    store = project_settings.store_path
+    store = Path(project_settings.store_path)
     assert store.exists()
     assert not Path(f"{store}-wal").exists()
 

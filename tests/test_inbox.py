@@ -57,7 +57,7 @@ def test_demo_delivers_the_sample_to_the_demo_list(project_settings: Settings) -
         assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         recipients.add(message["To"].addresses[0].addr_spec)
     assert "camille.lecteur@example.com" in recipients
-    assert not (project_settings.store_path).exists()  # the real list is left alone
+    assert not Path(project_settings.store_path).exists()  # the real list is left alone
 
 
 def test_demo_command_says_where_the_messages_are(cli: Cli) -> None:

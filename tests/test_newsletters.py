@@ -22,7 +22,7 @@ from qant_mail.pipeline import check, prepare_send
 from qant_mail.render import Renderer
 from qant_mail.send import send_to_list
 from qant_mail.serve import create_app
-from qant_mail.store import MIGRATIONS, open_store
+from qant_mail.store import MIGRATIONS, Connection, open_store
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import MemoryTransport
 from tests.conftest import SAMPLE
@@ -209,7 +209,7 @@ def _recipient(number: int) -> Recipient:
 
 def _store_of_version_5(path: Path) -> None:
     """Write the store a qant-mail of before several newsletters made (schema 5)."""
-    db = sqlite3.connect(path, isolation_level=None)
+    db = sqlite3.connect(path, isolation_level=None, factory=Connection)
     for step in MIGRATIONS[:5]:
         if callable(step):
             step(db)

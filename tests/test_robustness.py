@@ -90,6 +90,7 @@ def test_a_removed_reader_is_not_brought_back_by_an_old_csv(tmp_path: Path) -> N
     assert (report.added, report.suppressed) == (0, 1)
     assert store.get("lea@example.com") is None
     # Nothing of the address is kept in clear.
+    assert isinstance(store.db, sqlite3.Connection)
     dump = "\n".join(store.db.iterdump())
     assert "lea@example.com" not in dump.lower()
     with pytest.raises(SubscriberError, match="removed from the list on request"):
