@@ -455,6 +455,9 @@ def status(
     of = f" ({send.newsletter})" if len(settings.editions) > 1 else ""
     typer.echo(f"{send.issue}{of}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
+    for name, started, alive, held in found.senders:
+        doing = f"at work, holding {held}" if alive else "gone"
+        typer.echo(f"  sender {name}: since {_when(started)}, {doing}")
     if found.expected_finish is not None:
         local = found.expected_finish.astimezone().strftime("%H:%M:%S")
         typer.echo(
@@ -631,6 +634,10 @@ def _status_json(found: SendStatus) -> dict[str, object]:
         "rate": found.rate,
         "expected_finish": found.expected_finish.isoformat() if found.expected_finish else None,
         "counts": {state.value: n for state, n in found.counts.items()},
+        "senders": [
+            {"name": name, "started_at": started, "at_work": alive, "holding": held}
+            for name, started, alive, held in found.senders
+        ],
         "bounced": found.bounced,
         "soft_bounced": found.soft_bounced,
         "complaints": found.complaints,

@@ -290,6 +290,10 @@ class Sending(Strict):
     per_day: Annotated[int, Field(ge=0)] = 0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
     retry_after_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # Several senders on one send (PostgreSQL): a sender renews its hold on the rows it
+    # is sending every third of this; a sender silent for this long is taken for dead,
+    # and the others send its rows.
+    lease_seconds: Annotated[float, Field(ge=0.5, le=3600)] = 60.0
 
 
 class Bounces(Strict):

@@ -252,17 +252,96 @@ class Ledger:
                 db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
         return int(added)
 
-    def recover(self, send: Send) -> int:
-        """Put back the rows a killed run left `sending`; return how many."""
+    @property
+    def shared(self) -> bool:
+        """Return whether several senders may work on one send at once (PostgreSQL),
+        rather than one process holding the send's lock (SQLite)."""
+        return self.db.dialect == "postgresql"
+
+    def recover(self, send: Send, now: float | None = None) -> int:
+        """Put back the rows a killed run left `sending`; return how many. Shared, only
+        those whose lease has run out: the others belong to senders at work."""
+        lease = " AND lease_until < ?" if self.shared else ""
+        parameters: tuple[object, ...] = (now_text(), send.id)
+        if self.shared:
+            parameters += (time.time() if now is None else now,)
         cursor = self.db.execute(
-            "UPDATE deliveries SET state = 'pending', updated_at = ?"
-            " WHERE send_id = ? AND state = 'sending'",
-            (now_text(), send.id),
+            "UPDATE deliveries SET state = 'pending', worker = '', updated_at = ?"
+            " WHERE send_id = ? AND state = 'sending'" + lease,
+            parameters,
         )
-        return cursor.rowcount
+        return int(cursor.rowcount)
+
+    def join(self, send: Send, worker: str, now: float | None = None) -> None:
+        """Note that sender `worker` works on `send` from now on."""
+        self.db.execute(
+            "INSERT INTO workers (send_id, worker, started_at, seen_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (send_id, worker) DO UPDATE SET seen_at = excluded.seen_at,"
+            " left_at = NULL",
+            (send.id, worker, now_text(), time.time() if now is None else now),
+        )
+
+    def renew(self, send: Send, worker: str, lease: float, now: float | None = None) -> int:
+        """Extend the lease of the rows sender `worker` holds, note that it is alive, and
+        return how many senders work on the send (itself included)."""
+        now = time.time() if now is None else now
+        with transaction(self.db) as db:
+            db.execute(
+                "UPDATE deliveries SET lease_until = ? WHERE send_id = ? AND worker = ?"
+                " AND state = 'sending'",
+                (now + lease, send.id, worker),
+            )
+            db.execute(
+                "UPDATE workers SET seen_at = ? WHERE send_id = ? AND worker = ?",
+                (now, send.id, worker),
+            )
+            (alive,) = db.execute(
+                "SELECT count(*) FROM workers WHERE send_id = ? AND left_at IS NULL"
+                " AND seen_at >= ?",
+                (send.id, now - lease),
+            ).fetchone()
+        return max(1, int(alive))
+
+    def next_release(self, send: Send, worker: str) -> float | None:
+        """Return when the first hold of another sender on a row of `send` runs out (it
+        is renewed while that sender lives); None when no other sender holds any."""
+        (until,) = self.db.execute(
+            "SELECT min(lease_until) FROM deliveries WHERE send_id = ? AND state = 'sending'"
+            " AND worker != ?",
+            (send.id, worker),
+        ).fetchone()
+        return None if until is None else float(until)
+
+    def leave(self, send: Send, worker: str) -> None:
+        """Note that sender `worker` stopped working on `send`."""
+        self.db.execute(
+            "UPDATE workers SET left_at = ? WHERE send_id = ? AND worker = ?",
+            (now_text(), send.id, worker),
+        )
+
+    def workers(self, send: Send, lease: float) -> list[tuple[str, str, bool, int]]:
+        """Return each sender of `send`: its name, when it started, whether it is at
+        work now, and how many rows it holds."""
+        now = time.time()
+        return [
+            (str(name), str(started), left is None and seen >= now - lease, int(held))
+            for name, started, seen, left, held in self.db.execute(
+                "SELECT w.worker, w.started_at, w.seen_at, w.left_at, (SELECT count(*)"
+                " FROM deliveries d WHERE d.send_id = w.send_id AND d.worker = w.worker"
+                " AND d.state = 'sending') FROM workers w WHERE w.send_id = ?"
+                " ORDER BY w.started_at",
+                (send.id,),
+            )
+        ]
 
     def claim(
-        self, send: Send, limit: int, now: float | None = None
+        self,
+        send: Send,
+        limit: int,
+        now: float | None = None,
+        *,
+        worker: str = "",
+        lease: float = 0.0,
     ) -> tuple[list[Delivery], list[int]]:
         """Mark up to `limit` due rows `sending` and return them, with the positions of
         those skipped because their subscriber left the list since the send started."""
@@ -283,6 +362,13 @@ class Ledger:
                     _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?" + lock,
                     (send.newsletter, send.id, limit - len(rows)),
                 ).fetchall()
+            if len(rows) < limit and lock:
+                # The rows of a sender that died: their lease ran out, nobody renews it.
+                rows += db.execute(
+                    _CLAIM + " AND d.state = 'sending' AND d.lease_until < ?"
+                    " ORDER BY d.position LIMIT ?" + lock,
+                    (send.newsletter, send.id, now, limit - len(rows)),
+                ).fetchall()
             stamp = now_text()
             claimed: list[Delivery] = []
             skipped: list[tuple[str, int, int]] = []
@@ -296,9 +382,9 @@ class Ledger:
                     why = f"not sent: the subscriber is {status or gone}"
                     skipped.append((why, send.id, position))
             db.executemany(
-                "UPDATE deliveries SET state = 'sending', updated_at = ?"
-                " WHERE send_id = ? AND position = ?",
-                [(stamp, send.id, d.position) for d in claimed],
+                "UPDATE deliveries SET state = 'sending', worker = ?, lease_until = ?,"
+                " updated_at = ? WHERE send_id = ? AND position = ?",
+                [(worker, now + lease, stamp, send.id, d.position) for d in claimed],
             )
             db.executemany(
                 f"UPDATE deliveries SET state = 'skipped', last_reply = ?, updated_at = '{stamp}'"
@@ -673,8 +759,12 @@ class Ledger:
         if current is not None and _STRICTNESS[current[0]] < _STRICTNESS[status.value]:
             Subscribers(db).set_status_by_id(subscriber_id, status, reason or status.value)
 
-    def running(self, issue: str) -> bool:
-        """Return whether a `send` of `issue` holds its lock right now."""
+    def running(self, issue: str, lease: float = 60.0) -> bool:
+        """Return whether a `send` of `issue` is at work now: holds its lock (SQLite), or
+        has a sender that renewed its lease lately (PostgreSQL)."""
+        if self.shared:
+            send = self.find(issue)
+            return send is not None and any(alive for _, _, alive, _ in self.workers(send, lease))
         try:
             with self.lock(issue):
                 return False
@@ -717,10 +807,11 @@ def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:
     copy = open_store(target)
     try:
         with transaction(copy) as db:
-            db.execute(
-                "DELETE FROM deliveries WHERE send_id IN (SELECT id FROM sends WHERE issue = ?)",
-                (issue,),
-            )
+            for table in ("deliveries", "workers"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE send_id IN (SELECT id FROM sends WHERE issue = ?)",
+                    (issue,),
+                )
             db.execute("DELETE FROM sends WHERE issue = ?", (issue,))
     finally:
         copy.close()

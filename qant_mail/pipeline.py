@@ -189,6 +189,9 @@ class SendStatus:
     soft_bounced: int = 0
     complaints: int = 0
     running: bool = False
+    # Each sender of the send (PostgreSQL: several may join): name, started, at work
+    # now, rows it holds.
+    senders: list[tuple[str, str, bool, int]] = field(default_factory=list)
     rate: float = 0.0  # messages a second over the last minute, while it runs
     expected_finish: dt.datetime | None = None  # at that rate, while it runs
 
@@ -233,7 +236,12 @@ def status(settings: Settings, issue: str) -> SendStatus:
         }
         hard, soft, complaints = ledger.feedback_counts(send)
         counts = ledger.counts(send)
-        found = SendStatus(issue, send, counts, rows, hard, soft, complaints, ledger.running(issue))
+        lease = settings.sending.lease_seconds
+        found = SendStatus(
+            issue, send, counts, rows, hard, soft, complaints, ledger.running(issue, lease)
+        )
+        if ledger.shared:
+            found.senders = ledger.workers(send, lease)
         if found.running:
             found.rate = ledger.recent_rate(send)
             if found.rate > 0:

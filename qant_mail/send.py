@@ -7,8 +7,11 @@ one message per open connection, the one in flight)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -21,8 +24,8 @@ from typing import Protocol
 from qant_mail import dkim, tokens
 from qant_mail.compose import ComposeError, Prepared, Recipient
 from qant_mail.config import Settings
-from qant_mail.errors import ExitCode, SendError
-from qant_mail.ledger import Delivery, Ledger, Send, State, copy_without_send, left
+from qant_mail.errors import ExitCode, QantError, SendError
+from qant_mail.ledger import Delivery, Ledger, LedgerError, Send, State, copy_without_send, left
 from qant_mail.store import is_postgres
 from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import (
@@ -229,15 +232,23 @@ def send_to_list(
     `new_subscribers`: an issue sent before goes to the readers who joined since, too."""
     ledger = Ledger(store_path or settings.store_path)
     try:
-        with ledger.lock(prepared.issue_key):
+        # SQLite: one process per send, by its lock. PostgreSQL: each `send` joins the
+        # run, claiming rows the others do not hold.
+        exclusive = contextlib.nullcontext() if ledger.shared else ledger.lock(prepared.issue_key)
+        with exclusive:
             send = ledger.find(prepared.issue_key)
             if send is None:
-                send = ledger.plan(
-                    prepared.issue_key,
-                    prepared.content_hash,
-                    prepared.rendered.subject,
-                    prepared.newsletter,
-                )
+                try:
+                    send = ledger.plan(
+                        prepared.issue_key,
+                        prepared.content_hash,
+                        prepared.rendered.subject,
+                        prepared.newsletter,
+                    )
+                except LedgerError:
+                    send = ledger.find(prepared.issue_key) if ledger.shared else None
+                    if send is None:
+                        raise
             elif send.newsletter != prepared.newsletter:
                 raise SendError(
                     f"{prepared.issue_key} was sent as an issue of {send.newsletter}, and this "
@@ -370,8 +381,39 @@ class _Run:
         # run forgets at most a second's worth, against a commit per message saved.
         self.unflushed: Counter[int] = Counter()
         self.flushed_at = time.monotonic()
+        # Who this sender is among those of the send, and how long its hold on a row
+        # lasts without being renewed.
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = rules.lease_seconds
 
     def run(self, wait_for_retries: bool) -> SendReport:
+        self.ledger.join(self.send, self.worker)
+        beating = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(beating,), daemon=True)
+        heart.start()
+        try:
+            return self._run(wait_for_retries)
+        finally:
+            beating.set()
+            heart.join()
+            self.ledger.leave(self.send, self.worker)
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        """Renew this sender's hold on its rows, and share the limits with the senders
+        of the send, every third of a lease."""
+        try:
+            while not done.wait(self.lease / 3):
+                try:
+                    senders = self.ledger.renew(self.send, self.worker, self.lease)
+                    minute = int(time.time() // 60)
+                    self.limiter.share(senders, self.ledger.quota_since(minute - 24 * 60))
+                except (QantError, OSError) as err:
+                    # A missed beat costs at most a row sent twice, after the lease: go on.
+                    self.progress.note(f"could not renew the lease: {err}")
+        finally:
+            self.ledger.close()  # this thread's connection
+
+    def _run(self, wait_for_retries: bool) -> SendReport:
         start = time.monotonic()
         counts = self.ledger.counts(self.send)
         total = counts[State.PENDING] + counts[State.DEFERRED]
@@ -382,12 +424,17 @@ class _Run:
                 if self.report.stopped:
                     break
                 due = self.ledger.next_retry(self.send)
-                if due is None or not wait_for_retries or self.budget == 0:
+                # Rows other senders hold: done by them, or, if one died, ours after
+                # its lease runs out.
+                held = self.ledger.next_release(self.send, self.worker)
+                wake = min((t for t in (due, held) if t is not None), default=None)
+                if wake is None or not wait_for_retries or self.budget == 0:
                     break
-                delay = max(0.0, due - time.time())
-                waiting = self.ledger.counts(self.send)[State.DEFERRED]
-                self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
-                self.stop.wait(delay)
+                delay = max(0.0, wake - time.time())
+                if due is not None and wake == due:
+                    waiting = self.ledger.counts(self.send)[State.DEFERRED]
+                    self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
+                self.stop.wait(min(delay, self.lease))
         except KeyboardInterrupt:
             self.stop.set()
             self.report.stopped = "interrupted"
@@ -438,7 +485,9 @@ class _Run:
                 size = self._take_budget(CLAIM_SIZE)
                 if size == 0:
                     return
-                claimed, skipped = self.ledger.claim(self.send, size)
+                claimed, skipped = self.ledger.claim(
+                    self.send, size, worker=self.worker, lease=self.lease
+                )
                 self._give_back_budget(size - len(claimed) - len(skipped))
                 for position in skipped:
                     self._count(position, State.SKIPPED, "left the list")

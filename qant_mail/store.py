@@ -155,6 +155,21 @@ MIGRATIONS: list[str | Callable[[Db], None]] = [
     CREATE INDEX signup_attempts_client ON signup_attempts (client, at);
     CREATE INDEX signup_attempts_email ON signup_attempts (email_hash, at);
     """,
+    # 7: several senders on one send (PostgreSQL): who holds a row being sent and until
+    # when (a lease its sender renews; expired, another sender takes the row), and the
+    # senders of each send, for `status` and for sharing the rate between them
+    """
+    ALTER TABLE deliveries ADD COLUMN worker TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deliveries ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    CREATE TABLE workers (
+        send_id INTEGER NOT NULL REFERENCES sends (id),
+        worker TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        seen_at REAL NOT NULL,
+        left_at TEXT,
+        PRIMARY KEY (send_id, worker)
+    );
+    """,
 ]
 
 
@@ -581,6 +596,7 @@ TABLES = (
     "schedules",
     "signups",
     "signup_attempts",
+    "workers",
 )
 _COPY_BATCH = 5000
 

@@ -451,6 +451,7 @@ class RateLimiter:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.per_second, self.per_hour, self.per_day = per_second, per_hour, per_day
+        self.configured = per_second  # for the whole send, whatever the senders' number
         self.clock, self.wall = clock, wall
         self.lock = threading.Lock()
         self.rate = per_second  # lowered when the server asks us to slow down
@@ -510,6 +511,18 @@ class RateLimiter:
                 self.rate = 0.0 if doubled > 200 else doubled  # 0: no limit again
             else:
                 self.rate = min(target, doubled)
+
+    def share(self, senders: int, history: Mapping[int, int]) -> None:
+        """Hold the limits for `senders` senders together: this one takes its part of
+        the rate a second, and counts the hour's and day's messages of all of them
+        (`history`, the shared quota, plus its own not yet written there)."""
+        with self.lock:
+            part = self.configured / max(1, senders)
+            if self.rate == self.per_second or self.rate > part:
+                self.rate = part  # unless the server asked for slower still
+            self.per_second = part
+            own = {m: n for m, n in self.minutes.items() if n > history.get(m, 0)}
+            self.minutes = {**history, **own}
 
     def _since(self, minute: int) -> int:
         return sum(n for m, n in self.minutes.items() if m >= minute)

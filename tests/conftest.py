@@ -68,13 +68,13 @@ BOTH_STORES = {"test_subscribers", "test_send", "test_serve", "test_history", "t
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run each test of the BOTH_STORES modules on SQLite and on PostgreSQL (but those
-    marked `sqlite_only`, about the file itself)."""
+    marked `sqlite_only` or `postgresql_only`)."""
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if (
-        module in BOTH_STORES
-        and "store_kind" in metafunc.fixturenames
-        and not metafunc.definition.get_closest_marker("sqlite_only")
-    ):
+    if module not in BOTH_STORES or "store_kind" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("postgresql_only"):
+        metafunc.parametrize("store_kind", ["postgresql"], indirect=True)
+    elif not metafunc.definition.get_closest_marker("sqlite_only"):
         metafunc.parametrize("store_kind", ["sqlite", "postgresql"], indirect=True)
 
 

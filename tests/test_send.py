@@ -173,6 +173,7 @@ def test_unsubscribed_after_the_start_is_skipped(local: Settings, smtp_server: S
     assert len(received) == 5
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL a second `send` joins the run (below)
 def test_two_sends_of_one_issue_cannot_run_at_once(local: Settings) -> None:
     subscribe(local, 2)
     ledger = Ledger(local.store_path)
@@ -463,3 +464,37 @@ def test_bad_test_address_is_an_error(
     assert result.returncode == ExitCode.INVALID
     assert "is not a valid address" in result.stderr
     assert smtp_server.handler.received == []
+
+
+@pytest.mark.postgresql_only
+def test_three_senders_share_a_send_and_finish_the_rows_of_a_killed_one(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    addresses = subscribe(local, 300)
+    smtp_server.handler.delay = 0.02  # the run lasts long enough to kill a sender in it
+    env = cli_env(local, smtp_server) | {"QANT_SENDING_LEASE_SECONDS": "1.5"}
+    senders = [start_send(env, project) for _ in range(3)]
+    wait_until_received(smtp_server, 40)
+    senders[0].send_signal(signal.SIGKILL)
+    senders[0].communicate()
+    assert len(smtp_server.handler.received) < 300  # killed mid-way
+    for sender in senders[1:]:
+        _out, err = sender.communicate(timeout=120)
+        assert sender.returncode in (ExitCode.OK, ExitCode.PARTIAL), err
+        assert "Traceback" not in err
+    received = smtp_server.handler.recipients()
+    assert set(received) == set(addresses)  # nobody lost
+    duplicates = sum(n - 1 for n in received.values())
+    assert duplicates <= 3  # at most the killed sender's open connections
+    counts = ledger_counts(local)
+    assert counts[State.SENT] == 300
+    assert counts[State.SENDING] == 0
+    ledger = Ledger(local.store_path)
+    send_row = ledger.find("2023-11-20")
+    assert send_row is not None
+    workers = ledger.workers(send_row, lease=1.5)
+    ledger.close()
+    assert len(workers) == 3  # all three joined the one run
+    assert not any(alive for _, _, alive, _ in workers)
+    status = run_cli(["status", "2023-11-20"], env, project)
+    assert status.stdout.count("  sender ") == 3, status.stdout
