@@ -8,6 +8,7 @@ import enum
 import fcntl
 import hashlib
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -260,17 +261,32 @@ class Ledger:
 
     def recover(self, send: Send, now: float | None = None) -> int:
         """Put back the rows a killed run left `sending`; return how many. Shared, only
-        those whose lease has run out: the others belong to senders at work."""
-        lease = " AND lease_until < ?" if self.shared else ""
+        those whose lease has run out, or whose sender was a process of this host that
+        is gone: the others belong to senders at work."""
+        # (Only PostgreSQL is shared: its words, an array parameter.)
+        lease = " AND (lease_until < ? OR worker = ANY(?))" if self.shared else ""
         parameters: tuple[object, ...] = (now_text(), send.id)
         if self.shared:
-            parameters += (time.time() if now is None else now,)
+            parameters += (time.time() if now is None else now, self._gone_here(send))
         cursor = self.db.execute(
             "UPDATE deliveries SET state = 'pending', worker = '', updated_at = ?"
             " WHERE send_id = ? AND state = 'sending'" + lease,
             parameters,
         )
         return int(cursor.rowcount)
+
+    def _gone_here(self, send: Send) -> list[str]:
+        """Return the senders of `send` that ran on this host and whose process is gone
+        (killed): their rows need not wait for their lease to run out."""
+        here = f"{socket.gethostname()}:"
+        gone = []
+        for (name,) in self.db.execute(
+            "SELECT worker FROM workers WHERE send_id = ? AND left_at IS NULL", (send.id,)
+        ).fetchall():
+            host, _, pid = str(name).rpartition(":")
+            if f"{host}:" == here and pid.isdigit() and not _alive(int(pid)):
+                gone.append(str(name))
+        return gone
 
     def join(self, send: Send, worker: str, now: float | None = None) -> None:
         """Note that sender `worker` works on `send` from now on."""
@@ -815,6 +831,17 @@ def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:
             db.execute("DELETE FROM sends WHERE issue = ?", (issue,))
     finally:
         copy.close()
+
+
+def _alive(pid: int) -> bool:
+    """Return whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 @contextlib.contextmanager
