@@ -22,6 +22,7 @@ from qant_mail.subscribers import Status, Subscribers
 from qant_mail.transport import MemoryTransport
 from qant_mail.webserver import BackgroundServer
 from tests.browser import needs_chromium
+from tests.smtp_server import SmtpServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -257,3 +258,94 @@ def test_mailto_unsubscription_from_a_message(
     )
     assert result.exit_code == 0, result.output
     assert status_of(project_settings, "max@example.com") == (Status.UNSUBSCRIBED, "mailto")
+
+
+@pytest.mark.postgresql_only
+def test_a_hundred_unsubscribes_to_two_serve_processes_during_a_send(
+    project: Path, project_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """Two `serve` processes (as behind a proxy, on their own host) write to the store a
+    send on another host uses: each reader who unsubscribed before their turn is skipped."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.smtp_server import free_port
+
+    with Subscribers.open(project_settings.store_path) as store:
+        rows = "email\n" + "".join(f"reader{n:03}@example.com\n" for n in range(200))
+        store.import_rows(rows, "test")
+        ids = {s.email: s.id for s in store.all()}
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("QANT_")}
+    env |= {
+        "QANT_CONFIG": str(project / "qant.toml"),
+        "QANT_SECRET_KEY": SECRET.decode(),
+        "QANT_SMTP_HOST": smtp_server.host,
+        "QANT_SMTP_PORT": str(smtp_server.port),
+        "QANT_SMTP_SECURITY": "none",
+        "QANT_SMTP_CONNECTIONS": "2",
+    }
+    (project / "empty-site").mkdir()
+    ports = [free_port(), free_port()]
+    command = [sys.executable, "-m", "qant_mail", "serve", "--archive", "empty-site"]
+    servers = [
+        subprocess.Popen([*command, "--port", str(port)], cwd=project, env=env) for port in ports
+    ]
+    try:
+        for port in ports:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                try:
+                    connection.request("GET", "/healthz")
+                    if connection.getresponse().status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+                finally:
+                    connection.close()
+        smtp_server.handler.hold_after = 6  # the send waits, mid-way, while they leave
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "qant_mail", "send", "issues/2023-11-20.yaml", "--yes"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while len(smtp_server.handler.received) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leaving = [f"reader{n:03}@example.com" for n in range(100, 200)]
+
+        def unsubscribe(index_email: tuple[int, str]) -> int:
+            index, email = index_email
+            connection = http.client.HTTPConnection("127.0.0.1", ports[index % 2], timeout=30)
+            connection.request(
+                "POST",
+                f"/unsubscribe/{tokens.make(SECRET, ids[email], email)}",
+                body="List-Unsubscribe=One-Click",
+                headers=ONE_CLICK,
+            )
+            status = connection.getresponse().status
+            connection.close()
+            return status
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            statuses = list(pool.map(unsubscribe, enumerate(leaving)))
+        assert statuses == [200] * 100
+        smtp_server.handler.release.set()
+        _, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
+    received = smtp_server.handler.recipients()
+    assert not set(received) & set(leaving)
+    assert received == dict.fromkeys((f"reader{n:03}@example.com" for n in range(100)), 1)
+    ledger = Ledger(project_settings.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    assert ledger.counts(found)[State.SKIPPED] == 100
+    ledger.close()
