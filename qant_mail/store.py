@@ -191,6 +191,8 @@ class Db(Protocol):
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor: ...
+    def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]: ...
+    def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int: ...
     def close(self) -> None: ...
     @property
     def in_transaction(self) -> bool: ...
@@ -231,6 +233,16 @@ class Connection(sqlite3.Connection):
         except sqlite3.DatabaseError as err:
             raise _translated(self.path, err) from err
 
+    def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
+        """Yield the rows of a query as they come (SQLite's cursors already do)."""
+        return iter(self.execute(sql, parameters))
+
+    def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Insert many rows into `table`; return how many."""
+        marks = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+        return int(self.executemany(sql, rows).rowcount)
+
 
 class PgConnection:
     """A PostgreSQL connection (psycopg 3) that speaks like `Connection`: the same SQL,
@@ -258,6 +270,32 @@ class PgConnection:
             raise _pg_translated(self.where, err) from err
         result: Cursor = cursor
         return result
+
+    def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
+        """Yield the rows of a query as the server sends them, not all held at once (a
+        million subscribers exported take the memory of a few)."""
+        cursor = self.raw.cursor()
+        try:
+            yield from cursor.stream(_postgres(sql), parameters or None)
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        finally:
+            cursor.close()
+
+    def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Load many rows into `table` with COPY (the bulk path); return how many."""
+        count = 0
+        cursor = self.raw.cursor()
+        try:
+            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+                    count += 1
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        finally:
+            cursor.close()
+        return count
 
     def close(self) -> None:
         self.raw.close()
@@ -598,7 +636,6 @@ TABLES = (
     "signup_attempts",
     "workers",
 )
-_COPY_BATCH = 5000
 
 
 def copy_store(source: StoreTarget, target: StoreTarget) -> dict[str, int]:
@@ -661,19 +698,5 @@ def _copy_table(origin: Db, destination: Db, table: str) -> int:
         ]
     )
     listed = ", ".join(columns)
-    insert = f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' for _ in columns)})"
-    copied = 0
-    rows = origin.execute(f"SELECT {listed} FROM {table}")
-    while batch := _take(rows, _COPY_BATCH):
-        destination.executemany(insert, batch)
-        copied += len(batch)
-    return copied
-
-
-def _take(rows: Cursor, size: int) -> list[Any]:
-    out = []
-    for row in rows:
-        out.append(tuple(row))
-        if len(out) == size:
-            break
-    return out
+    rows = origin.stream(f"SELECT {listed} FROM {table}")
+    return destination.copy_in(table, columns, (tuple(row) for row in rows))

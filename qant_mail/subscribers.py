@@ -380,9 +380,9 @@ class Subscribers:
         """Yield this newsletter's subscribers in the order they joined, of one status or
         all."""
         if status is None:
-            rows = self.db.execute(f"{_LIST} ORDER BY s.id", (self.newsletter,))
+            rows = self.db.stream(f"{_LIST} ORDER BY s.id", (self.newsletter,))
         else:
-            rows = self.db.execute(
+            rows = self.db.stream(
                 f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id",
                 (self.newsletter, status.value),
             )
@@ -458,9 +458,13 @@ class Subscribers:
         report = ImportReport()
         checker = AddressChecker(test_domains=test_domains)
         rows = _read_csv(stream, where)
+        bulk = self.db.dialect == "postgresql"
         with transaction(self.db) as db:
             db.execute(_INCOMING)
             db.execute("DELETE FROM incoming")
+            if bulk:
+                db.execute(_INCOMING_RAW)
+                db.execute("DELETE FROM incoming_raw")
             for batch in _batches(rows, BATCH):
                 valid = []
                 for line, email, name in batch:
@@ -469,12 +473,25 @@ class Subscribers:
                         valid.append((address, _name(_uncell(name)), line, _hash(address)))
                     except (AddressError, SubscriberError) as err:
                         report.reject(line, str(err))
+                if bulk:  # COPY, the bulk path; duplicates are dropped below
+                    db.copy_in("incoming_raw", ("email", "name", "line", "email_hash"), valid)
+                    continue
                 inserted = db.executemany(
                     "INSERT INTO incoming (email, name, line, email_hash)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING",
                     valid,
                 ).rowcount
                 report.duplicates += len(valid) - inserted
+            if bulk:
+                (loaded,) = db.execute("SELECT count(*) FROM incoming_raw").fetchone()
+                # (PostgreSQL only: its words.) The first line of each address wins.
+                kept = db.execute(
+                    "INSERT INTO incoming (email, name, line, email_hash)"
+                    " SELECT DISTINCT ON (email) email, name, line, email_hash"
+                    " FROM incoming_raw ORDER BY email, line"
+                ).rowcount
+                report.duplicates += int(loaded) - int(kept)
+                db.execute("DELETE FROM incoming_raw")
             newsletter = (self.newsletter,)
             # Known readers who left this newsletter, bounced or complained: left as
             # they are, since a list someone kept is no consent to write again.
@@ -549,6 +566,11 @@ class Subscribers:
 
 _INCOMING = (
     "CREATE TEMP TABLE IF NOT EXISTS incoming (email TEXT PRIMARY KEY COLLATE NOCASE,"
+    " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
+)
+# What COPY loads (PostgreSQL), duplicates and all.
+_INCOMING_RAW = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_raw (email TEXT NOT NULL COLLATE NOCASE,"
     " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
 )
 
