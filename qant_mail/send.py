@@ -39,6 +39,8 @@ from qant_mail.transport import (
 )
 
 CLAIM_SIZE = 8
+# How often a sender whose work is done looks again at the rows other senders hold.
+HELD_POLL = 0.5
 MAX_RETRY_DELAY = 3600.0
 # A server that goes silent after the data this many times in a row is broken, not
 # slow: stop (the run resumes later) rather than pay a timeout per message forever.
@@ -434,7 +436,11 @@ class _Run:
                 if due is not None and wake == due:
                     waiting = self.ledger.counts(self.send)[State.DEFERRED]
                     self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
-                self.stop.wait(min(delay, self.lease))
+                if held is not None:
+                    # Another sender's lease is renewed while it lives: look again soon,
+                    # for the end of its work (or of it).
+                    delay = min(delay, HELD_POLL)
+                self.stop.wait(delay)
         except KeyboardInterrupt:
             self.stop.set()
             self.report.stopped = "interrupted"

@@ -33,13 +33,17 @@ def _unavailable(why: str) -> None:
     pytest.skip(f"no PostgreSQL here ({why}): `apt-get install postgresql` to run these tests")
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Path]:
-    """A PostgreSQL server for the session; its Unix socket's folder."""
+class PostgresUnavailable(Exception):
+    """No PostgreSQL server can be started here."""
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[Path]:
+    """Start a PostgreSQL server in a temporary folder, listening on a Unix socket
+    there only; yield the folder; stop it and delete everything after."""
     binaries = _binaries()
     if binaries is None:
-        _unavailable("no pg_ctl")
-    assert binaries is not None
+        raise PostgresUnavailable("no pg_ctl")
     folder = Path(tempfile.mkdtemp(prefix="qant-pg-"))
     run_as: list[str] = []
     if os.geteuid() == 0:
@@ -63,7 +67,8 @@ def postgres_server() -> Iterator[Path]:
         )
     except subprocess.CalledProcessError as err:
         shutil.rmtree(folder, ignore_errors=True)
-        _unavailable(f"the server did not start: {err.stderr.decode(errors='replace')[-300:]}")
+        why = err.stderr.decode(errors="replace")[-300:]
+        raise PostgresUnavailable(f"the server did not start: {why}") from err
     try:
         yield folder
     finally:
@@ -72,6 +77,26 @@ def postgres_server() -> Iterator[Path]:
             capture_output=True,
         )
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(folder: Path) -> str:
+    """Create a new, empty database on the server of `folder`; return its URL."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url_of(folder, "postgres"), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return url_of(folder, name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Path]:
+    """A PostgreSQL server for the session; its Unix socket's folder."""
+    try:
+        with running_postgres() as folder:
+            yield folder
+    except PostgresUnavailable as err:
+        _unavailable(str(err))
 
 
 def url_of(folder: Path, database: str) -> str:
@@ -84,11 +109,10 @@ def postgres_url(postgres_server: Path) -> Iterator[str]:
     """A new, empty database of its own for one test; its URL."""
     import psycopg
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url_of(postgres_server, "postgres"), autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
+    url = create_database(postgres_server)
+    name = url.split("/")[-1].split("?")[0]
     try:
-        yield url_of(postgres_server, name)
+        yield url
     finally:
         with (
             contextlib.suppress(psycopg.Error),

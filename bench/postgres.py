@@ -1,0 +1,225 @@
+"""Benchmark of issue #13: the store on PostgreSQL, beside SQLite in the same run.
+
+Starts its own PostgreSQL server (Debian's, as the tests do) and Postfix's smtp-sink
+(QANT_BENCH_POSTFIX, see bench/send.py), then measures, interleaving the stores round by
+round and printing medians:
+
+- a send of the sample issue to N readers into smtp-sink, as whole `qant-mail send`
+  processes: one on SQLite, one on PostgreSQL, three at once on PostgreSQL (msg/s of the
+  run as a whole);
+- the ledger's own cost per message (claim a batch, record each reply), with a transport
+  that discards: how much PostgreSQL's claims cost beside SQLite's;
+- importing a CSV of R rows (PostgreSQL: COPY), and planning a run of all of them (one
+  INSERT … SELECT);
+- the peak memory of a sender for M recipients against that for 10,000 (discarding
+  transport, in a child process each).
+
+    QANT_BENCH_POSTFIX=/opt/postfix python bench/postgres.py [--readers 3000]
+        [--rows 1000000] [--memory-rows 100000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from send import SECRET, _Discard, free_port, peak_mb, postfix_env, postfix_tool  # noqa: E402
+
+from qant_mail.config import Settings, Store, load_settings  # noqa: E402
+from qant_mail.ledger import Ledger, State  # noqa: E402
+from qant_mail.pipeline import prepare_send  # noqa: E402
+from qant_mail.send import send_to_list  # noqa: E402
+from qant_mail.subscribers import Subscribers  # noqa: E402
+from tests.postgres import create_database, running_postgres  # noqa: E402
+
+SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
+
+
+def project(store: str, port: int) -> Path:
+    """A project folder whose settings use `store` (a file or a URL) and the sink."""
+    folder = Path(tempfile.mkdtemp(prefix="qant-bench-"))
+    for name in ("templates", "issues"):
+        subprocess.run(["cp", "-r", str(ROOT / name), str(folder / name)], check=True)
+    text = (ROOT / "qant.toml").read_text()
+    text = text.replace("[store]\n", f'[store]\nurl = "{_url(store)}"\n', 1)
+    text = text.replace("port = 2525", f"port = {port}")
+    (folder / "qant.toml").write_text(text)
+    return folder
+
+
+def _url(store: str) -> str:
+    return store if store.startswith("postgresql://") else f"sqlite:///{store}"
+
+
+def fill(store: str, count: int) -> None:
+    """Give `store` `count` readers."""
+    with Subscribers.open(store if store.startswith("postgresql://") else Path(store)) as list_:
+        rows = "email,name\n" + "".join(f"r{n}@example.com,Lecteur {n}\n" for n in range(count))
+        list_.import_rows(rows, "bench")
+
+
+def send_processes(folder: Path, senders: int) -> float:
+    """Run `senders` `qant-mail send` processes on the project; return the run's msg/s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QANT_")}
+    env |= {"QANT_SECRET_KEY": SECRET, "QANT_CONFIG": str(folder / "qant.toml")}
+    command = [sys.executable, "-m", "qant_mail", "send", "issues/2023-11-20.yaml", "--yes"]
+    start = time.perf_counter()
+    running = [
+        subprocess.Popen(
+            command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(senders)
+    ]
+    for process in running:
+        if process.wait() not in (0, 3):  # OK, or PARTIAL (rows left to another)
+            sys.exit(f"a send ended with status {process.returncode}")
+    elapsed = time.perf_counter() - start
+    settings = load_settings(folder / "qant.toml", env={})
+    ledger = Ledger(settings.store_path)
+    send = ledger.find("2023-11-20")
+    assert send is not None
+    sent = ledger.counts(send)[State.SENT]
+    ledger.close()
+    return sent / elapsed
+
+
+def settings_on(store: str) -> Settings:
+    settings = load_settings(ROOT / "qant.toml", env={})
+    return dataclasses.replace(settings, store=Store(url=_url(store)))
+
+
+def child(kind: str, store: str, count: str) -> None:
+    """One measure in a process of its own (its peak memory is its own); prints JSON."""
+    os.environ["QANT_SECRET_KEY"] = SECRET
+    settings = settings_on(store)
+    if kind == "ledger":  # the ledger's cost per message, SMTP taken away
+        prepared = prepare_send(SAMPLE, settings)
+        start = time.perf_counter()
+        report = send_to_list(prepared, settings, _Discard())
+        rate = report.done[State.SENT] / (time.perf_counter() - start)
+        print(json.dumps({"rate": rate, "peak_mb": peak_mb()}))
+    elif kind == "import":
+        path = Path(count)
+        start = time.perf_counter()
+        with Subscribers.open(settings.store_path) as list_:
+            added = list_.import_csv(path, "bench").added
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "added": added, "peak_mb": peak_mb()}))
+    elif kind == "plan":
+        ledger = Ledger(settings.store_path)
+        start = time.perf_counter()
+        send = ledger.plan("2023-11-20", "hash", "Sujet")
+        seconds = time.perf_counter() - start
+        planned = sum(ledger.counts(send).values())
+        ledger.close()
+        print(json.dumps({"seconds": seconds, "planned": planned}))
+
+
+def run_child(*args: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def new_store(kind: str, server: Path) -> str:
+    if kind == "postgresql":
+        return create_database(server)
+    return str(Path(tempfile.mkdtemp()) / "store.db")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=3)
+    parser.add_argument("--readers", type=int, default=3000)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    # A sender to a million takes minutes on this machine: the memory figure compares
+    # this many recipients with 10,000.
+    parser.add_argument("--memory-rows", type=int, default=100_000)
+    options = parser.parse_args()
+    if options.child:
+        child(*options.child)
+        return
+    sink = postfix_tool("smtp-sink")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    server = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "512"], env=postfix_env())
+    time.sleep(0.5)
+    try:
+        with running_postgres() as pg:
+            measure(options, pg, port)
+    finally:
+        server.terminate()
+
+
+def measure(options: argparse.Namespace, pg: Path, port: int) -> None:
+    readers, rows, rounds = options.readers, options.rows, options.rounds
+    runs: dict[str, list[float]] = {}
+    cases = [("sqlite", 1), ("postgresql", 1), ("postgresql", 3)]
+    for _ in range(rounds):  # interleaved: one of each per round
+        for kind, senders in cases:
+            store = new_store(kind, pg)
+            fill(store, readers)
+            rate = send_processes(project(store, port), senders)
+            runs.setdefault(f"send {readers:,}, {kind}, {senders} sender(s)", []).append(rate)
+        for kind in ("sqlite", "postgresql"):
+            store = new_store(kind, pg)
+            fill(store, readers)
+            result = run_child("ledger", store, "-")
+            runs.setdefault(f"ledger only, {kind}", []).append(result["rate"])
+    print(f"{'figure (median of ' + str(rounds) + ' interleaved rounds)':52s} {'msg/s':>10s}")
+    for label, values in runs.items():
+        print(f"{label:52s} {statistics.median(values):10,.0f}")
+    sqlite_ledger = statistics.median(runs["ledger only, sqlite"])
+    pg_ledger = statistics.median(runs["ledger only, postgresql"])
+    print(
+        f"ledger cost per message: SQLite {1e6 / sqlite_ledger:.0f} µs, PostgreSQL "
+        f"{1e6 / pg_ledger:.0f} µs (composing included in both)"
+    )
+    one = statistics.median(runs[f"send {readers:,}, postgresql, 1 sender(s)"])
+    three = statistics.median(runs[f"send {readers:,}, postgresql, 3 sender(s)"])
+    print(f"three senders / one on PostgreSQL: {three / one:.2f}x")
+
+    csv = Path(tempfile.mkdtemp()) / "rows.csv"
+    with csv.open("w") as out:
+        out.write("email,name\n")
+        for n in range(rows):
+            out.write(f"reader{n}@example.com,Lecteur {n}\n")
+    for kind in ("sqlite", "postgresql"):
+        store = new_store(kind, pg)
+        imported = run_child("import", store, str(csv))
+        planned = run_child("plan", store, "-")
+        print(
+            f"{kind:10s} import {rows:,} rows: {imported['seconds']:.1f} s "
+            f"({imported['peak_mb']:.0f} MB peak); plan a run of {planned['planned']:,.0f}: "
+            f"{planned['seconds']:.1f} s"
+        )
+    many = options.memory_rows
+    for kind in ("sqlite", "postgresql"):
+        small, big = new_store(kind, pg), new_store(kind, pg)
+        fill(small, 10_000)
+        fill(big, many)
+        low = run_child("ledger", small, "-")["peak_mb"]
+        high = run_child("ledger", big, "-")["peak_mb"]
+        print(
+            f"{kind:10s} sender peak memory: {many:,} recipients {high:.0f} MB, 10,000 "
+            f"{low:.0f} MB: {high / low:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
