@@ -390,6 +390,7 @@ class _Run:
 
     def run(self, wait_for_retries: bool) -> SendReport:
         self.ledger.join(self.send, self.worker)
+        self._share()  # before the first message: the others may be at work already
         beating = threading.Event()
         heart = threading.Thread(target=self._heartbeat, args=(beating,), daemon=True)
         heart.start()
@@ -406,14 +407,18 @@ class _Run:
         try:
             while not done.wait(self.lease / 3):
                 try:
-                    senders = self.ledger.renew(self.send, self.worker, self.lease)
-                    minute = int(time.time() // 60)
-                    self.limiter.share(senders, self.ledger.quota_since(minute - 24 * 60))
+                    self._share()
                 except (QantError, OSError) as err:
                     # A missed beat costs at most a row sent twice, after the lease: go on.
                     self.progress.note(f"could not renew the lease: {err}")
         finally:
             self.ledger.close()  # this thread's connection
+
+    def _share(self) -> None:
+        """Renew this sender's leases and take its part of the limits."""
+        senders = self.ledger.renew(self.send, self.worker, self.lease)
+        minute = int(time.time() // 60)
+        self.limiter.share(senders, self.ledger.quota_since(minute - 24 * 60))
 
     def _run(self, wait_for_retries: bool) -> SendReport:
         start = time.monotonic()

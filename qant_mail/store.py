@@ -193,6 +193,7 @@ class Db(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor: ...
     def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]: ...
     def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int: ...
+    def copy_out(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]: ...
     def close(self) -> None: ...
     @property
     def in_transaction(self) -> bool: ...
@@ -237,6 +238,10 @@ class Connection(sqlite3.Connection):
         """Yield the rows of a query as they come (SQLite's cursors already do)."""
         return iter(self.execute(sql, parameters))
 
+    def copy_out(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
+        """Yield the rows of a query (the bulk path out; SQLite's is its cursor)."""
+        return self.stream(sql, parameters)
+
     def copy_in(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """Insert many rows into `table`; return how many."""
         marks = ", ".join("?" for _ in columns)
@@ -277,6 +282,18 @@ class PgConnection:
         cursor = self.raw.cursor()
         try:
             yield from cursor.stream(_postgres(sql), parameters or None)
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        finally:
+            cursor.close()
+
+    def copy_out(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
+        """Yield the rows of a query through COPY … TO STDOUT (the bulk path out)."""
+        cursor = self.raw.cursor()
+        statement = f"COPY ({_postgres(sql)}) TO STDOUT"
+        try:
+            with cursor.copy(statement, parameters or None) as copy:
+                yield from copy.rows()
         except Exception as err:
             raise _pg_translated(self.where, err) from err
         finally:

@@ -498,3 +498,25 @@ def test_three_senders_share_a_send_and_finish_the_rows_of_a_killed_one(
     assert not any(alive for _, _, alive, _ in workers)
     status = run_cli(["status", "2023-11-20"], env, project)
     assert status.stdout.count("  sender ") == 3, status.stdout
+
+
+@pytest.mark.postgresql_only
+def test_two_senders_share_the_rate_a_second_of_the_run(
+    local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    subscribe(local, 60)
+    env = cli_env(local, smtp_server) | {
+        "QANT_SENDING_PER_SECOND": "15",
+        "QANT_SENDING_LEASE_SECONDS": "1.5",
+    }
+    started = time.monotonic()
+    senders = [start_send(env, project) for _ in range(2)]
+    for sender in senders:
+        _out, err = sender.communicate(timeout=120)
+        assert sender.returncode == ExitCode.OK, err
+    times = sorted(r.at for r in smtp_server.handler.received)
+    assert len(times) == 60
+    # Two senders at 15 a second each would take 2 s; together they keep to 15.
+    assert time.monotonic() - started >= (60 - 1) / 15 * 0.85
+    busiest = max(sum(1 for t in times if start <= t < start + 1) for start in times)
+    assert busiest <= 20  # 15, and the moment before a sender learns of the other
