@@ -139,5 +139,9 @@ def local(project_settings: Settings, smtp_server: SmtpServer) -> Settings:  # n
 # Fixtures shared by several test modules.
 from tests.browser import browser  # noqa: E402, F401
 from tests.faulty_smtp import faulty_smtp  # noqa: E402, F401
-from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401
+from tests.postgres import (  # noqa: E402, F401
+    postgres_empty_url,
+    postgres_server,
+    postgres_url,
+)
 from tests.smtp_server import smtp_server  # noqa: E402, F401

@@ -30,8 +30,9 @@ Cli = Callable[..., Result]
 
 
 def test_an_empty_database_gets_the_schema_and_an_older_one_waits_for_db_migrate(
-    postgres_url: str, postgres_server: Path
+    postgres_empty_url: str,
 ) -> None:
+    postgres_url = postgres_empty_url
     import psycopg
 
     from qant_mail.store import PgConnection, migrate_postgres
