@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from send import SECRET, _Discard, free_port, peak_mb, postfix_env, postfix_tool  # noqa: E402
+from send import SECRET, _Discard, peak_mb, start_sink  # noqa: E402
 
 from qant_mail.config import Settings, Store, load_settings  # noqa: E402
 from qant_mail.ledger import Ledger, State  # noqa: E402
@@ -154,11 +154,7 @@ def main() -> None:
     if options.child:
         child(*options.child)
         return
-    sink = postfix_tool("smtp-sink")
-    port = free_port()
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    server = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "512"], env=postfix_env())
-    time.sleep(0.5)
+    server, port = start_sink()
     try:
         with running_postgres() as pg:
             measure(options, pg, port)

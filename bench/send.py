@@ -73,6 +73,16 @@ def postfix_env() -> dict[str, str]:
     return {**os.environ, "LD_LIBRARY_PATH": str(libraries)}
 
 
+def start_sink() -> tuple[subprocess.Popen[bytes], int]:
+    """Start Postfix's smtp-sink on a free loopback port; return it and the port."""
+    sink = postfix_tool("smtp-sink")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    server = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "512"], env=postfix_env())
+    time.sleep(0.5)
+    return server, port
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -280,11 +290,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    sink = postfix_tool("smtp-sink")
-    port = free_port()
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    server = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "512"], env=postfix_env())
-    time.sleep(0.5)
+    server, port = start_sink()
     try:
         rows: list[tuple[str, float, float]] = []
 

@@ -242,15 +242,7 @@ class Renderer:
     def render_notice(self, name: str, **context: Any) -> tuple[str, str]:
         """Render a one-off email (a signup's confirmation) from `NAME.mjml.j2` and
         `NAME.txt.j2` with the newsletter's look: HTML (MJML, CSS inlined) and text."""
-        settings = self.settings
-        values = {
-            "archive_url": settings.archive_url,
-            "newsletter": settings.newsletter,
-            "colours": settings.colours,
-            "labels": settings.labels,
-            "lang": self.locale.language,
-            **context,
-        }
+        values = {**self._look(), **context}
         source = self._render_template(f"{name}.mjml.j2", values)
         try:
             html = self.inliner.inline(mjml.mjml2html(source, disable_comments=True))
@@ -265,15 +257,18 @@ class Renderer:
 
     def render_page(self, name: str, **context: Any) -> str:
         """Render a public page (archive, unsubscribe) with the newsletter's look."""
+        return self._render_template(name, {**self._look(), **context})
+
+    def _look(self) -> dict[str, Any]:
+        """Return what every page and one-off email of the newsletter shows of it."""
         settings = self.settings
-        base = {
+        return {
             "archive_url": settings.archive_url,
             "newsletter": settings.newsletter,
             "colours": settings.colours,
             "labels": settings.labels,
             "lang": self.locale.language,
         }
-        return self._render_template(name, {**base, **context})
 
     @jinja2.pass_eval_context
     def _finalize(self, eval_ctx: jinja2.nodes.EvalContext, value: Any) -> Any:

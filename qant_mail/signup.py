@@ -10,7 +10,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -308,11 +308,6 @@ class Signup:
         return digest[:12].hex()
 
 
-@contextlib.contextmanager
-def _store(settings: Settings) -> Iterator[Db]:
-    """Open the database for one step, and close it however that ends."""
-    db = open_store(settings.store_path)
-    try:
-        yield db
-    finally:
-        db.close()
+def _store(settings: Settings) -> contextlib.closing[Db]:
+    """Open the database for one step, closed however that ends."""
+    return contextlib.closing(open_store(settings.store_path))

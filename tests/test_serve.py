@@ -50,6 +50,21 @@ def link(people: dict[str, int], email: str, secret: bytes = SECRET) -> str:
     return f"/unsubscribe/{tokens.make(secret, people[email], email)}"
 
 
+def one_click(port: int, subscriber_id: int, email: str) -> int:
+    """POST a one-click unsubscription of `email` to the server on `port`; its status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            f"/unsubscribe/{tokens.make(SECRET, subscriber_id, email)}",
+            body="List-Unsubscribe=One-Click",
+            headers=ONE_CLICK,
+        )
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
 def status_of(settings: Settings, email: str) -> tuple[Status, str]:
     with Subscribers.open(settings.store_path) as store:
         found = store.get(email)
@@ -170,22 +185,8 @@ def test_a_hundred_concurrent_unsubscribes_are_all_recorded(project_settings: Se
         store.import_rows(rows, "test")
         ids = {s.email: s.id for s in store.all()}
     app = create_app(project_settings, None, SECRET)
-    with BackgroundServer(app) as server:
-
-        def unsubscribe(email: str) -> int:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-            connection.request(
-                "POST",
-                f"/unsubscribe/{tokens.make(SECRET, ids[email], email)}",
-                body="List-Unsubscribe=One-Click",
-                headers=ONE_CLICK,
-            )
-            status = connection.getresponse().status
-            connection.close()
-            return status
-
-        with ThreadPoolExecutor(max_workers=100) as pool:
-            statuses = list(pool.map(unsubscribe, ids))
+    with BackgroundServer(app) as server, ThreadPoolExecutor(max_workers=100) as pool:
+        statuses = list(pool.map(lambda e: one_click(server.port, ids[e], e), ids))
     assert statuses == [200] * 100
     with Subscribers.open(project_settings.store_path) as store:
         counts = store.count()
@@ -317,22 +318,13 @@ def test_a_hundred_unsubscribes_to_two_serve_processes_during_a_send(
         while len(smtp_server.handler.received) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
         leaving = [f"reader{n:03}@example.com" for n in range(100, 200)]
-
-        def unsubscribe(index_email: tuple[int, str]) -> int:
-            index, email = index_email
-            connection = http.client.HTTPConnection("127.0.0.1", ports[index % 2], timeout=30)
-            connection.request(
-                "POST",
-                f"/unsubscribe/{tokens.make(SECRET, ids[email], email)}",
-                body="List-Unsubscribe=One-Click",
-                headers=ONE_CLICK,
-            )
-            status = connection.getresponse().status
-            connection.close()
-            return status
-
         with ThreadPoolExecutor(max_workers=50) as pool:
-            statuses = list(pool.map(unsubscribe, enumerate(leaving)))
+            statuses = list(  # half to each server
+                pool.map(
+                    lambda n_e: one_click(ports[n_e[0] % 2], ids[n_e[1]], n_e[1]),
+                    enumerate(leaving),
+                )
+            )
         assert statuses == [200] * 100
         smtp_server.handler.release.set()
         _, err = sender.communicate(timeout=120)
