@@ -209,9 +209,9 @@ class Signup:
         if signup is None:
             return None
         with _store(self.settings) as db:
-            first = signup.confirmed_at is None
             known = [k for k in signup.newsletters if k in self.settings.editions]
-            subscribed = Signups(db).confirm(replace(signup, newsletters=tuple(known)), signup.form)
+            chosen = replace(signup, newsletters=tuple(known))
+            subscribed, first = Signups(db).confirm(chosen, signup.form)
         reader = subscribed[0] if subscribed else None
         page = ""
         if reader is not None:

@@ -216,39 +216,43 @@ class Subscribers:
         opt-in): their consent is recorded, and it brings back an address that had
         bounced, complained or been erased, since they asked again and proved the
         mailbox theirs."""
-        address = AddressChecker(test_domains=True).check(email)
-        name = _name(name)
-        now = now_text()
-        with transaction(self.db) as db:
-            db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
-            db.execute(_INSERT, (address, name, now, now, source))
-            db.execute(
-                "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
-                " status_reason = 'confirmed again', soft_bounces = 0,"
-                " name = CASE WHEN ? != '' THEN ? ELSE name END"
-                " WHERE email = ? AND status != 'active'",
-                (now, name, name, address),
-            )
-            (reader,) = db.execute(
-                "SELECT id FROM subscribers WHERE email = ?", (address,)
-            ).fetchone()
-            db.execute(
-                _SUBSCRIBE,
-                (
-                    reader,
-                    self.newsletter,
-                    now,
-                    "confirmed",
-                    now,
-                    source,
-                    consent.requested_at,
-                    consent.form,
-                    consent.confirmed_at,
-                ),
-            )
+        with transaction(self.db):
+            address = self._confirm(email, name, consent, source)
         found = self.get(address)
         assert found is not None
         return found
+
+    def _confirm(self, email: str, name: str, consent: Consent, source: str) -> str:
+        """`confirm`, inside the caller's transaction; return the address as stored."""
+        address = AddressChecker(test_domains=True).check(email)
+        name = _name(name)
+        now = now_text()
+        db = self.db
+        db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
+        db.execute(_INSERT, (address, name, now, now, source))
+        db.execute(
+            "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
+            " status_reason = 'confirmed again', soft_bounces = 0,"
+            " name = CASE WHEN ? != '' THEN ? ELSE name END"
+            " WHERE email = ? AND status != 'active'",
+            (now, name, name, address),
+        )
+        (reader,) = db.execute("SELECT id FROM subscribers WHERE email = ?", (address,)).fetchone()
+        db.execute(
+            _SUBSCRIBE,
+            (
+                reader,
+                self.newsletter,
+                now,
+                "confirmed",
+                now,
+                source,
+                consent.requested_at,
+                consent.form,
+                consent.confirmed_at,
+            ),
+        )
+        return address
 
     def consent(self, subscriber_id: int) -> Consent | None:
         """Return the recorded consent of a reader to this newsletter, if any."""
@@ -797,22 +801,23 @@ class Signups:
             None if confirmed is None else str(confirmed),
         )
 
-    def confirm(self, signup: PendingSignup, consent_form: str) -> list[Subscriber]:
-        """Subscribe the request's address to its newsletters, with its consent (the
-        request's time and form, confirmed now), and mark it confirmed; return the
-        subscriptions."""
+    def confirm(self, signup: PendingSignup, consent_form: str) -> tuple[list[Subscriber], bool]:
+        """Subscribe the request's address to all its newsletters or to none, with its
+        consent (the request's time and form, confirmed now), and mark it confirmed;
+        return the subscriptions, and whether this was its first confirmation (of two
+        at the same instant, one only is)."""
         now = now_text()
         consent = Consent(signup.requested_at, consent_form, now)
         source = f"signup form {consent_form}"
-        subscribed = [
-            Subscribers(self.db, key).confirm(signup.email, signup.name, consent, source)
-            for key in signup.newsletters
-        ]
-        self.db.execute(
-            "UPDATE signups SET confirmed_at = ? WHERE id = ? AND confirmed_at IS NULL",
-            (now, signup.id),
-        )
-        return subscribed
+        with transaction(self.db) as db:
+            first = db.execute(
+                "UPDATE signups SET confirmed_at = ? WHERE id = ? AND confirmed_at IS NULL",
+                (now, signup.id),
+            ).rowcount
+            for key in signup.newsletters:
+                Subscribers(db, key)._confirm(signup.email, signup.name, consent, source)
+        subscribed = [Subscribers(self.db, key).get(signup.email) for key in signup.newsletters]
+        return [s for s in subscribed if s is not None], bool(first)
 
     def purge(self, now: float) -> int:
         """Delete the requests whose link has expired; return how many."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import re
+import sqlite3
 import time
 from email import policy
 from pathlib import Path
@@ -357,3 +358,31 @@ def test_the_whole_flow_in_a_browser(
     send_to_list(prepare_send(finance, site, secret=SECRET), site, transport)
     got = sorted((r, b"Qant Finance" in data) for _, r, data in transport.messages)
     assert got == [("lea@example.com", False), ("max@example.com", True)]
+
+
+@pytest.mark.sqlite_only  # the fault is injected with a SQLite trigger
+def test_a_confirmation_subscribes_to_all_its_newsletters_or_to_none(site: Settings) -> None:
+    from qant_mail.subscribers import Signups
+
+    db = open_store(site.store_path)
+    db.execute(
+        "CREATE TRIGGER fail_finance BEFORE INSERT ON subscriptions"
+        " WHEN NEW.newsletter = 'finance' BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+    )
+    signups = Signups(db)
+    number = signups.add("lea@example.com", "", ["default", "finance"], "all", "t", 2e9)
+    pending = signups.get(number)
+    assert pending is not None
+    with pytest.raises(sqlite3.IntegrityError, match="disk trouble"):
+        signups.confirm(pending, "all")
+    assert Subscribers(db).get("lea@example.com") is None  # not half-subscribed
+    again = signups.get(number)
+    assert again is not None
+    assert again.confirmed_at is None
+    db.execute("DROP TRIGGER fail_finance")
+    subscribed, first = signups.confirm(again, "all")
+    assert first
+    assert [s.status for s in subscribed] == [Status.ACTIVE, Status.ACTIVE]
+    _, second = signups.confirm(again, "all")
+    assert not second  # a second confirmation is no first one: no second welcome
+    db.close()
