@@ -9,6 +9,7 @@ these; the stages below know nothing of each other's callers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -252,9 +253,16 @@ def status(settings: Settings, issue: str) -> SendStatus:
 
 
 def history(settings: Settings) -> list[SendSummary]:
-    """Return every send of the store, the latest first (see `Ledger.history`)."""
+    """Return every send of the store, the latest first (see `Ledger.history`), those
+    a `send` is at work on now marked running."""
+    lease = settings.sending.lease_seconds
     with _ledger(settings) as ledger:
-        return ledger.history()
+        return [
+            dataclasses.replace(summary, running=True)
+            if summary.send.finished_at is None and ledger.running(summary.send.issue, lease)
+            else summary
+            for summary in ledger.history()
+        ]
 
 
 def resolve_unknown(settings: Settings, issue: str, *, sent: bool) -> int:

@@ -160,3 +160,18 @@ def test_send_says_who_joined_and_new_subscribers_needs_a_first_send(
     assert caught_up.exit_code == 0, caught_up.stderr
     assert "2 not served yet, 2 of them joined since it was planned" in caught_up.stderr
     assert len(smtp_server.handler.received) == 4
+
+
+def test_the_history_says_which_send_is_running_now(local: Settings) -> None:
+    subscribe(local, 3)
+    ledger = Ledger(local.store_path)
+    send_row = ledger.plan("2023-11-20", "hash", "Sujet")
+    assert [s.running for s in pipeline.history(local)] == [False]
+    if ledger.shared:  # a sender at work on another host
+        ledger.join(send_row, "elsewhere:1")
+        summaries = pipeline.history(local)
+    else:
+        with ledger.lock("2023-11-20"):  # a `send` running in another process
+            summaries = pipeline.history(local)
+    ledger.close()
+    assert [s.running for s in summaries] == [True]
