@@ -240,6 +240,10 @@ class Ledger:
         """Add the readers who joined since `send` was planned to it, after the others;
         return how many. The send is open again until they are served."""
         with transaction(self.db) as db:
+            if self.shared:
+                # Senders starting together with --new-subscribers add them one after
+                # the other: the second finds them added. (PostgreSQL's words.)
+                db.execute("SELECT pg_advisory_xact_lock(?)", (send.id,))
             (last,) = db.execute(
                 "SELECT coalesce(max(position), 0) FROM deliveries WHERE send_id = ?", (send.id,)
             ).fetchone()

@@ -175,3 +175,25 @@ def test_the_history_says_which_send_is_running_now(local: Settings) -> None:
             summaries = pipeline.history(local)
     ledger.close()
     assert [s.running for s in summaries] == [True]
+
+
+@pytest.mark.postgresql_only
+def test_two_senders_adding_the_new_readers_at_once_add_them_once(local: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    subscribe(local, 3)
+    ledger = Ledger(local.store_path)
+    send_row = ledger.plan("2023-11-20", "hash", "Sujet")
+    ledger.close()
+    subscribe(local, 50, prefix="late")
+
+    def add() -> int:
+        other = Ledger(local.store_path)
+        try:
+            return other.add_joined(send_row)
+        finally:
+            other.close()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        added = sorted(pool.map(lambda _: add(), range(4)))
+    assert added == [0, 0, 0, 50]
