@@ -383,15 +383,16 @@ class Subscribers:
     def all(self, status: Status | None = None) -> Iterator[Subscriber]:
         """Yield this newsletter's subscribers in the order they joined, of one status or
         all."""
-        if status is None:
-            rows = self.db.stream(f"{_LIST} ORDER BY s.id", (self.newsletter,))
-        else:
-            rows = self.db.stream(
-                f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id",
-                (self.newsletter, status.value),
-            )
-        for row in rows:
+        for row in self.db.stream(*self._listing(status)):
             yield _subscriber(row)
+
+    def _listing(self, status: Status | None) -> tuple[str, tuple[str, ...]]:
+        """Return the query of this newsletter's subscribers (of one status or all), in
+        the order they joined, and its parameters."""
+        if status is None:
+            return f"{_LIST} ORDER BY s.id", (self.newsletter,)
+        where = f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id"
+        return where, (self.newsletter, status.value)
 
     def count(self) -> dict[Status, int]:
         """Return the number of this newsletter's subscribers in each status."""
@@ -418,14 +419,7 @@ class Subscribers:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(EXPORT_HEADER)
         written = 0
-        if status is None:
-            rows = self.db.copy_out(f"{_LIST} ORDER BY s.id", (self.newsletter,))
-        else:
-            rows = self.db.copy_out(
-                f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id",
-                (self.newsletter, status.value),
-            )
-        for subscriber in map(_subscriber, rows):
+        for subscriber in map(_subscriber, self.db.copy_out(*self._listing(status))):
             writer.writerow(
                 _inert(cell)
                 for cell in (
