@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from send import SECRET, _Discard, peak_mb, start_sink  # noqa: E402
+from send import SECRET, _Discard, peak_mb, run_script, start_sink  # noqa: E402
 
 from qant_mail.config import Settings, Store, load_settings  # noqa: E402
 from qant_mail.ledger import Ledger, State  # noqa: E402
@@ -128,11 +128,7 @@ def child(kind: str, store: str, count: str) -> None:
 
 
 def run_child(*args: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
-    ).stdout
-    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-    return result
+    return run_script(__file__, *args)
 
 
 def new_store(kind: str, server: Path) -> str:

@@ -247,8 +247,14 @@ def median_of(runs: int, *args: str) -> dict[str, float]:
 
 
 def run_child(*args: str) -> dict[str, float]:
+    return run_script(__file__, *args)
+
+
+def run_script(script: str, *args: str) -> dict[str, float]:
+    """Run a benchmark `script` as a child (`--child ARGS`: its peak memory is its own);
+    return the JSON it prints last."""
     output = subprocess.run(
-        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+        [sys.executable, script, "--child", *args], check=True, capture_output=True, text=True
     ).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
