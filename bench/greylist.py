@@ -33,14 +33,14 @@ from pathlib import Path
 code, tests, project = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 sys.path[:0] = [code, tests]
 from faulty_smtp import Behaviour, FaultyServerFactory
-from qant_mail.config import Sending, load_settings
-from qant_mail.send import send_to_list
+from qant_mail.base.config import Sending, load_settings
+from qant_mail.delivery.send import send_to_list
 try:  # this tree
-    from qant_mail.pipeline import prepare_send
+    from qant_mail.app.pipeline import prepare_send
 except ImportError:  # a baseline from before the pipeline module
-    from qant_mail.send import prepare as prepare_send
-from qant_mail.subscribers import Subscribers
-from qant_mail.transport import SmtpTransport
+    from qant_mail.delivery.send import prepare as prepare_send
+from qant_mail.store.subscribers import Subscribers
+from qant_mail.delivery.transport import SmtpTransport
 readers, greylist, retry, allowed = (float(a) for a in sys.argv[4:8])
 factory = FaultyServerFactory()
 server = factory(Behaviour(greylist_seconds=greylist))

@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from send import SECRET, _Discard, peak_mb, run_script, start_sink  # noqa: E402
 
-from qant_mail.config import Settings, Store, load_settings  # noqa: E402
-from qant_mail.ledger import Ledger, State  # noqa: E402
-from qant_mail.pipeline import prepare_send  # noqa: E402
-from qant_mail.send import send_to_list  # noqa: E402
-from qant_mail.subscribers import Subscribers  # noqa: E402
+from qant_mail.app.pipeline import prepare_send  # noqa: E402
+from qant_mail.base.config import Settings, Store, load_settings  # noqa: E402
+from qant_mail.delivery.send import send_to_list  # noqa: E402
+from qant_mail.store.ledger import Ledger, State  # noqa: E402
+from qant_mail.store.subscribers import Subscribers  # noqa: E402
 from tests.postgres import create_database, running_postgres  # noqa: E402
 
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"

@@ -34,10 +34,10 @@ SAMPLE = Path("issues") / "2023-11-20.yaml"
 def child(root: Path, runs: int) -> None:
     """Measure the in-process pipeline of the checkout at `root`; print medians (ms)."""
     sys.path.insert(0, str(root))
-    from qant_mail import prose
-    from qant_mail.config import load_settings
-    from qant_mail.load import load
-    from qant_mail.render import Renderer
+    from qant_mail.authoring import prose
+    from qant_mail.authoring.load import load
+    from qant_mail.authoring.render import Renderer
+    from qant_mail.base.config import load_settings
 
     settings = load_settings(root / "qant.toml", env={})
     renderer = Renderer(settings)

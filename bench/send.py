@@ -33,16 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qant_mail import dkim  # noqa: E402
-from qant_mail.compose import MessageTemplate, Recipient  # noqa: E402
-from qant_mail.config import Settings, load_settings  # noqa: E402
-from qant_mail.ledger import State  # noqa: E402
-from qant_mail.load import load  # noqa: E402
-from qant_mail.pipeline import prepare_send  # noqa: E402
-from qant_mail.render import RenderedIssue, Renderer, Slot  # noqa: E402
-from qant_mail.send import send_to_list  # noqa: E402
-from qant_mail.subscribers import Subscribers  # noqa: E402
-from qant_mail.transport import Reply, SmtpTransport, Transport  # noqa: E402
+from qant_mail.app.pipeline import prepare_send  # noqa: E402
+from qant_mail.authoring.load import load  # noqa: E402
+from qant_mail.authoring.render import RenderedIssue, Renderer, Slot  # noqa: E402
+from qant_mail.base.config import Settings, load_settings  # noqa: E402
+from qant_mail.delivery import dkim  # noqa: E402
+from qant_mail.delivery.compose import MessageTemplate, Recipient  # noqa: E402
+from qant_mail.delivery.send import send_to_list  # noqa: E402
+from qant_mail.delivery.transport import Reply, SmtpTransport, Transport  # noqa: E402
+from qant_mail.store.ledger import State  # noqa: E402
+from qant_mail.store.subscribers import Subscribers  # noqa: E402
 
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
 SIGNED = ("rsa", "ed25519", "rsa+ed25519")

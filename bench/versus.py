@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from send import free_port, postfix_env, postfix_tool  # noqa: E402
 
-from qant_mail.config import load_settings  # noqa: E402
-from qant_mail.pipeline import render_sample  # noqa: E402
+from qant_mail.app.pipeline import render_sample  # noqa: E402
+from qant_mail.base.config import load_settings  # noqa: E402
 
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
 MAILMERGE_VENV = ROOT / ".cache" / "bench-mailmerge"

@@ -18,16 +18,16 @@ import typer
 from typer.core import TyperGroup
 
 from qant_mail import __version__
-from qant_mail.errors import ExitCode, IssueError, Problem, QantError, Severity
+from qant_mail.base.errors import ExitCode, IssueError, Problem, QantError, Severity
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from qant_mail.archive import ArchiveReport
-    from qant_mail.config import Settings
-    from qant_mail.ledger import SendSummary, State
-    from qant_mail.pipeline import SendStatus
-    from qant_mail.subscribers import Status, Subscribers
+    from qant_mail.app.pipeline import SendStatus
+    from qant_mail.authoring.archive import ArchiveReport
+    from qant_mail.base.config import Settings
+    from qant_mail.store.ledger import SendSummary, State
+    from qant_mail.store.subscribers import Status, Subscribers
 
 
 class _Commands(TyperGroup):
@@ -113,13 +113,13 @@ def _options(ctx: typer.Context) -> Options:
 
 
 def _settings_path(ctx: typer.Context) -> Path:
-    from qant_mail.config import find_config
+    from qant_mail.base.config import find_config
 
     return _options(ctx).config or find_config()
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    from qant_mail.config import load_settings
+    from qant_mail.base.config import load_settings
 
     return load_settings(_settings_path(ctx))
 
@@ -133,7 +133,7 @@ def new(
     ] = None,
 ) -> None:
     """Write a commented skeleton issue for DATE in the issues folder."""
-    from qant_mail.draft import write_skeleton
+    from qant_mail.authoring.draft import write_skeleton
 
     settings = _settings(ctx)
     day = _parse_date(date) if date else dt.date.today()
@@ -150,8 +150,8 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of an issue file, for editors' YAML plugins."""
-    from qant_mail.draft import write_schema
-    from qant_mail.model import json_schema
+    from qant_mail.authoring.draft import write_schema
+    from qant_mail.authoring.model import json_schema
 
     if output is None:
         typer.echo(json_schema(), nl=False)
@@ -170,8 +170,8 @@ def check(
     """Validate an issue and lint its email; print every problem as FILE:LINE:COL."""
     import json
 
-    from qant_mail.pipeline import check as check_issue
-    from qant_mail.render import Renderer
+    from qant_mail.app.pipeline import check as check_issue
+    from qant_mail.authoring.render import Renderer
 
     report = check_issue(file, Renderer(_settings(ctx)))
     errors, warnings = len(report.errors), len(report.warnings)
@@ -224,7 +224,7 @@ def render(
     ] = None,
 ) -> None:
     """Write NAME.html, NAME.txt and NAME.eml, as a sample subscriber gets them."""
-    from qant_mail.pipeline import render_sample
+    from qant_mail.app.pipeline import render_sample
 
     settings = _settings(ctx)
     written = render_sample(file, settings, output or settings.output_dir)
@@ -246,8 +246,8 @@ def preview(
     """Serve a live preview of an issue that reloads as you edit it."""
     import webbrowser
 
-    from qant_mail.preview import Preview, create_app
-    from qant_mail.webserver import listen, run
+    from qant_mail.web.preview import Preview, create_app
+    from qant_mail.web.webserver import listen, run
 
     settings_path = _settings_path(ctx)
     _settings(ctx)  # settings that do not load are an error now, not a blank page
@@ -305,10 +305,10 @@ def send(
     ] = False,
 ) -> None:
     """Send an issue to every active subscriber, or a test to some addresses (--to)."""
-    from qant_mail import send as sending
-    from qant_mail.addresses import normalise_address
-    from qant_mail.pipeline import prepare_send
-    from qant_mail.transport import SmtpTransport
+    from qant_mail.app.pipeline import prepare_send
+    from qant_mail.base.addresses import normalise_address
+    from qant_mail.delivery import send as sending
+    from qant_mail.delivery.transport import SmtpTransport
 
     settings = _settings(ctx)
     if to is not None:
@@ -419,8 +419,8 @@ def status(
     """Show where the send of an issue stands: counts, failures, unknowns."""
     import json
 
-    from qant_mail import pipeline
-    from qant_mail.ledger import State
+    from qant_mail.app import pipeline
+    from qant_mail.store.ledger import State
 
     settings = _settings(ctx)
     if requeue_unknown and mark_unknown_sent:
@@ -487,8 +487,8 @@ def sends(
     """List the sends of every issue, the latest first, with what came back since."""
     import json
 
-    from qant_mail import pipeline
-    from qant_mail.ledger import State, left
+    from qant_mail.app import pipeline
+    from qant_mail.store.ledger import State, left
 
     settings = _settings(ctx)
     found = pipeline.history(settings)
@@ -541,7 +541,7 @@ def schedule(
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel its scheduled send.")] = False,
 ) -> None:
     """Set an issue to go to the list at a time; `qant-mail run-due` sends it then."""
-    from qant_mail import pipeline
+    from qant_mail.app import pipeline
 
     settings = _settings(ctx)
     zone = settings.newsletter.timezone
@@ -579,7 +579,7 @@ def _local(moment: dt.datetime, zone: str) -> str:
 @app.command("run-due")
 def run_due(ctx: typer.Context) -> None:
     """Send the scheduled issues whose time has come (for cron or a systemd timer)."""
-    from qant_mail import pipeline
+    from qant_mail.app import pipeline
 
     with _terminate_as_interrupt():
         outcomes = pipeline.run_due(_settings(ctx))
@@ -664,7 +664,7 @@ def inbox(
     """Run a local SMTP server that stores every message it gets as a .eml file."""
     import time
 
-    from qant_mail.inbox import Inbox
+    from qant_mail.delivery.inbox import Inbox
 
     settings = _settings(ctx)
     target = folder or settings.root / "data" / "inbox"
@@ -686,7 +686,7 @@ def demo(
     ),
 ) -> None:
     """Render the sample and send it to the demo list through a local test inbox."""
-    from qant_mail.demo import run_demo
+    from qant_mail.app.demo import run_demo
 
     settings = _settings(ctx)
     with _ProgressBar() as bar:
@@ -714,7 +714,7 @@ def archive(
     ] = None,
 ) -> None:
     """Write the web archive: an index of every issue, a page each, an Atom feed."""
-    from qant_mail.archive import build_archive
+    from qant_mail.authoring.archive import build_archive
 
     settings = _settings(ctx)
     folder = output or settings.output_dir / "archive"
@@ -745,10 +745,10 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the unsubscribe links, the archive and a health check."""
-    from qant_mail import tokens
-    from qant_mail.archive import build_archive
-    from qant_mail.serve import create_app
-    from qant_mail.webserver import listen, run
+    from qant_mail.audience import tokens
+    from qant_mail.authoring.archive import build_archive
+    from qant_mail.web.serve import create_app
+    from qant_mail.web.webserver import listen, run
 
     settings = _settings(ctx)
     secret = tokens.secret_from_env()
@@ -776,10 +776,10 @@ def bounces(
     ],
 ) -> None:
     """Read bounces and complaints; mark bounced and complained readers; record them."""
-    from qant_mail import tokens
-    from qant_mail.bounces import Outcome, process, read_source
-    from qant_mail.errors import ConfigError
-    from qant_mail.store import StoreError
+    from qant_mail.audience import tokens
+    from qant_mail.base.errors import ConfigError
+    from qant_mail.delivery.bounces import Outcome, process, read_source
+    from qant_mail.store.db import StoreError
 
     settings = _settings(ctx)
     secret = tokens.secret_from_env()
@@ -822,8 +822,8 @@ def dkim_keygen(
     ] = Path(),
 ) -> None:
     """Write a DKIM key pair and print the DNS records to publish (DKIM, SPF, DMARC)."""
-    from qant_mail import dkim
-    from qant_mail.files import create_new
+    from qant_mail.base.files import create_new
+    from qant_mail.delivery import dkim
 
     if kind not in ("rsa", "ed25519"):
         raise typer.BadParameter("rsa or ed25519", param_hint="--type")
@@ -870,7 +870,7 @@ def _target(value: str) -> Path | str:
 @db_app.command("status")
 def db_status(ctx: typer.Context) -> None:
     """Say which store the settings name, its schema version and its rows per table."""
-    from qant_mail import store as stores
+    from qant_mail.store import db as stores
 
     settings = _settings(ctx)
     db = stores.open_store(settings.store_path, migrate=False)
@@ -888,7 +888,7 @@ def db_status(ctx: typer.Context) -> None:
 def db_migrate(ctx: typer.Context) -> None:
     """Bring the store to this qant-mail's schema (a PostgreSQL store is never migrated
     by another command: run this once, from one host, when upgrading)."""
-    from qant_mail import store as stores
+    from qant_mail.store import db as stores
 
     settings = _settings(ctx)
     db = stores.open_store(settings.store_path, migrate=True)
@@ -907,7 +907,7 @@ def db_copy(
 ) -> None:
     """Copy every row of one store into another, empty one (SQLite into PostgreSQL and
     back), in one transaction, checked by the counts of each table."""
-    from qant_mail import store as stores
+    from qant_mail.store import db as stores
 
     origin, destination = _target(source), _target(target)
     if isinstance(origin, Path) and not origin.is_file():
@@ -1030,9 +1030,14 @@ def _unsubscribe_from_message(ctx: typer.Context, newsletter: str | None) -> Non
     of each newsletter but the main one writes it), else from `newsletter`."""
     import sys
 
-    from qant_mail.errors import ConfigError
-    from qant_mail.store import StoreError
-    from qant_mail.subscribers import MAX_MESSAGE, SubscriberError, newsletter_asked, sender_of
+    from qant_mail.base.errors import ConfigError
+    from qant_mail.store.db import StoreError
+    from qant_mail.store.subscribers import (
+        MAX_MESSAGE,
+        SubscriberError,
+        newsletter_asked,
+        sender_of,
+    )
 
     try:
         message = sys.stdin.buffer.read(MAX_MESSAGE + 1)
@@ -1120,7 +1125,7 @@ def subscribers_export(
     import io
     import sys
 
-    from qant_mail.files import write_all
+    from qant_mail.base.files import write_all
 
     store = _store(ctx, newsletter)
     if file is None:
@@ -1140,7 +1145,7 @@ def subscribers_rename_newsletter(
 ) -> None:
     """Move a newsletter's subscriptions and sends to a new key, after changing its key
     (or the main newsletter's `id`) in the settings."""
-    from qant_mail.subscribers import Subscribers
+    from qant_mail.store.subscribers import Subscribers
 
     store = ctx.with_resource(Subscribers.open(_settings(ctx).store_path))
     moved = store.rename_newsletter(old, new)
@@ -1151,7 +1156,7 @@ def subscribers_rename_newsletter(
 def newsletters(ctx: typer.Context) -> None:
     """List the newsletters of the settings with their active readers, and any key the
     store has subscriptions to that the settings no longer name."""
-    from qant_mail.subscribers import Status, Subscribers
+    from qant_mail.store.subscribers import Status, Subscribers
 
     settings = _settings(ctx)
     store = ctx.with_resource(Subscribers.open(settings.store_path))
@@ -1171,7 +1176,7 @@ def newsletters(ctx: typer.Context) -> None:
 def _store(ctx: typer.Context, newsletter: str | None = None) -> Subscribers:
     """Return the list of `newsletter` (None: the main one), closed when the command
     ends, however it ends."""
-    from qant_mail.subscribers import Subscribers
+    from qant_mail.store.subscribers import Subscribers
 
     settings = _settings(ctx)
     key = settings.for_newsletter(newsletter).newsletter.id  # refuses an unknown key
@@ -1181,7 +1186,7 @@ def _store(ctx: typer.Context, newsletter: str | None = None) -> Subscribers:
 
 
 def _status(value: str | None) -> Status | None:
-    from qant_mail.subscribers import Status
+    from qant_mail.store.subscribers import Status
 
     if value is None:
         return None

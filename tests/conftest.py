@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from qant_mail.config import Sending, Settings, load_settings
-from qant_mail.load import Document, load
-from qant_mail.render import RenderedIssue, Renderer
+from qant_mail.authoring.load import Document, load
+from qant_mail.authoring.render import RenderedIssue, Renderer
+from qant_mail.base.config import Sending, Settings, load_settings
 from tests.smtp_server import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent

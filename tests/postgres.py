@@ -100,7 +100,7 @@ def postgres_server() -> Iterator[Path]:
     """A PostgreSQL server for the session; its Unix socket's folder."""
     import psycopg
 
-    from qant_mail.store import open_store
+    from qant_mail.store.db import open_store
 
     try:
         with running_postgres() as folder:

@@ -1,4 +1,5 @@
-"""The code is as docs/architecture.md says: modules listed, libraries at home, no cycles."""
+"""The code is as docs/architecture.md says: modules listed, grouped in layers that only
+import downwards, libraries at home, no cycles."""
 
 from __future__ import annotations
 
@@ -11,61 +12,102 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qant_mail"
 PAGE = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 
+# The layers, the lowest first: each may import those before it, never one after it.
+# Beside each other, `authoring` and `store` know nothing of one another.
+LAYERS = ["base", "authoring", "store", "audience", "delivery", "app", "web", "cli"]
+BESIDE = {frozenset({"authoring", "store"})}
+
 # Each library's import name, and the modules allowed to import it.
 HOMES = {
     "typer": {"cli"},
     "rich": {"cli"},
-    "ruamel": {"load"},
-    "markdown_it_pyrs": {"prose"},
-    "jinja2": {"render"},
-    "markupsafe": {"render"},
-    "mjml": {"render"},
-    "css_inline": {"render"},
-    "babel": {"render"},
-    "PIL": {"images"},
-    "psycopg": {"store"},
-    "email_validator": {"addresses"},
-    "cryptography": {"dkim"},
-    "flufl": {"bounces"},
-    "aiosmtpd": {"inbox"},
-    "uvicorn": {"webserver"},
-    "watchfiles": {"preview"},
-    "pydantic": {"schema", "model", "config", "load", "lint"},
-    "pydantic_core": {"model"},
-    "starlette": {"preview", "serve", "webserver"},
-    "anyio": {"preview", "serve", "webserver"},
+    "ruamel": {"authoring.load"},
+    "markdown_it_pyrs": {"authoring.prose"},
+    "jinja2": {"authoring.render"},
+    "markupsafe": {"authoring.render"},
+    "mjml": {"authoring.render"},
+    "css_inline": {"authoring.render"},
+    "babel": {"authoring.render"},
+    "PIL": {"authoring.images"},
+    "psycopg": {"store.db"},
+    "email_validator": {"base.addresses"},
+    "cryptography": {"delivery.dkim"},
+    "flufl": {"delivery.bounces"},
+    "aiosmtpd": {"delivery.inbox"},
+    "uvicorn": {"web.webserver"},
+    "watchfiles": {"web.preview"},
+    "pydantic": {
+        "base.schema",
+        "base.config",
+        "authoring.model",
+        "authoring.load",
+        "authoring.lint",
+    },
+    "pydantic_core": {"authoring.model"},
+    "starlette": {"web.preview", "web.serve", "web.webserver"},
+    "anyio": {"web.preview", "web.serve", "web.webserver"},
 }
 
 
 def _modules() -> list[str]:
-    return sorted(path.stem for path in PACKAGE.glob("*.py"))
+    """Return every module of the package, dotted below it: `cli`, `store.db`…"""
+    return sorted(
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    )
+
+
+def _layer(module: str) -> str:
+    return "cli" if module in ("cli", "__main__") else module.split(".")[0]
 
 
 def _imports(module: str) -> list[str]:
     """Return every module `module` imports, at its top or inside a function."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    path = PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "qant_mail":
-                found += [f"qant_mail.{alias.name}" for alias in node.names]
-            else:
-                found.append(node.module)
+            if node.module == "qant_mail" or node.module.count(".") == 1:
+                found += [f"{node.module}.{alias.name}" for alias in node.names]
+            found.append(node.module)
     return found
 
 
 def _internal(module: str) -> set[str]:
-    names = {name.split(".")[1] for name in _imports(module) if name.startswith("qant_mail.")}
-    return names & set(_modules())
+    known = set(_modules())
+    return {
+        name.removeprefix("qant_mail.")
+        for name in _imports(module)
+        if name.startswith("qant_mail.") and name.removeprefix("qant_mail.") in known
+    }
 
 
 def test_every_module_is_on_the_architecture_page_and_every_listed_one_exists() -> None:
-    listed = set(re.findall(r"`(\w+)\.py`", PAGE))
+    listed = set(re.findall(r"`((?:\w+/)?\w+)\.py`", PAGE))
+    paths = {module.replace(".", "/") for module in _modules()}
+    for path in sorted(paths):
+        assert path in listed, f"{path}.py is not in docs/architecture.md"
+    extra = {path for path in listed - paths if not path.startswith(("tests/", "__init__"))}
+    assert extra == set(), f"the page lists modules that do not exist: {extra}"
+
+
+def test_every_module_sits_in_a_layer() -> None:
     for module in _modules():
-        assert f"`{module}.py`" in PAGE, f"{module}.py is not in docs/architecture.md"
-    assert listed - set(_modules()) == set(), "the page lists modules that do not exist"
+        assert _layer(module) in LAYERS, f"{module} is in no layer"
+
+
+def test_no_import_runs_up_a_layer() -> None:
+    for module in _modules():
+        own = LAYERS.index(_layer(module))
+        for other in _internal(module):
+            layer = _layer(other)
+            if frozenset({layer, _layer(module)}) in BESIDE:
+                raise AssertionError(f"{module} imports {other}: the two layers stand apart")
+            assert LAYERS.index(layer) <= own, f"{module} imports {other}, a layer above"
 
 
 def test_each_library_is_imported_from_its_home_only() -> None:
@@ -74,16 +116,8 @@ def test_each_library_is_imported_from_its_home_only() -> None:
             top = name.split(".")[0]
             if top in sys.stdlib_module_names or top in ("qant_mail", "__future__"):
                 continue
-            assert top in HOMES, f"{module}.py imports {top}, which has no home on the page"
-            assert module in HOMES[top], f"{module}.py imports {top}, whose home is elsewhere"
-
-
-def test_nothing_imports_the_command_line_and_rendering_knows_no_subscriber() -> None:
-    for module in _modules():
-        if module != "__main__":
-            assert "cli" not in _internal(module), module
-    for module in ("load", "model", "prose", "typography", "images", "render", "lint"):
-        assert not _internal(module) & {"subscribers", "ledger", "send", "transport", "store"}
+            assert top in HOMES, f"{module} imports {top}, which has no home on the page"
+            assert module in HOMES[top], f"{module} imports {top}, whose home is elsewhere"
 
 
 def test_the_modules_import_each_other_without_a_cycle() -> None:

@@ -14,11 +14,11 @@ import pytest
 from bs4 import BeautifulSoup
 from typer.testing import Result
 
-from qant_mail.archive import ATOM, build_archive
-from qant_mail.config import Settings
-from qant_mail.render import RenderedIssue
-from qant_mail.serve import create_app
-from qant_mail.webserver import BackgroundServer
+from qant_mail.authoring.archive import ATOM, build_archive
+from qant_mail.authoring.render import RenderedIssue
+from qant_mail.base.config import Settings
+from qant_mail.web.serve import create_app
+from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
 
 if TYPE_CHECKING:

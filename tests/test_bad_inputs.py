@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies
 
-from qant_mail import webserver
-from qant_mail.config import Settings
-from qant_mail.ledger import Ledger
-from qant_mail.preview import Preview
-from qant_mail.preview import create_app as preview_app
-from qant_mail.serve import create_app as serve_app
-from qant_mail.subscribers import Subscribers
-from qant_mail.webserver import BackgroundServer, GuardedH11
+from qant_mail.base.config import Settings
+from qant_mail.store.ledger import Ledger
+from qant_mail.store.subscribers import Subscribers
+from qant_mail.web import webserver
+from qant_mail.web.preview import Preview
+from qant_mail.web.preview import create_app as preview_app
+from qant_mail.web.serve import create_app as serve_app
+from qant_mail.web.webserver import BackgroundServer, GuardedH11
 from tests.conftest import ROOT, SAMPLE
 from tests.faulty_smtp import Behaviour, FaultyServerFactory
 from tests.isolated import Outcome, run_cli
@@ -472,8 +472,8 @@ def test_fuzzed_signup_forms_never_fail_and_mail_only_valid_addresses(
 
     from starlette.testclient import TestClient
 
-    from qant_mail.config import load_settings
-    from qant_mail.serve import create_app
+    from qant_mail.base.config import load_settings
+    from qant_mail.web.serve import create_app
 
     outbox = _Outbox()
     app = create_app(load_settings(project / "qant.toml", env={}), None, b"s" * 32, outbox)

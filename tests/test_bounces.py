@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail import tokens
-from qant_mail.bounces import Outcome, process
-from qant_mail.config import Bounces, Settings
-from qant_mail.errors import ExitCode
-from qant_mail.pipeline import prepare_send
-from qant_mail.send import send_to_list
-from qant_mail.subscribers import Subscribers
-from qant_mail.transport import MemoryTransport
+from qant_mail.app.pipeline import prepare_send
+from qant_mail.audience import tokens
+from qant_mail.base.config import Bounces, Settings
+from qant_mail.base.errors import ExitCode
+from qant_mail.delivery.bounces import Outcome, process
+from qant_mail.delivery.send import send_to_list
+from qant_mail.delivery.transport import MemoryTransport
+from qant_mail.store.subscribers import Subscribers
 from tests.conftest import ROOT
 from tests.imap_server import ImapServer, ImapState
 from tests.isolated import run_cli

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from typer.testing import Result
 
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ExitCode
 from qant_mail.cli import app
-from qant_mail.config import Settings
-from qant_mail.errors import ExitCode
 
 Cli = Callable[..., Result]
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,13 +226,18 @@ def test_a_command_closes_the_list_it_opened(project: Path, project_settings: Se
 def test_rendering_and_checking_load_nothing_of_the_send_side() -> None:
     # What `render`, `check` and the preview import is their start-up time.
     code = (
-        "import sys, qant_mail.cli, qant_mail.pipeline, qant_mail.preview; "
+        "import sys, qant_mail.cli, qant_mail.app.pipeline, qant_mail.web.preview; "
         "print(' '.join(sorted(sys.modules)))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    for heavy in ("qant_mail.send", "qant_mail.ledger", "qant_mail.dkim", "cryptography"):
+    for heavy in (
+        "qant_mail.delivery.send",
+        "qant_mail.store.ledger",
+        "qant_mail.delivery.dkim",
+        "cryptography",
+    ):
         assert heavy not in loaded
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail import tokens
-from qant_mail.compose import ComposeError, MessageTemplate, Recipient, qp_encode
-from qant_mail.config import Settings
-from qant_mail.pipeline import render_sample
-from qant_mail.render import PLACEHOLDER, RenderedIssue
+from qant_mail.app.pipeline import render_sample
+from qant_mail.audience import tokens
+from qant_mail.authoring.render import PLACEHOLDER, RenderedIssue
+from qant_mail.base.config import Settings
+from qant_mail.delivery.compose import ComposeError, MessageTemplate, Recipient, qp_encode
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.config import find_config, load_settings
-from qant_mail.errors import ConfigError
-from qant_mail.render import Renderer
+from qant_mail.authoring.render import Renderer
+from qant_mail.base.config import find_config, load_settings
+from qant_mail.base.errors import ConfigError
 
 
 def test_repository_settings_are_french_by_default(project: Path) -> None:

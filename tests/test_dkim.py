@@ -11,15 +11,15 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from qant_mail import dkim
-from qant_mail.compose import MessageTemplate, Recipient, dkim_keys
-from qant_mail.config import Dkim, Settings
-from qant_mail.errors import ConfigError, ExitCode, SendError
-from qant_mail.ledger import State
-from qant_mail.pipeline import prepare_send
-from qant_mail.render import RenderedIssue
-from qant_mail.send import require_signature, send_to_list
-from qant_mail.transport import SmtpTransport
+from qant_mail.app.pipeline import prepare_send
+from qant_mail.authoring.render import RenderedIssue
+from qant_mail.base.config import Dkim, Settings
+from qant_mail.base.errors import ConfigError, ExitCode, SendError
+from qant_mail.delivery import dkim
+from qant_mail.delivery.compose import MessageTemplate, Recipient, dkim_keys
+from qant_mail.delivery.send import require_signature, send_to_list
+from qant_mail.delivery.transport import SmtpTransport
+from qant_mail.store.ledger import State
 from tests.smtp_server import SmtpServer
 from tests.test_send import SAMPLE, subscribe
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail import pipeline
-from qant_mail.config import Settings
-from qant_mail.ledger import Ledger, State
-from qant_mail.send import send_to_list
-from qant_mail.subscribers import Subscribers
-from qant_mail.tokens import SECRET_VARIABLE
-from qant_mail.transport import SmtpTransport
+from qant_mail.app import pipeline
+from qant_mail.audience.tokens import SECRET_VARIABLE
+from qant_mail.base.config import Settings
+from qant_mail.delivery.send import send_to_list
+from qant_mail.delivery.transport import SmtpTransport
+from qant_mail.store.ledger import Ledger, State
+from qant_mail.store.subscribers import Subscribers
 from tests.smtp_server import SmtpServer
 from tests.test_send import SAMPLE, SECRET, send, subscribe
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail.config import Settings
-from qant_mail.demo import run_demo
-from qant_mail.errors import ExitCode
-from qant_mail.inbox import Inbox, InboxError
+from qant_mail.app.demo import run_demo
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ExitCode
+from qant_mail.delivery.inbox import Inbox, InboxError
 
 Cli = Callable[..., Result]
 

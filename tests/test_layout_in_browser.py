@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from qant_mail.load import load
-from qant_mail.render import RenderedIssue, Renderer, Slot
+from qant_mail.authoring.load import load
+from qant_mail.authoring.render import RenderedIssue, Renderer, Slot
 from tests.browser import needs_chromium
 from tests.test_corpus import IDS, ISSUES
 

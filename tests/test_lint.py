@@ -6,12 +6,12 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from qant_mail.config import Lint, Settings
-from qant_mail.errors import Severity
-from qant_mail.lint import lint
-from qant_mail.load import load
-from qant_mail.pipeline import check
-from qant_mail.render import Renderer
+from qant_mail.app.pipeline import check
+from qant_mail.authoring.lint import lint
+from qant_mail.authoring.load import load
+from qant_mail.authoring.render import Renderer
+from qant_mail.base.config import Lint, Settings
+from qant_mail.base.errors import Severity
 
 WriteIssue = Callable[..., Path]
 

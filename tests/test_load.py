@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.errors import IssueError, Problem
-from qant_mail.load import MAX_BYTES, load
+from qant_mail.authoring.load import MAX_BYTES, load
+from qant_mail.base.errors import IssueError, Problem
 from tests.conftest import MINIMAL_ISSUE
 
 WriteIssue = Callable[..., Path]

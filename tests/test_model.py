@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from qant_mail.model import KINDS, EventSection, Figure, Issue
-from qant_mail.schema import readable_errors
+from qant_mail.authoring.model import KINDS, EventSection, Figure, Issue
+from qant_mail.base.schema import readable_errors
 
 BASE: dict[str, Any] = {"date": "2024-01-15", "subject": "S"}
 

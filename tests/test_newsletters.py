@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from qant_mail import tokens
-from qant_mail.archive import build_archive
-from qant_mail.compose import Recipient
-from qant_mail.config import Settings, Store, load_settings
-from qant_mail.errors import ConfigError
-from qant_mail.ledger import Ledger
-from qant_mail.pipeline import check, prepare_send
-from qant_mail.render import Renderer
-from qant_mail.send import send_to_list
-from qant_mail.serve import create_app
-from qant_mail.store import MIGRATIONS, Connection, open_store
-from qant_mail.subscribers import Status, Subscribers
-from qant_mail.transport import MemoryTransport
+from qant_mail.app.pipeline import check, prepare_send
+from qant_mail.audience import tokens
+from qant_mail.authoring.archive import build_archive
+from qant_mail.authoring.render import Renderer
+from qant_mail.base.config import Settings, Store, load_settings
+from qant_mail.base.errors import ConfigError
+from qant_mail.delivery.compose import Recipient
+from qant_mail.delivery.send import send_to_list
+from qant_mail.delivery.transport import MemoryTransport
+from qant_mail.store.db import MIGRATIONS, Connection, open_store
+from qant_mail.store.ledger import Ledger
+from qant_mail.store.subscribers import Status, Subscribers
+from qant_mail.web.serve import create_app
 from tests.conftest import SAMPLE
 
 SECRET = b"the-site-secret-for-these-tests"

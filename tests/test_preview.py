@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from qant_mail.preview import Preview, create_app
-from qant_mail.webserver import BackgroundServer
+from qant_mail.web.preview import Preview, create_app
+from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
 from tests.smtp_server import SmtpServer
 

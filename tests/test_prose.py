@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from qant_mail import prose
-from qant_mail.load import load
+from qant_mail.authoring import prose
+from qant_mail.authoring.load import load
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from qant_mail.transport import RateLimiter
+from qant_mail.delivery.transport import RateLimiter
 
 
 class FakeTime(threading.Event):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from bs4 import BeautifulSoup, Comment, Tag
 
-from qant_mail.config import Settings
-from qant_mail.errors import TemplateError
-from qant_mail.load import Document, load
-from qant_mail.model import Issue
-from qant_mail.render import PLACEHOLDER, RenderedIssue, Renderer, Slot
+from qant_mail.authoring.load import Document, load
+from qant_mail.authoring.model import Issue
+from qant_mail.authoring.render import PLACEHOLDER, RenderedIssue, Renderer, Slot
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import TemplateError
 
 LABELS = ["L’ÉVÉNEMENT", "NUMÉRO SPÉCIAL", "L’ESSENTIEL", "EXPERT"]
 

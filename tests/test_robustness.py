@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.config import Settings
-from qant_mail.errors import ExitCode
-from qant_mail.ledger import Ledger, State
-from qant_mail.pipeline import prepare_send
-from qant_mail.send import dry_run
-from qant_mail.store import MIGRATIONS, StoreUnavailable, open_store
-from qant_mail.subscribers import Status, SubscriberError, Subscribers
+from qant_mail.app.pipeline import prepare_send
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ExitCode
+from qant_mail.delivery.send import dry_run
+from qant_mail.store.db import MIGRATIONS, StoreUnavailable, open_store
+from qant_mail.store.ledger import Ledger, State
+from qant_mail.store.subscribers import Status, SubscriberError, Subscribers
 from tests.smtp_server import SmtpServer
 from tests.test_send import (
     SAMPLE,

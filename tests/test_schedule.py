@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail import pipeline
-from qant_mail.config import Settings
-from qant_mail.errors import ExitCode, SendError
-from qant_mail.ledger import Ledger
-from qant_mail.pipeline import ScheduleError
-from qant_mail.tokens import SECRET_VARIABLE
+from qant_mail.app import pipeline
+from qant_mail.app.pipeline import ScheduleError
+from qant_mail.audience.tokens import SECRET_VARIABLE
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ExitCode, SendError
+from qant_mail.store.ledger import Ledger
 from tests.smtp_server import SmtpServer, free_port
 from tests.test_send import SAMPLE, SECRET, subscribe
 

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 import pytest
 from starlette.testclient import TestClient
 
-from qant_mail import tokens
-from qant_mail.archive import build_archive
-from qant_mail.config import Settings
-from qant_mail.ledger import Ledger, State
-from qant_mail.pipeline import prepare_send
-from qant_mail.send import send_to_list
-from qant_mail.serve import ONE_CLICK_DONE, create_app
-from qant_mail.subscribers import Status, Subscribers
-from qant_mail.transport import MemoryTransport
-from qant_mail.webserver import BackgroundServer
+from qant_mail.app.pipeline import prepare_send
+from qant_mail.audience import tokens
+from qant_mail.authoring.archive import build_archive
+from qant_mail.base.config import Settings
+from qant_mail.delivery.send import send_to_list
+from qant_mail.delivery.transport import MemoryTransport
+from qant_mail.store.ledger import Ledger, State
+from qant_mail.store.subscribers import Status, Subscribers
+from qant_mail.web.serve import ONE_CLICK_DONE, create_app
+from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
 from tests.smtp_server import SmtpServer
 

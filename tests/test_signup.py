@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import pytest
 from starlette.testclient import TestClient
 
-from qant_mail import tokens
-from qant_mail.config import Settings, Signup, load_settings
-from qant_mail.serve import create_app
-from qant_mail.store import open_store
-from qant_mail.subscribers import Status, Subscribers
+from qant_mail.audience import tokens
+from qant_mail.base.config import Settings, Signup, load_settings
+from qant_mail.store.db import open_store
+from qant_mail.store.subscribers import Status, Subscribers
+from qant_mail.web.serve import create_app
 from tests.browser import needs_chromium
 from tests.smtp_server import SmtpServer
 
@@ -273,8 +273,8 @@ def test_the_readers_page_leaves_one_newsletter_and_keeps_the_other(
 
 
 def test_every_email_links_to_the_readers_page(site: Settings) -> None:
-    from qant_mail.compose import Recipient
-    from qant_mail.pipeline import prepare_send
+    from qant_mail.app.pipeline import prepare_send
+    from qant_mail.delivery.compose import Recipient
     from tests.conftest import SAMPLE
 
     prepared = prepare_send(SAMPLE, site, secret=SECRET)
@@ -306,10 +306,10 @@ def test_the_whole_flow_in_a_browser(
     """Subscribe on the form, confirm from the mail, get the welcome, leave one
     newsletter on the reader's page and keep the other; the next issue of each reaches
     exactly the right readers."""
-    from qant_mail.pipeline import prepare_send
-    from qant_mail.send import send_to_list
-    from qant_mail.transport import MemoryTransport
-    from qant_mail.webserver import BackgroundServer
+    from qant_mail.app.pipeline import prepare_send
+    from qant_mail.delivery.send import send_to_list
+    from qant_mail.delivery.transport import MemoryTransport
+    from qant_mail.web.webserver import BackgroundServer
     from tests.conftest import SAMPLE
     from tests.smtp_server import free_port
 
@@ -362,7 +362,7 @@ def test_the_whole_flow_in_a_browser(
 
 @pytest.mark.sqlite_only  # the fault is injected with a SQLite trigger
 def test_a_confirmation_subscribes_to_all_its_newsletters_or_to_none(site: Settings) -> None:
-    from qant_mail.subscribers import Signups
+    from qant_mail.store.subscribers import Signups
 
     db = open_store(site.store_path)
     db.execute(

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail.config import Store
-from qant_mail.errors import ConfigError
-from qant_mail.ledger import Ledger
-from qant_mail.store import (
+from qant_mail.base.config import Store
+from qant_mail.base.errors import ConfigError
+from qant_mail.store.db import (
     MIGRATIONS,
     TABLES,
     StoreError,
@@ -24,7 +23,8 @@ from qant_mail.store import (
     schema_version,
     transaction,
 )
-from qant_mail.subscribers import Status, Subscribers
+from qant_mail.store.ledger import Ledger
+from qant_mail.store.subscribers import Status, Subscribers
 
 Cli = Callable[..., Result]
 
@@ -35,7 +35,7 @@ def test_an_empty_database_gets_the_schema_and_an_older_one_waits_for_db_migrate
     postgres_url = postgres_empty_url
     import psycopg
 
-    from qant_mail.store import PgConnection, migrate_postgres
+    from qant_mail.store.db import PgConnection, migrate_postgres
 
     older = PgConnection(psycopg.connect(postgres_url, autocommit=True), "test")
     migrate_postgres(older, 5)  # what a qant-mail of schema 5 made
@@ -120,7 +120,7 @@ def test_a_copy_into_a_store_that_has_rows_is_refused(tmp_path: Path, postgres_u
 
 def test_the_run_due_lock_is_seen_from_another_process(postgres_url: str) -> None:
     code = (
-        "import sys; from qant_mail.ledger import Ledger\n"
+        "import sys; from qant_mail.store.ledger import Ledger\n"
         "with Ledger(sys.argv[1]).run_lock() as held: print(held)"
     )
     ledger = Ledger(postgres_url)
@@ -166,7 +166,7 @@ def test_db_commands(cli: Cli, project: Path, postgres_url: str) -> None:
 
 
 def test_a_bad_store_url_is_a_settings_error(project: Path) -> None:
-    from qant_mail.config import load_settings
+    from qant_mail.base.config import load_settings
 
     path = project / "qant.toml"
     path.write_text(path.read_text().replace("[store]\n", '[store]\nurl = "mysql://x"\n', 1))

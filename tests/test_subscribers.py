@@ -14,10 +14,10 @@ import pytest
 from email_validator import EmailNotValidError, validate_email
 from typer.testing import Result
 
-from qant_mail.addresses import AddressChecker, AddressError
-from qant_mail.errors import ExitCode
-from qant_mail.store import MIGRATIONS, StoreError, open_store
-from qant_mail.subscribers import Status, SubscriberError, Subscribers
+from qant_mail.base.addresses import AddressChecker, AddressError
+from qant_mail.base.errors import ExitCode
+from qant_mail.store.db import MIGRATIONS, StoreError, open_store
+from qant_mail.store.subscribers import Status, SubscriberError, Subscribers
 
 Cli = Callable[..., Result]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from qant_mail.config import Settings
-from qant_mail.errors import ConfigError
-from qant_mail.transport import SmtpTransport, TransportUnavailable
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ConfigError
+from qant_mail.delivery.transport import SmtpTransport, TransportUnavailable
 from tests.smtp_server import ScriptedHandler, SmtpServer, free_port
 
 

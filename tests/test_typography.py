@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qant_mail import prose
-from qant_mail.config import Settings
-from qant_mail.load import load
-from qant_mail.render import Renderer, Slot
-from qant_mail.typography import NBHY, NBSP, NNBSP, Typographer, for_locale
+from qant_mail.authoring import prose
+from qant_mail.authoring.load import load
+from qant_mail.authoring.render import Renderer, Slot
+from qant_mail.authoring.typography import NBHY, NBSP, NNBSP, Typographer, for_locale
+from qant_mail.base.config import Settings
 
 TEXT = for_locale("fr", html=False)
 HTML = for_locale("fr", html=True)
@@ -147,7 +147,7 @@ URLISH = st.text(alphabet='aéW w.:/%<>@q_+-\n"' + "hTtpsmailoqnſK1", max_size=
     )
 )
 def test_protected_spans_are_those_of_one_search(written: str) -> None:
-    from qant_mail import typography
+    from qant_mail.authoring import typography
 
     expected = [m.span() for m in PLAIN_PROTECTED.finditer(written)]
     assert typography._protected_spans(written) == expected
@@ -212,7 +212,7 @@ def test_an_english_newsletter_is_not_typeset(
     settings_file.write_text(
         settings_file.read_text().replace('locale = "fr"', 'locale = "en"'), encoding="utf-8"
     )
-    from qant_mail.config import load_settings
+    from qant_mail.base.config import load_settings
 
     renderer = Renderer(load_settings(settings_file, env={}))
     document = load(write_issue('subject: "Why ? GPT-4o"\nsections: [text: "It\'s : fine"]\n'))

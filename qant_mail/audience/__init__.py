@@ -1,0 +1,1 @@
+"""The readers' side that is no SQL: signed tokens."""

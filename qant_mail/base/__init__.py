@@ -1,0 +1,1 @@
+"""The base: errors, settings, schema, addresses and files, which every layer uses."""

@@ -1,0 +1,1 @@
+"""Delivery: composing messages, signing them, carrying them, reading what comes back."""

@@ -1,0 +1,481 @@
+"""The MIME message of an issue: built once as encoded bytes, spliced per recipient."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import format_datetime, formataddr
+from typing import TYPE_CHECKING
+
+from qant_mail.audience import tokens
+from qant_mail.authoring import prose
+from qant_mail.authoring.render import DEFERRED_WRAP, PLACEHOLDER, RenderedIssue, Slot
+from qant_mail.base.addresses import check_display_name, is_plain_address
+from qant_mail.base.config import DEFAULT_NEWSLETTER, Settings
+from qant_mail.base.errors import QantError
+
+if TYPE_CHECKING:
+    # Imported where a key is used: loading `cryptography` is a tenth of a render's
+    # start-up, and `render`, `check` and the preview sign nothing.
+    from qant_mail.delivery import dkim
+
+CRLF = b"\r\n"
+HeaderField = tuple[str, bytes]  # a name, and its value as written after the colon
+# Quoted-printable keeps printable ASCII but "=" as is; everything else becomes =XX.
+_QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
+_QP_LINE = 76  # RFC 2045: encoded lines of at most 76 characters, the soft break included
+# A display name of letters, digits and spaces needs no quoting (RFC 5322 phrase of atoms).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+class ComposeError(QantError):
+    """A message cannot be built for a recipient (an unusable address or name)."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Who one message goes to."""
+
+    address: str
+    name: str = ""
+    subscriber_id: int = 0
+
+
+@dataclass(frozen=True)
+class _Slot:
+    slot: Slot
+    html: bool  # in the HTML part (escape the value) or the text part
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A paragraph of the text part with per-recipient values, wrapped once filled."""
+
+    text: str
+    width: int
+    indent: str
+    hanging: str
+
+    def fill(self, values: Mapping[Slot, str]) -> bytes:
+        filled = PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text)
+        lines = prose.wrap(filled, self.width, self.indent, self.hanging)
+        return qp_encode("\n".join(lines).encode("utf-8"), soft_end=True)
+
+
+Segment = bytes | _Slot | _Wrapped
+
+
+def reader_page_url(settings: Settings, secret: bytes, recipient: Recipient) -> str:
+    """Return the link to the recipient's page: the newsletters they get, one click each."""
+    token = tokens.make(secret, recipient.subscriber_id, recipient.address, purpose=tokens.READER)
+    return f"{settings.newsletter.base_url}/subscriptions/{token}"
+
+
+def notice(
+    settings: Settings,
+    recipient: Recipient,
+    subject: str,
+    html_part: str,
+    text_part: str,
+    *,
+    keys: Sequence[dkim.DkimKey] = (),
+) -> bytes:
+    """Return a one-off message to one reader (a signup's confirmation): From the
+    newsletter, HTML and text, DKIM-signed like the issues; no list headers, since it
+    is not a mailing to a list."""
+    alternative = _boundary("alt")
+    sender = settings.sender
+    domain = settings.sender_domain
+    headers: list[tuple[str, str]] = [
+        ("From", _address_header(sender.name, sender.address, "From")),
+        ("To", _address_header(check_display_name(recipient.name), recipient.address, "To")),
+        ("Subject", _header_text(subject, "Subject")),
+        ("Date", format_datetime(dt.datetime.now(dt.UTC).astimezone())),
+        ("Message-ID", f"<notice.{secrets.token_hex(12)}@{domain}>"),
+        ("MIME-Version", "1.0"),
+        # RFC 3834: no vacation replies to it.
+        ("Auto-Submitted", "auto-generated"),
+        ("Content-Type", f'multipart/alternative;\r\n boundary="{alternative}"'),
+    ]
+    if sender.reply_to:
+        headers.insert(1, ("Reply-To", sender.reply_to))
+    if not is_plain_address(recipient.address):
+        raise ComposeError(f"{recipient.address!r} cannot be put in a To header")
+    fields = [(name, f" {value}".encode("ascii")) for name, value in headers]
+    body = b"".join(
+        [
+            f"--{alternative}\r\n".encode(),
+            b'Content-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+            qp_encode(text_part.encode("utf-8"), soft_end=False),
+            f"\r\n--{alternative}\r\n".encode(),
+            b'Content-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+            qp_encode(html_part.encode("utf-8"), soft_end=False),
+            f"\r\n--{alternative}--\r\n".encode(),
+        ]
+    )
+    signatures = b""
+    if keys:
+        from qant_mail.delivery import dkim
+
+        body_hash = dkim.BodyHash.of([body]).digest([])
+        signatures = b"".join(dkim.Signer(key, fields, ()).sign([], body_hash) for key in keys)
+    return signatures + _render_headers(fields) + CRLF + body
+
+
+class MessageTemplate:
+    """An issue's message with every part encoded once; `personalise` is cheap splicing."""
+
+    def __init__(
+        self,
+        rendered: RenderedIssue,
+        settings: Settings,
+        *,
+        secret: bytes,
+        issue_key: str | None = None,
+        test: bool = False,
+        date: dt.datetime | None = None,
+        keys: Sequence[dkim.DkimKey] = (),
+    ) -> None:
+        self.settings = settings
+        self.keys = tuple(keys)
+        self.rendered = rendered
+        self.secret = secret
+        self.issue_key = issue_key or rendered.issue.date.isoformat()
+        self.domain = settings.sender_domain
+        self.unsubscribe_base = f"{settings.newsletter.base_url}/unsubscribe/"
+        # The main newsletter's links name no newsletter: those mailed before there were
+        # several keep working.
+        key = settings.newsletter.id
+        self.newsletter_token = "" if key == settings.main_id else key
+        # A test's Message-IDs are its own: a mail client that folds messages of one
+        # Message-ID together must not hide the real issue behind an editor's test.
+        self.test_nonce = secrets.token_hex(6) if test else ""
+        subject = ("[TEST] " if test else "") + rendered.subject
+        when = date or dt.datetime.now(dt.UTC).astimezone()
+        self.subject = subject
+        alternative = _boundary("alt")
+        self._headers = self._static_headers(subject, when, alternative)
+        self._header_bytes = _render_headers(self._headers)
+        self._segments = self._body(alternative)
+        self._body_hash: dkim.BodyHash | None = None
+        self._signers: list[dkim.Signer] = []
+        if self.keys:
+            from qant_mail.delivery import dkim
+
+            signed = [s if isinstance(s, bytes) else None for s in self._segments]
+            self._body_hash = dkim.BodyHash.of(signed)
+            own = ("Message-ID", "To", "List-Unsubscribe")  # see _recipient_headers
+            self._signers = [dkim.Signer(key, self._headers, own) for key in self.keys]
+
+    # -- per recipient ---------------------------------------------------------------
+
+    def personalise(self, recipient: Recipient) -> bytes:
+        """Return the complete message for `recipient`, ready for SMTP DATA."""
+        values = self.values(recipient)
+        encoded: dict[_Slot, bytes] = {}
+        own = self._recipient_headers(recipient, values)
+        parts = [_render_headers(own), self._header_bytes, CRLF]
+        varying: list[bytes] = []
+        for segment in self._segments:
+            if isinstance(segment, bytes):
+                parts.append(segment)
+                continue
+            if isinstance(segment, _Wrapped):
+                chunk = segment.fill(values)
+            else:
+                chunk = encoded.get(segment) or b""
+                if not chunk:
+                    value = values[segment.slot]
+                    if segment.html:
+                        value = html.escape(value)
+                    chunk = encoded[segment] = qp_encode(value.encode("utf-8"), soft_end=True)
+            parts.append(chunk)
+            varying.append(chunk)
+        if self._body_hash is not None:
+            body_hash = self._body_hash.digest(varying)
+            parts[:0] = [signer.sign(own, body_hash) for signer in self._signers]
+        return b"".join(parts)
+
+    def values(self, recipient: Recipient) -> dict[Slot, str]:
+        """Return the per-recipient values that fill the placeholders."""
+        return {
+            Slot.NAME: recipient.name,
+            Slot.EMAIL: recipient.address,
+            Slot.UNSUBSCRIBE_URL: self.unsubscribe_url(recipient),
+            Slot.PREFERENCES_URL: reader_page_url(self.settings, self.secret, recipient),
+            Slot.BROWSER_URL: self.rendered.web_url,
+        }
+
+    def unsubscribe_url(self, recipient: Recipient) -> str:
+        """Return the recipient's one-click unsubscribe link."""
+        token = tokens.make(
+            self.secret, recipient.subscriber_id, recipient.address, self.newsletter_token
+        )
+        return self.unsubscribe_base + token
+
+    def message_id(self, recipient: Recipient) -> str:
+        """Return a Message-ID stable for this (issue, recipient) pair, and one of its
+        own for each test send."""
+        key = f"{self.issue_key}\0{recipient.address.lower()}\0{self.test_nonce}".encode()
+        digest = hashlib.blake2b(key, digest_size=12, person=b"qant-mail-msgid").hexdigest()
+        return f"<{self.issue_key}.{digest}@{self.domain}>"
+
+    def _recipient_headers(
+        self, recipient: Recipient, values: dict[Slot, str]
+    ) -> list[HeaderField]:
+        # Addresses were validated when they entered the store (or the command line);
+        # here it is enough to make sure none can break out of its header line.
+        address = recipient.address
+        if not is_plain_address(address):
+            raise ComposeError(f"{address!r} cannot be put in a To header")
+        try:
+            name = check_display_name(recipient.name)
+        except QantError as err:
+            raise ComposeError(str(err)) from err
+        # Folded before the URL: the header then stays within 78 characters a line,
+        # and the URL, which cannot be folded, starts a line of its own.
+        unsubscribe = f"\r\n <{values[Slot.UNSUBSCRIBE_URL]}>"
+        if self.settings.sender.unsubscribe_address:
+            subject = (
+                f"unsubscribe%20{self.newsletter_token}" if self.newsletter_token else "unsubscribe"
+            )
+            mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject={subject}"
+            unsubscribe += f",\r\n <{mailto}>"
+        return [
+            ("Message-ID", f" {self.message_id(recipient)}".encode("ascii")),
+            ("To", f" {_address_header(name, address, 'To')}".encode("ascii")),
+            ("List-Unsubscribe", unsubscribe.encode("ascii")),
+        ]
+
+    # -- once per issue --------------------------------------------------------------
+
+    def _static_headers(self, subject: str, when: dt.datetime, boundary: str) -> list[HeaderField]:
+        sender = self.settings.sender
+        list_label = self.settings.edition.list_id
+        headers: list[tuple[str, str]] = [
+            ("From", _address_header(sender.name, sender.address, "From")),
+        ]
+        if sender.reply_to:
+            headers.append(("Reply-To", sender.reply_to))
+        headers += [
+            ("Subject", _header_text(subject, "Subject")),
+            ("Date", format_datetime(when)),
+            ("MIME-Version", "1.0"),
+            ("List-Id", f"{_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>"),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ("Precedence", "bulk"),
+            ("Feedback-ID", f"{self.issue_key}:{self._campaign}:{self.domain}"),
+            ("Content-Type", f'multipart/alternative;\r\n boundary="{boundary}"'),
+        ]
+        return [(name, f" {value}".encode("ascii")) for name, value in headers]
+
+    @property
+    def _campaign(self) -> str:
+        # Gmail's Feedback-ID: issue, then the newsletter, so complaints add up per title.
+        return self.newsletter_token or "newsletter"
+
+    def _body(self, alternative: str) -> list[Segment]:
+        rendered = self.rendered
+        segments: list[Segment] = [
+            f"--{alternative}\r\n".encode(),
+            b'Content-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+        ]
+        # The "view in browser" link is the same for every reader: filled once, here.
+        web_url = rendered.web_url
+        segments += _text_template(rendered.text.replace(Slot.BROWSER_URL.token, web_url))
+        segments.append(f"\r\n--{alternative}\r\n".encode())
+        # Hosted images are links; only embedded ones travel inside the message.
+        embedded = [asset for asset in rendered.assets if asset.url.startswith("cid:")]
+        related = _boundary("rel") if embedded else None
+        if related:
+            segments.append(
+                f'Content-Type: multipart/related; type="text/html";\r\n boundary="{related}"'
+                f"\r\n\r\n--{related}\r\n".encode()
+            )
+        segments.append(
+            b'Content-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        )
+        page = rendered.html.replace(Slot.BROWSER_URL.token, html.escape(web_url))
+        segments += _qp_template(page, html=True)
+        if related:
+            for asset in embedded:
+                data = asset.path.read_bytes()
+                encoded = base64.encodebytes(data).replace(b"\n", CRLF)
+                name = asset.name.encode("ascii", "replace").decode().replace('"', "")
+                segments.append(
+                    (
+                        f"\r\n--{related}\r\n"
+                        f"Content-Type: {asset.mime_type}\r\n"
+                        "Content-Transfer-Encoding: base64\r\n"
+                        f"Content-ID: <{asset.content_id}>\r\n"
+                        f'Content-Disposition: inline; filename="{name}"\r\n\r\n'
+                    ).encode()
+                    + encoded.rstrip(CRLF)
+                )
+            segments.append(f"\r\n--{related}--\r\n".encode())
+        else:
+            segments.append(CRLF)
+        segments.append(f"--{alternative}--\r\n".encode())
+        return _merge(segments)
+
+
+def _render_headers(headers: Sequence[HeaderField]) -> bytes:
+    return b"".join(name.encode("ascii") + b":" + value + CRLF for name, value in headers)
+
+
+def _boundary(kind: str) -> str:
+    # "=_" cannot occur in quoted-printable or base64 bodies: the boundary never collides.
+    return f"=_qant_{kind}_{secrets.token_hex(12)}"
+
+
+def _merge(segments: Sequence[Segment]) -> list[Segment]:
+    """Join adjacent byte strings, so that personalising touches few pieces."""
+    merged: list[Segment] = []
+    for segment in segments:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        else:
+            merged.append(segment)
+    return merged
+
+
+def _text_template(text: str) -> list[Segment]:
+    """Encode the text part: paragraphs that hold per-recipient values are wrapped for each
+    recipient; the others (the "view in browser" line, say) are wrapped now."""
+    segments: list[Segment] = []
+    pending: list[str] = []
+    position = 0
+    for match in DEFERRED_WRAP.finditer(text):
+        pending.append(text[position : match.start()])
+        position = match.end()
+        width, indent, hanging, paragraph = int(match[1]), match[2], match[3], match[4]
+        if PLACEHOLDER.search(paragraph):
+            segments += _qp_template("".join(pending), html=False, soft_end=True)
+            segments.append(_Wrapped(paragraph, width, indent, hanging))
+            pending = []
+        else:
+            pending.append("\n".join(prose.wrap(paragraph, width, indent, hanging)))
+    pending.append(text[position:])
+    return segments + _qp_template("".join(pending), html=False)
+
+
+def _qp_template(text: str, *, html: bool, soft_end: bool = False) -> list[Segment]:
+    """Encode `text` as quoted-printable around its placeholders, each on its own line;
+    with `soft_end`, end on a soft break (a per-recipient segment follows)."""
+    segments: list[Segment] = []
+    position = 0
+    for match in PLACEHOLDER.finditer(text):
+        chunk = text[position : match.start()]
+        segments.append(qp_encode(chunk.encode("utf-8"), soft_end=True))
+        segments.append(_Slot(Slot(match.group(1)), html))
+        position = match.end()
+    segments.append(qp_encode(text[position:].encode("utf-8"), soft_end=soft_end))
+    return segments
+
+
+def qp_encode(data: bytes, *, soft_end: bool) -> bytes:
+    """Encode `data` as quoted-printable with CRLF line ends, no line over 76 characters
+    and no line starting with "." (so SMTP needs no dot-stuffing); with `soft_end`,
+    end on a soft line break, so that what follows starts a line of its own."""
+    # A per-recipient value is mostly a short, plain address or link: nothing to do.
+    if (
+        soft_end
+        and len(data) < _QP_LINE
+        and not _QP_UNSAFE.search(data)
+        and data[:1] != b"."
+        and data[-1:] not in (b" ", b"\t")
+    ):
+        return data + b"=" + CRLF
+    out: list[bytes] = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines):
+        line = line.removesuffix(b"\r")
+        encoded = _QP_UNSAFE.sub(_escape, line)
+        if encoded[-1:] in (b" ", b"\t"):
+            encoded = encoded[:-1] + b"=%02X" % encoded[-1]
+        if encoded[:1] == b".":
+            encoded = b"=2E" + encoded[1:]
+        last = number == len(lines) - 1
+        out.extend(_fold(encoded, _QP_LINE - 1 if (soft_end and last) else _QP_LINE))
+    joined = CRLF.join(out)
+    return joined + b"=" + CRLF if soft_end else joined
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    return b"=%02X" % match.group()[0]
+
+
+def _fold(encoded: bytes, last_limit: int) -> list[bytes]:
+    """Cut an encoded line into lines ending in soft breaks, escapes never split."""
+    if len(encoded) <= last_limit:
+        return [encoded]
+    lines: list[bytes] = []
+    start = 0
+    while len(encoded) - start > last_limit:
+        cut = start + _QP_LINE - 1  # room for the "=" soft break
+        # Do not split "=XX", and do not start the next line with ".".
+        while cut > start + 1 and (
+            encoded[cut - 1 : cut] == b"="
+            or encoded[cut - 2 : cut - 1] == b"="
+            or encoded[cut : cut + 1] == b"."
+        ):
+            cut -= 1
+        lines.append(encoded[start:cut] + b"=")
+        start = cut
+        if encoded[start : start + 1] == b".":
+            # Only reachable for a run of dots: escape the one that starts the line.
+            encoded = encoded[:start] + b"=2E" + encoded[start + 1 :]
+    lines.append(encoded[start:])
+    return lines
+
+
+def _address_header(name: str, address: str, header: str) -> str:
+    if not name:
+        return address
+    if _PLAIN_NAME.fullmatch(name):
+        return f"{name} <{address}>"  # what formataddr gives, at a fraction of its cost
+    if name.isascii():
+        return formataddr((name, address))
+    encoded = Header(name, "utf-8", header_name=header).encode(linesep="\r\n")
+    return f"{encoded} <{address}>"
+
+
+def _header_text(value: str, header: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ComposeError(f"{header} cannot contain a line break")
+    if value.isascii() and len(value) + len(header) + 2 <= 78:
+        return value
+    return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An issue ready to go: rendered, checked, composed once."""
+
+    issue_key: str
+    rendered: RenderedIssue
+    template: MessageTemplate
+    content_hash: str
+    warnings: list[str]
+    newsletter: str = DEFAULT_NEWSLETTER  # the key of the newsletter it is an issue of
+
+
+def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:
+    """Return the DKIM keys the settings ask for, from the environment."""
+    from qant_mail.delivery import dkim
+
+    config = settings.dkim
+    return dkim.keys_from_settings(
+        config.selector, config.ed25519_selector, config.domain or settings.sender_domain, env
+    )

@@ -1,0 +1,558 @@
+"""Carrying messages: SMTP connections (TLS, login, pipelining), the rate limiter, and the
+transports that write files instead (dry run) or keep messages in memory (tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ConfigError, ExitCode, QantError
+
+PASSWORD_VARIABLE = "QANT_SMTP_PASSWORD"
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_GREYLIST = re.compile(r"gr[ae]y-?list", re.IGNORECASE)
+_THROTTLE = re.compile(
+    r"\brate\b|too many|throttl|slow down|server busy|limit (exceeded|reached)", re.IGNORECASE
+)
+
+
+class TransportUnavailable(QantError):
+    """The server cannot be reached, or refuses us (TLS, login)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class ConnectionLost(Exception):
+    """The connection broke during a transaction; `after_data` if the whole message had
+    been written and only the server's verdict was missing (it may have been delivered)."""
+
+    def __init__(self, reason: str, *, after_data: bool) -> None:
+        super().__init__(reason)
+        self.after_data = after_data
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: its code, enhanced status code if any, and text; `protocol_error`
+    when the server broke the protocol (a 250 where only 354 is right): not a delivery,
+    and worth trying again."""
+
+    code: int
+    text: str
+    protocol_error: bool = False
+
+    @property
+    def enhanced(self) -> str | None:
+        """Return the enhanced status code (RFC 3463), such as "5.1.1"."""
+        match = _ENHANCED.match(self.text)
+        return ".".join(match.groups()) if match else None
+
+    @property
+    def ok(self) -> bool:
+        """Return whether the server accepted."""
+        return 200 <= self.code < 300 and not self.protocol_error
+
+    @property
+    def temporary(self) -> bool:
+        """Return whether trying again later may work (4xx, or a protocol error)."""
+        return 400 <= self.code < 500 or self.protocol_error
+
+    @property
+    def greylisted(self) -> bool:
+        """Return whether this is greylisting: this recipient, later; not a reason to slow."""
+        return self.temporary and bool(_GREYLIST.search(self.text))
+
+    @property
+    def slow_down(self) -> bool:
+        """Return whether the server asks us to send more slowly (421, a rate limit,
+        a 4.7.x policy refusal that is not greylisting)."""
+        if self.code == 421:
+            return True
+        if not self.temporary or self.protocol_error or self.greylisted:
+            return False
+        return (self.enhanced or "").startswith("4.7.") or bool(_THROTTLE.search(self.text))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+class Connection(Protocol):
+    """An open connection that sends messages one after the other."""
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Send one message; return the server's verdict, or raise `ConnectionLost`.
+        `dot_safe`: no line of `data` starts with "." (the composer sees to it), so the
+        message needs no dot-stuffing, and no scan for it."""
+        ...
+
+    def close(self) -> None:
+        """Say goodbye and close."""
+        ...
+
+
+class Transport(Protocol):
+    """Something that opens connections to carry messages."""
+
+    description: str
+
+    def connect(self) -> Connection:
+        """Open a connection, or raise `TransportUnavailable`."""
+        ...
+
+
+class SmtpTransport:
+    """An SMTP relay: implicit TLS, STARTTLS or plain, with an optional login."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        smtp = settings.smtp
+        self.host, self.port, self.security = smtp.host, smtp.port, smtp.security
+        self.timeout = smtp.timeout
+        self.message_timeout = smtp.message_timeout
+        self.username = smtp.username
+        self._password = env.get(PASSWORD_VARIABLE, "")
+        if self.username and not self._password:
+            raise ConfigError(
+                f"smtp.username is set but {PASSWORD_VARIABLE} is not: export the password"
+            )
+        # A relay elsewhere: what leaves this machine must be signed and encrypted.
+        self.remote = not _is_loopback(self.host)
+        cleartext = self.username and self.security == "none" and self.remote
+        if cleartext and not smtp.allow_plaintext_login:
+            raise ConfigError(
+                f'smtp.username is set but smtp.security is "none": the password would '
+                f'cross the network to {self.host} in clear. Use security = "starttls" '
+                '(port 587) or "tls" (465); or, for a relay on a network you trust, '
+                "allow_plaintext_login = true"
+            )
+        self.helo = smtp.helo_name or None
+        self.context: ssl.SSLContext | None = None
+        if self.security != "none":
+            self.context = ssl.create_default_context()
+            if smtp.ca_file:
+                self._trust(settings.root / smtp.ca_file, settings.path)
+            if not smtp.verify_certificates:
+                self.context.check_hostname = False
+                self.context.verify_mode = ssl.CERT_NONE
+        how = {"tls": "TLS", "starttls": "STARTTLS", "none": "no encryption"}[self.security]
+        login = f", as {self.username}" if self.username else ""
+        self.description = f"{self.host}:{self.port} ({how}{login})"
+
+    def __repr__(self) -> str:
+        # Never the password: this object may end up in a traceback or a log.
+        return f"SmtpTransport({self.description})"
+
+    def _trust(self, ca_file: Path, settings_file: Path) -> None:
+        """Trust the certificate authorities of `ca_file` too (a private CA)."""
+        assert self.context is not None
+        where = f"{settings_file}: smtp.ca_file"
+        try:
+            self.context.load_verify_locations(cafile=ca_file)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{where}: no such file {ca_file}") from err
+        except (ssl.SSLError, OSError, ValueError) as err:
+            raise ConfigError(
+                f"{where}: {ca_file} holds no certificate in PEM form ({err})"
+            ) from err
+
+    def connect(self) -> SmtpConnection:
+        """Open, secure and log in a connection."""
+        where = f"{self.host}:{self.port}"
+        try:
+            client = self._open(where)
+        except smtplib.SMTPAuthenticationError as err:
+            raise TransportUnavailable(
+                f"{where} refused the login of {self.username!r}: {_reply_text(err)}"
+            ) from err
+        except ssl.SSLCertVerificationError as err:
+            raise TransportUnavailable(
+                f"{where}: certificate not trusted ({err.verify_message}); for a relay "
+                "whose certificate a private CA signed, smtp.ca_file = that CA's certificate "
+                "(PEM); smtp.verify_certificates = false only for a relay you control"
+            ) from err
+        except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
+            raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from err
+        return SmtpConnection(client, where, self.timeout, self.message_timeout)
+
+    def _open(self, where: str) -> smtplib.SMTP:
+        """Connect, greet, secure and log in; close the connection if any step fails."""
+        client: smtplib.SMTP
+        if self.security == "tls":
+            client = smtplib.SMTP_SSL(
+                self.host,
+                self.port,
+                local_hostname=self.helo,
+                timeout=self.timeout,
+                context=self.context,
+            )
+        else:
+            client = smtplib.SMTP(
+                self.host, self.port, local_hostname=self.helo, timeout=self.timeout
+            )
+        try:
+            client.ehlo()
+            if self.security == "starttls":
+                if not client.has_extn("starttls"):
+                    raise TransportUnavailable(f"{where} does not offer STARTTLS")
+                client.starttls(context=self.context)
+                client.ehlo()
+            if self.username:
+                client.login(self.username, self._password)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+class SmtpConnection:
+    """One SMTP session, reused for many messages, pipelining when the server allows."""
+
+    # Postfix drops a client after 20 errors (10 slow it down): a connection that has
+    # had this many refusals is closed and a fresh one opened.
+    MAX_REFUSALS = 5
+
+    def __init__(
+        self, client: smtplib.SMTP, where: str, timeout: float, message_timeout: float
+    ) -> None:
+        self.client = client
+        self.where = where
+        self.pipelining = client.has_extn("pipelining")
+        self.timeout = timeout
+        self.message_timeout = message_timeout
+        self.refusals = 0
+        if client.sock is None:
+            raise ConnectionLost("connection closed", after_data=False)
+        self.sock = client.sock
+        self.buffer = b""
+        self.broken = False  # after a lost exchange: no QUIT, the session is out of step
+
+    @property
+    def worn(self) -> bool:
+        """Return whether the server has refused enough here to count us as a nuisance."""
+        return self.refusals >= self.MAX_REFUSALS
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Send one message in one transaction; RSET after a refusal. The whole exchange
+        has `message_timeout` seconds: a server that trickles its reply lines cannot
+        hold a send forever."""
+        deadline = time.monotonic() + self.message_timeout
+        envelope = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"]
+        self.broken = True  # until this exchange ends in step
+        try:
+            if self.pipelining:
+                # RFC 2920: MAIL and RCPT in one write. DATA waits for their verdicts, so
+                # that a refused recipient costs the server one error, not two.
+                self._write(("\r\n".join(envelope) + "\r\n").encode())
+                replies = [self._reply(deadline) for _ in envelope]
+            else:
+                replies = []
+                for command in envelope:
+                    self._write(command.encode() + b"\r\n")
+                    replies.append(self._reply(deadline))
+                    if not replies[-1].ok:
+                        break
+            refusal = next((r for r in replies if not r.ok), None)
+            if refusal is not None:
+                self.refusals += 1
+                self.broken = False
+                self._quietly("RSET", deadline)
+                return refusal
+            self._write(b"DATA\r\n")
+            opened = self._reply(deadline)
+        except (OSError, _ProtocolError) as err:
+            raise ConnectionLost(_describe(err), after_data=False) from err
+        if opened.code != 354:
+            # Only 354 lets the message go. Anything else is the verdict; a 2xx here is
+            # a protocol error (the server received nothing), never a delivery.
+            self.refusals += 1
+            self._quietly("RSET", deadline)
+            self.broken = False
+            if opened.ok:
+                return Reply(
+                    opened.code,
+                    f"{opened.text} (protocol error: DATA answered without 354; nothing was sent)",
+                    protocol_error=True,
+                )
+            return opened
+        if not dot_safe and (data.startswith(b".") or b"\n." in data):
+            data = re.sub(rb"(?m)^\.", b"..", data)  # dot-stuffing (RFC 5321 4.5.2)
+        ending = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+        try:
+            # One write: a separate small write of the final dot would wait for the
+            # server's delayed ACK (Nagle), some 40 ms a message.
+            self._write(data + ending)
+        except OSError as err:
+            # The terminating dot was not written: the server cannot have accepted.
+            raise ConnectionLost(_describe(err), after_data=False) from err
+        try:
+            verdict = self._reply(deadline)
+        except (OSError, _ProtocolError) as err:
+            raise ConnectionLost(_describe(err), after_data=True) from err
+        self.broken = False
+        if not verdict.ok:
+            self.refusals += 1
+        return verdict
+
+    def _write(self, data: bytes) -> None:
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+
+    def _reply(self, deadline: float) -> Reply:
+        """Read one reply, all its lines, before `deadline`."""
+        lines: list[bytes] = []
+        while True:
+            line = self._line(deadline)
+            if len(line) < 3 or not line[:3].isdigit():
+                raise _ProtocolError(f"not an SMTP reply: {line[:40]!r}")
+            lines.append(line[4:])
+            if len(line) == 3 or line[3:4] == b" ":
+                break
+            if len(lines) >= 100:
+                raise _ProtocolError("a reply of more than 100 lines")
+        text = b" ".join(lines).decode("utf-8", "replace")
+        return Reply(int(line[:3]), text)
+
+    def _line(self, deadline: float) -> bytes:
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no complete reply in time")
+            if len(self.buffer) > 4096:
+                raise _ProtocolError("a reply line of more than 4 KB")
+            self.sock.settimeout(min(self.timeout, remaining))
+            chunk = self.sock.recv(8192)
+            if not chunk:
+                raise _ProtocolError("connection closed")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def _quietly(self, command: str, deadline: float | None = None) -> None:
+        """Send a command whose reply does not matter; close the connection if it fails."""
+        try:
+            self._write(command.encode() + b"\r\n")
+            self._reply(deadline or time.monotonic() + self.timeout)
+        except (OSError, _ProtocolError):
+            self._close_socket()
+
+    def close(self) -> None:
+        """Quit politely, or just close (a session out of step gets no QUIT)."""
+        if not self.broken and self.client.sock is not None:
+            self._quietly("QUIT", time.monotonic() + min(self.timeout, 5.0))
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        # smtplib's own reader (a makefile) holds the socket open too: close both.
+        with contextlib.suppress(OSError):
+            self.client.close()
+
+
+class _ProtocolError(Exception):
+    """The server said something that is not SMTP, or hung up mid-reply."""
+
+
+class MaildirTransport:
+    """Writes each message to a Maildir folder as NAME.eml (dry runs, the local inbox)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.description = f"the folder {folder}"
+
+    def connect(self) -> MaildirConnection:
+        """Make sure the folder exists."""
+        try:
+            make_maildir(self.folder)
+        except OSError as err:
+            raise TransportUnavailable(f"{self.folder}: cannot write: {err.strerror}") from err
+        return MaildirConnection(self.folder)
+
+
+class MaildirConnection:
+    """Writes messages to a Maildir."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Store the message as a delivery agent would (Return-Path, Delivered-To)."""
+        name = store_in_maildir(self.folder, sender, recipient, data)
+        return Reply(250, f"2.0.0 stored as {name}")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def make_maildir(folder: Path) -> None:
+    """Create the three folders of a Maildir (raises OSError)."""
+    for sub in ("tmp", "new", "cur"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+
+
+def store_in_maildir(folder: Path, sender: str, recipient: str, data: bytes) -> str:
+    """Write one message into `folder`/new as a .eml file, atomically; return its name."""
+    name = f"{time.time():.6f}.{uuid.uuid4().hex[:12]}.{socket.gethostname()}.eml"
+    envelope = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+    temporary = folder / "tmp" / name
+    with temporary.open("wb") as out:
+        out.write(envelope + data)
+    temporary.replace(folder / "new" / name)
+    return name
+
+
+@dataclass
+class MemoryTransport:
+    """Keeps messages in memory, answering with `answer` (tests)."""
+
+    answer: Callable[[str, bytes], Reply] = lambda recipient, data: Reply(250, "2.0.0 OK")
+    messages: list[tuple[str, str, bytes]] = field(default_factory=list)
+    description: str = "memory"
+
+    def connect(self) -> MemoryTransport:
+        """The transport is its own connection."""
+        return self
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Keep the message; answer as told."""
+        reply = self.answer(recipient, data)
+        if reply.ok:
+            self.messages.append((sender, recipient, data))
+        return reply
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class RateLimiter:
+    """One limiter shared by every connection: per second, per hour and per day."""
+
+    RECOVERY = 5.0
+
+    def __init__(
+        self,
+        per_second: float,
+        per_hour: int,
+        per_day: int,
+        history: Mapping[int, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.per_second, self.per_hour, self.per_day = per_second, per_hour, per_day
+        self.configured = per_second  # for the whole send, whatever the senders' number
+        self.clock, self.wall = clock, wall
+        self.lock = threading.Lock()
+        self.rate = per_second  # lowered when the server asks us to slow down
+        self.next_slot = clock()
+        self.paused_until = 0.0
+        self.slowed_at = -1e9  # when the server last asked us to slow down
+        self.minutes: dict[int, int] = dict(history or {})
+        self.sent_times: deque[float] = deque()
+
+    def acquire(self, stop: threading.Event) -> int | None:
+        """Wait for the right to send one message; return its minute (for the quota),
+        or None when the daily quota is used up or `stop` is set."""
+        while not stop.is_set():
+            with self.lock:
+                now = self.clock()
+                wait = max(self.paused_until - now, 0.0)
+                if not wait and self.rate > 0:
+                    wait = max(self.next_slot - now, 0.0)
+                if not wait:
+                    minute = int(self.wall() // 60)
+                    if self.per_day and self._since(minute - 24 * 60 + 1) >= self.per_day:
+                        return None
+                    if self.per_hour and self._since(minute - 59) >= self.per_hour:
+                        wait = 60 - self.wall() % 60  # until the oldest minute falls off
+                    else:
+                        if self.rate > 0:
+                            self.next_slot = max(self.next_slot, now) + 1 / self.rate
+                        self.minutes[minute] = self.minutes.get(minute, 0) + 1
+                        return minute
+            stop.wait(min(wait, 1.0))
+        return None
+
+    def slow_down(self) -> None:
+        """Halve the rate and pause everyone a moment: the server asked (421, a limit)."""
+        with self.lock:
+            now = self.clock()
+            if now - self.slowed_at < 1.0:
+                return  # the connections all heard it at once: one signal, one halving
+            base = self.rate or self.per_second or 20.0
+            self.rate = max(base / 2, 0.5)
+            self.slowed_at = now
+            self.paused_until = now + min(10.0, 2.0 / self.rate)
+
+    def speed_up(self) -> None:
+        """Get back to the configured rate after a success: the rate doubles every
+        `RECOVERY` seconds without a new request to slow down."""
+        with self.lock:
+            target = self.per_second
+            if self.rate == target or (target == 0 and self.rate == 0):
+                return
+            now = self.clock()
+            if now - self.slowed_at < self.RECOVERY:
+                return
+            self.slowed_at = now - self.RECOVERY / 2  # the next doubling, half as soon
+            doubled = self.rate * 2
+            if target == 0:
+                self.rate = 0.0 if doubled > 200 else doubled  # 0: no limit again
+            else:
+                self.rate = min(target, doubled)
+
+    def share(self, senders: int, history: Mapping[int, int]) -> None:
+        """Hold the limits for `senders` senders together: this one takes its part of
+        the rate a second, and counts the hour's and day's messages of all of them
+        (`history`, the shared quota, plus its own not yet written there)."""
+        with self.lock:
+            part = self.configured / max(1, senders)
+            if self.rate == self.per_second or self.rate > part:
+                self.rate = part  # unless the server asked for slower still
+            self.per_second = part
+            own = {m: n for m, n in self.minutes.items() if n > history.get(m, 0)}
+            self.minutes = {**history, **own}
+
+    def _since(self, minute: int) -> int:
+        return sum(n for m, n in self.minutes.items() if m >= minute)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _reply_text(err: smtplib.SMTPResponseException) -> str:
+    text = (
+        err.smtp_error.decode("utf-8", "replace")
+        if isinstance(err.smtp_error, bytes)
+        else str(err.smtp_error)
+    )
+    return f"{err.smtp_code} {text}"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, smtplib.SMTPResponseException):
+        return _reply_text(err)
+    if isinstance(err, socket.gaierror):
+        return f"unknown host ({err.strerror})"
+    if isinstance(err, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__

@@ -1,0 +1,1 @@
+"""The store: the databases and every statement of SQL."""

@@ -1,0 +1,1 @@
+"""The web side: HTTP only; parse, call the application layer, answer."""

@@ -1,0 +1,337 @@
+"""The live preview: a local page that shows the email as it is written, and reloads
+when the issue, one of its images, a template or the settings change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+from watchfiles import DefaultFilter, awatch
+
+from qant_mail.app.pipeline import check
+from qant_mail.authoring.render import Asset, RenderedIssue, Renderer, Slot
+from qant_mail.base.config import Settings, load_settings
+from qant_mail.base.errors import Problem, QantError, Severity
+
+PAGE = Path(__file__).with_name("preview.html")
+GMAIL_CLIP_BYTES = 102_000
+# The email is the editors' own text, but it is still kept from running anything.
+EMAIL_POLICY = "default-src 'none'; img-src 'self' https: data:; style-src 'unsafe-inline'"
+
+
+@dataclass
+class Snapshot:
+    """A good render, filled for the sample subscriber, ready to show."""
+
+    version: int
+    subject: str
+    preheader: str
+    reading_time: str
+    words: int
+    html: str
+    text: str
+    html_bytes: int
+
+
+@dataclass
+class PreviewState:
+    """What the page shows: the last good render, and what is wrong now."""
+
+    version: int = 0
+    good: Snapshot | None = None
+    problems: list[Problem] = field(default_factory=list)
+    error: str | None = None
+    rendered_at: float = 0.0
+
+
+class Preview:
+    """Renders one issue on demand and keeps the result for the page."""
+
+    def __init__(self, issue: Path, settings_path: Path) -> None:
+        self.issue = issue.resolve()
+        self.settings_path = settings_path.resolve()
+        self.state = PreviewState()
+        self.lock = threading.Lock()
+        self.token = secrets.token_urlsafe(24)
+        self._settings: Settings | None = None
+        self._renderer: Renderer | None = None
+        self._settings_stamp: float | None = None
+
+    @property
+    def roots(self) -> dict[str, Path]:
+        """Return the folders whose files the page may load: the issue's, the templates."""
+        roots = {"issue": self.issue.parent}
+        if self._settings is not None:
+            roots["templates"] = self._settings.templates_dir.resolve()
+        return roots
+
+    def refresh(self) -> PreviewState:
+        """Render the issue again; keep the last good render when this one fails."""
+        with self.lock:
+            state = self.state
+            try:
+                renderer = self._current_renderer()
+                report = check(self.issue, renderer)
+            except QantError as err:
+                state.version += 1
+                state.error, state.problems = str(err), []
+                return state
+            state.version += 1
+            state.error = None
+            state.problems = report.problems
+            # Lint errors (a clipped email, a bad link) are shown over a render that is
+            # still worth seeing; an invalid file keeps the last good one.
+            if report.rendered is not None:
+                state.good = self._snapshot(state.version, report.rendered, renderer)
+            state.rendered_at = time.time()
+            return state
+
+    def watched(self) -> list[Path]:
+        """Return what to watch: the issue's folder, the templates, the settings."""
+        paths = [self.issue.parent, self.settings_path]
+        if self._settings is not None and self._settings.templates_dir.is_dir():
+            paths.append(self._settings.templates_dir)
+        return paths
+
+    def asset(self, root: str, relative: str) -> Path | None:
+        """Return the file `relative` under the folder `root`, if it is inside it."""
+        base = self.roots.get(root)
+        if base is None or "\0" in relative or len(relative) > 1024:
+            return None
+        try:
+            candidate = (base / relative).resolve()
+            # Resolved, so that neither ".." nor a symbolic link leads out of the folder.
+            if not candidate.is_relative_to(base) or not candidate.is_file():
+                return None
+        except (OSError, RuntimeError):  # a name too long, a symlink loop
+            return None
+        return candidate
+
+    def _current_renderer(self) -> Renderer:
+        stamp = self.settings_path.stat().st_mtime if self.settings_path.exists() else None
+        if self._renderer is None or stamp != self._settings_stamp:
+            self._settings = load_settings(self.settings_path)
+            self._renderer = Renderer(self._settings)
+            self._settings_stamp = stamp
+        return self._renderer
+
+    def _snapshot(self, version: int, rendered: RenderedIssue, renderer: Renderer) -> Snapshot:
+        sample = renderer.settings.preview
+        values = {
+            Slot.NAME: sample.sample_name,
+            Slot.EMAIL: sample.sample_email,
+            Slot.UNSUBSCRIBE_URL: f"{renderer.settings.newsletter.base_url}/unsubscribe/exemple",
+            Slot.PREFERENCES_URL: f"{renderer.settings.newsletter.base_url}/subscriptions/exemple",
+            Slot.BROWSER_URL: rendered.web_url,
+        }
+        html, text = rendered.fill(values, asset_url=self._asset_url)
+        return Snapshot(
+            version=version,
+            subject=rendered.subject,
+            preheader=rendered.preheader,
+            reading_time=rendered.reading_time,
+            words=rendered.words,
+            html=html,
+            text=text,
+            html_bytes=len(html.encode("utf-8")),
+        )
+
+    def _asset_url(self, asset: Asset) -> str:
+        path = asset.source.resolve()  # the editor's file: the page serves it from there
+        for name, base in self.roots.items():
+            if path.is_relative_to(base):
+                return f"/assets/{name}/{path.relative_to(base).as_posix()}"
+        return asset.url  # outside the served folders: not shown, rather than served
+
+    def state_json(self) -> dict[str, Any]:
+        """Return the state as the page reads it."""
+        state, good = self.state, self.state.good
+        problems = [
+            {
+                "line": p.line,
+                "column": p.column,
+                "field": p.field,
+                "message": p.message,
+                "severity": p.severity.value,
+                "text": p.short(),
+            }
+            for p in state.problems
+        ]
+        return {
+            "version": state.version,
+            "file": self.issue.name,
+            "error": state.error,
+            "errors": sum(p.severity is Severity.ERROR for p in state.problems),
+            "problems": problems,
+            "good": None
+            if good is None
+            else {
+                "version": good.version,
+                "subject": good.subject,
+                "preheader": good.preheader,
+                "reading_time": good.reading_time,
+                "words": good.words,
+                "html_bytes": good.html_bytes,
+                "clip_bytes": GMAIL_CLIP_BYTES,
+            },
+        }
+
+
+def create_app(preview: Preview, *, can_send: bool = True) -> Starlette:
+    """Return the preview's web application."""
+    listeners: set[asyncio.Queue[int]] = set()
+
+    async def publish() -> None:
+        state = await anyio.to_thread.run_sync(preview.refresh)
+        for queue in list(listeners):
+            queue.put_nowait(state.version)
+
+    async def page(request: Request) -> HTMLResponse:
+        html = PAGE.read_text(encoding="utf-8")
+        html = html.replace("{{token}}", preview.token)
+        html = html.replace("{{can_send}}", "true" if can_send else "false")
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse(preview.state_json(), headers={"Cache-Control": "no-store"})
+
+    async def email_html(request: Request) -> Response:
+        good = preview.state.good
+        if good is None:
+            return HTMLResponse("<p>Pas encore de rendu.</p>", status_code=503)
+        headers = {"Cache-Control": "no-store", "Content-Security-Policy": EMAIL_POLICY}
+        return HTMLResponse(good.html, headers=headers)
+
+    async def email_text(request: Request) -> Response:
+        good = preview.state.good
+        if good is None:
+            return PlainTextResponse("", status_code=503)
+        return PlainTextResponse(good.text, headers={"Cache-Control": "no-store"})
+
+    async def asset(request: Request) -> Response:
+        path = preview.asset(request.path_params["root"], request.path_params["path"])
+        if path is None:
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "no-store"})
+
+    async def events(request: Request) -> StreamingResponse:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        listeners.add(queue)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield f"data: {preview.state.version}\n\n"
+                while True:
+                    try:
+                        version = await asyncio.wait_for(queue.get(), timeout=15)
+                        yield f"data: {version}\n\n"
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"  # proxies and browsers drop silent streams
+            finally:
+                listeners.discard(queue)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def send_test(request: Request) -> JSONResponse:
+        # The token is in the page only: another site cannot read it, so it cannot make
+        # this local server send mail (cross-site request forgery).
+        if request.headers.get("x-preview-token") != preview.token:
+            return JSONResponse({"ok": False, "message": "jeton invalide"}, status_code=403)
+        if not can_send:
+            return JSONResponse({"ok": False, "message": "envoi désactivé"}, status_code=403)
+        try:
+            payload = json.loads(await request.body())
+            address = str(payload.get("address", ""))
+        except (ValueError, AttributeError, RecursionError):
+            return JSONResponse({"ok": False, "message": "requête invalide"}, status_code=400)
+        result = await anyio.to_thread.run_sync(_send_test, preview, address)
+        return JSONResponse(result, status_code=200 if result["ok"] else 422)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await publish()
+        stop = anyio.Event()
+        task = asyncio.create_task(_watch(preview, publish, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/state.json", state),
+            Route("/email.html", email_html),
+            Route("/email.txt", email_text),
+            Route("/assets/{root}/{path:path}", asset),
+            Route("/events", events),
+            Route("/send-test", send_test, methods=["POST"]),
+        ],
+        middleware=[
+            # A page of another site that resolves its name to 127.0.0.1 (DNS
+            # rebinding) would send another Host: refuse it.
+            Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def _watch(preview: Preview, publish: Any, stop: anyio.Event) -> None:
+    """Re-render whenever a watched file changes (watchfiles; no polling loop)."""
+    while not stop.is_set():
+        paths = [p for p in preview.watched() if p.exists()]
+        async for _ in awatch(
+            *paths,
+            watch_filter=DefaultFilter(),
+            debounce=100,
+            step=20,
+            stop_event=stop,
+            recursive=True,
+        ):
+            await publish()
+            if set(preview.watched()) != set(paths):
+                break  # the settings moved the templates: watch the new folder
+
+
+def _send_test(preview: Preview, address: str) -> dict[str, Any]:
+    """Send the current issue as a test to `address` (what `send --to` does)."""
+    from qant_mail.app.pipeline import prepare_send
+    from qant_mail.base.addresses import normalise_address
+    from qant_mail.delivery.send import send_test
+    from qant_mail.delivery.transport import SmtpTransport
+
+    try:
+        settings = load_settings(preview.settings_path)
+        recipient = normalise_address(address)
+        prepared = prepare_send(preview.issue, settings, test=True)
+        transport = SmtpTransport(settings)
+        ((_, reply),) = send_test(prepared, settings, transport, [recipient])
+    except QantError as err:
+        return {"ok": False, "message": str(err).splitlines()[0]}
+    return {"ok": reply.ok, "message": f"{recipient} : {reply}"}

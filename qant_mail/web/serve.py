@@ -1,0 +1,310 @@
+"""The public web application: one-click unsubscription (RFC 8058), the signup forms and
+their confirmation (double opt-in), the reader's page of subscriptions, the archive, a
+health check. Run it with `qant-mail serve`, behind a reverse proxy for the world."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import anyio
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from qant_mail.app.signup import Mailer, Signup, SignupError, SmtpMailer
+from qant_mail.audience import tokens
+from qant_mail.authoring.render import Renderer
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import QantError
+from qant_mail.store.db import StoreError
+from qant_mail.store.subscribers import Status, Subscriber, Subscribers
+
+log = logging.getLogger(__name__)
+
+PAGE = "unsubscribe.html.j2"
+SUBSCRIBE_PAGE = "subscribe.html.j2"
+CONFIRM_PAGE = "confirm.html.j2"
+READER_PAGE = "subscriptions.html.j2"
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+# What a mail provider's one-click POST gets: no page, no redirect, no cookie (RFC 8058).
+ONE_CLICK_DONE = "unsubscribed\n"
+# A signup form is a few short fields: anything larger is not one.
+MAX_FORM_BYTES = 8 * 1024
+_HEADERS = {
+    "Cache-Control": "no-store",
+    # The links carry tokens: no page of ours tells another site where it came from.
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' https: data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+
+
+class _Unsubscriptions:
+    """Finds who a token names, and unsubscribes them from the newsletter it names (in a
+    worker thread: SQLite blocks)."""
+
+    def __init__(self, settings: Settings, secret: bytes) -> None:
+        self.settings, self.secret = settings, secret
+
+    def newsletter(self, token: str) -> str:
+        """Return the key of the newsletter a token is about (unverified)."""
+        return tokens.newsletter_of(token) or self.settings.main_id
+
+    def find(self, token: str) -> Subscriber | None:
+        """Return the subscriber a genuine token names; None for anything else."""
+        with Subscribers.open(self.settings.store_path, self.newsletter(token)) as store:
+            return self._find(store, token)
+
+    def apply(self, token: str, reason: str) -> Subscriber | None:
+        """Unsubscribe whom the token names; doing it twice keeps the first date and reason."""
+        with Subscribers.open(self.settings.store_path, self.newsletter(token)) as store:
+            subscriber = self._find(store, token)
+            if subscriber is None or subscriber.status is not Status.ACTIVE:
+                return subscriber
+            changed = store.set_status_by_id(subscriber.id, Status.UNSUBSCRIBED, reason)
+            return changed or subscriber
+
+    def _find(self, store: Subscribers, token: str) -> Subscriber | None:
+        number = tokens.subscriber_id(token)
+        if number is None:
+            return None
+        subscriber = store.by_id(number)
+        if subscriber is None or not tokens.verify(self.secret, token, number, subscriber.email):
+            return None
+        return subscriber
+
+
+def create_app(
+    settings: Settings,
+    archive: Path | None,
+    secret: bytes,
+    mailer: Mailer | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """Return the public application: unsubscribe pages, signup forms, confirmation
+    links, the reader's page, health check, the archive. `mailer` carries the
+    confirmation and welcome emails (default: the relay of the settings)."""
+    renderer = Renderer(settings)
+    unsubscriptions = _Unsubscriptions(settings, secret)
+    signup = Signup(settings, secret, mailer or SmtpMailer(settings), clock=clock)
+
+    def html(
+        template: str, key: str | None = None, status: int = 200, **context: object
+    ) -> HTMLResponse:
+        own = renderer.for_newsletter(key if key in settings.editions else None)
+        page = own.render_page(template, **context)
+        return HTMLResponse(page, status_code=status, headers=_HEADERS)
+
+    # -- unsubscribe -----------------------------------------------------------------
+
+    def page(state: str, token: str, email: str = "", status: int = 200) -> HTMLResponse:
+        return html(PAGE, unsubscriptions.newsletter(token), status, state=state, email=email)
+
+    def unsubscribe_page(request: Request) -> Response:
+        token = request.path_params["token"]
+        subscriber = unsubscriptions.find(token)
+        if subscriber is None:
+            # Forged, altered, truncated or unknown: one answer, that names nobody.
+            return page("invalid", token, status=404)
+        if subscriber.status is not Status.ACTIVE:
+            return page("done", token, subscriber.email)
+        return page("confirm", token, subscriber.email)
+
+    async def unsubscribe(request: Request) -> Response:
+        one_click = (await request.body()).strip() == ONE_CLICK
+        reason = "one-click" if one_click else "page"
+        token = request.path_params["token"]
+        subscriber = await anyio.to_thread.run_sync(unsubscriptions.apply, token, reason)
+        if one_click:
+            if subscriber is None:
+                return PlainTextResponse("invalid link\n", status_code=404, headers=_HEADERS)
+            return PlainTextResponse(ONE_CLICK_DONE, headers=_HEADERS)
+        if subscriber is None:
+            return page("invalid", token, status=404)
+        return page("done", token, subscriber.email)
+
+    # -- signup ----------------------------------------------------------------------
+
+    def form(
+        key: str | None, status: int = 200, error: SignupError | None = None, **values: object
+    ) -> HTMLResponse:
+        offered = signup.offered()
+        shown = [s for s in offered if key is None or s.newsletter.id == key]
+        return html(
+            SUBSCRIBE_PAGE,
+            key,
+            status,
+            state="form",
+            form_key=key or "all",
+            offered=[s.newsletter for s in shown],
+            single=key is not None,
+            error=error,
+            values=values,
+        )
+
+    def subscribe_form(request: Request) -> Response:
+        key = request.path_params.get("newsletter")
+        if key is not None and key not in {s.newsletter.id for s in signup.offered()}:
+            return PlainTextResponse("no such newsletter\n", status_code=404, headers=_HEADERS)
+        return form(key)
+
+    async def subscribe(request: Request) -> Response:
+        items = await _form(request)
+        if isinstance(items, Response):
+            return items
+        fields = dict(items)
+        chosen = [value for key, value in items if key == "newsletter"]
+        form_key = fields.get("form", "all")
+        single = form_key if form_key in settings.editions else None
+        try:
+            valid = signup.validate(
+                fields.get("email", ""),
+                fields.get("name", ""),
+                chosen,
+                form_key,
+                _client(request, settings.signup.trust_proxy),
+                fields.get("website", ""),
+            )
+        except SignupError as err:
+            values = {"email": fields.get("email", "")[:320], "name": fields.get("name", "")[:200]}
+            return form(single, 400, err, chosen=chosen, **values)
+        # The same answer, at once, whoever the address is: what is done about it (a
+        # mail, or nothing when a limit or the trap says so) happens afterwards.
+        response = html(SUBSCRIBE_PAGE, single, state="sent", single=single is not None)
+        response.background = BackgroundTask(_quietly, signup.request, valid)
+        return response
+
+    # -- confirmation ----------------------------------------------------------------
+
+    def confirm_page(request: Request) -> Response:
+        pending = signup.pending(request.path_params["token"])
+        if pending is None:
+            return html(CONFIRM_PAGE, state="invalid", status=404)
+        names = renderer.format_list([_name(settings, k) for k in pending.newsletters])
+        key = pending.newsletters[0] if pending.newsletters else None
+        return html(CONFIRM_PAGE, key, state="question", email=pending.email, names=names)
+
+    async def confirm(request: Request) -> Response:
+        done = await anyio.to_thread.run_sync(signup.confirm, request.path_params["token"])
+        if done is None:
+            return html(CONFIRM_PAGE, state="invalid", status=404)
+        pending, reader_url = done
+        names = renderer.format_list([_name(settings, k) for k in pending.newsletters])
+        key = pending.newsletters[0] if pending.newsletters else None
+        return html(
+            CONFIRM_PAGE, key, state="done", email=pending.email, names=names, reader_url=reader_url
+        )
+
+    # -- the reader's page -----------------------------------------------------------
+
+    def reader_page(request: Request) -> Response:
+        found = signup.reader(request.path_params["token"])
+        if found is None:
+            return html(READER_PAGE, state="invalid", status=404)
+        saved = request.query_params.get("saved") == "1"
+        return html(READER_PAGE, state="page", reader=found, saved=saved)
+
+    async def reader_choose(request: Request) -> Response:
+        token = request.path_params["token"]
+        items = await _form(request)
+        if isinstance(items, Response):
+            return items
+        data = dict(items)
+        key, action = data.get("newsletter", ""), data.get("action", "")
+        if action not in ("join", "leave"):
+            return html(READER_PAGE, state="invalid", status=400)
+        found = await anyio.to_thread.run_sync(signup.choose, token, key, action == "join")
+        if found is None:
+            return html(READER_PAGE, state="invalid", status=404)
+        # Post/redirect/get: a reload does not send the choice again.
+        return RedirectResponse(f"{request.url.path}?saved=1", status_code=303, headers=_HEADERS)
+
+    def health(request: Request) -> JSONResponse:
+        try:
+            with Subscribers.open(settings.store_path) as store:
+                store.count()
+        except (StoreError, sqlite3.Error) as err:
+            return JSONResponse({"status": "error", "store": str(err)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    routes: list[Route | Mount] = [
+        Route("/healthz", health),
+        Route("/unsubscribe/{token}", unsubscribe_page, methods=["GET", "HEAD"]),
+        Route("/unsubscribe/{token}", unsubscribe, methods=["POST"]),
+        Route("/subscribe", subscribe_form, methods=["GET", "HEAD"]),
+        Route("/subscribe", subscribe, methods=["POST"]),
+        Route("/subscribe/{newsletter}", subscribe_form, methods=["GET", "HEAD"]),
+        Route("/subscribe/{newsletter}", subscribe, methods=["POST"]),
+        Route("/confirm/{token}", confirm_page, methods=["GET", "HEAD"]),
+        Route("/confirm/{token}", confirm, methods=["POST"]),
+        Route("/subscriptions/{token}", reader_page, methods=["GET", "HEAD"]),
+        Route("/subscriptions/{token}", reader_choose, methods=["POST"]),
+    ]
+    if archive is not None:
+        routes.append(Mount("/", StaticFiles(directory=archive, html=True), name="archive"))
+    return Starlette(routes=routes)
+
+
+async def _form(request: Request) -> list[tuple[str, str]] | Response:
+    """Return the fields of a small URL-encoded form, or the answer to anything else
+    (too large, another type, too many fields)."""
+
+    def refuse(status: int, why: str) -> Response:
+        return PlainTextResponse(f"{why}\n", status_code=status, headers=_HEADERS)
+
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        return refuse(411, "a Content-Length is required")
+    if int(length) > MAX_FORM_BYTES:
+        return refuse(413, "form too large")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return refuse(415, "a form is expected")
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        return refuse(413, "form too large")
+    try:
+        return parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=40)
+    except ValueError:
+        return refuse(400, "too many fields")
+
+
+def _name(settings: Settings, key: str) -> str:
+    return settings.for_newsletter(key).newsletter.name if key in settings.editions else key
+
+
+def _client(request: Request, trust_proxy: bool) -> str:
+    """Return the client's address: the peer's, or behind a proxy of ours the last
+    address of X-Forwarded-For (the one our proxy added; earlier ones can be forged)."""
+    if trust_proxy:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        last = forwarded.split(",")[-1].strip()
+        if last:
+            return last
+    return request.client.host if request.client else "unknown"
+
+
+def _quietly(work: Callable[..., object], *args: object) -> None:
+    """Run a step after the answer was sent; what goes wrong is logged, never shown."""
+    try:
+        work(*args)
+    except (QantError, sqlite3.Error, OSError) as err:
+        log.error("signup: %s", err)
