@@ -33,14 +33,25 @@ from pathlib import Path
 code, tests, project = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 sys.path[:0] = [code, tests]
 from faulty_smtp import Behaviour, FaultyServerFactory
-from qant_mail.base.config import Sending, load_settings
-from qant_mail.delivery.send import send_to_list
-try:  # this tree
-    from qant_mail.app.pipeline import prepare_send
-except ImportError:  # a baseline from before the pipeline module
-    from qant_mail.delivery.send import prepare as prepare_send
-from qant_mail.store.subscribers import Subscribers
-from qant_mail.delivery.transport import SmtpTransport
+try:  # this tree: the application layer
+    from qant_mail.app import issues, sending
+    from qant_mail.app.context import Context
+    from qant_mail.base.config import Sending, load_settings
+    from qant_mail.delivery.transport import SmtpTransport
+    from qant_mail.store.subscribers import Subscribers
+    def prepare_send(path, settings):
+        return issues.prepare(Context(settings), path)
+    def send_to_list(prepared, settings, transport, **options):
+        return sending.send(Context(settings, transport=transport), prepared, **options)
+except ImportError:  # a baseline from before the layers: one flat package
+    from qant_mail.config import Sending, load_settings
+    from qant_mail.send import send_to_list
+    from qant_mail.subscribers import Subscribers
+    from qant_mail.transport import SmtpTransport
+    try:
+        from qant_mail.pipeline import prepare_send
+    except ImportError:  # from before the pipeline module
+        from qant_mail.send import prepare as prepare_send
 readers, greylist, retry, allowed = (float(a) for a in sys.argv[4:8])
 factory = FaultyServerFactory()
 server = factory(Behaviour(greylist_seconds=greylist))

@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from send import SECRET, _Discard, peak_mb, run_script, start_sink  # noqa: E402
 
-from qant_mail.app.pipeline import prepare_send  # noqa: E402
+from qant_mail.app import issues, sending  # noqa: E402
+from qant_mail.app.context import Context  # noqa: E402
 from qant_mail.base.config import Settings, Store, load_settings  # noqa: E402
-from qant_mail.delivery.send import send_to_list  # noqa: E402
 from qant_mail.store.ledger import Ledger, State  # noqa: E402
 from qant_mail.store.subscribers import Subscribers  # noqa: E402
 from tests.postgres import create_database, running_postgres  # noqa: E402
@@ -105,9 +105,10 @@ def child(kind: str, store: str, count: str) -> None:
     os.environ["QANT_SECRET_KEY"] = SECRET
     settings = settings_on(store)
     if kind == "ledger":  # the ledger's cost per message, SMTP taken away
-        prepared = prepare_send(SAMPLE, settings)
+        ctx = Context(settings, transport=_Discard())
+        prepared = issues.prepare(ctx, SAMPLE)
         start = time.perf_counter()
-        report = send_to_list(prepared, settings, _Discard())
+        report = sending.send(ctx, prepared)
         rate = report.done[State.SENT] / (time.perf_counter() - start)
         print(json.dumps({"rate": rate, "peak_mb": peak_mb()}))
     elif kind == "import":

@@ -34,10 +34,17 @@ SAMPLE = Path("issues") / "2023-11-20.yaml"
 def child(root: Path, runs: int) -> None:
     """Measure the in-process pipeline of the checkout at `root`; print medians (ms)."""
     sys.path.insert(0, str(root))
-    from qant_mail.authoring import prose
-    from qant_mail.authoring.load import load
-    from qant_mail.authoring.render import Renderer
-    from qant_mail.base.config import load_settings
+    try:  # a tree in layers
+        from qant_mail.authoring import prose
+        from qant_mail.authoring.load import load
+        from qant_mail.authoring.render import Renderer
+        from qant_mail.base.config import load_settings
+    except ImportError:  # a baseline from before the layers: one flat package
+        from qant_mail.config import load_settings  # type: ignore[import-not-found,no-redef]
+        from qant_mail.load import load  # type: ignore[import-not-found,no-redef]
+        from qant_mail.render import Renderer  # type: ignore[import-not-found,no-redef]
+
+        from qant_mail import prose  # type: ignore[attr-defined,no-redef]
 
     settings = load_settings(root / "qant.toml", env={})
     renderer = Renderer(settings)

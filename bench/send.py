@@ -33,13 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qant_mail.app.pipeline import prepare_send  # noqa: E402
+from qant_mail.app import issues, sending  # noqa: E402
+from qant_mail.app.context import Context  # noqa: E402
 from qant_mail.authoring.load import load  # noqa: E402
 from qant_mail.authoring.render import RenderedIssue, Renderer, Slot  # noqa: E402
 from qant_mail.base.config import Settings, load_settings  # noqa: E402
 from qant_mail.delivery import dkim  # noqa: E402
 from qant_mail.delivery.compose import MessageTemplate, Recipient  # noqa: E402
-from qant_mail.delivery.send import send_to_list  # noqa: E402
 from qant_mail.delivery.transport import Reply, SmtpTransport, Transport  # noqa: E402
 from qant_mail.store.ledger import State  # noqa: E402
 from qant_mail.store.subscribers import Subscribers  # noqa: E402
@@ -186,10 +186,11 @@ def child_pipeline(store: Path, port: int | None, kinds: list[str]) -> dict[str,
             }
         ),
     )
-    prepared = prepare_send(SAMPLE, settings)
     transport: Transport = SmtpTransport(settings, env={}) if port else _Discard()
+    ctx = Context(settings, transport=transport)
+    prepared = issues.prepare(ctx, SAMPLE)
     start = time.perf_counter()
-    report = send_to_list(prepared, settings, transport)
+    report = sending.send(ctx, prepared)
     elapsed = time.perf_counter() - start
     sent = report.done[State.SENT]
     return {"rate": sent / elapsed, "peak_mb": peak_mb(), "sent": sent}

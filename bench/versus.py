@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from send import free_port, postfix_env, postfix_tool  # noqa: E402
 
-from qant_mail.app.pipeline import render_sample  # noqa: E402
+from qant_mail.app import issues  # noqa: E402
+from qant_mail.app.context import Context  # noqa: E402
 from qant_mail.base.config import load_settings  # noqa: E402
 
 SAMPLE = ROOT / "issues" / "2023-11-20.yaml"
@@ -84,7 +85,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="qant-versus-"))
     settings = load_settings(ROOT / "qant.toml", env={})
-    message = render_sample(SAMPLE, settings, work)[2].read_bytes()  # the .eml
+    message = issues.render_sample(Context(settings), SAMPLE, work)[2].read_bytes()  # the .eml
     size = len(message)
     # The list is imported by the measured checkout's own command: its database is its own.
     store = work / "list.db"

@@ -1,16 +1,18 @@
-"""The `qant-mail` command: parses arguments, calls the library, reports errors."""
+"""The `qant-mail` command: parses arguments, calls one use case of the application
+layer, prints its result; the one error handler, and the exit codes."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import os
 import signal
 import sys
 import traceback
 import zoneinfo
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,11 +25,10 @@ from qant_mail.base.errors import ExitCode, IssueError, Problem, QantError, Seve
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from qant_mail.app.pipeline import SendStatus
-    from qant_mail.authoring.archive import ArchiveReport
-    from qant_mail.base.config import Settings
-    from qant_mail.store.ledger import SendSummary, State
-    from qant_mail.store.subscribers import Status, Subscribers
+    from qant_mail.app.context import Context
+    from qant_mail.app.issues import ArchiveReport
+    from qant_mail.app.readers import Status
+    from qant_mail.app.sending import SendStatus, SendSummary, State, Waiting
 
 
 class _Commands(TyperGroup):
@@ -73,6 +74,7 @@ class Options:
 
     config: Path | None = None
     debug: bool = False
+    contexts: list[Context] = field(default_factory=list)  # the one a command made
 
 
 def _version(value: bool) -> None:
@@ -112,16 +114,14 @@ def _options(ctx: typer.Context) -> Options:
     return ctx.find_object(Options) or Options()
 
 
-def _settings_path(ctx: typer.Context) -> Path:
-    from qant_mail.base.config import find_config
+def _context(ctx: typer.Context) -> Context:
+    """Return the installation the command works on: its settings, read once."""
+    from qant_mail.app.context import Context
 
-    return _options(ctx).config or find_config()
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    from qant_mail.base.config import load_settings
-
-    return load_settings(_settings_path(ctx))
+    options = _options(ctx)
+    if not options.contexts:
+        options.contexts.append(Context.load(options.config))
+    return options.contexts[0]
 
 
 @app.command()
@@ -133,11 +133,9 @@ def new(
     ] = None,
 ) -> None:
     """Write a commented skeleton issue for DATE in the issues folder."""
-    from qant_mail.authoring.draft import write_skeleton
+    from qant_mail.app import issues
 
-    settings = _settings(ctx)
-    day = _parse_date(date) if date else dt.date.today()
-    path = write_skeleton(settings, day)
+    path = issues.new_issue(_context(ctx), _parse_date(date) if date else None)
     typer.echo(f"wrote {_shown(path)}")
 
 
@@ -150,13 +148,12 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of an issue file, for editors' YAML plugins."""
-    from qant_mail.authoring.draft import write_schema
-    from qant_mail.authoring.model import json_schema
+    from qant_mail.app import issues
 
     if output is None:
-        typer.echo(json_schema(), nl=False)
+        typer.echo(issues.schema(), nl=False)
         return
-    write_schema(output)
+    issues.write_schema(output)
     typer.echo(f"wrote {_shown(output)}")
 
 
@@ -170,10 +167,9 @@ def check(
     """Validate an issue and lint its email; print every problem as FILE:LINE:COL."""
     import json
 
-    from qant_mail.app.pipeline import check as check_issue
-    from qant_mail.authoring.render import Renderer
+    from qant_mail.app import issues
 
-    report = check_issue(file, Renderer(_settings(ctx)))
+    report = issues.check(_context(ctx), file)
     errors, warnings = len(report.errors), len(report.warnings)
     failed = bool(errors or (strict and warnings))
     if as_json:
@@ -224,10 +220,9 @@ def render(
     ] = None,
 ) -> None:
     """Write NAME.html, NAME.txt and NAME.eml, as a sample subscriber gets them."""
-    from qant_mail.app.pipeline import render_sample
+    from qant_mail.app import issues
 
-    settings = _settings(ctx)
-    written = render_sample(file, settings, output or settings.output_dir)
+    written = issues.render_sample(_context(ctx), file, output)
     for path in written:
         typer.echo(f"wrote {_shown(path)} ({path.stat().st_size / 1000:.1f} KB)")
 
@@ -249,8 +244,8 @@ def preview(
     from qant_mail.web.preview import Preview, create_app
     from qant_mail.web.webserver import listen, run
 
-    settings_path = _settings_path(ctx)
-    _settings(ctx)  # settings that do not load are an error now, not a blank page
+    # Settings that do not load are an error now, not a blank page.
+    settings_path = _context(ctx).settings.path
     sock = listen("127.0.0.1", port)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
     typer.echo(f"preview of {_shown(file)} at {url} (Ctrl-C to stop)", err=True)
@@ -305,38 +300,30 @@ def send(
     ] = False,
 ) -> None:
     """Send an issue to every active subscriber, or a test to some addresses (--to)."""
-    from qant_mail.app.pipeline import prepare_send
-    from qant_mail.base.addresses import normalise_address
-    from qant_mail.delivery import send as sending
-    from qant_mail.delivery.transport import SmtpTransport
+    from qant_mail.app import issues, sending
 
-    settings = _settings(ctx)
+    context = _context(ctx)
     if to is not None:
-        addresses = [normalise_address(a) for a in to.split(",") if a.strip()]
+        addresses = [a for a in to.split(",") if a.strip()]
         if not addresses:
             raise typer.BadParameter("give at least one address", param_hint="--to")
-        prepared = prepare_send(file, settings, test=True)
-        _warn(prepared.warnings)
-        transport = SmtpTransport(settings)
-        sending.require_signature(settings, prepared.template.keys, transport)
-        failed = 0
-        for address, reply in sending.send_test(prepared, settings, transport, addresses):
+        tested = sending.send_test(context, file, addresses)
+        _warn(tested.warnings)
+        for address, reply in tested.results:
             typer.echo(f"{address}: {reply}")
-            failed += not reply.ok
-        if failed:
+        if tested.failed:
             raise typer.Exit(ExitCode.PARTIAL)
         return
-    prepared = prepare_send(file, settings)
+    prepared = issues.prepare(context, file)
     _warn(prepared.warnings)
     if dry_run:
-        folder = output or settings.output_dir / "dry-run" / file.stem
+        folder = output or context.settings.output_dir / "dry-run" / file.stem
         with _ProgressBar() as bar, _terminate_as_interrupt():
-            report = sending.dry_run(prepared, settings, folder, progress=bar, limit=limit)
+            report = sending.dry_run(context, prepared, folder, progress=bar, limit=limit)
         typer.echo(report.summary())
         typer.echo(f"messages written to {_shown(folder / 'new')}")
         return
-    transport = SmtpTransport(settings)
-    plan = sending.plan(prepared, settings, transport, new_subscribers=new_subscribers)
+    plan = sending.plan(context, prepared, new_subscribers=new_subscribers)
     if new_subscribers and not plan.resuming:
         raise typer.BadParameter(
             f"{file.stem} has not been sent yet: `qant-mail send {file}` sends it to every "
@@ -344,7 +331,7 @@ def send(
             param_hint="--new-subscribers",
         )
     if plan.recipients == 0:
-        why, code = plan.nothing_left(file)
+        why, code = sending.nothing_left(plan, file)
         typer.echo(why)
         raise typer.Exit(code)
     count = min(plan.recipients, limit) if limit else plan.recipients
@@ -367,10 +354,9 @@ def send(
             typer.echo("nothing sent", err=True)
             raise typer.Exit(ExitCode.OK)
     with _ProgressBar() as bar, _terminate_as_interrupt():
-        report = sending.send_to_list(
+        report = sending.send(
+            context,
             prepared,
-            settings,
-            transport,
             progress=bar,
             limit=limit,
             wait_for_retries=not no_wait,
@@ -379,7 +365,7 @@ def send(
         )
     typer.echo(report.summary())
     if report.exit_code != ExitCode.OK:
-        typer.echo(report.hints(file), err=True)
+        typer.echo(sending.hints(report, file), err=True)
     if report.joined:
         typer.echo(sending.joined_hint(report.joined, file), err=True)
     raise typer.Exit(report.exit_code)
@@ -419,22 +405,23 @@ def status(
     """Show where the send of an issue stands: counts, failures, unknowns."""
     import json
 
-    from qant_mail.app import pipeline
-    from qant_mail.store.ledger import State
+    from qant_mail.app import sending
+    from qant_mail.app.sending import State
 
-    settings = _settings(ctx)
+    context = _context(ctx)
+    settings = context.settings
     if requeue_unknown and mark_unknown_sent:
         raise typer.BadParameter("choose one of --requeue-unknown and --mark-unknown-sent")
     if (reason or address or force) and not requeue_failed:
         raise typer.BadParameter("--reason, --address and --force go with --requeue-failed")
     issue = file.stem
     if requeue_unknown or mark_unknown_sent:
-        changed = pipeline.resolve_unknown(settings, issue, sent=mark_unknown_sent)
+        changed = sending.resolve_unknown(context, issue, sent=mark_unknown_sent)
         verb = "marked sent" if mark_unknown_sent else "re-queued"
         typer.echo(f"{changed} unknown {verb}", err=True)
     if requeue_failed:
-        result = pipeline.requeue_failed(
-            settings, issue, containing=reason, addresses=address or (), force=force
+        result = sending.requeue_failed(
+            context, issue, containing=reason, addresses=address or (), force=force
         )
         typer.echo(
             f"{result.requeued} failed re-queued: `qant-mail send {file}` sends them", err=True
@@ -444,13 +431,14 @@ def status(
             typer.echo(f"  {email}: not re-queued, the subscriber is {state}{hint}", err=True)
         for email in result.missing:
             typer.echo(f"  {email}: no failed message to it in this send", err=True)
-    found = pipeline.status(settings, issue)
+    found = sending.status(context, issue)
     send = found.send
     if as_json:
         typer.echo(json.dumps(_status_json(found), ensure_ascii=False, indent=2))
         return
     if send is None:
         typer.echo(f"{issue} has not been sent (no send planned).")
+        _waiting(found.waiting)
         return
     of = f" ({send.newsletter})" if len(settings.editions) > 1 else ""
     typer.echo(f"{send.issue}{of}: “{send.subject}”, planned {send.created_at}")
@@ -477,6 +465,18 @@ def status(
     for note in found.notes:
         if not (requeue_failed and note.startswith("failed:")):
             typer.echo(note, err=True)
+    _waiting(found.waiting)
+
+
+def _waiting(waiting: Waiting) -> None:
+    """Say what waits in the outbox's queue, if anything does."""
+    if not waiting.total:
+        return
+    kinds = ", ".join(f"{kind} {n}" for kind, n in waiting.by_kind.items())
+    line = f"outbox: {waiting.total} waiting ({kinds}), the oldest since {_when(waiting.oldest)}"
+    if waiting.last_reply:
+        line += f"; last try: {waiting.last_reply}"
+    typer.echo(line + " (`qant-mail outbox`)")
 
 
 @app.command()
@@ -487,17 +487,19 @@ def sends(
     """List the sends of every issue, the latest first, with what came back since."""
     import json
 
-    from qant_mail.app import pipeline
-    from qant_mail.store.ledger import State, left
+    from qant_mail.app import sending
+    from qant_mail.app.sending import State, left
 
-    settings = _settings(ctx)
-    found = pipeline.history(settings)
-    several = len(settings.editions) > 1  # a newsletter column, then
+    context = _context(ctx)
+    history = sending.history(context)
+    found = history.sends
+    several = len(context.settings.editions) > 1  # a newsletter column, then
     if as_json:
         typer.echo(json.dumps([_summary_json(s) for s in found], ensure_ascii=False, indent=2))
         return
     if not found:
         typer.echo("No send yet.")
+        _waiting(history.waiting)
         return
     header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []), "started (UTC)")
     header += ("finished", "readers", "sent")
@@ -526,6 +528,7 @@ def sends(
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         typer.echo("  ".join(cells).rstrip())
+    _waiting(history.waiting)
 
 
 @app.command()
@@ -541,14 +544,14 @@ def schedule(
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel its scheduled send.")] = False,
 ) -> None:
     """Set an issue to go to the list at a time; `qant-mail run-due` sends it then."""
-    from qant_mail.app import pipeline
+    from qant_mail.app import schedule as schedules
 
-    settings = _settings(ctx)
-    zone = settings.newsletter.timezone
+    context = _context(ctx)
+    zone = context.settings.newsletter.timezone
     if file is None:
         if at or cancel:
             raise typer.BadParameter("--at and --cancel go with an issue's file")
-        found = pipeline.schedules(settings)
+        found = schedules.schedules(context)
         if not found:
             typer.echo("Nothing scheduled.")
         for item in found:
@@ -559,11 +562,11 @@ def schedule(
     if cancel == (at is not None):
         raise typer.BadParameter("give either --at TIME or --cancel")
     if cancel:
-        pipeline.cancel(settings, file.stem)
+        schedules.cancel(context, file.stem)
         typer.echo(f"{file.stem}: its scheduled send is cancelled")
         return
     assert at is not None
-    item = pipeline.schedule(file, settings, pipeline.parse_time(at, settings))
+    item = schedules.schedule(context, file, schedules.parse_time(context, at))
     when = _local(item.due_at, zone)
     typer.echo(
         f"{item.issue} goes to the list at {when} ({zone}), checked again then; "
@@ -578,11 +581,12 @@ def _local(moment: dt.datetime, zone: str) -> str:
 
 @app.command("run-due")
 def run_due(ctx: typer.Context) -> None:
-    """Send the scheduled issues whose time has come (for cron or a systemd timer)."""
-    from qant_mail.app import pipeline
+    """Send the scheduled issues whose time has come, and what waits in the outbox
+    (for cron or a systemd timer)."""
+    from qant_mail.app import schedule as schedules
 
     with _terminate_as_interrupt():
-        outcomes = pipeline.run_due(_settings(ctx))
+        outcomes = schedules.run_due(_context(ctx))
     if outcomes is None:
         typer.echo("another `qant-mail run-due` is running: it sends what is due", err=True)
         return
@@ -664,11 +668,11 @@ def inbox(
     """Run a local SMTP server that stores every message it gets as a .eml file."""
     import time
 
-    from qant_mail.delivery.inbox import Inbox
+    from qant_mail.app.demo import local_inbox
 
-    settings = _settings(ctx)
-    target = folder or settings.root / "data" / "inbox"
-    with Inbox(target, port=port) as server:
+    local = local_inbox(_context(ctx), folder, port)
+    target = local.folder
+    with local as server:
         typer.echo(f"test inbox listening on {server.host}:{server.port}", err=True)
         typer.echo(f"messages are stored in {_shown(target / 'new')} (Ctrl-C to stop)", err=True)
         try:
@@ -688,9 +692,8 @@ def demo(
     """Render the sample and send it to the demo list through a local test inbox."""
     from qant_mail.app.demo import run_demo
 
-    settings = _settings(ctx)
     with _ProgressBar() as bar:
-        result = run_demo(settings, issue, progress=bar)
+        result = run_demo(_context(ctx), issue, progress=bar)
     for path in result.rendered:
         typer.echo(f"rendered {_shown(path)}")
     imported = result.imported
@@ -714,13 +717,11 @@ def archive(
     ] = None,
 ) -> None:
     """Write the web archive: an index of every issue, a page each, an Atom feed."""
-    from qant_mail.authoring.archive import build_archive
+    from qant_mail.app import issues
 
-    settings = _settings(ctx)
-    folder = output or settings.output_dir / "archive"
-    report = build_archive(settings, folder)
+    report = issues.build_archive(_context(ctx), output)
     _left_out(report)
-    typer.echo(f"archive of {len(report.entries)} issues in {_shown(folder)}")
+    typer.echo(f"archive of {len(report.entries)} issues in {_shown(report.folder)}")
 
 
 def _left_out(report: ArchiveReport) -> None:
@@ -744,22 +745,23 @@ def serve(
         typer.Option("--proxy-headers", help="Trust X-Forwarded-* from a proxy on 127.0.0.1."),
     ] = False,
 ) -> None:
-    """Serve the unsubscribe links, the archive and a health check."""
-    from qant_mail.audience import tokens
-    from qant_mail.authoring.archive import build_archive
+    """Serve the unsubscribe links, the signup forms and the reader's page, the archive
+    and a health check; deliver what the outbox's queue holds."""
+    from qant_mail.app import issues
     from qant_mail.web.serve import create_app
     from qant_mail.web.webserver import listen, run
 
-    settings = _settings(ctx)
-    secret = tokens.secret_from_env()
+    context = _context(ctx)
+    context.secret()  # no secret, no links: said now, not at the first request
     if site is None:
-        site = settings.output_dir / "archive"
-        _left_out(build_archive(settings, site))
+        report = issues.build_archive(context)
+        _left_out(report)
+        site = report.folder
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     typer.echo(f"serving {_shown(site)} and unsubscriptions on http://{host}:{bound}/", err=True)
     try:
-        run(create_app(settings, site, secret), sock, proxy_headers=proxy_headers)
+        run(create_app(context, site), sock, proxy_headers=proxy_headers)
     finally:
         sock.close()
 
@@ -776,21 +778,9 @@ def bounces(
     ],
 ) -> None:
     """Read bounces and complaints; mark bounced and complained readers; record them."""
-    from qant_mail.audience import tokens
-    from qant_mail.base.errors import ConfigError
-    from qant_mail.delivery.bounces import Outcome, process, read_source
-    from qant_mail.store.db import StoreError
+    from qant_mail.app.bounces import Outcome, process_source
 
-    settings = _settings(ctx)
-    secret = tokens.secret_from_env()
-    try:
-        report = process(settings, read_source(source), secret)
-    except (StoreError, ConfigError) as err:
-        if source != "-":
-            raise
-        # From a mail server's pipe: try again later, never bounce a bounce.
-        _error(f"{err} (the mail server will try again later)")
-        raise typer.Exit(EX_TEMPFAIL) from err
+    report = process_source(_context(ctx), source)
     for finding in report.findings:
         who = f" {finding.address}" if finding.address else ""
         issue = f" ({finding.issue})" if finding.issue else ""
@@ -803,6 +793,11 @@ def bounces(
     typer.echo(f"{len(report.findings)} read: {summary or 'nothing'}", err=True)
 
 
+class _KeyKind(enum.StrEnum):
+    RSA = "rsa"
+    ED25519 = "ed25519"
+
+
 dkim_app = typer.Typer(help="DKIM keys.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(dkim_app, name="dkim")
 
@@ -811,8 +806,8 @@ app.add_typer(dkim_app, name="dkim")
 def dkim_keygen(
     ctx: typer.Context,
     kind: Annotated[
-        str, typer.Option("--type", help="rsa (2048 bits, read everywhere) or ed25519.")
-    ] = "rsa",
+        _KeyKind, typer.Option("--type", help="rsa (2048 bits, read everywhere) or ed25519.")
+    ] = _KeyKind.RSA,
     selector: Annotated[
         str | None,
         typer.Option("--selector", help="The key's name in DNS (default: qant + the year)."),
@@ -822,33 +817,23 @@ def dkim_keygen(
     ] = Path(),
 ) -> None:
     """Write a DKIM key pair and print the DNS records to publish (DKIM, SPF, DMARC)."""
-    from qant_mail.base.files import create_new
-    from qant_mail.delivery import dkim
+    from qant_mail.app.keys import keygen
 
-    if kind not in ("rsa", "ed25519"):
-        raise typer.BadParameter("rsa or ed25519", param_hint="--type")
-    settings = _settings(ctx)
-    name = selector or f"qant{dt.date.today().year}{'e' if kind == 'ed25519' else ''}"
-    domain = settings.dkim.domain or settings.sender_domain
-    pem, public = dkim.generate(kind)  # type: ignore[arg-type]
-    path = output / f"{name}.private.pem"
-    create_new(path, pem, mode=0o600)
-    record = dkim.dns_record(kind, public)
-    # A TXT string holds 255 characters at most: longer records are cut into several.
-    strings = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
-    variable = dkim.ED25519_VARIABLE if kind == "ed25519" else dkim.RSA_VARIABLE
-    setting = "ed25519_selector" if kind == "ed25519" else "selector"
-    typer.echo(f"wrote {_shown(path)} (the private key: keep it secret, out of the project)")
+    key = keygen(_context(ctx), kind.value, selector, output)
+    dkim_record, spf, dmarc = key.dns
+    typer.echo(f"wrote {_shown(key.path)} (the private key: keep it secret, out of the project)")
     typer.echo("")
     typer.echo("Publish in DNS:")
-    typer.echo(f"{name}._domainkey.{domain}. IN TXT {strings}")
+    typer.echo(dkim_record)
     typer.echo("")
     typer.echo("and, if not there already (adapt SPF to the relays you send through):")
-    typer.echo(f'{domain}. IN TXT "v=spf1 mx include:YOUR-RELAY ~all"')
-    typer.echo(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"')
+    typer.echo(spf)
+    typer.echo(dmarc)
     typer.echo("")
-    typer.echo(f'Then, in qant.toml: [dkim] {setting} = "{name}"; and in the environment:')
-    typer.echo(f"{variable}_FILE={path.resolve()}")
+    typer.echo(
+        f'Then, in qant.toml: [dkim] {key.setting} = "{key.selector}"; and in the environment:'
+    )
+    typer.echo(f"{key.variable}_FILE={key.path.resolve()}")
 
 
 db_app = typer.Typer(
@@ -859,64 +844,41 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 
 
-def _target(value: str) -> Path | str:
-    """Return a store named on the command line: a postgresql:// URL, sqlite:///PATH or
-    a file's path."""
-    if value.startswith(("postgresql://", "postgres://")):
-        return value
-    return Path(value.removeprefix("sqlite:///"))
-
-
 @db_app.command("status")
 def db_status(ctx: typer.Context) -> None:
     """Say which store the settings name, its schema version and its rows per table."""
-    from qant_mail.store import db as stores
+    from qant_mail.app import database
 
-    settings = _settings(ctx)
-    db = stores.open_store(settings.store_path, migrate=False)
-    try:
-        version = stores.schema_version(db)
-        typer.echo(f"{stores.describe(settings.store_path)} ({db.dialect}), schema {version}")
-        for table in stores.TABLES:
-            (rows,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
-            typer.echo(f"  {table}\t{rows}")
-    finally:
-        db.close()
+    found = database.status(_context(ctx))
+    typer.echo(f"{found.description} ({found.dialect}), schema {found.version}")
+    for table, rows in found.rows.items():
+        typer.echo(f"  {table}\t{rows}")
 
 
 @db_app.command("migrate")
 def db_migrate(ctx: typer.Context) -> None:
     """Bring the store to this qant-mail's schema (a PostgreSQL store is never migrated
     by another command: run this once, from one host, when upgrading)."""
-    from qant_mail.store import db as stores
+    from qant_mail.app import database
 
-    settings = _settings(ctx)
-    db = stores.open_store(settings.store_path, migrate=True)
-    try:
-        version = stores.schema_version(db)
-    finally:
-        db.close()
-    typer.echo(f"{stores.describe(settings.store_path)}: at schema {version}")
+    described, version = database.migrate(_context(ctx))
+    typer.echo(f"{described}: at schema {version}")
 
 
 @db_app.command("copy")
 def db_copy(
-    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="The store to copy: a file or a URL.")],
     target: Annotated[str, typer.Argument(help="An empty store to copy into.")],
 ) -> None:
     """Copy every row of one store into another, empty one (SQLite into PostgreSQL and
     back), in one transaction, checked by the counts of each table."""
-    from qant_mail.store import db as stores
+    from qant_mail.app import database
 
-    origin, destination = _target(source), _target(target)
-    if isinstance(origin, Path) and not origin.is_file():
-        raise typer.BadParameter(f"{origin}: no such store")
-    counts = stores.copy_store(origin, destination)
-    total = sum(counts.values())
+    copied = database.copy(source, target)
+    total = sum(copied.counts.values())
     typer.echo(
-        f"copied {total} rows into {stores.describe(destination)}: "
-        + ", ".join(f"{table} {n}" for table, n in counts.items() if n)
+        f"copied {total} rows into {copied.description}: "
+        + ", ".join(f"{table} {n}" for table, n in copied.counts.items() if n)
     )
 
 
@@ -948,8 +910,11 @@ def subscribers_import(
     newsletter: Annotated[str | None, _NEWSLETTER] = None,
 ) -> None:
     """Import subscribers from a CSV file; re-importing changes nothing."""
-    store = _store(ctx, newsletter)
-    report = store.import_csv(file, source, test_domains=test_domains)
+    from qant_mail.app import readers
+
+    report = readers.import_csv(
+        _context(ctx), file, source, test_domains=test_domains, newsletter=newsletter
+    )
     typer.echo(
         f"added {report.added}, updated {report.renamed}, unchanged {report.unchanged}, "
         f"kept inactive {report.inactive}, removed earlier {report.suppressed}, "
@@ -976,8 +941,15 @@ def subscribers_add(
     newsletter: Annotated[str | None, _NEWSLETTER] = None,
 ) -> None:
     """Add one subscriber."""
-    subscriber = _store(ctx, newsletter).add(
-        address, name, resubscribe=resubscribe, test_domains=test_domains
+    from qant_mail.app import readers
+
+    subscriber = readers.add(
+        _context(ctx),
+        address,
+        name,
+        resubscribe=resubscribe,
+        test_domains=test_domains,
+        newsletter=newsletter,
     )
     typer.echo(f"{subscriber.email}: {subscriber.status}")
 
@@ -987,7 +959,9 @@ def subscribers_remove(
     ctx: typer.Context, address: Annotated[str, typer.Argument(help="Email address.")]
 ) -> None:
     """Delete a subscriber and their data."""
-    subscriber = _store(ctx).remove(address)
+    from qant_mail.app import readers
+
+    subscriber = readers.remove(_context(ctx), address)
     typer.echo(f"{subscriber.email}: removed")
 
 
@@ -1012,52 +986,25 @@ def subscribers_unsubscribe(
     if from_message:
         _unsubscribe_from_message(ctx, newsletter)
         return
+    from qant_mail.app import readers
+
     if not address:
         raise typer.BadParameter("give an ADDRESS, or --from-message")
-    subscriber = _store(ctx, newsletter).unsubscribe(address, reason)
+    subscriber = readers.unsubscribe(_context(ctx), address, reason, newsletter=newsletter)
     typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
-
-
-# sysexits.h, what a mail server expects of a command it pipes mail to: 0 delivered (or
-# nothing to do), EX_DATAERR the message is unusable (bounced to its sender),
-# EX_TEMPFAIL try again later (the message stays queued; nothing is lost).
-EX_DATAERR, EX_TEMPFAIL = 65, 75
 
 
 def _unsubscribe_from_message(ctx: typer.Context, newsletter: str | None) -> None:
-    """Unsubscribe the sender of the message on standard input, for a mail alias: from
-    the newsletter its subject names ("unsubscribe KEY", as the List-Unsubscribe mailto
-    of each newsletter but the main one writes it), else from `newsletter`."""
-    import sys
+    """Unsubscribe the sender of the message on standard input (a mail alias), with the
+    status a mail server reads (sysexits)."""
+    from qant_mail.app import readers
 
-    from qant_mail.base.errors import ConfigError
-    from qant_mail.store.db import StoreError
-    from qant_mail.store.subscribers import (
-        MAX_MESSAGE,
-        SubscriberError,
-        newsletter_asked,
-        sender_of,
-    )
-
-    try:
-        message = sys.stdin.buffer.read(MAX_MESSAGE + 1)
-        address = sender_of(message)
-        newsletter = newsletter_asked(message) or newsletter
-    except SubscriberError as err:
-        _error(str(err))
-        raise typer.Exit(EX_DATAERR) from err
-    try:
-        store = _store(ctx, newsletter)
-        subscriber = store.get(address)
-        if subscriber is None:
-            # Not a reader (or not any more): nothing to do, and nothing to bounce back.
-            typer.echo(f"{address}: not on the list; nothing to do")
-            return
-        subscriber = store.unsubscribe(address, "mailto")
-    except (StoreError, ConfigError) as err:
-        _error(f"{err} (the mail server will try again later)")
-        raise typer.Exit(EX_TEMPFAIL) from err
-    typer.echo(f"{subscriber.email}: {subscriber.status} ({subscriber.status_reason})")
+    message = sys.stdin.buffer.read(readers.MAX_MESSAGE + 1)
+    outcome = readers.unsubscribe_by_mail(lambda: _context(ctx), message, newsletter)
+    if not outcome.ok:
+        _error(outcome.message)
+        raise typer.Exit(outcome.exit_code)
+    typer.echo(outcome.message)
 
 
 @subscribers_app.command("list")
@@ -1072,7 +1019,9 @@ def subscribers_list(
     """List subscribers: address, name, status, since when."""
     import json
 
-    for subscriber in _store(ctx, newsletter).all(_status(status)):
+    from qant_mail.app import readers
+
+    for subscriber in readers.listing(_context(ctx), _status(status), newsletter=newsletter):
         if as_json:
             typer.echo(
                 json.dumps(
@@ -1102,7 +1051,9 @@ def subscribers_count(
     """Count subscribers by status."""
     import json
 
-    counts = _store(ctx, newsletter).count()
+    from qant_mail.app import readers
+
+    counts = readers.count(_context(ctx), newsletter=newsletter)
     total = sum(counts.values())
     if as_json:
         typer.echo(json.dumps({**{s.value: n for s, n in counts.items()}, "total": total}))
@@ -1122,18 +1073,13 @@ def subscribers_export(
     status: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
 ) -> None:
     """Export subscribers as CSV."""
-    import io
-    import sys
+    from qant_mail.app import readers
 
-    from qant_mail.base.files import write_all
-
-    store = _store(ctx, newsletter)
+    context = _context(ctx)
     if file is None:
-        store.export(sys.stdout, _status(status))
+        readers.export(context, sys.stdout, _status(status), newsletter=newsletter)
         return
-    buffer = io.StringIO()
-    written = store.export(buffer, _status(status))
-    write_all({file: buffer.getvalue().encode("utf-8")})
+    written = readers.export_file(context, file, _status(status), newsletter=newsletter)
     typer.echo(f"wrote {written} subscribers to {_shown(file)}")
 
 
@@ -1145,10 +1091,9 @@ def subscribers_rename_newsletter(
 ) -> None:
     """Move a newsletter's subscriptions and sends to a new key, after changing its key
     (or the main newsletter's `id`) in the settings."""
-    from qant_mail.store.subscribers import Subscribers
+    from qant_mail.app import readers
 
-    store = ctx.with_resource(Subscribers.open(_settings(ctx).store_path))
-    moved = store.rename_newsletter(old, new)
+    moved = readers.rename_newsletter(_context(ctx), old, new)
     typer.echo(f"{old} → {new}: {moved} subscriptions moved")
 
 
@@ -1156,45 +1101,70 @@ def subscribers_rename_newsletter(
 def newsletters(ctx: typer.Context) -> None:
     """List the newsletters of the settings with their active readers, and any key the
     store has subscriptions to that the settings no longer name."""
-    from qant_mail.store.subscribers import Status, Subscribers
+    from qant_mail.app import readers
 
-    settings = _settings(ctx)
-    store = ctx.with_resource(Subscribers.open(settings.store_path))
-    in_store = store.newsletters()
-    for edition in settings.editions.values():
-        key = edition.newsletter.id
-        active = store.of(key).count()[Status.ACTIVE]
-        main = " (main)" if key == settings.main_id else ""
-        typer.echo(f"{key}{main}\t{edition.newsletter.name}\t{active} active")
-    for key in sorted(set(in_store) - set(settings.editions)):
+    found = readers.newsletters(_context(ctx))
+    for key, name, main, active in found.known:
+        typer.echo(f"{key}{' (main)' if main else ''}\t{name}\t{active} active")
+    for key, subscriptions in found.unknown.items():
         _error(
-            f"the store has {in_store[key]} subscriptions to {key!r}, which the settings do "
+            f"the store has {subscriptions} subscriptions to {key!r}, which the settings do "
             f"not name: rename it with `qant-mail subscribers rename-newsletter {key} NEW`"
         )
 
 
-def _store(ctx: typer.Context, newsletter: str | None = None) -> Subscribers:
-    """Return the list of `newsletter` (None: the main one), closed when the command
-    ends, however it ends."""
-    from qant_mail.store.subscribers import Subscribers
-
-    settings = _settings(ctx)
-    key = settings.for_newsletter(newsletter).newsletter.id  # refuses an unknown key
-    # Closed, SQLite folds its journal back into the file; the command line leaves with
-    # os._exit, which would not close it, and a copy of the file alone would miss rows.
-    return ctx.with_resource(Subscribers.open(settings.store_path, key))
-
-
 def _status(value: str | None) -> Status | None:
-    from qant_mail.store.subscribers import Status
+    from qant_mail.app.readers import parse_status
 
     if value is None:
         return None
     try:
-        return Status(value)
+        return parse_status(value)
     except ValueError as err:
-        choices = ", ".join(s.value for s in Status)
-        raise typer.BadParameter(f"{value!r} is not one of {choices}") from err
+        raise typer.BadParameter(str(err)) from err
+
+
+@app.command("outbox")
+def outbox(
+    ctx: typer.Context,
+    deliver: Annotated[
+        bool, typer.Option("--deliver", help="Deliver what is due now, then list.")
+    ] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="List the messages done too (sent, failed, expired).")
+    ] = False,
+) -> None:
+    """List the messages to one reader (confirmations, welcomes, tests) that wait in the
+    outbox's queue, and the latest done with --all; --deliver sends what is due."""
+    from qant_mail.app import sending
+
+    context = _context(ctx)
+    if deliver:
+        report = sending.deliver_queued(context)
+        typer.echo(
+            f"delivered {report.sent}, to try again {report.deferred}, failed {report.failed}",
+            err=True,
+        )
+        for problem in report.problems:
+            typer.echo(f"  {problem}", err=True)
+    found = sending.queue(context, everything=everything)
+    if not found.entries:
+        typer.echo("Nothing waits in the outbox." if not everything else "The outbox is empty.")
+        return
+    for entry in found.entries:
+        due = ""
+        if entry.state.value == "pending":
+            due = f", next try {_moment(entry.next_attempt_at)}"
+        reply = f": {entry.last_reply}" if entry.last_reply else ""
+        typer.echo(
+            f"{entry.id}\t{entry.kind}\t{entry.newsletter}\t{entry.recipient}\t"
+            f"{entry.state.value} ({entry.attempts} tries{due}){reply}"
+        )
+
+
+def _moment(stamp: float) -> str:
+    """Return a Unix time as the history shows times: UTC, to the minute."""
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _warn(warnings: list[str]) -> None:

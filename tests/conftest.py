@@ -7,13 +7,19 @@ import shutil
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
 
+from qant_mail.app import issues, sending
+from qant_mail.app.context import Context
 from qant_mail.authoring.load import Document, load
 from qant_mail.authoring.render import RenderedIssue, Renderer
 from qant_mail.base.config import Sending, Settings, load_settings
+from qant_mail.delivery.compose import Prepared
+from qant_mail.delivery.outbox import SendReport
+from qant_mail.delivery.transport import Transport
 from tests.smtp_server import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +33,26 @@ sections:
       title: Un titre
       body: Un corps de texte.
 """
+
+
+def check(path: Path, renderer: Renderer) -> issues.CheckReport:
+    """Check the issue at `path` with `renderer`, in the installation of its settings."""
+    return issues.check(Context(renderer.settings), path, renderer=renderer)
+
+
+def prepare_send(
+    path: Path, settings: Settings, *, secret: bytes | None = None, test: bool = False
+) -> Prepared:
+    """Prepare the issue at `path` for a send, in the installation of `settings` (the
+    secret: `secret`, or the environment's)."""
+    return issues.prepare(Context(settings, secret=secret), path, test=test)
+
+
+def send_to_list(
+    prepared: Prepared, settings: Settings, transport: Transport, **options: Any
+) -> SendReport:
+    """Send a prepared issue to its list through `transport`, as `qant-mail send` does."""
+    return sending.send(Context(settings, transport=transport), prepared, **options)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,13 @@ PAGE = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 LAYERS = ["base", "authoring", "store", "audience", "delivery", "app", "web", "cli"]
 BESIDE = {frozenset({"authoring", "store"})}
 
+# The edges parse, call the application layer and answer: they reach nothing else.
+EDGES = {"web": {"web", "app", "base"}, "cli": {"cli", "web", "app", "base"}}
+_SQL = re.compile(
+    r"\b(SELECT\s.*\sFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+TABLE)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
 # Each library's import name, and the modules allowed to import it.
 HOMES = {
     "typer": {"cli"},
@@ -108,6 +115,42 @@ def test_no_import_runs_up_a_layer() -> None:
             if frozenset({layer, _layer(module)}) in BESIDE:
                 raise AssertionError(f"{module} imports {other}: the two layers stand apart")
             assert LAYERS.index(layer) <= own, f"{module} imports {other}, a layer above"
+
+
+def test_the_command_line_and_the_web_side_call_the_application_layer_only() -> None:
+    for module in _modules():
+        allowed = EDGES.get(_layer(module))
+        if allowed is None:
+            continue
+        for other in _internal(module):
+            assert _layer(other) in allowed, f"{module} imports {other}: call a use case"
+
+
+def _tree(module: str) -> ast.Module:
+    path = PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_no_sql_is_written_outside_the_store() -> None:
+    for module in _modules():
+        if _layer(module) == "store":
+            continue
+        for node in ast.walk(_tree(module)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not _SQL.search(node.value), f"{module} writes SQL: {node.value[:60]!r}"
+
+
+def test_messages_leave_through_the_outbox_only() -> None:
+    """Only the outbox opens connections to the relay and hands messages over: every
+    road applies the same rules."""
+    for module in _modules():
+        # (The store connects to databases: not a road out.)
+        if module in ("delivery.outbox", "delivery.transport") or _layer(module) == "store":
+            continue
+        for node in ast.walk(_tree(module)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                name = node.func.attr
+                assert name not in ("connect", "hand_over"), f"{module} calls .{name}()"
 
 
 def test_each_library_is_imported_from_its_home_only() -> None:

@@ -14,6 +14,7 @@ import pytest
 from bs4 import BeautifulSoup
 from typer.testing import Result
 
+from qant_mail.app.context import Context
 from qant_mail.authoring.archive import ATOM, build_archive
 from qant_mail.authoring.render import RenderedIssue
 from qant_mail.base.config import Settings
@@ -149,7 +150,9 @@ def test_archive_index_in_a_browser(
     browser: Browser, project_settings: Settings, issues: Path, tmp_path: Path
 ) -> None:
     site = build_archive(project_settings, tmp_path / "site").folder
-    with BackgroundServer(create_app(project_settings, site, b"a secret for the test")) as server:
+    with BackgroundServer(
+        create_app(Context(project_settings, secret=b"a secret for the test"), site)
+    ) as server:
         page = browser.new_page(viewport={"width": 375, "height": 700})
         page.goto(server.url)
         assert page.locator("ol.issues li").count() == 2

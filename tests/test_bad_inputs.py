@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies
 
+from qant_mail.app.context import Context
 from qant_mail.base.config import Settings
 from qant_mail.store.ledger import Ledger
 from qant_mail.store.subscribers import Subscribers
@@ -233,7 +234,7 @@ def servers(
     bad_project: Path, listed: Path, project_settings: Settings, short_timeouts: None
 ) -> Iterator[dict[str, tuple[BackgroundServer, str]]]:
     preview = Preview(bad_project / "issues" / SAMPLE.name, bad_project / "qant.toml")
-    public = BackgroundServer(serve_app(project_settings, None, SECRET.encode()))
+    public = BackgroundServer(serve_app(Context(project_settings, secret=SECRET.encode()), None))
     local = BackgroundServer(preview_app(preview))
     with public, local:
         yield {"serve": (public, ""), "preview": (local, preview.token)}
@@ -438,16 +439,6 @@ def test_the_corpus_is_all_exercised() -> None:
 # ---- the signup form -------------------------------------------------------------------
 
 
-class _Outbox:
-    """Keeps what the signup would mail (the form's answer is the test's concern)."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-
-    def deliver(self, address: str, data: bytes) -> None:
-        self.messages.append((address, data))
-
-
 FORM_TEXT = strategies.text(
     strategies.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=80
 ) | strategies.sampled_from(
@@ -472,11 +463,16 @@ def test_fuzzed_signup_forms_never_fail_and_mail_only_valid_addresses(
 
     from starlette.testclient import TestClient
 
+    from qant_mail.app.context import Context
     from qant_mail.base.config import load_settings
+    from qant_mail.delivery.transport import MemoryTransport
     from qant_mail.web.serve import create_app
 
-    outbox = _Outbox()
-    app = create_app(load_settings(project / "qant.toml", env={}), None, b"s" * 32, outbox)
+    # What the signup queues is delivered here, to memory, once the form has answered.
+    transport = MemoryTransport()
+    settings = load_settings(project / "qant.toml", env={})
+    ctx = Context(settings, env={}, transport=transport, secret=b"s" * 32)
+    app = create_app(ctx, None, drain=False)
     body = urlencode(fields).encode()
     answer = TestClient(app).post(
         "/subscribe",
@@ -485,7 +481,8 @@ def test_fuzzed_signup_forms_never_fail_and_mail_only_valid_addresses(
     )
     assert answer.status_code in (200, 400, 413), answer.text
     assert "Traceback" not in answer.text
-    for address, data in outbox.messages:
+    ctx.outbox.drain()
+    for _, address, data in transport.messages:
         assert "\r" not in address
         assert "\n" not in address
         assert data.count(b"\r\nTo: ") == 1

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.app.pipeline import prepare_send
+from qant_mail.app.bounces import Outcome, process
+from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.base.config import Bounces, Settings
 from qant_mail.base.errors import ExitCode
-from qant_mail.delivery.bounces import Outcome, process
-from qant_mail.delivery.send import send_to_list
 from qant_mail.delivery.transport import MemoryTransport
 from qant_mail.store.subscribers import Subscribers
-from tests.conftest import ROOT
+from tests.conftest import ROOT, prepare_send, send_to_list
 from tests.imap_server import ImapServer, ImapState
 from tests.isolated import run_cli
 
@@ -115,7 +114,9 @@ def test_each_message_has_a_signed_verp_return_path(sent: Sent) -> None:
 def test_each_report_is_classified_and_acted_on(sent: Sent, name: str) -> None:
     outcome, reader, status_after = EXPECTED[name]
     before = {f"reader{n}": sent.status(f"reader{n}") for n in range(10)}
-    report = process(sent.settings, iter([(name, sent.fill(name))]), SECRET.encode())
+    report = process(
+        Context(sent.settings, secret=SECRET.encode()), iter([(name, sent.fill(name))])
+    )
     assert [f.outcome for f in report.findings] == [outcome], report.findings
     after = {f"reader{n}": sent.status(f"reader{n}") for n in range(10)}
     assert after[reader] == status_after
@@ -140,16 +141,16 @@ def test_soft_bounces_mark_an_address_bounced_at_the_limit(sent: Sent) -> None:
         sent.settings, bounces=Bounces(address="bounces@qant.example", soft_limit=2)
     )
     delayed = sent.fill("postfix-delayed")
-    process(settings, iter([("a", delayed)]), SECRET.encode())
+    process(Context(settings, secret=SECRET.encode()), iter([("a", delayed)]))
     # The same report again is read once only; another one counts.
-    again = process(settings, iter([("b", delayed)]), SECRET.encode())
+    again = process(Context(settings, secret=SECRET.encode()), iter([("b", delayed)]))
     assert [f.outcome for f in again.findings] == [Outcome.ALREADY]
     assert sent.status("reader2") == "active"
     other = delayed.replace(b"Will-Retry-Until", b"X-Next: 1\r\nWill-Retry-Until")
     store = Subscribers.open(settings.store_path)
     store.db.execute("UPDATE deliveries SET bounce = '' WHERE email = 'reader2@example.com'")
     store.close()
-    process(settings, iter([("c", other)]), SECRET.encode())
+    process(Context(settings, secret=SECRET.encode()), iter([("c", other)]))
     assert sent.status("reader2") == "bounced"
 
 

@@ -226,14 +226,14 @@ def test_a_command_closes_the_list_it_opened(project: Path, project_settings: Se
 def test_rendering_and_checking_load_nothing_of_the_send_side() -> None:
     # What `render`, `check` and the preview import is their start-up time.
     code = (
-        "import sys, qant_mail.cli, qant_mail.app.pipeline, qant_mail.web.preview; "
+        "import sys, qant_mail.cli, qant_mail.app.issues, qant_mail.web.preview; "
         "print(' '.join(sorted(sys.modules)))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     for heavy in (
-        "qant_mail.delivery.send",
+        "qant_mail.delivery.outbox",
         "qant_mail.store.ledger",
         "qant_mail.delivery.dkim",
         "cryptography",

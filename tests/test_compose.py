@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.app.pipeline import render_sample
+from qant_mail.app import issues
+from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.authoring.render import PLACEHOLDER, RenderedIssue
 from qant_mail.base.config import Settings
@@ -166,7 +167,9 @@ def test_quoted_printable_round_trips_random_text() -> None:
 
 def test_sample_files_are_written_together(project: Path, project_settings: Settings) -> None:
     out = project / "out"
-    written = render_sample(project / "issues" / "2023-11-20.yaml", project_settings, out)
+    written = issues.render_sample(
+        Context(project_settings), project / "issues" / "2023-11-20.yaml", out
+    )
     assert [p.name for p in written] == ["2023-11-20.html", "2023-11-20.txt", "2023-11-20.eml"]
     page = (out / "2023-11-20.html").read_text()
     assert "lecteur@example.com" in page

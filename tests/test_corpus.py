@@ -15,13 +15,12 @@ import pytest
 from bs4 import BeautifulSoup, Comment
 from ruamel.yaml import YAML
 
-from qant_mail.app.pipeline import check
 from qant_mail.authoring.archive import build_archive
 from qant_mail.authoring.load import load
 from qant_mail.authoring.model import SCHEMA_FILE, json_schema
 from qant_mail.authoring.render import RenderedIssue, Renderer, Slot
 from qant_mail.base.config import Settings
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, check
 
 CORPUS = sorted((ROOT / "tests" / "corpus").glob("*.yaml"))
 ISSUES = [SAMPLE, *CORPUS]

@@ -11,13 +11,14 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from qant_mail.app.pipeline import prepare_send
+from qant_mail.app import issues, sending
+from qant_mail.app.context import Context
 from qant_mail.authoring.render import RenderedIssue
 from qant_mail.base.config import Dkim, Settings
 from qant_mail.base.errors import ConfigError, ExitCode, SendError
 from qant_mail.delivery import dkim
-from qant_mail.delivery.compose import MessageTemplate, Recipient, dkim_keys
-from qant_mail.delivery.send import require_signature, send_to_list
+from qant_mail.delivery.compose import MessageTemplate, Recipient
+from qant_mail.delivery.outbox import Outbox, Rules
 from qant_mail.delivery.transport import SmtpTransport
 from qant_mail.store.ledger import State
 from tests.smtp_server import SmtpServer
@@ -58,6 +59,17 @@ def signing(settings: Settings, *kinds: str) -> Settings:
     return dataclasses.replace(settings, dkim=config)
 
 
+def keys_of(config: Settings, env: dict[str, str]) -> list[dkim.DkimKey]:
+    """The keys the outbox signs the main newsletter's messages with."""
+    return list(Rules.of(config, env).keys)
+
+
+def signing_of(config: Settings, env: dict[str, str] | None = None) -> str:
+    """How the outbox would sign a send of `config` through its relay (or refuse it)."""
+    outbox = Outbox(config, transport=SmtpTransport(config, env={}), env=env or {})
+    return outbox.check(outbox.rules(None))
+
+
 def verify_all(message: bytes, lookup: Dns) -> list[bool]:
     """Verify each DKIM-Signature of a message (dkimpy checks one per call)."""
     count = len(re.findall(rb"(?m)^DKIM-Signature:", message.split(b"\r\n\r\n", 1)[0]))
@@ -80,7 +92,7 @@ def test_each_key_type_and_both_sign_a_message_dkimpy_verifies(
 ) -> None:
     config = signing(settings, *kinds)
     template = MessageTemplate(
-        sample_rendered, config, secret=b"s" * 32, keys=dkim_keys(config, env_of(keys, *kinds))
+        sample_rendered, config, secret=b"s" * 32, keys=keys_of(config, env_of(keys, *kinds))
     )
     message = template.personalise(Recipient("lea@example.com", "Léa Dupont"))
     assert verify_all(message, dns(keys)) == [True] * len(kinds)
@@ -122,7 +134,7 @@ def signed(
 ) -> bytes:
     config = signing(settings, "rsa")
     template = MessageTemplate(
-        sample_rendered, config, secret=b"s" * 32, keys=dkim_keys(config, env_of(keys, "rsa"))
+        sample_rendered, config, secret=b"s" * 32, keys=keys_of(config, env_of(keys, "rsa"))
     )
     return template.personalise(Recipient("lea@example.com", "Léa"))
 
@@ -164,8 +176,8 @@ def test_every_message_of_a_send_verifies(
     monkeypatch.setenv("QANT_SECRET_KEY", "a-test-secret-that-is-long-enough")
     config = signing(local, "rsa", "ed25519")
     subscribe(config, 12)
-    prepared = prepare_send(config.root / SAMPLE, config)
-    report = send_to_list(prepared, config, SmtpTransport(config, env={}))
+    ctx = Context(config, transport=SmtpTransport(config, env={}))
+    report = sending.send(ctx, issues.prepare(ctx, config.root / SAMPLE))
     assert report.done[State.SENT] == 12
     for message in smtp_server.handler.received:
         assert verify_all(message.data, dns(keys)) == [True, True]
@@ -177,7 +189,7 @@ def test_a_key_can_come_from_a_file_and_is_never_shown(
     path = tmp_path / "key.pem"
     path.write_bytes(keys["ed25519"][0])
     config = dataclasses.replace(settings, dkim=Dkim(ed25519_selector="s", domain="autre.example"))
-    (key,) = dkim_keys(config, env={f"{dkim.ED25519_VARIABLE}_FILE": str(path)})
+    (key,) = keys_of(config, env={f"{dkim.ED25519_VARIABLE}_FILE": str(path)})
     assert (key.domain, key.algorithm) == ("autre.example", "ed25519-sha256")
     assert "BEGIN" not in repr(key)
     assert "PRIVATE" not in repr(key)
@@ -186,10 +198,10 @@ def test_a_key_can_come_from_a_file_and_is_never_shown(
 def test_a_missing_or_bad_key_is_a_clear_error(settings: Settings) -> None:
     config = dataclasses.replace(settings, dkim=Dkim(selector="s"))
     with pytest.raises(ConfigError, match="QANT_DKIM_PRIVATE_KEY"):
-        dkim_keys(config, env={})
+        keys_of(config, env={})
     with pytest.raises(ConfigError, match="not a PEM private key"):
-        dkim_keys(config, env={dkim.RSA_VARIABLE: "-----BEGIN NOTHING-----"})
-    assert dkim_keys(settings, env={}) == []
+        keys_of(config, env={dkim.RSA_VARIABLE: "-----BEGIN NOTHING-----"})
+    assert keys_of(settings, env={}) == []
 
 
 def test_an_unsigned_send_to_a_remote_relay_is_refused_unless_allowed(
@@ -199,15 +211,12 @@ def test_an_unsigned_send_to_a_remote_relay_is_refused_unless_allowed(
         settings, smtp=settings.smtp.model_copy(update={"host": "smtp.example.com"})
     )
     with pytest.raises(SendError, match="would not be DKIM-signed"):
-        require_signature(remote, [], SmtpTransport(remote, env={}))
+        signing_of(remote)
     allowed = dataclasses.replace(remote, dkim=Dkim(required=False))
-    assert "unsigned" in require_signature(allowed, [], SmtpTransport(allowed, env={}))
+    assert "unsigned" in signing_of(allowed)
     # The local inbox, on this machine, needs no signature.
-    assert "unsigned" in require_signature(settings, [], SmtpTransport(settings, env={}))
-    config = signing(remote, "rsa")
-    described = require_signature(
-        config, dkim_keys(config, env_of(keys, "rsa")), SmtpTransport(config, env={})
-    )
+    assert "unsigned" in signing_of(settings)
+    described = signing_of(signing(remote, "rsa"), env_of(keys, "rsa"))
     assert described == "rsa-sha256 by rsa2026._domainkey.qant.example, aligned with From"
 
 

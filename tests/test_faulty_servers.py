@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from qant_mail.app.pipeline import prepare_send
 from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Sending, Settings
 from qant_mail.base.errors import ExitCode
-from qant_mail.delivery.send import SendReport, send_to_list
+from qant_mail.delivery.outbox import SendReport
 from qant_mail.delivery.transport import RateLimiter, Reply, SmtpTransport
 from qant_mail.store.ledger import Ledger, State
+from tests.conftest import prepare_send, send_to_list
 from tests.faulty_smtp import Behaviour, FaultyServer, FaultyServerFactory
 from tests.test_send import SAMPLE, subscribe
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail.app import pipeline
+from qant_mail.app import sending
+from qant_mail.app.context import Context
 from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Settings
-from qant_mail.delivery.send import send_to_list
 from qant_mail.delivery.transport import SmtpTransport
 from qant_mail.store.ledger import Ledger, State
 from qant_mail.store.subscribers import Subscribers
+from tests.conftest import prepare_send, send_to_list
 from tests.smtp_server import SmtpServer
 from tests.test_send import SAMPLE, SECRET, send, subscribe
 
@@ -45,9 +46,9 @@ def test_the_history_lists_each_send_latest_first_with_its_aftermath(
     store = Subscribers.open(local.store_path)
     store.unsubscribe(readers[0], "link")  # after the first send: counted against it
     store.close()
-    prepared = pipeline.prepare_send(second_issue(local), local)
+    prepared = prepare_send(second_issue(local), local)
     send_to_list(prepared, local, SmtpTransport(local, env={}))
-    found = pipeline.history(local)
+    found = sending.history(Context(local)).sends
     assert [s.send.issue for s in found] == ["2023-11-27", "2023-11-20"]
     latest, first = found
     assert first.recipients == 6
@@ -88,11 +89,11 @@ def test_a_running_send_says_when_it_should_be_done(local: Settings) -> None:
         ledger.record(send_row, position, State.SENT, "250 ok")
     if ledger.shared:  # a sender at work on another host
         ledger.join(send_row, "elsewhere:1")
-        found = pipeline.status(local, "2023-11-20")
+        found = sending.status(Context(local), "2023-11-20")
         assert [(n, alive) for n, _, alive, _ in found.senders] == [("elsewhere:1", True)]
     else:
         with ledger.lock("2023-11-20"):  # as a `send` running in another process holds it
-            found = pipeline.status(local, "2023-11-20")
+            found = sending.status(Context(local), "2023-11-20")
     ledger.close()
     assert found.running
     assert found.rate == pytest.approx(10 / 60)
@@ -107,7 +108,7 @@ def test_a_send_that_is_not_running_has_no_expected_finish(local: Settings) -> N
     send_row = ledger.plan("2023-11-20", "hash", "Sujet")
     ledger.record(send_row, 1, State.SENT, "250 ok")
     ledger.close()
-    found = pipeline.status(local, "2023-11-20")
+    found = sending.status(Context(local), "2023-11-20")
     assert not found.running
     assert found.expected_finish is None
 
@@ -121,7 +122,7 @@ def test_catch_up_reaches_only_those_who_joined_since_and_only_once(
     store.unsubscribe(first[0], "link")  # gone since: not a new reader
     store.close()
     joined = subscribe(local, 3, prefix="new")
-    prepared = pipeline.prepare_send(local.root / SAMPLE, local)
+    prepared = prepare_send(local.root / SAMPLE, local)
     plain = send_to_list(prepared, local, SmtpTransport(local, env={}))
     assert plain.done[State.SENT] == 0  # a plain re-run serves nobody new
     assert plain.joined == 3
@@ -166,13 +167,13 @@ def test_the_history_says_which_send_is_running_now(local: Settings) -> None:
     subscribe(local, 3)
     ledger = Ledger(local.store_path)
     send_row = ledger.plan("2023-11-20", "hash", "Sujet")
-    assert [s.running for s in pipeline.history(local)] == [False]
+    assert [s.running for s in sending.history(Context(local)).sends] == [False]
     if ledger.shared:  # a sender at work on another host
         ledger.join(send_row, "elsewhere:1")
-        summaries = pipeline.history(local)
+        summaries = sending.history(Context(local)).sends
     else:
         with ledger.lock("2023-11-20"):  # a `send` running in another process
-            summaries = pipeline.history(local)
+            summaries = sending.history(Context(local)).sends
     ledger.close()
     assert [s.running for s in summaries] == [True]
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qant_mail.app.pipeline import check
 from qant_mail.authoring.archive import build_archive
 from qant_mail.authoring.load import load
 from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Images, Settings
 from qant_mail.delivery.compose import MessageTemplate, Recipient
+from tests.conftest import check
 
 WriteIssue = Callable[..., Path]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
+from qant_mail.app.context import Context
 from qant_mail.app.demo import run_demo
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
@@ -45,7 +46,7 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_demo_delivers_the_sample_to_the_demo_list(project_settings: Settings) -> None:
-    result = run_demo(project_settings, project_settings.issues_dir / "2023-11-20.yaml")
+    result = run_demo(Context(project_settings), project_settings.issues_dir / "2023-11-20.yaml")
     assert result.report.exit_code == ExitCode.OK
     assert result.imported.added == 5
     assert [line for line, _ in result.imported.rejected] == [7]

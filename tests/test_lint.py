@@ -6,12 +6,12 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from qant_mail.app.pipeline import check
 from qant_mail.authoring.lint import lint
 from qant_mail.authoring.load import load
 from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Lint, Settings
 from qant_mail.base.errors import Severity
+from tests.conftest import check
 
 WriteIssue = Callable[..., Path]
 

@@ -12,20 +12,19 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from qant_mail.app.pipeline import check, prepare_send
+from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.authoring.archive import build_archive
 from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Settings, Store, load_settings
 from qant_mail.base.errors import ConfigError
 from qant_mail.delivery.compose import Recipient
-from qant_mail.delivery.send import send_to_list
 from qant_mail.delivery.transport import MemoryTransport
 from qant_mail.store.db import MIGRATIONS, Connection, open_store
 from qant_mail.store.ledger import Ledger
 from qant_mail.store.subscribers import Status, Subscribers
 from qant_mail.web.serve import create_app
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, check, prepare_send, send_to_list
 
 SECRET = b"the-site-secret-for-these-tests"
 FINANCE = """
@@ -156,7 +155,7 @@ def test_leaving_one_newsletter_keeps_the_other_and_a_bounce_stops_both(two: Set
         finance = main.of("finance")
         finance.import_rows("email\nlea@example.com\nmax@example.com\n", "t")
         ids = {s.email: s.id for s in main.all()}
-    client = TestClient(create_app(two, None, SECRET), follow_redirects=False)
+    client = TestClient(create_app(Context(two, secret=SECRET), None), follow_redirects=False)
     token = tokens.make(SECRET, ids["lea@example.com"], "lea@example.com", "finance")
     page = client.get(f"/unsubscribe/{token}")
     assert "Ne plus recevoir Qant Finance" in page.text
@@ -256,7 +255,8 @@ def test_a_store_of_the_single_newsletter_version_becomes_the_main_newsletters(
     assert store.count()[Status.ACTIVE] == 1
     assert Ledger(path).find("2023-11-20").newsletter == "default"  # type: ignore[union-attr]
     db.close()
-    app = create_app(dataclasses.replace(settings, store=_store_at(path)), None, SECRET)
+    moved = dataclasses.replace(settings, store=_store_at(path))
+    app = create_app(Context(moved, secret=SECRET), None)
     client = TestClient(app, follow_redirects=False)
     assert client.post(f"/unsubscribe/{old_token}", content=b"List-Unsubscribe=One-Click").text
     with Subscribers.open(path) as store:

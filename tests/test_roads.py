@@ -1,5 +1,6 @@
 """Every road out obeys the sending rules: the four defects of "One road out", each
-reproduced first, in-process."""
+reproduced in-process through the application layer, then every road walked with the
+relay counted as elsewhere, without a key (each refuses) and with one (each signs)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from collections.abc import Callable, Iterator
 from email import policy
 from pathlib import Path
 
+import dkim as dkimpy
 import pytest
 from aiosmtpd.controller import Controller
 from starlette.testclient import TestClient
 from typer.testing import Result
 
-from qant_mail.app import pipeline
+from qant_mail.app import issues, sending
+from qant_mail.app import schedule as schedules
+from qant_mail.app.context import Context
+from qant_mail.app.readers import Request, Signup
+from qant_mail.audience import tokens
 from qant_mail.authoring.render import Renderer
-from qant_mail.base.config import Settings, load_settings
+from qant_mail.base.config import Dkim, Settings, load_settings
+from qant_mail.base.errors import SendError
+from qant_mail.delivery import dkim
 from qant_mail.delivery.transport import SmtpTransport
+from qant_mail.store.mailqueue import Mail, MailQueue
 from qant_mail.store.subscribers import Subscribers
 from qant_mail.web.serve import create_app
 from tests.conftest import SAMPLE
@@ -37,12 +46,13 @@ title = "Qant Finance"
 [newsletters.finance.sender]
 address = "finance@qant-finance.example"
 """
+NOW = dt.datetime(2026, 12, 1, 7, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture(autouse=True)
 def secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QANT_SECRET_KEY", SECRET)
-    for variable in ("QANT_DKIM_PRIVATE_KEY", "QANT_DKIM_ED25519_PRIVATE_KEY"):
+    for variable in (dkim.RSA_VARIABLE, dkim.ED25519_VARIABLE):
         monkeypatch.delenv(variable, raising=False)
         monkeypatch.delenv(f"{variable}_FILE", raising=False)
 
@@ -54,27 +64,31 @@ def elsewhere(settings: Settings) -> SmtpTransport:
     return transport
 
 
-@pytest.mark.xfail(strict=True, reason="defect 1: run-due sends unsigned to a relay elsewhere")
+def readers(settings: Settings, count: int = 3, newsletter: str = "default") -> None:
+    with Subscribers.open(settings.store_path, newsletter) as store:
+        for number in range(count):
+            store.add(f"reader{number}@example.com")
+
+
+# -- the four defects ----------------------------------------------------------------
+
+
 def test_a_scheduled_send_to_a_relay_elsewhere_without_a_key_is_refused(
     local: Settings, smtp_server: SmtpServer
 ) -> None:
-    with Subscribers.open(local.store_path) as store:
-        for number in range(3):
-            store.add(f"reader{number}@example.com")
-    issue = local.root / "issues" / SAMPLE.name
-    now = dt.datetime.now(dt.UTC)
-    pipeline.schedule(issue, local, now + dt.timedelta(minutes=1), now=now)
-    outcomes = pipeline.run_due(
-        local, now=now + dt.timedelta(minutes=2), transport=elsewhere(local)
+    readers(local)
+    ctx = Context(local, transport=elsewhere(local))
+    schedules.schedule(
+        ctx, local.root / "issues" / SAMPLE.name, NOW + dt.timedelta(hours=1), now=NOW
     )
+    outcomes = schedules.run_due(ctx, now=NOW + dt.timedelta(hours=2))
     assert smtp_server.handler.received == []
     assert outcomes is not None
     (outcome,) = outcomes
     assert outcome.state == "failed"
-    assert "DKIM" in outcome.message
+    assert "would not be DKIM-signed" in outcome.message
 
 
-@pytest.mark.xfail(strict=True, reason="defect 2: a second newsletter's envelope sender")
 def test_a_second_newsletters_issue_leaves_with_an_envelope_on_its_own_domain(
     cli: Callable[..., Result], project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -83,13 +97,27 @@ def test_a_second_newsletters_issue_leaves_with_an_envelope_on_its_own_domain(
     issue = project / "issues" / "2024-01-15-finance.yaml"
     text = SAMPLE.read_text(encoding="utf-8")
     issue.write_text(text.replace("subject:", "newsletter: finance\nsubject:", 1), "utf-8")
-    with Subscribers.open(load_settings(path, env={}).store_path, "finance") as store:
-        store.add("lea@example.com")
+    readers(load_settings(path, env={}), 1, "finance")
     env = {"QANT_SMTP_HOST": smtp_server.host, "QANT_SMTP_PORT": str(smtp_server.port)}
     assert cli("send", str(issue), "--yes", env=env).exit_code == 0
     assert cli("send", str(issue), "--to", "ed@example.com", env=env).exit_code == 0
     senders = {r.sender for r in smtp_server.handler.received}
     assert senders == {"finance@qant-finance.example"}
+
+
+def test_a_bounce_address_on_another_domain_is_set_aside_for_an_aligned_envelope(
+    local: Settings,
+) -> None:
+    bounces = local.bounces.model_copy(update={"address": "bounces@qant.example"})
+    path = local.path
+    path.write_text(path.read_text() + FINANCE, encoding="utf-8")
+    two = dataclasses.replace(load_settings(path, env={}), bounces=bounces, smtp=local.smtp)
+    outbox = Context(two).outbox
+    main, finance = outbox.rules(None), outbox.rules("finance")
+    assert main.return_path(b"s" * 32, 1, 2).startswith("bounces+")
+    assert main.return_path(b"s" * 32, 1, 2).endswith("@qant.example")
+    assert finance.return_path(b"s" * 32, 1, 2) == "finance@qant-finance.example"
+    assert "not on the domain" in finance.notes[0]
 
 
 @pytest.fixture
@@ -112,57 +140,175 @@ def _messages(handler: ScriptedHandler, address: str) -> list[email.message.Emai
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="defect 3: a signup is lost when the relay is down")
+def _wait(found: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not found() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_a_signup_made_while_the_relay_is_down_is_confirmed_once_it_is_back(
     relay_later: tuple[Settings, ScriptedHandler, Controller],
 ) -> None:
     settings, handler, controller = relay_later
-    with TestClient(create_app(settings, None, SECRET.encode())) as client:
+    ctx = Context(settings)
+    with TestClient(create_app(ctx, None)) as client:
         answer = client.post(
             "/subscribe", data={"email": "lea@example.com", "newsletter": "default"}, headers=FORM
         )
         assert answer.status_code == 200
+        # Queued before the answer, tried, and waiting for the relay.
+        _wait(lambda: sending.queue(ctx).waiting.last_reply != "")
+        assert "Connection refused" in sending.queue(ctx).waiting.last_reply
         controller.start()
-        deadline = time.monotonic() + 20
-        while not handler.received and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait(lambda: bool(handler.received))
+    assert [r.recipient for r in handler.received] == ["lea@example.com"]
+    assert sending.queue(ctx).waiting.total == 0
+
+
+def test_run_due_delivers_what_waits_in_the_outbox(
+    relay_later: tuple[Settings, ScriptedHandler, Controller],
+) -> None:
+    settings, handler, controller = relay_later
+    ctx = Context(settings)
+    signup = Signup(ctx)
+    signup.request(signup.validate("lea@example.com", "", ["default"], "all", "1.2.3.4", ""))
+    assert schedules.run_due(ctx) == []  # the relay is down: it waits
+    assert sending.queue(ctx).waiting.total == 1
+    controller.start()
+    later = Context(settings, clock=lambda: time.time() + 3600)  # past its backoff
+    assert schedules.run_due(later) == []
     assert [r.recipient for r in handler.received] == ["lea@example.com"]
 
 
-@pytest.mark.xfail(strict=True, reason="defect 4: the welcome's date and its browser link")
 def test_the_welcome_carries_the_day_it_is_sent_and_links_that_resolve(
     local: Settings, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:
-    from qant_mail.authoring.archive import build_archive
-
-    site = tmp_path / "site"
-    build_archive(local, site)
-    with TestClient(create_app(local, site, SECRET.encode())) as client:
+    site = issues.build_archive(Context(local), tmp_path / "site").folder
+    with TestClient(create_app(Context(local), site)) as client:
         client.post(
             "/subscribe", data={"email": "lea@example.com", "newsletter": "default"}, headers=FORM
         )
-        deadline = time.monotonic() + 10
-        while not _messages(smtp_server.handler, "lea@example.com") and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        _wait(lambda: bool(_messages(smtp_server.handler, "lea@example.com")))
         (confirmation,) = _messages(smtp_server.handler, "lea@example.com")
         text = confirmation.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         found = re.search(r"https://lettre\.qant\.example(/confirm/\S+)", text)
         assert found
         client.post(found.group(1))
-        while len(_messages(smtp_server.handler, "lea@example.com")) < 2 and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        _wait(lambda: len(_messages(smtp_server.handler, "lea@example.com")) == 2)
         welcome = _messages(smtp_server.handler, "lea@example.com")[1]
         body = welcome.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         assert "8 janvier 2024" not in body
         zone = zoneinfo.ZoneInfo(local.newsletter.timezone)
-        today = Renderer(local).format_date(dt.datetime.now(zone).date())
-        assert today in body
+        assert Renderer(local).format_date(dt.datetime.now(zone).date()) in body
         html = welcome.get_body(("html",)).get_content()  # type: ignore[union-attr]
         links = set(re.findall(r'href="https://lettre\.qant\.example(/[^"]*)"', html))
         assert links
         for link in links:
             assert client.get(link).status_code == 200, link
+
+
+# -- every road, walked --------------------------------------------------------------
+
+ROADS = ["list", "test", "scheduled", "confirmation", "welcome", "preview"]
+
+
+def _walk(road: str, ctx: Context, issue: Path) -> None:
+    """Send something down `road`, as its users do."""
+    if road == "list":
+        sending.send(ctx, issues.prepare(ctx, issue))
+    elif road == "test":
+        sending.send_test(ctx, issue, ["editor@example.com"])
+    elif road == "scheduled":
+        schedules.schedule(ctx, issue, NOW + dt.timedelta(hours=1), now=NOW)
+        outcomes = schedules.run_due(ctx, now=NOW + dt.timedelta(hours=2))
+        assert outcomes is not None
+        for outcome in outcomes:
+            if outcome.state == "failed":
+                raise SendError(outcome.message)
+    elif road in ("confirmation", "welcome"):
+        signup = Signup(ctx)
+        request = Request("lea@example.com", "", ("default",), "all", "1.2.3.4")
+        signup.request(request)
+        ctx.outbox.drain()
+        if road == "welcome":
+            with ctx.db() as db:
+                number = int(db.execute("SELECT max(id) FROM signups").fetchone()[0])
+            expires = int(ctx.clock() + 3600)
+            with ctx.db() as db:
+                db.execute("UPDATE signups SET expires_at = ? WHERE id = ?", (expires, number))
+            token = tokens.make_confirm(ctx.secret(), number, "lea@example.com", expires)
+            assert signup.confirm(token) is not None
+            ctx.outbox.drain()
+    elif road == "preview":
+        from qant_mail.web.preview import Preview, _send_test
+
+        answer = _send_test(Preview(issue, ctx.settings.path), "editor@example.com")
+        if not answer["ok"]:
+            raise SendError(answer["message"])
+
+
+def _kinds_in_queue(ctx: Context) -> dict[str, str]:
+    with ctx.db() as db:
+        entries = MailQueue(db).entries(list(Mail))
+    return {entry.kind: entry.last_reply for entry in entries}
+
+
+@pytest.mark.parametrize("road", ROADS)
+def test_every_road_refuses_to_send_unsigned_to_a_relay_elsewhere(
+    road: str, local: Settings, smtp_server: SmtpServer, project: Path
+) -> None:
+    readers(local)
+    # The preview reads the settings file: its relay is elsewhere there, by name.
+    path = project / "qant.toml"
+    path.write_text(
+        path.read_text().replace('host = "127.0.0.1"', 'host = "relay.elsewhere.example"')
+    )
+    ctx = Context(local, transport=elsewhere(local))
+    issue = local.root / "issues" / SAMPLE.name
+    if road in ("confirmation", "welcome"):
+        _walk(road, ctx, issue)
+        kinds = _kinds_in_queue(ctx)
+        assert "would not be DKIM-signed" in kinds["confirm"]
+        if road == "welcome":
+            assert "would not be DKIM-signed" in kinds["welcome"]
+    else:
+        with pytest.raises(SendError, match="would not be DKIM-signed"):
+            _walk(road, ctx, issue)
+    assert smtp_server.handler.received == []
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> tuple[bytes, str]:
+    return dkim.generate("rsa")
+
+
+@pytest.mark.parametrize("road", ROADS)
+def test_every_road_signs_with_the_key_when_there_is_one(
+    road: str,
+    local: Settings,
+    smtp_server: SmtpServer,
+    project: Path,
+    rsa_key: tuple[bytes, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readers(local)
+    pem, public = rsa_key
+    monkeypatch.setenv(dkim.RSA_VARIABLE, pem.decode())
+    path = project / "qant.toml"
+    path.write_text(path.read_text() + '\n[dkim]\nselector = "road2026"\n')
+    monkeypatch.setenv("QANT_SMTP_PORT", str(smtp_server.port))  # the preview's settings
+    signed = dataclasses.replace(local, dkim=Dkim(selector="road2026"))
+    ctx = Context(signed, transport=elsewhere(signed))
+    _walk(road, ctx, signed.root / "issues" / SAMPLE.name)
+    received = smtp_server.handler.received
+    assert received
+    record = dkim.dns_record("rsa", public).encode()
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"road2026._domainkey.qant.example."
+        return record
+
+    for message in received:
+        assert message.data.startswith(b"DKIM-Signature:")
+        assert dkimpy.DKIM(message.data).verify(dnsfunc=lookup), road
+        assert message.sender.endswith("@qant.example")

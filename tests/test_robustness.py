@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.app.pipeline import prepare_send
+from qant_mail.app import sending
+from qant_mail.app.context import Context
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
-from qant_mail.delivery.send import dry_run
 from qant_mail.store.db import MIGRATIONS, StoreUnavailable, open_store
 from qant_mail.store.ledger import Ledger, State
 from qant_mail.store.subscribers import Status, SubscriberError, Subscribers
+from tests.conftest import prepare_send
 from tests.smtp_server import SmtpServer
 from tests.test_send import (
     SAMPLE,
@@ -204,7 +205,8 @@ def test_a_dry_run_after_the_real_send_composes_every_message(
 ) -> None:
     subscribe(local, 4)
     send(local)
-    report = dry_run(prepare_send(local.root / SAMPLE, local), local, tmp_path / "dry")
+    ctx = Context(local)
+    report = sending.dry_run(ctx, prepare_send(local.root / SAMPLE, local), tmp_path / "dry")
     assert report.done[State.SENT] == 4
     assert len(list((tmp_path / "dry" / "new").glob("*.eml"))) == 4
     assert ledger_counts(local)[State.SENT] == 4  # the real ledger is untouched

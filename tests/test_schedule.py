@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from qant_mail.app import pipeline
-from qant_mail.app.pipeline import ScheduleError
+from qant_mail.app import schedule as schedules
+from qant_mail.app.context import Context
+from qant_mail.app.schedule import ScheduleError
 from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode, SendError
@@ -32,7 +33,7 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def scheduled(settings: Settings, at: dt.datetime = NOW + HOUR) -> Path:
     path = settings.root / SAMPLE
-    pipeline.schedule(path, settings, at, now=NOW)
+    schedules.schedule(Context(settings), path, at, now=NOW)
     return path
 
 
@@ -41,16 +42,16 @@ def test_a_scheduled_issue_goes_out_at_its_time_and_only_once(
 ) -> None:
     readers = subscribe(local, 3)
     scheduled(local)
-    assert pipeline.run_due(local, now=NOW + HOUR - dt.timedelta(minutes=1)) == []
+    assert schedules.run_due(Context(local), now=NOW + HOUR - dt.timedelta(minutes=1)) == []
     assert smtp_server.handler.received == []
-    outcomes = pipeline.run_due(local, now=NOW + HOUR + dt.timedelta(minutes=1))
+    outcomes = schedules.run_due(Context(local), now=NOW + HOUR + dt.timedelta(minutes=1))
     assert outcomes is not None
     assert [(o.schedule.issue, o.state, o.exit_code) for o in outcomes] == [
         ("2023-11-20", "sent", ExitCode.OK)
     ]
-    assert pipeline.run_due(local, now=NOW + 2 * HOUR) == []
+    assert schedules.run_due(Context(local), now=NOW + 2 * HOUR) == []
     assert smtp_server.handler.recipients() == dict.fromkeys(readers, 1)
-    [item] = pipeline.schedules(local)
+    [item] = schedules.schedules(Context(local))
     assert item.state == "sent"
     assert "sent 3" in item.outcome
 
@@ -59,14 +60,14 @@ def test_two_run_dues_at_once_send_once(local: Settings, smtp_server: SmtpServer
     readers = subscribe(local, 4)
     scheduled(local)
     smtp_server.handler.hold_after = 1  # the first run is surely still sending
-    results: list[list[pipeline.DueOutcome] | None] = []
+    results: list[list[schedules.DueOutcome] | None] = []
     first = threading.Thread(
-        target=lambda: results.append(pipeline.run_due(local, now=NOW + 2 * HOUR))
+        target=lambda: results.append(schedules.run_due(Context(local), now=NOW + 2 * HOUR))
     )
     first.start()
     while not smtp_server.handler.received:
         first.join(0.01)
-    second = pipeline.run_due(local, now=NOW + 2 * HOUR)  # meanwhile
+    second = schedules.run_due(Context(local), now=NOW + 2 * HOUR)  # meanwhile
     smtp_server.handler.release.set()
     first.join()
     assert second is None  # it left the work to the first
@@ -82,7 +83,7 @@ def test_an_issue_broken_before_its_time_is_not_sent_and_the_operator_is_told(
     subscribe(local, 2)
     path = scheduled(local)
     path.write_text(path.read_text(encoding="utf-8") + "\nsubjet: typo\n", encoding="utf-8")
-    outcomes = pipeline.run_due(local, now=NOW + 2 * HOUR)
+    outcomes = schedules.run_due(Context(local), now=NOW + 2 * HOUR)
     assert outcomes is not None
     [outcome] = outcomes
     assert outcome.state == "failed"
@@ -91,7 +92,7 @@ def test_an_issue_broken_before_its_time_is_not_sent_and_the_operator_is_told(
     assert "subjet" in outcome.message
     assert "qant-mail schedule" in outcome.message
     assert smtp_server.handler.received == []
-    assert pipeline.run_due(local, now=NOW + 3 * HOUR) == []  # failed stays failed
+    assert schedules.run_due(Context(local), now=NOW + 3 * HOUR) == []  # failed stays failed
 
 
 def test_a_relay_down_at_its_time_leaves_it_due_for_the_next_run(
@@ -100,11 +101,11 @@ def test_a_relay_down_at_its_time_leaves_it_due_for_the_next_run(
     readers = subscribe(local, 2)
     scheduled(local)
     down = dataclasses.replace(local, smtp=local.smtp.model_copy(update={"port": free_port()}))
-    outcomes = pipeline.run_due(down, now=NOW + 2 * HOUR)
+    outcomes = schedules.run_due(Context(down), now=NOW + 2 * HOUR)
     assert outcomes is not None
     assert [(o.state, o.exit_code) for o in outcomes] == [("scheduled", ExitCode.UNAVAILABLE)]
     assert "tried again at the next run" in outcomes[0].message
-    outcomes = pipeline.run_due(local, now=NOW + 2 * HOUR)
+    outcomes = schedules.run_due(Context(local), now=NOW + 2 * HOUR)
     assert outcomes is not None
     assert [o.state for o in outcomes] == ["sent"]
     assert smtp_server.handler.recipients() == dict.fromkeys(readers, 1)
@@ -118,7 +119,7 @@ def test_a_run_due_that_stopped_midway_is_resumed_by_the_next(
     ledger = Ledger(local.store_path)
     ledger.take_due(NOW + 2 * HOUR)  # a run took it, then died before sending anything
     ledger.close()
-    outcomes = pipeline.run_due(local, now=NOW + 2 * HOUR)
+    outcomes = schedules.run_due(Context(local), now=NOW + 2 * HOUR)
     assert outcomes is not None
     assert [(o.schedule.path, o.state) for o in outcomes] == [(path.resolve(), "sent")]
     assert smtp_server.handler.recipients() == dict.fromkeys(readers, 1)
@@ -127,16 +128,16 @@ def test_a_run_due_that_stopped_midway_is_resumed_by_the_next(
 def test_what_cannot_be_scheduled(local: Settings, smtp_server: SmtpServer) -> None:
     path = local.root / SAMPLE
     with pytest.raises(ScheduleError, match="is past"):
-        pipeline.schedule(path, local, NOW - HOUR, now=NOW)
+        schedules.schedule(Context(local), path, NOW - HOUR, now=NOW)
     draft = path.with_name("2023-11-21.yaml")
     draft.write_text(path.read_text(encoding="utf-8") + "\ndraft: true\n", encoding="utf-8")
     with pytest.raises(SendError, match="draft"):
-        pipeline.schedule(draft, local, NOW + HOUR, now=NOW)
+        schedules.schedule(Context(local), draft, NOW + HOUR, now=NOW)
     subscribe(local, 1)
     scheduled(local)
-    assert pipeline.run_due(local, now=NOW + 2 * HOUR)
+    assert schedules.run_due(Context(local), now=NOW + 2 * HOUR)
     with pytest.raises(ScheduleError, match="sent already"):
-        pipeline.schedule(path, local, NOW + 3 * HOUR, now=NOW)
+        schedules.schedule(Context(local), path, NOW + 3 * HOUR, now=NOW)
 
 
 def test_times_are_read_in_the_newsletters_time_zone(project_settings: Settings) -> None:
@@ -144,12 +145,12 @@ def test_times_are_read_in_the_newsletters_time_zone(project_settings: Settings)
         project_settings,
         newsletter=project_settings.newsletter.model_copy(update={"timezone": "Europe/Paris"}),
     )
-    moment = pipeline.parse_time("2026-12-01 08:00", paris)
+    moment = schedules.parse_time(Context(paris), "2026-12-01 08:00")
     assert moment.astimezone(dt.UTC) == dt.datetime(2026, 12, 1, 7, 0, tzinfo=dt.UTC)
-    own = pipeline.parse_time("2026-07-01T08:00+00:00", paris)
+    own = schedules.parse_time(Context(paris), "2026-07-01T08:00+00:00")
     assert own.astimezone(dt.UTC).hour == 8  # a time with its own offset keeps it
     with pytest.raises(ScheduleError, match="YYYY-MM-DD HH:MM"):
-        pipeline.parse_time("demain 8h", paris)
+        schedules.parse_time(Context(paris), "demain 8h")
 
 
 def test_schedule_list_cancel_and_run_due_on_the_command_line(

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from qant_mail.app.pipeline import prepare_send
+from qant_mail.app import issues, sending
+from qant_mail.app.context import Context
 from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Sending, Settings
 from qant_mail.base.errors import ConfigError, ExitCode, SendError
-from qant_mail.delivery.send import SendReport, dry_run, send_test, send_to_list
-from qant_mail.delivery.transport import SmtpTransport, TransportUnavailable
+from qant_mail.delivery.outbox import SendReport
+from qant_mail.delivery.transport import SmtpTransport, Transport, TransportUnavailable
 from qant_mail.store.ledger import Ledger, LedgerError, State
 from qant_mail.store.subscribers import Status, Subscribers
 from tests.smtp_server import SmtpServer
@@ -41,12 +42,17 @@ def subscribe(settings: Settings, count: int, *, prefix: str = "reader") -> list
     return [f"{prefix}{n}@example.com" for n in range(count)]
 
 
+def context(settings: Settings, transport: Transport | None = None) -> Context:
+    """The installation of `settings`, sending through `transport` (default: its relay)."""
+    return Context(settings, transport=transport or SmtpTransport(settings, env={}))
+
+
 def send(
     settings: Settings, *, limit: int | None = None, stop: threading.Event | None = None
 ) -> SendReport:
-    prepared = prepare_send(settings.root / SAMPLE, settings)
-    transport = SmtpTransport(settings, env={})
-    return send_to_list(prepared, settings, transport, limit=limit, stop=stop)
+    ctx = context(settings)
+    prepared = issues.prepare(ctx, settings.root / SAMPLE)
+    return sending.send(ctx, prepared, limit=limit, stop=stop)
 
 
 def ledger_counts(settings: Settings) -> dict[State, int]:
@@ -233,14 +239,14 @@ def test_wrong_password_is_an_error_that_does_not_show_it(
     subscribe(local, 1)
     with_login = dataclasses.replace(local, smtp=local.smtp.model_copy(update={"username": "qant"}))
     transport = SmtpTransport(with_login, env={"QANT_SMTP_PASSWORD": "hunter2-wrong"})
-    prepared = prepare_send(local.root / SAMPLE, with_login)
+    prepared = issues.prepare(context(with_login, transport), local.root / SAMPLE)
     with pytest.raises(TransportUnavailable) as caught:
-        send_to_list(prepared, with_login, transport)
+        sending.send(context(with_login, transport), prepared)
     assert "refused the login of 'qant'" in str(caught.value)
     assert "hunter2" not in str(caught.value)
     assert "hunter2" not in repr(transport)
     right = SmtpTransport(with_login, env={"QANT_SMTP_PASSWORD": "right password"})
-    assert send_to_list(prepared, with_login, right).exit_code == ExitCode.OK
+    assert sending.send(context(with_login, right), prepared).exit_code == ExitCode.OK
 
 
 def test_a_login_in_clear_to_another_host_is_refused_unless_allowed(local: Settings) -> None:
@@ -272,16 +278,15 @@ def test_drafts_are_not_sent_to_the_list(local: Settings, project: Path) -> None
     path = project / "issues" / "2024-01-15.yaml"
     path.write_text("draft: true\nsubject: S\npreheader: P\nsections: [text: T]\n")
     with pytest.raises(SendError, match="draft"):
-        prepare_send(path, local)
-    assert prepare_send(path, local, test=True).template.subject == "[TEST] S"
+        issues.prepare(context(local), path)
+    assert issues.prepare(context(local), path, test=True).template.subject == "[TEST] S"
 
 
 def test_test_send_marks_the_subject_and_skips_the_ledger(
     local: Settings, smtp_server: SmtpServer
 ) -> None:
-    prepared = prepare_send(local.root / SAMPLE, local, test=True)
-    results = send_test(prepared, local, SmtpTransport(local, env={}), ["relecture@example.com"])
-    assert [(a, r.code) for a, r in results] == [("relecture@example.com", 250)]
+    tested = sending.send_test(context(local), local.root / SAMPLE, ["relecture@example.com"])
+    assert [(a, r.code) for a, r in tested.results] == [("relecture@example.com", 250)]
     (message,) = smtp_server.handler.received
     assert b"Subject: =?utf-8?q?=5BTEST=5D" in message.data
     assert Ledger(local.store_path).find("2023-11-20") is None
@@ -291,8 +296,8 @@ def test_dry_run_writes_every_message_and_changes_nothing(
     local: Settings, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:
     subscribe(local, 7)
-    prepared = prepare_send(local.root / SAMPLE, local)
-    report = dry_run(prepared, local, tmp_path / "dry")
+    ctx = context(local)
+    report = sending.dry_run(ctx, issues.prepare(ctx, local.root / SAMPLE), tmp_path / "dry")
     assert report.done[State.SENT] == 7
     assert len(list((tmp_path / "dry" / "new").glob("*.eml"))) == 7
     assert Ledger(local.store_path).find("2023-11-20") is None

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 import pytest
 from starlette.testclient import TestClient
 
-from qant_mail.app.pipeline import prepare_send
+from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.authoring.archive import build_archive
 from qant_mail.base.config import Settings
-from qant_mail.delivery.send import send_to_list
 from qant_mail.delivery.transport import MemoryTransport
 from qant_mail.store.ledger import Ledger, State
 from qant_mail.store.subscribers import Status, Subscribers
 from qant_mail.web.serve import ONE_CLICK_DONE, create_app
 from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
+from tests.conftest import prepare_send, send_to_list
 from tests.smtp_server import SmtpServer
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def people(project_settings: Settings) -> dict[str, int]:
 @pytest.fixture
 def client(project_settings: Settings, people: dict[str, int]) -> Iterator[TestClient]:
     site = build_archive(project_settings, project_settings.output_dir / "archive").folder
-    app = create_app(project_settings, site, SECRET)
+    app = create_app(Context(project_settings, secret=SECRET), site)
     with TestClient(app, follow_redirects=False) as test_client:
         yield test_client
 
@@ -184,7 +184,7 @@ def test_a_hundred_concurrent_unsubscribes_are_all_recorded(project_settings: Se
         rows = "email\n" + "".join(f"reader{n}@example.com\n" for n in range(100))
         store.import_rows(rows, "test")
         ids = {s.email: s.id for s in store.all()}
-    app = create_app(project_settings, None, SECRET)
+    app = create_app(Context(project_settings, secret=SECRET), None)
     with BackgroundServer(app) as server, ThreadPoolExecutor(max_workers=100) as pool:
         statuses = list(pool.map(lambda e: one_click(server.port, ids[e], e), ids))
     assert statuses == [200] * 100
@@ -215,7 +215,7 @@ def test_archive_is_served(client: TestClient) -> None:
 def test_confirmation_page_in_a_browser(
     browser: Browser, project_settings: Settings, people: dict[str, int]
 ) -> None:
-    app = create_app(project_settings, None, SECRET)
+    app = create_app(Context(project_settings, secret=SECRET), None)
     with BackgroundServer(app) as server:
         page = browser.new_page(viewport={"width": 375, "height": 700})
         page.goto(server.url.rstrip("/") + link(people, "lea@example.com"))

@@ -1,5 +1,6 @@
 """The whole job on the bundled sample, with nothing to set up: render the issue, start
-the local test inbox, send the issue to the demo list through it over SMTP."""
+the local test inbox, send the issue to the demo list through it over SMTP. And the
+local test inbox itself, for trying sends by hand."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qant_mail.app.pipeline import prepare_send, render_sample
-from qant_mail.base.config import Settings
-from qant_mail.delivery.inbox import Inbox
-from qant_mail.delivery.send import Progress, SendReport, send_to_list
+from qant_mail.app import issues, readers, sending
+from qant_mail.app.context import Context
+from qant_mail.delivery.inbox import DEFAULT_PORT, Inbox
+from qant_mail.delivery.outbox import Progress, SendReport
 from qant_mail.delivery.transport import SmtpTransport
-from qant_mail.store.subscribers import ImportReport, Subscribers
+from qant_mail.store.subscribers import ImportReport
 
 DEMO_LIST = "demo-subscribers.csv"
 
@@ -30,27 +31,34 @@ class DemoResult:
     delivered: list[Path]
 
 
-def run_demo(settings: Settings, issue: Path, progress: Progress | None = None) -> DemoResult:
+def run_demo(ctx: Context, issue: Path, progress: Progress | None = None) -> DemoResult:
     """Render `issue`, then send it to the demo list through a local inbox, in `out/demo`."""
+    settings = ctx.settings
     folder = settings.output_dir / "demo"
     if folder.exists():
         shutil.rmtree(folder)  # every demo starts from an empty list and inbox
-    rendered = render_sample(issue, settings, settings.output_dir)
-    store = folder / "subscribers.db"
-    subscribers = Subscribers.open(store)
-    try:
-        imported = subscribers.import_csv(settings.issues_dir / DEMO_LIST, source="demo")
-    finally:
-        subscribers.close()
+    rendered = issues.render_sample(ctx, issue)
     with Inbox(folder / "inbox", port=0) as inbox:
         smtp = settings.smtp.model_copy(
             update={"host": inbox.host, "port": inbox.port, "security": "none", "username": ""}
         )
         local = dataclasses.replace(settings, smtp=smtp)
-        # The demo's unsubscribe links are signed with a throwaway secret.
-        prepared = prepare_send(issue, local, secret=secrets.token_bytes(32))
-        report = send_to_list(
-            prepared, local, SmtpTransport(local, env={}), progress=progress, store_path=store
+        # Its own list and store, no key, and links signed with a throwaway secret.
+        demo = Context(
+            local,
+            env={},
+            clock=ctx.clock,
+            transport=SmtpTransport(local, env={}),
+            store=folder / "subscribers.db",
+            secret=secrets.token_bytes(32),
         )
+        imported = readers.import_csv(demo, settings.issues_dir / DEMO_LIST, source="demo")
+        report = sending.send(demo, issues.prepare(demo, issue), progress=progress)
     delivered = sorted((folder / "inbox" / "new").glob("*.eml"))
     return DemoResult(rendered, imported, report, folder / "inbox", delivered)
+
+
+def local_inbox(ctx: Context, folder: Path | None = None, port: int = DEFAULT_PORT) -> Inbox:
+    """Return the local test inbox (not started): an SMTP server on 127.0.0.1 that keeps
+    every message in a Maildir (default: `data/inbox` of the project)."""
+    return Inbox(folder or ctx.settings.root / "data" / "inbox", port=port)

@@ -190,14 +190,19 @@ class Renderer:
             self._siblings[key] = sibling
         return sibling
 
-    def render(self, issue: Issue, *, key: str | None = None, web: bool = False) -> RenderedIssue:
+    def render(
+        self, issue: Issue, *, key: str | None = None, web: bool = False, archived: bool = True
+    ) -> RenderedIssue:
         """Render `issue` to HTML and text, with per-recipient placeholders; `key` names
         its page in the archive (the file name; default: the date); `web` renders that
-        page, which carries no subscriber's links."""
+        page, which carries no subscriber's links; not `archived` (a welcome), the email
+        has no page in the archive to link to."""
         timings: dict[str, float] = {}
         key = key or issue.date.isoformat()
         assets: dict[tuple[Path, int], Asset] = {}
         context = self._context(issue, key, _Assets(self, key, assets))
+        if not archived:
+            context["web_url"] = ""
         context["web"] = web
         with _timed(timings, "template"):
             source = self._render_template(HTML_TEMPLATE, context)

@@ -191,6 +191,7 @@ class Labels(Strict):
     subscribe_sent: Text
     subscribe_invalid_email: Text
     subscribe_no_choice: Text
+    subscribe_unavailable: Text
     confirm_subject: Text
     confirm_text: Text
     confirm_button: Text

@@ -1,8 +1,8 @@
 """What comes back after a message was accepted: bounces (DSNs, RFC 3464, and the
 non-standard formats of common servers, read by flufl.bounce) and complaints (ARF,
-RFC 5965). Each is matched to the reader and the issue it is about (by the VERP return
-path when there is one), and closes the loop: a hard bounce or a complaint takes the
-address off every newsletter; soft bounces count towards `bounces.soft_limit`."""
+RFC 5965), read from a Maildir, an mbox, IMAP or a mail pipe, and classified: who and
+which message each is about (by the VERP return path when there is one). What is done
+about them is the application's (`app.bounces`)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from qant_mail.audience import tokens
+from qant_mail.audience.messages import MAX_MESSAGE
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode, QantError
 from qant_mail.base.files import read_file
-from qant_mail.store.ledger import Ledger
-from qant_mail.store.subscribers import MAX_MESSAGE, Subscribers
 
 IMAP_PASSWORD_VARIABLE = "QANT_BOUNCES_PASSWORD"
 _STATUS = re.compile(r"^\s*Status:\s*([245])\.(\d{1,3})\.(\d{1,3})", re.IGNORECASE | re.MULTILINE)
@@ -78,7 +77,7 @@ class BounceReport:
 
 
 @dataclass(frozen=True)
-class _Reading:
+class Reading:
     outcome: Outcome
     addresses: tuple[str, ...] = ()
     detail: str = ""
@@ -87,44 +86,7 @@ class _Reading:
     unsubscribe_token: str = ""  # from the copy of our message a complaint encloses
 
 
-def process(
-    settings: Settings, messages: Iterator[tuple[str, bytes]], secret: bytes
-) -> BounceReport:
-    """Read each (source, message) and record what it says."""
-    report = BounceReport()
-    ledger = Ledger(settings.store_path)
-    try:
-        for source, data in messages:
-            report.findings.extend(_process_one(settings, ledger, secret, source, data))
-    finally:
-        ledger.close()
-    return report
-
-
-def _process_one(
-    settings: Settings, ledger: Ledger, secret: bytes, source: str, data: bytes
-) -> list[Finding]:
-    digest = _identity(data)
-    if ledger.feedback_seen(digest):
-        return [Finding(source, Outcome.ALREADY)]
-    reading = read(data, secret, settings)
-    findings = _apply(settings, ledger, secret, source, reading)
-    ledger.note_feedback(digest, ", ".join(sorted({f.outcome.value for f in findings})))
-    return findings
-
-
-def _verified_subscriber(ledger: Ledger, secret: bytes, token: str) -> int | None:
-    """Return the subscriber a genuine unsubscribe token names (a complaint's copy)."""
-    number = tokens.subscriber_id(token) if token else None
-    if number is None:
-        return None
-    subscriber = Subscribers(ledger.db).by_id(number)
-    if subscriber is None or not tokens.verify(secret, token, number, subscriber.email):
-        return None
-    return number
-
-
-def _identity(data: bytes) -> str:
+def identity(data: bytes) -> str:
     """Return what makes a report the same report wherever it was kept: its Message-ID,
     or else its text without the spaces, line ends and ">From " escapes that storing it
     in an mbox (or a Maildir) may change."""
@@ -136,37 +98,12 @@ def _identity(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(re.sub(rb"\s+", b"", text)).hexdigest()
 
 
-def _apply(
-    settings: Settings, ledger: Ledger, secret: bytes, source: str, reading: _Reading
-) -> list[Finding]:
-    if reading.outcome in (Outcome.NOT_A_BOUNCE, Outcome.FORGED, Outcome.NOT_SPAM):
-        return [Finding(source, reading.outcome, detail=reading.detail)]
-    targets = ledger.feedback_targets(
-        verp=reading.verp,
-        issue=reading.issue,
-        addresses=reading.addresses,
-        subscriber_id=_verified_subscriber(ledger, secret, reading.unsubscribe_token),
-    )
-    if not targets:
-        shown = ", ".join(reading.addresses)
-        return [Finding(source, Outcome.UNMATCHED, shown, reading.issue, reading.detail)]
-    findings = []
-    for target in targets:
-        outcome = ledger.record_feedback(
-            target, reading.outcome.name.lower(), reading.detail, settings.bounces.soft_limit
-        )
-        findings.append(
-            Finding(source, Outcome[outcome.upper()], target.email, target.issue, reading.detail)
-        )
-    return findings
-
-
-def read(data: bytes, secret: bytes, settings: Settings) -> _Reading:
+def read(data: bytes, secret: bytes, settings: Settings) -> Reading:
     """Classify a report: a complaint, a hard or soft bounce, or none, and who it is about."""
     parsed = email.message_from_bytes(data[:MAX_MESSAGE], policy=policy.compat32)
     verp = _verp(parsed, secret, settings)
     if verp == "forged":
-        return _Reading(Outcome.FORGED, detail="the VERP address's signature is wrong")
+        return Reading(Outcome.FORGED, detail="the VERP address's signature is wrong")
     found = verp if isinstance(verp, tuple) else None
     complaint = _complaint(parsed)
     if complaint is not None:
@@ -175,14 +112,14 @@ def read(data: bytes, secret: bytes, settings: Settings) -> _Reading:
     original = _original_headers(parsed)
     issue = _issue_of(original)
     if permanent:
-        return _Reading(Outcome.HARD, tuple(permanent), detail, found, issue)
+        return Reading(Outcome.HARD, tuple(permanent), detail, found, issue)
     if temporary:
-        return _Reading(Outcome.SOFT, tuple(temporary), detail, found, issue)
+        return Reading(Outcome.SOFT, tuple(temporary), detail, found, issue)
     if found is not None and _looks_like_a_bounce(parsed):
         # Addressed to a VERP address, worded like a failure, in no format we know:
         # counted as soft, so that one odd message does not take a reader off the list.
-        return _Reading(Outcome.SOFT, (), detail or "an unrecognised bounce", found, issue)
-    return _Reading(Outcome.NOT_A_BOUNCE, detail=_subject(parsed))
+        return Reading(Outcome.SOFT, (), detail or "an unrecognised bounce", found, issue)
+    return Reading(Outcome.NOT_A_BOUNCE, detail=_subject(parsed))
 
 
 def _verp(message: Message, secret: bytes, settings: Settings) -> tuple[int, int] | str | None:
@@ -202,7 +139,7 @@ def _verp(message: Message, secret: bytes, settings: Settings) -> tuple[int, int
     return None
 
 
-def _complaint(message: Message) -> _Reading | None:
+def _complaint(message: Message) -> Reading | None:
     if message.get_content_type() != "multipart/report":
         return None
     if str(message.get_param("report-type", "")).lower() != "feedback-report":
@@ -222,8 +159,8 @@ def _complaint(message: Message) -> _Reading | None:
     if not recipients:
         recipients = list(re.findall(r"[\w.+-]+@[\w.-]+", str(original.get("to", ""))))
     if feedback_type == "not-spam":
-        return _Reading(Outcome.NOT_SPAM, detail="the reader said it is not spam")
-    return _Reading(
+        return Reading(Outcome.NOT_SPAM, detail="the reader said it is not spam")
+    return Reading(
         Outcome.COMPLAINT,
         tuple(recipients),
         f"feedback type {feedback_type}",

@@ -85,19 +85,20 @@ def notice(
     html_part: str,
     text_part: str,
     *,
-    keys: Sequence[dkim.DkimKey] = (),
+    when: dt.datetime | None = None,
 ) -> bytes:
     """Return a one-off message to one reader (a signup's confirmation): From the
-    newsletter, HTML and text, DKIM-signed like the issues; no list headers, since it
-    is not a mailing to a list."""
+    newsletter, HTML and text; no list headers, since it is not a mailing to a list.
+    Unsigned: the outbox signs it as it leaves, with the keys of the newsletter."""
     alternative = _boundary("alt")
     sender = settings.sender
     domain = settings.sender_domain
+    moment = when or dt.datetime.now(dt.UTC).astimezone()
     headers: list[tuple[str, str]] = [
         ("From", _address_header(sender.name, sender.address, "From")),
         ("To", _address_header(check_display_name(recipient.name), recipient.address, "To")),
         ("Subject", _header_text(subject, "Subject")),
-        ("Date", format_datetime(dt.datetime.now(dt.UTC).astimezone())),
+        ("Date", format_datetime(moment)),
         ("Message-ID", f"<notice.{secrets.token_hex(12)}@{domain}>"),
         ("MIME-Version", "1.0"),
         # RFC 3834: no vacation replies to it.
@@ -122,13 +123,7 @@ def notice(
             f"\r\n--{alternative}--\r\n".encode(),
         ]
     )
-    signatures = b""
-    if keys:
-        from qant_mail.delivery import dkim
-
-        body_hash = dkim.BodyHash.of([body]).digest([])
-        signatures = b"".join(dkim.Signer(key, fields, ()).sign([], body_hash) for key in keys)
-    return signatures + _render_headers(fields) + CRLF + body
+    return _render_headers(fields) + CRLF + body
 
 
 class MessageTemplate:
@@ -142,6 +137,7 @@ class MessageTemplate:
         secret: bytes,
         issue_key: str | None = None,
         test: bool = False,
+        unique: bool = False,
         date: dt.datetime | None = None,
         keys: Sequence[dkim.DkimKey] = (),
     ) -> None:
@@ -157,8 +153,9 @@ class MessageTemplate:
         key = settings.newsletter.id
         self.newsletter_token = "" if key == settings.main_id else key
         # A test's Message-IDs are its own: a mail client that folds messages of one
-        # Message-ID together must not hide the real issue behind an editor's test.
-        self.test_nonce = secrets.token_hex(6) if test else ""
+        # Message-ID together must not hide the real issue behind an editor's test. A
+        # message sent on an occasion (a welcome) is its own message each time, too.
+        self.test_nonce = secrets.token_hex(6) if test or unique else ""
         subject = ("[TEST] " if test else "") + rendered.subject
         when = date or dt.datetime.now(dt.UTC).astimezone()
         self.subject = subject
@@ -469,13 +466,3 @@ class Prepared:
     content_hash: str
     warnings: list[str]
     newsletter: str = DEFAULT_NEWSLETTER  # the key of the newsletter it is an issue of
-
-
-def dkim_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[dkim.DkimKey]:
-    """Return the DKIM keys the settings ask for, from the environment."""
-    from qant_mail.delivery import dkim
-
-    config = settings.dkim
-    return dkim.keys_from_settings(
-        config.selector, config.ed25519_selector, config.domain or settings.sender_domain, env
-    )

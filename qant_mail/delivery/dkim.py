@@ -295,3 +295,26 @@ def keys_from_settings(
 
 RSA_VARIABLE = "QANT_DKIM_PRIVATE_KEY"
 ED25519_VARIABLE = "QANT_DKIM_ED25519_PRIVATE_KEY"
+
+
+def sign_message(keys: Sequence[DkimKey], message: bytes) -> bytes:
+    """Return `message` (CRLF line ends, headers then body) with one signature for each
+    key on top: for messages composed whole, one at a time (a confirmation, a test)."""
+    if not keys:
+        return message
+    head, separator, body = message.partition(b"\r\n\r\n")
+    if not separator:
+        head, body = message, b""
+    fields: list[tuple[str, bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n" + line)
+        elif b":" in line:
+            name_bytes, _, value = line.partition(b":")
+            fields.append((name_bytes.decode("ascii", "replace"), value))
+    # Relaxed canonicalisation ends the body with one line end: no empty lines after it.
+    canonical = relaxed_body(body if body.endswith(b"\r\n") else body + b"\r\n")
+    canonical = canonical.rstrip(b"\r\n") + b"\r\n" if canonical.strip(b"\r\n") else b""
+    body_hash = BodyHash.of([canonical]).digest([])
+    return b"".join(Signer(key, fields, ()).sign([], body_hash) for key in keys) + message

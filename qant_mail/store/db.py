@@ -170,6 +170,29 @@ MIGRATIONS: list[str | Callable[[Db], None]] = [
         PRIMARY KEY (send_id, worker)
     );
     """,
+    # 8: the outbox of messages to one reader (a signup's confirmation, a welcome, a
+    # test): each is written here, composed, in the transaction of what asked for it, and
+    # tried until delivered or expired; the message itself is dropped once it is done
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        newsletter TEXT NOT NULL,
+        recipient TEXT NOT NULL COLLATE NOCASE,
+        message BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'sending', 'sent', 'failed', 'unknown', 'expired')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        expires_at REAL NOT NULL,
+        worker TEXT NOT NULL DEFAULT '',
+        lease_until REAL NOT NULL DEFAULT 0,
+        last_reply TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+    """,
 ]
 
 
@@ -362,6 +385,7 @@ _PG_RULES = [
     ),
     (re.compile(r"TEXT (NOT NULL |PRIMARY KEY )?(UNIQUE )?COLLATE NOCASE"), r"CITEXT \1\2"),
     (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
     (re.compile(r"\bINTEGER\b"), "BIGINT"),
     (re.compile(r"^\s*BEGIN IMMEDIATE\s*$"), "BEGIN"),
 ]
@@ -416,10 +440,15 @@ def _writable(path: Path) -> bool:
 
 @contextlib.contextmanager
 def transaction(db: Db) -> Iterator[Db]:
-    """Run the block as one write transaction: all of it is committed, or none.
+    """Run the block as one write transaction: all of it is committed, or none. Inside
+    another one, the block is part of it (what a use case writes together, it commits
+    together: a confirmation and the welcome it queues).
 
     On an error the transaction is rolled back if it is still open (SQLite rolls back by
     itself on a full disk, and a second ROLLBACK would hide why) and the error goes on."""
+    if db.in_transaction:
+        yield db
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
@@ -652,7 +681,15 @@ TABLES = (
     "signups",
     "signup_attempts",
     "workers",
+    "outbox",
 )
+
+
+def row_counts(db: Db) -> dict[str, int]:
+    """Return the rows of each table of an open store."""
+    return {
+        table: int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) for table in TABLES
+    }
 
 
 def copy_store(source: StoreTarget, target: StoreTarget) -> dict[str, int]:
@@ -677,7 +714,7 @@ def copy_store(source: StoreTarget, target: StoreTarget) -> dict[str, int]:
             for table in TABLES:
                 counts[table] = _copy_table(origin, destination, table)
             if destination.dialect == "postgresql":
-                for table in ("subscribers", "sends", "signups"):
+                for table in ("subscribers", "sends", "signups", "outbox"):
                     # Rows came with their ids: the next id follows the largest.
                     destination.execute(
                         f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"

@@ -30,9 +30,11 @@ from starlette.responses import (
 from starlette.routing import Route
 from watchfiles import DefaultFilter, awatch
 
-from qant_mail.app.pipeline import check
-from qant_mail.authoring.render import Asset, RenderedIssue, Renderer, Slot
-from qant_mail.base.config import Settings, load_settings
+from qant_mail.app import issues
+from qant_mail.app.context import Context
+from qant_mail.app.issues import Asset, RenderedIssue
+from qant_mail.base.addresses import normalise_address
+from qant_mail.base.config import load_settings
 from qant_mail.base.errors import Problem, QantError, Severity
 
 PAGE = Path(__file__).with_name("preview.html")
@@ -75,16 +77,15 @@ class Preview:
         self.state = PreviewState()
         self.lock = threading.Lock()
         self.token = secrets.token_urlsafe(24)
-        self._settings: Settings | None = None
-        self._renderer: Renderer | None = None
+        self._ctx: Context | None = None
         self._settings_stamp: float | None = None
 
     @property
     def roots(self) -> dict[str, Path]:
         """Return the folders whose files the page may load: the issue's, the templates."""
         roots = {"issue": self.issue.parent}
-        if self._settings is not None:
-            roots["templates"] = self._settings.templates_dir.resolve()
+        if self._ctx is not None:
+            roots["templates"] = self._ctx.settings.templates_dir.resolve()
         return roots
 
     def refresh(self) -> PreviewState:
@@ -92,8 +93,8 @@ class Preview:
         with self.lock:
             state = self.state
             try:
-                renderer = self._current_renderer()
-                report = check(self.issue, renderer)
+                ctx = self.context()
+                report = issues.check(ctx, self.issue)
             except QantError as err:
                 state.version += 1
                 state.error, state.problems = str(err), []
@@ -104,15 +105,15 @@ class Preview:
             # Lint errors (a clipped email, a bad link) are shown over a render that is
             # still worth seeing; an invalid file keeps the last good one.
             if report.rendered is not None:
-                state.good = self._snapshot(state.version, report.rendered, renderer)
+                state.good = self._snapshot(state.version, report.rendered)
             state.rendered_at = time.time()
             return state
 
     def watched(self) -> list[Path]:
         """Return what to watch: the issue's folder, the templates, the settings."""
         paths = [self.issue.parent, self.settings_path]
-        if self._settings is not None and self._settings.templates_dir.is_dir():
-            paths.append(self._settings.templates_dir)
+        if self._ctx is not None and self._ctx.settings.templates_dir.is_dir():
+            paths.append(self._ctx.settings.templates_dir)
         return paths
 
     def asset(self, root: str, relative: str) -> Path | None:
@@ -129,24 +130,17 @@ class Preview:
             return None
         return candidate
 
-    def _current_renderer(self) -> Renderer:
+    def context(self) -> Context:
+        """Return the context of the settings as they are now (read again when the
+        settings file changes)."""
         stamp = self.settings_path.stat().st_mtime if self.settings_path.exists() else None
-        if self._renderer is None or stamp != self._settings_stamp:
-            self._settings = load_settings(self.settings_path)
-            self._renderer = Renderer(self._settings)
+        if self._ctx is None or stamp != self._settings_stamp:
+            self._ctx = Context(load_settings(self.settings_path))
             self._settings_stamp = stamp
-        return self._renderer
+        return self._ctx
 
-    def _snapshot(self, version: int, rendered: RenderedIssue, renderer: Renderer) -> Snapshot:
-        sample = renderer.settings.preview
-        values = {
-            Slot.NAME: sample.sample_name,
-            Slot.EMAIL: sample.sample_email,
-            Slot.UNSUBSCRIBE_URL: f"{renderer.settings.newsletter.base_url}/unsubscribe/exemple",
-            Slot.PREFERENCES_URL: f"{renderer.settings.newsletter.base_url}/subscriptions/exemple",
-            Slot.BROWSER_URL: rendered.web_url,
-        }
-        html, text = rendered.fill(values, asset_url=self._asset_url)
+    def _snapshot(self, version: int, rendered: RenderedIssue) -> Snapshot:
+        html, text = issues.sample_fill(self.context(), rendered, self._asset_url)
         return Snapshot(
             version=version,
             subject=rendered.subject,
@@ -321,17 +315,12 @@ async def _watch(preview: Preview, publish: Any, stop: anyio.Event) -> None:
 
 def _send_test(preview: Preview, address: str) -> dict[str, Any]:
     """Send the current issue as a test to `address` (what `send --to` does)."""
-    from qant_mail.app.pipeline import prepare_send
-    from qant_mail.base.addresses import normalise_address
-    from qant_mail.delivery.send import send_test
-    from qant_mail.delivery.transport import SmtpTransport
+    from qant_mail.app import sending
 
     try:
-        settings = load_settings(preview.settings_path)
         recipient = normalise_address(address)
-        prepared = prepare_send(preview.issue, settings, test=True)
-        transport = SmtpTransport(settings)
-        ((_, reply),) = send_test(prepared, settings, transport, [recipient])
+        ctx = Context(load_settings(preview.settings_path))
+        ((_, reply),) = sending.send_test(ctx, preview.issue, [recipient]).results
     except QantError as err:
         return {"ok": False, "message": str(err).splitlines()[0]}
     return {"ok": reply.ok, "message": f"{recipient} : {reply}"}

@@ -4,16 +4,14 @@ health check. Run it with `qant-mail serve`, behind a reverse proxy for the worl
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sqlite3
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 import anyio
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -25,13 +23,12 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from qant_mail.app.signup import Mailer, Signup, SignupError, SmtpMailer
-from qant_mail.audience import tokens
-from qant_mail.authoring.render import Renderer
+from qant_mail.app import readers
+from qant_mail.app.context import Context
+from qant_mail.app.readers import Signup, SignupError, Status
+from qant_mail.app.sending import QueueWorker
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import QantError
-from qant_mail.store.db import StoreError
-from qant_mail.store.subscribers import Status, Subscriber, Subscribers
 
 log = logging.getLogger(__name__)
 
@@ -56,55 +53,15 @@ _HEADERS = {
 }
 
 
-class _Unsubscriptions:
-    """Finds who a token names, and unsubscribes them from the newsletter it names (in a
-    worker thread: SQLite blocks)."""
-
-    def __init__(self, settings: Settings, secret: bytes) -> None:
-        self.settings, self.secret = settings, secret
-
-    def newsletter(self, token: str) -> str:
-        """Return the key of the newsletter a token is about (unverified)."""
-        return tokens.newsletter_of(token) or self.settings.main_id
-
-    def find(self, token: str) -> Subscriber | None:
-        """Return the subscriber a genuine token names; None for anything else."""
-        with Subscribers.open(self.settings.store_path, self.newsletter(token)) as store:
-            return self._find(store, token)
-
-    def apply(self, token: str, reason: str) -> Subscriber | None:
-        """Unsubscribe whom the token names; doing it twice keeps the first date and reason."""
-        with Subscribers.open(self.settings.store_path, self.newsletter(token)) as store:
-            subscriber = self._find(store, token)
-            if subscriber is None or subscriber.status is not Status.ACTIVE:
-                return subscriber
-            changed = store.set_status_by_id(subscriber.id, Status.UNSUBSCRIBED, reason)
-            return changed or subscriber
-
-    def _find(self, store: Subscribers, token: str) -> Subscriber | None:
-        number = tokens.subscriber_id(token)
-        if number is None:
-            return None
-        subscriber = store.by_id(number)
-        if subscriber is None or not tokens.verify(self.secret, token, number, subscriber.email):
-            return None
-        return subscriber
-
-
-def create_app(
-    settings: Settings,
-    archive: Path | None,
-    secret: bytes,
-    mailer: Mailer | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-) -> Starlette:
+def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Starlette:
     """Return the public application: unsubscribe pages, signup forms, confirmation
-    links, the reader's page, health check, the archive. `mailer` carries the
-    confirmation and welcome emails (default: the relay of the settings)."""
-    renderer = Renderer(settings)
-    unsubscriptions = _Unsubscriptions(settings, secret)
-    signup = Signup(settings, secret, mailer or SmtpMailer(settings), clock=clock)
+    links, the reader's page, health check, the archive. The mail a request causes is
+    queued in the outbox before the answer, and a worker of the application delivers it
+    (`drain`; without it, `qant-mail run-due` does)."""
+    settings = ctx.settings
+    renderer = ctx.renderer
+    worker = QueueWorker(ctx)
+    signup = Signup(ctx, queued=worker.wake)
 
     def html(
         template: str, key: str | None = None, status: int = 200, **context: object
@@ -116,11 +73,12 @@ def create_app(
     # -- unsubscribe -----------------------------------------------------------------
 
     def page(state: str, token: str, email: str = "", status: int = 200) -> HTMLResponse:
-        return html(PAGE, unsubscriptions.newsletter(token), status, state=state, email=email)
+        key = readers.token_newsletter(ctx, token)
+        return html(PAGE, key, status, state=state, email=email)
 
     def unsubscribe_page(request: Request) -> Response:
         token = request.path_params["token"]
-        subscriber = unsubscriptions.find(token)
+        subscriber = readers.unsubscribing(ctx, token)
         if subscriber is None:
             # Forged, altered, truncated or unknown: one answer, that names nobody.
             return page("invalid", token, status=404)
@@ -132,7 +90,7 @@ def create_app(
         one_click = (await request.body()).strip() == ONE_CLICK
         reason = "one-click" if one_click else "page"
         token = request.path_params["token"]
-        subscriber = await anyio.to_thread.run_sync(unsubscriptions.apply, token, reason)
+        subscriber = await anyio.to_thread.run_sync(readers.unsubscribe_by_link, ctx, token, reason)
         if one_click:
             if subscriber is None:
                 return PlainTextResponse("invalid link\n", status_code=404, headers=_HEADERS)
@@ -186,11 +144,17 @@ def create_app(
         except SignupError as err:
             values = {"email": fields.get("email", "")[:320], "name": fields.get("name", "")[:200]}
             return form(single, 400, err, chosen=chosen, **values)
-        # The same answer, at once, whoever the address is: what is done about it (a
-        # mail, or nothing when a limit or the trap says so) happens afterwards.
-        response = html(SUBSCRIBE_PAGE, single, state="sent", single=single is not None)
-        response.background = BackgroundTask(_quietly, signup.request, valid)
-        return response
+        # The same answer whoever the address is: what is done about it (a mail queued,
+        # or nothing when a limit or the trap says so) says nothing of who is subscribed.
+        try:
+            await anyio.to_thread.run_sync(signup.request, valid)
+        except QantError as err:
+            # Not recorded (the store is down, the secret unset): said now, not lost.
+            log.error("signup: not recorded: %s", err)
+            unavailable = SignupError(settings.labels.subscribe_unavailable, "")
+            values = {"email": valid.email, "name": valid.name}
+            return form(single, 503, unavailable, chosen=list(valid.newsletters), **values)
+        return html(SUBSCRIBE_PAGE, single, state="sent", single=single is not None)
 
     # -- confirmation ----------------------------------------------------------------
 
@@ -237,13 +201,20 @@ def create_app(
         # Post/redirect/get: a reload does not send the choice again.
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303, headers=_HEADERS)
 
-    def health(request: Request) -> JSONResponse:
-        try:
-            with Subscribers.open(settings.store_path) as store:
-                store.count()
-        except (StoreError, sqlite3.Error) as err:
-            return JSONResponse({"status": "error", "store": str(err)}, status_code=503)
+    async def health(request: Request) -> JSONResponse:
+        trouble = await anyio.to_thread.run_sync(readers.health, ctx)
+        if trouble is not None:
+            return JSONResponse({"status": "error", "store": trouble}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if drain:
+            worker.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(worker.stop)
 
     routes: list[Route | Mount] = [
         Route("/healthz", health),
@@ -260,7 +231,7 @@ def create_app(
     ]
     if archive is not None:
         routes.append(Mount("/", StaticFiles(directory=archive, html=True), name="archive"))
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 async def _form(request: Request) -> list[tuple[str, str]] | Response:
@@ -300,11 +271,3 @@ def _client(request: Request, trust_proxy: bool) -> str:
         if last:
             return last
     return request.client.host if request.client else "unknown"
-
-
-def _quietly(work: Callable[..., object], *args: object) -> None:
-    """Run a step after the answer was sent; what goes wrong is logged, never shown."""
-    try:
-        work(*args)
-    except (QantError, sqlite3.Error, OSError) as err:
-        log.error("signup: %s", err)

@@ -1,0 +1,942 @@
+"""The one road out. Every message, whatever asked for it (an issue to the list, a
+scheduled send, a test, a signup's confirmation, a welcome), leaves through an `Outbox`,
+which applies the sending rules once, for the newsletter the message belongs to:
+
+- the DKIM keys, and the refusal to send unsigned to a relay elsewhere;
+- an envelope sender (VERP when bounces have an address) aligned with the From domain;
+- the rate limits and quotas, counted in the store for every sender;
+- retries with bounded backoff, and a record of each message: the ledger's row for an
+  issue's reader, the queue's row for a message to one reader.
+
+An issue goes to its list from the ledger: each recipient's row goes `pending → sending
+→ sent | deferred | failed | unknown`, `sending` written before MAIL FROM and the
+outcome right after the reply, so that a re-run after a crash resends only what may not
+have gone out (at most one message per open connection, the one in flight). A message to
+one reader is queued (`store.mailqueue`) in the transaction of what caused it, then
+delivered by whoever drains the queue: `serve`, `run-due`, a `send`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from qant_mail.audience import tokens
+from qant_mail.base.config import Settings
+from qant_mail.base.errors import ExitCode, QantError, SendError
+from qant_mail.delivery.compose import ComposeError, MessageTemplate, Prepared, Recipient
+from qant_mail.delivery.transport import (
+    Connection,
+    ConnectionLost,
+    RateLimiter,
+    Reply,
+    SmtpTransport,
+    Transport,
+    TransportUnavailable,
+)
+from qant_mail.store.db import StoreTarget, open_store
+from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State
+from qant_mail.store.mailqueue import Mail, MailQueue, QueuedMail
+
+if TYPE_CHECKING:
+    # Imported where a key is used: `cryptography` is a tenth of a render's start-up.
+    from qant_mail.authoring.render import RenderedIssue
+    from qant_mail.delivery import dkim
+
+CLAIM_SIZE = 8
+# How often a sender whose work is done looks again at the rows other senders hold.
+HELD_POLL = 0.5
+MAX_RETRY_DELAY = 3600.0
+# A reader waits for a confirmation: a message to one reader is tried again at least
+# every five minutes, until it expires.
+NOTICE_MAX_DELAY = 300.0
+# A server that goes silent after the data this many times in a row is broken, not
+# slow: stop (the run resumes later) rather than pay a timeout per message forever.
+SILENCES_BEFORE_STOP = 3
+# The distinct reasons of failure a run keeps for its report (they may name addresses).
+MAX_REASONS = 50
+# Permanent failures that mean the mailbox does not exist (RFC 3463): the address is
+# marked bounced, and later issues skip it.
+BOUNCE_CODES = {"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
+_NO_MAILBOX = re.compile(
+    r"user unknown|unknown user|no such (user|mailbox)|mailbox (unavailable|not found)|"
+    r"does not exist|recipient (rejected|unknown)|invalid recipient|address rejected",
+    re.IGNORECASE,
+)
+
+
+def aligned(domain: str, other: str) -> bool:
+    """Return whether two domains align as DMARC's relaxed mode asks: the same, or one
+    below the other (without a list of public suffixes, the careful reading)."""
+    a, b = domain.lower().rstrip("."), other.lower().rstrip(".")
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The sending rules of one newsletter, decided once: its settings, the keys that
+    sign its messages, and its envelope sender (on a domain aligned with its From)."""
+
+    settings: Settings
+    keys: tuple[dkim.DkimKey, ...]
+    envelope: str
+    verp: tuple[str, str] | None  # (local part, domain) of the VERP return paths
+    notes: tuple[str, ...] = ()  # settings set aside, and why
+
+    @classmethod
+    def of(cls, settings: Settings, env: Mapping[str, str]) -> Rules:
+        """Decide the rules of the newsletter `settings` are seen by."""
+        from_domain = settings.sender_domain
+        notes: list[str] = []
+        verp: tuple[str, str] | None = None
+        envelope = settings.sender.address
+        bounces = settings.bounces.address
+        if bounces and aligned(_domain(bounces), from_domain):
+            local, _, domain = bounces.partition("@")
+            verp, envelope = (local, domain), bounces
+        elif bounces:
+            notes.append(
+                f"bounces.address {bounces} is not on the domain of {settings.sender.address}: "
+                f"the messages of {settings.newsletter.name} come back to their From address, "
+                "without VERP (SPF must align with From for DMARC)"
+            )
+        return_path = settings.smtp.return_path
+        if return_path and not verp:
+            if aligned(_domain(return_path), from_domain):
+                envelope = return_path
+            else:
+                notes.append(
+                    f"smtp.return_path {return_path} is not on the domain of "
+                    f"{settings.sender.address}: {settings.newsletter.name} uses its From "
+                    "address as the envelope sender (SPF must align with From for DMARC)"
+                )
+        keys: tuple[dkim.DkimKey, ...] = ()
+        config = settings.dkim
+        if config.selector or config.ed25519_selector:
+            from qant_mail.delivery import dkim
+
+            domain = config.domain or from_domain
+            keys = tuple(
+                dkim.keys_from_settings(config.selector, config.ed25519_selector, domain, env)
+            )
+        return cls(settings, keys, envelope, verp, tuple(notes))
+
+    @property
+    def newsletter(self) -> str:
+        """Return the key of the newsletter these rules are for."""
+        return self.settings.newsletter.id
+
+    def return_path(self, secret: bytes, send_id: int, position: int) -> str:
+        """Return the envelope sender of one message of a send: a VERP address naming it,
+        when bounces have an address of their own, so that a bounce says which it is."""
+        if self.verp is None:
+            return self.envelope
+        local, domain = self.verp
+        return f"{local}+{tokens.make_return(secret, send_id, position)}@{domain}"
+
+    @property
+    def signing(self) -> str:
+        """Say how the newsletter's messages are signed, and whether that aligns."""
+        if not self.keys:
+            return "none (unsigned)"
+        from_domain = self.settings.sender_domain
+        described = []
+        for key in self.keys:
+            alignment = (
+                "aligned with From"
+                if aligned(key.domain, from_domain)
+                else f"NOT aligned with From ({from_domain})"
+            )
+            described.append(
+                f"{key.algorithm} by {key.selector}._domainkey.{key.domain}, {alignment}"
+            )
+        return "; ".join(described)
+
+
+class Progress(Protocol):
+    """What the sender tells whoever shows its progress."""
+
+    def start(self, total: int) -> None:
+        """Announce how many messages this run will try."""
+
+    def advance(self, state: State) -> None:
+        """Count one message done, in its final state for this run."""
+
+    def note(self, message: str) -> None:
+        """Say something worth knowing (slowing down, waiting for retries)."""
+
+
+class NoProgress:
+    """Shows nothing."""
+
+    def start(self, total: int) -> None:
+        """Show nothing."""
+
+    def advance(self, state: State) -> None:
+        """Show nothing."""
+
+    def note(self, message: str) -> None:
+        """Show nothing."""
+
+
+@dataclass
+class SendReport:
+    """What a run did (each recipient counted once, in the state it ended this run in),
+    and where the whole send stands."""
+
+    issue: str
+    done: Counter[State] = field(default_factory=Counter)
+    totals: dict[State, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    stopped: str | None = None
+    exit_code: ExitCode = ExitCode.OK
+    limited: bool = False  # the run stopped at --limit, by request
+    failures: Counter[str] = field(default_factory=Counter)  # why, for the rows failed now
+    joined: int = 0  # active subscribers who joined after the send was planned
+
+    @property
+    def rate(self) -> float:
+        """Return the messages handled per second in this run."""
+        handled = sum(
+            self.done[s] for s in (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN)
+        )
+        return handled / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def remaining(self) -> int:
+        """Return the rows of the send not settled yet (pending, deferred, unknown…)."""
+        unsettled = (State.PENDING, State.SENDING, State.DEFERRED, State.UNKNOWN)
+        return sum(self.totals.get(s, 0) for s in unsettled)
+
+    def summary(self) -> str:
+        """Return the one line a run ends with."""
+        shown = (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN, State.SKIPPED)
+        parts = [f"{state.value} {self.done[state]}" for state in shown]
+        line = f"{', '.join(parts)} in {self.elapsed:.1f} s ({self.rate:.0f} messages/s)"
+        return line + (f"; stopped: {self.stopped}" if self.stopped else "")
+
+
+def _exit_code(report: SendReport) -> ExitCode:
+    if report.stopped == "interrupted":
+        return ExitCode.INTERRUPTED
+    if report.stopped == "unavailable":
+        return ExitCode.UNAVAILABLE
+    if report.totals.get(State.FAILED, 0):
+        return ExitCode.PARTIAL
+    troubled = report.done[State.DEFERRED] + report.done[State.UNKNOWN]
+    if report.limited and not troubled:
+        return ExitCode.OK  # what was asked for (the next N) went out
+    if report.remaining:
+        return ExitCode.PARTIAL
+    return ExitCode.OK
+
+
+@dataclass
+class DrainReport:
+    """What a drain of the queue did."""
+
+    sent: int = 0
+    deferred: int = 0  # tried, and waiting for another try
+    failed: int = 0  # refused for good, or maybe delivered (unknown)
+    problems: list[str] = field(default_factory=list)  # why, for the operator's log
+
+    @property
+    def tried(self) -> int:
+        """Return how many messages were tried."""
+        return self.sent + self.deferred + self.failed
+
+
+class Outbox:
+    """The road every message takes out of the installation of `settings`: to the relay
+    of the settings (or `transport`), recorded in the store (or `store`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: Transport | None = None,
+        store: StoreTarget | None = None,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store if store is not None else settings.store_path
+        self.env = os.environ if env is None else env
+        self.clock = clock
+        self._transport = transport
+        self._rules: dict[str, Rules] = {}
+        self._lock = threading.Lock()
+        self._limiter: RateLimiter | None = None
+        # Who drains, among the processes that share the store.
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- the rules -------------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """Return what carries the messages: the relay of the settings by default."""
+        if self._transport is None:
+            self._transport = SmtpTransport(self.settings, self.env)
+        return self._transport
+
+    def rules(self, newsletter: str | None) -> Rules:
+        """Return the sending rules of newsletter `newsletter` (None: the main one)."""
+        key = newsletter or self.settings.main_id
+        with self._lock:
+            found = self._rules.get(key)
+            if found is None:
+                found = Rules.of(self.settings.for_newsletter(key), self.env)
+                self._rules[key] = found
+        return found
+
+    def check(self, rules: Rules) -> str:
+        """Say how the newsletter's messages will be signed; refuse, with a SendError,
+        to send them unsigned to a relay elsewhere unless `dkim.required` is off."""
+        remote = getattr(self.transport, "remote", False)
+        if not rules.keys and remote and rules.settings.dkim.required:
+            raise SendError(
+                f"messages to {self.transport.description} would not be DKIM-signed: "
+                "Gmail and Yahoo treat unsigned bulk mail as suspect and ignore its "
+                "one-click unsubscribe. Create a key (`qant-mail dkim keygen`), publish "
+                "its record, set dkim.selector and QANT_DKIM_PRIVATE_KEY; or set "
+                "dkim.required = false"
+            )
+        return rules.signing
+
+    def template(
+        self,
+        rendered: RenderedIssue,
+        newsletter: str,
+        *,
+        secret: bytes,
+        issue_key: str,
+        test: bool = False,
+        unique: bool = False,
+        signed: bool = True,
+    ) -> MessageTemplate:
+        """Compose an issue's message once, for its newsletter: signed as it is
+        personalised (the list), or left for the outbox to sign as it leaves (`signed`
+        false: messages to one reader, which go through the queue)."""
+        rules = self.rules(newsletter)
+        return MessageTemplate(
+            rendered,
+            rules.settings,
+            secret=secret,
+            issue_key=issue_key,
+            test=test,
+            unique=unique,
+            keys=rules.keys if signed else (),
+        )
+
+    # -- handing over ------------------------------------------------------------------
+
+    def connect(self) -> Connection:
+        """Open a connection to the relay (or raise TransportUnavailable)."""
+        return self.transport.connect()
+
+    @staticmethod
+    def hand_over(connection: Connection, envelope: str, recipient: str, data: bytes) -> Reply:
+        """Give one message to the relay: the one place where a message leaves."""
+        # Composed here, no line starts with "." (quoted-printable, headers): no stuffing.
+        return connection.send(envelope, recipient, data, dot_safe=True)
+
+    def limiter(self) -> RateLimiter:
+        """Return the limiter of the messages to one reader: the limits of the settings,
+        the store's count of the day's messages (every sender's) taken into account."""
+        with self._lock:
+            if self._limiter is None:
+                limits = self.settings.sending
+                ledger = Ledger(self.store)
+                try:
+                    history = ledger.quota_since(int(self.clock() // 60) - 24 * 60)
+                finally:
+                    ledger.close()
+                self._limiter = RateLimiter(
+                    limits.per_second, limits.per_hour, limits.per_day, history
+                )
+            return self._limiter
+
+    # -- messages to one reader ------------------------------------------------------
+
+    def send_now(
+        self, kind: str, newsletter: str, messages: Sequence[tuple[str, bytes]]
+    ) -> list[tuple[str, Reply]]:
+        """Deliver messages at once, each tried once, and record them in the queue: what
+        an editor waits for (a test). A relay that cannot be reached raises
+        TransportUnavailable; the messages are recorded as failed."""
+        rules = self.rules(newsletter)
+        self.check(rules)
+        db = open_store(self.store)
+        try:
+            queue = MailQueue(db)
+            numbers = [
+                queue.add(
+                    kind=kind,
+                    newsletter=rules.newsletter,
+                    recipient=address,
+                    message=b"",
+                    expires_at=self.clock(),
+                    state=Mail.SENDING,
+                )
+                for address, _ in messages
+            ]
+            results: list[tuple[str, Reply]] = []
+            try:
+                connection = self.connect()
+            except TransportUnavailable as err:
+                for number in numbers:
+                    queue.record(number, Mail.FAILED, str(err))
+                raise
+            try:
+                for number, (address, data) in zip(numbers, messages, strict=True):
+                    reply = self._deliver_one(connection, rules, address, data)
+                    queue.record(number, Mail.SENT if reply.ok else Mail.FAILED, str(reply))
+                    results.append((address, reply))
+            except ConnectionLost as lost:
+                done = len(results)
+                state = Mail.UNKNOWN if lost.after_data else Mail.FAILED
+                queue.record(numbers[done], state, f"connection lost: {lost}")
+                for number in numbers[done + 1 :]:
+                    queue.record(number, Mail.FAILED, "not tried: the connection was lost")
+                raise TransportUnavailable(f"{self.transport.description}: {lost}") from lost
+            finally:
+                connection.close()
+        finally:
+            db.close()
+        return results
+
+    def _deliver_one(
+        self, connection: Connection, rules: Rules, recipient: str, data: bytes
+    ) -> Reply:
+        """Sign and hand over one message to one reader, within the limits."""
+        from qant_mail.delivery import dkim
+
+        signed = dkim.sign_message(rules.keys, data)
+        stop = threading.Event()
+        minute = self.limiter().acquire(stop)
+        if minute is None:
+            return Reply(451, "4.7.0 not sent: the daily quota of the settings is reached")
+        reply = self.hand_over(connection, rules.envelope, recipient, signed)
+        ledger = Ledger(self.store)
+        try:
+            ledger.count_quota(minute)
+        finally:
+            ledger.close()
+        return reply
+
+    def drain(self, *, limit: int = 200, ids: Sequence[int] = ()) -> DrainReport:
+        """Deliver the queued messages that are due (only those numbered `ids`, when
+        given): a temporary refusal, or a relay that cannot be reached, tries again
+        later, with backoff, until the message expires. Never raises for a relay down."""
+        report = DrainReport()
+        db = open_store(self.store)
+        try:
+            queue = MailQueue(db)
+            now = self.clock()
+            lease = self.settings.smtp.message_timeout + self.settings.smtp.timeout + 30
+            claimed = queue.claim(limit, now, worker=self.worker, lease=lease, ids=ids)
+            if not claimed:
+                return report
+            connection: Connection | None = None
+            try:
+                while claimed:
+                    mail = claimed[0]
+                    try:
+                        rules = self.rules(mail.newsletter)
+                        self.check(rules)
+                    except QantError as err:
+                        self._later(queue, mail, f"not sent: {err}", report)
+                        claimed.pop(0)
+                        continue
+                    if connection is None:
+                        try:
+                            connection = self.connect()
+                        except TransportUnavailable as err:
+                            for waiting in claimed:
+                                self._later(queue, waiting, str(err), report)
+                            claimed = []
+                            break
+                    try:
+                        reply = self._deliver_one(connection, rules, mail.recipient, mail.message)
+                    except ConnectionLost as lost:
+                        connection.close()
+                        connection = None
+                        if lost.after_data:
+                            queue.record(
+                                mail.id, Mail.UNKNOWN, f"connection lost after the data: {lost}"
+                            )
+                            report.failed += 1
+                            report.problems.append(f"{mail.kind} to {mail.recipient}: {lost}")
+                        else:
+                            self._later(queue, mail, f"connection lost: {lost}", report)
+                        claimed.pop(0)
+                        continue
+                    claimed.pop(0)
+                    if reply.ok:
+                        queue.record(mail.id, Mail.SENT, str(reply))
+                        report.sent += 1
+                    elif reply.temporary:
+                        self._later(queue, mail, str(reply), report)
+                    else:
+                        queue.record(mail.id, Mail.FAILED, str(reply))
+                        report.failed += 1
+                        report.problems.append(f"{mail.kind} to {mail.recipient}: {reply}")
+            finally:
+                if claimed:
+                    queue.release([m.id for m in claimed])
+                if connection is not None:
+                    connection.close()
+        finally:
+            db.close()
+        return report
+
+    def _later(self, queue: MailQueue, mail: QueuedMail, reply: str, report: DrainReport) -> None:
+        """Put a message back for a later try, with backoff, or give it up if it will
+        have expired by then."""
+        limits = self.settings.sending
+        delay = min(limits.retry_after_seconds * 2**mail.attempts, NOTICE_MAX_DELAY)
+        retry_at = self.clock() + delay
+        if retry_at > mail.expires_at:
+            queue.record(mail.id, Mail.EXPIRED, f"expired; last try: {reply}")
+            report.failed += 1
+        else:
+            queue.record(mail.id, Mail.PENDING, reply, retry_at=retry_at)
+            report.deferred += 1
+        report.problems.append(f"{mail.kind} to {mail.recipient}: {reply}")
+
+    def next_due(self) -> float | None:
+        """Return when the next queued message is due, if one waits."""
+        db = open_store(self.store)
+        try:
+            return MailQueue(db).next_due()
+        finally:
+            db.close()
+
+    # -- an issue to its list -----------------------------------------------------------
+
+    def send_list(
+        self,
+        prepared: Prepared,
+        *,
+        progress: Progress | None = None,
+        limit: int | None = None,
+        wait_for_retries: bool = True,
+        accept_changes: bool = False,
+        stop: threading.Event | None = None,
+        new_subscribers: bool = False,
+    ) -> SendReport:
+        """Send the issue to every active reader of its newsletter not sent it yet;
+        resume after a crash. `new_subscribers`: an issue sent before goes to the
+        readers who joined since, too."""
+        rules = self.rules(prepared.newsletter)
+        self.check(rules)
+        ledger = Ledger(self.store)
+        try:
+            # SQLite: one process per send, by its lock. PostgreSQL: each `send` joins the
+            # run, claiming rows the others do not hold.
+            exclusive = (
+                contextlib.nullcontext() if ledger.shared else ledger.lock(prepared.issue_key)
+            )
+            with exclusive:
+                send = self._send_of(ledger, prepared, accept_changes)
+                if new_subscribers:
+                    ledger.add_joined(send)
+                ledger.recover(send)
+                run = _Run(
+                    self, rules, prepared, ledger, send, progress or NoProgress(), limit, stop
+                )
+                report = run.run(wait_for_retries)
+                report.totals = ledger.counts(send)
+                report.joined = ledger.joined_since(send)
+                if not report.remaining and report.totals[State.FAILED] == 0:
+                    ledger.finish(send)
+                report.exit_code = _exit_code(report)
+        finally:
+            ledger.close()
+        return report
+
+    @staticmethod
+    def _send_of(ledger: Ledger, prepared: Prepared, accept_changes: bool) -> Send:
+        """Return the issue's send: planned now (its readers frozen), or the one that
+        started before, if it is the same issue."""
+        send = ledger.find(prepared.issue_key)
+        if send is None:
+            try:
+                return ledger.plan(
+                    prepared.issue_key,
+                    prepared.content_hash,
+                    prepared.rendered.subject,
+                    prepared.newsletter,
+                )
+            except LedgerError:
+                send = ledger.find(prepared.issue_key) if ledger.shared else None
+                if send is None:
+                    raise
+                return send
+        if send.newsletter != prepared.newsletter:
+            raise SendError(
+                f"{prepared.issue_key} was sent as an issue of {send.newsletter}, and this "
+                f"one is of {prepared.newsletter}: issue files of the newsletters need "
+                "names of their own (rename this file)"
+            )
+        if send.content_hash != prepared.content_hash and not accept_changes:
+            raise SendError(
+                f"{prepared.issue_key} changed since its send started ({send.created_at}); "
+                "re-run with --accept-changes to send this version to those not served yet"
+            )
+        return send
+
+
+class _Run:
+    """One run of a send: workers, each with its connection, share a rate limiter."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        rules: Rules,
+        prepared: Prepared,
+        ledger: Ledger,
+        send: Send,
+        progress: Progress,
+        limit: int | None,
+        stop: threading.Event | None,
+    ) -> None:
+        self.outbox, self.rules, self.prepared = outbox, rules, prepared
+        self.settings = settings = outbox.settings
+        self.ledger, self.send, self.progress = ledger, send, progress
+        self.budget = limit
+        self.stop = stop or threading.Event()
+        self.lock = threading.Lock()
+        self.report = SendReport(send.issue)
+        limits = settings.sending
+        history = ledger.quota_since(int(time.time() // 60) - 24 * 60)
+        self.limiter = RateLimiter(limits.per_second, limits.per_hour, limits.per_day, history)
+        self.connected = 0
+        self.failures: list[str] = []
+        self.gave_up = 0
+        self.running = 0
+        self.finished = threading.Condition(self.lock)
+        # Each recipient counted once, in the state it ended this run in: only the rows
+        # that may come back in this run (deferred) are remembered, so that memory does
+        # not grow with the list.
+        self.done: Counter[State] = Counter()
+        self.deferred: set[int] = set()
+        self.reasons: Counter[str] = Counter()
+        self.silences = 0  # consecutive messages lost after their data
+        # Quota counts go to the database about once a second, with an outcome: a killed
+        # run forgets at most a second's worth, against a commit per message saved.
+        self.unflushed: Counter[int] = Counter()
+        self.flushed_at = time.monotonic()
+        # Who this sender is among those of the send, and how long its hold on a row
+        # lasts without being renewed.
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = limits.lease_seconds
+
+    def run(self, wait_for_retries: bool) -> SendReport:
+        self.ledger.join(self.send, self.worker)
+        self._share()  # before the first message: the others may be at work already
+        beating = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(beating,), daemon=True)
+        heart.start()
+        try:
+            return self._run(wait_for_retries)
+        finally:
+            beating.set()
+            heart.join()
+            self.ledger.leave(self.send, self.worker)
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        """Renew this sender's hold on its rows, and share the limits with the senders
+        of the send, every third of a lease."""
+        try:
+            while not done.wait(self.lease / 3):
+                try:
+                    self._share()
+                except (QantError, OSError) as err:
+                    # A missed beat costs at most a row sent twice, after the lease: go on.
+                    self.progress.note(f"could not renew the lease: {err}")
+        finally:
+            self.ledger.close()  # this thread's connection
+
+    def _share(self) -> None:
+        """Renew this sender's leases and take its part of the limits."""
+        senders = self.ledger.renew(self.send, self.worker, self.lease)
+        minute = int(time.time() // 60)
+        self.limiter.share(senders, self.ledger.quota_since(minute - 24 * 60))
+
+    def _run(self, wait_for_retries: bool) -> SendReport:
+        start = time.monotonic()
+        counts = self.ledger.counts(self.send)
+        total = counts[State.PENDING] + counts[State.DEFERRED]
+        self.progress.start(min(total, self.budget) if self.budget is not None else total)
+        try:
+            while not self.stop.is_set():
+                self._round()
+                if self.report.stopped:
+                    break
+                due = self.ledger.next_retry(self.send)
+                # Rows other senders hold: done by them, or, if one died, ours after
+                # its lease runs out.
+                held = self.ledger.next_release(self.send, self.worker)
+                wake = min((t for t in (due, held) if t is not None), default=None)
+                if wake is None or not wait_for_retries or self.budget == 0:
+                    break
+                delay = max(0.0, wake - time.time())
+                if due is not None and wake == due:
+                    waiting = self.ledger.counts(self.send)[State.DEFERRED]
+                    self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
+                if held is not None:
+                    # Another sender's lease is renewed while it lives: look again soon,
+                    # for the end of its work (or of it).
+                    delay = min(delay, HELD_POLL)
+                self.stop.wait(delay)
+        except KeyboardInterrupt:
+            self.stop.set()
+            self.report.stopped = "interrupted"
+            self._join()
+        if self.stop.is_set() and self.report.stopped is None:
+            self.report.stopped = "interrupted"
+        for minute, messages in self._quota_to_flush(None).items():
+            self.ledger.count_quota(minute, messages)
+        self.report.elapsed = time.monotonic() - start
+        self.report.done = +self.done
+        self.report.failures = self.reasons
+        self.report.limited = self.budget == 0
+        return self.report
+
+    def _round(self) -> None:
+        counts = self.ledger.counts(self.send)
+        due = counts[State.PENDING] + counts[State.DEFERRED]
+        workers = max(1, min(self.settings.smtp.connections, due))
+        self.gave_up = 0
+        for number in range(workers):
+            with self.lock:
+                self.running += 1
+            threading.Thread(target=self._worker, name=f"qant-send-{number}", daemon=True).start()
+        self._join()
+        if self.failures and self.connected == 0:
+            self.report.stopped = "unavailable"
+            raise TransportUnavailable(self.failures[0])
+        if self.gave_up == workers and not self.stop.is_set():
+            # Every connection went away and could not come back: stop, resumable.
+            self.report.stopped = "unavailable"
+            self.progress.note(f"the server went away: {self.failures[-1]}")
+
+    def _join(self) -> None:
+        # Not Thread.join(): on Python 3.11, a Ctrl-C that interrupts it can mark a thread
+        # still running as finished (bpo-45274), and its messages would go unrecorded.
+        with self.finished:
+            while self.running:
+                self.finished.wait(0.2)
+
+    def _worker(self) -> None:
+        connection: Connection | None = None
+        claimed: list[Delivery] = []
+        try:
+            connection = self._connect()
+            if connection is None:
+                return
+            while not self.stop.is_set():
+                size = self._take_budget(CLAIM_SIZE)
+                if size == 0:
+                    return
+                claimed, skipped = self.ledger.claim(
+                    self.send, size, worker=self.worker, lease=self.lease
+                )
+                self._give_back_budget(size - len(claimed) - len(skipped))
+                for position in skipped:
+                    self._count(position, State.SKIPPED, "left the list")
+                if not claimed and not skipped:
+                    return
+                while claimed and not self.stop.is_set():
+                    connection = self._deliver(connection, claimed[0])
+                    claimed.pop(0)
+                    if connection is None:
+                        return
+        finally:
+            try:
+                if claimed:
+                    self.ledger.release(self.send, [d.position for d in claimed])
+                if connection is not None:
+                    connection.close()
+                self.ledger.close()
+            finally:
+                with self.finished:
+                    self.running -= 1
+                    self.finished.notify_all()
+
+    def _deliver(self, connection: Connection, row: Delivery) -> Connection | None:
+        """Send one row; return the connection to go on with (None: give up)."""
+        try:
+            data = self.prepared.template.personalise(
+                Recipient(row.email, row.name, row.subscriber_id or 0)
+            )
+        except ComposeError as err:
+            # This row cannot become a message; the others can.
+            self._record(row, State.FAILED, f"not sent: {err}", None, attempt=False)
+            return connection
+        minute = self.limiter.acquire(self.stop)
+        if minute is None:
+            if not self.stop.is_set():
+                self.report.stopped = "daily quota reached"
+                self.progress.note(
+                    f"daily quota of {self.settings.sending.per_day} reached; "
+                    "run again tomorrow to go on"
+                )
+                self.stop.set()
+            self.ledger.release(self.send, [row.position])
+            return connection
+        try:
+            envelope = self.rules.return_path(
+                self.prepared.template.secret, self.send.id, row.position
+            )
+            reply = self.outbox.hand_over(connection, envelope, row.email, data)
+        except ConnectionLost as lost:
+            connection.close()
+            if lost.after_data:
+                self._record(row, State.UNKNOWN, f"connection lost after the data: {lost}", minute)
+                if self._silent_again():
+                    return None
+            else:
+                self._record_temporary(row, f"connection lost: {lost}", minute)
+            return self._connect(again=True)
+        with self.lock:
+            self.silences = 0
+        self._settle(row, reply, minute)
+        if reply.slow_down:
+            self.limiter.slow_down()
+            self.progress.note(f"the server asks to slow down ({reply}); slowing down")
+        elif reply.ok:
+            self.limiter.speed_up()
+        if reply.code == 421 or getattr(connection, "worn", False):
+            # 421: the server is closing this connection. Worn: it has refused enough
+            # here that a fresh connection keeps us under its error limits.
+            connection.close()
+            return self._connect(again=True)
+        return connection
+
+    def _silent_again(self) -> bool:
+        """Count a message lost after its data; stop the run when it keeps happening."""
+        with self.lock:
+            self.silences += 1
+            if self.silences < SILENCES_BEFORE_STOP or self.report.stopped:
+                return False
+            self.report.stopped = "unavailable"
+        self.progress.note(
+            f"the server stopped answering after the data {SILENCES_BEFORE_STOP} times in a "
+            "row; stopping (the next run goes on)"
+        )
+        self.stop.set()
+        return True
+
+    def _settle(self, row: Delivery, reply: Reply, minute: int) -> None:
+        if reply.ok:
+            self._record(row, State.SENT, str(reply), minute)
+        elif reply.temporary:
+            self._record_temporary(row, str(reply), minute)
+        else:
+            bounced = reply.enhanced in BOUNCE_CODES or (
+                reply.code in (550, 551, 553) and bool(_NO_MAILBOX.search(reply.text))
+            )
+            self._record(row, State.FAILED, str(reply), minute, bounce=bounced)
+
+    def _record_temporary(self, row: Delivery, reply: str, minute: int) -> None:
+        attempts = row.attempts + 1
+        limits = self.settings.sending
+        if attempts >= limits.max_attempts:
+            self._record(row, State.FAILED, f"gave up after {attempts} attempts: {reply}", minute)
+            return
+        delay = min(limits.retry_after_seconds * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+        self._record(row, State.DEFERRED, reply, minute, retry_at=time.time() + delay)
+
+    def _record(
+        self,
+        row: Delivery,
+        state: State,
+        reply: str,
+        minute: int | None,
+        *,
+        retry_at: float = 0,
+        bounce: bool = False,
+        attempt: bool = True,
+    ) -> None:
+        self.ledger.record(
+            self.send,
+            row.position,
+            state,
+            reply,
+            attempt=attempt,
+            retry_at=retry_at,
+            quota=self._quota_to_flush(minute) if minute is not None else None,
+            bounce=row.subscriber_id if bounce else None,
+        )
+        self._count(row.position, state, reply)
+
+    def _quota_to_flush(self, minute: int | None) -> dict[int, int]:
+        with self.lock:
+            if minute is not None:
+                self.unflushed[minute] += 1
+            now = time.monotonic()
+            if minute is not None and now - self.flushed_at < 1.0:
+                return {}
+            self.flushed_at = now
+            flush, self.unflushed = dict(self.unflushed), Counter()
+            return flush
+
+    def _count(self, position: int, state: State, reply: str) -> None:
+        with self.lock:
+            if position in self.deferred:
+                self.deferred.discard(position)
+                self.done[State.DEFERRED] -= 1
+            self.done[state] += 1
+            if state is State.DEFERRED:
+                self.deferred.add(position)
+            elif state is State.FAILED and (
+                reply in self.reasons or len(self.reasons) < MAX_REASONS
+            ):
+                self.reasons[reply] += 1
+        self.progress.advance(state)
+
+    def _connect(self, *, again: bool = False) -> Connection | None:
+        delays = (0.0, 1.0, 2.0, 4.0) if again else (0.0,)
+        last = "no attempt"
+        for delay in delays:
+            if self.stop.wait(delay):
+                return None
+            try:
+                connection = self.outbox.connect()
+            except TransportUnavailable as err:
+                last = str(err)
+                continue
+            with self.lock:
+                self.connected += 1
+            return connection
+        with self.lock:
+            self.failures.append(last)
+            self.gave_up += 1
+        self.progress.note(f"a connection gave up: {last}")
+        return None
+
+    def _take_budget(self, wanted: int) -> int:
+        with self.lock:
+            if self.budget is None:
+                return wanted
+            granted = min(wanted, self.budget)
+            self.budget -= granted
+            return granted
+
+    def _give_back_budget(self, unused: int) -> None:
+        with self.lock:
+            if self.budget is not None and unused > 0:
+                self.budget += unused
