@@ -307,8 +307,9 @@ def send(
         addresses = [a for a in to.split(",") if a.strip()]
         if not addresses:
             raise typer.BadParameter("give at least one address", param_hint="--to")
-        tested = sending.send_test(context, file, addresses)
-        _warn(tested.warnings)
+        prepared = sending.prepare_test(context, file)
+        _warn(prepared.warnings)
+        tested = sending.send_test(context, prepared, addresses)
         for address, reply in tested.results:
             typer.echo(f"{address}: {reply}")
         if tested.failed:
@@ -753,6 +754,8 @@ def serve(
 
     context = _context(ctx)
     context.secret()  # no secret, no links: said now, not at the first request
+    for key, why in context.outbox.sendable()[1].items():
+        _warn([f"the outbox leaves the mail of {key} for a host that can send it: {why}"])
     if site is None:
         report = issues.build_archive(context)
         _left_out(report)

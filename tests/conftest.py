@@ -89,7 +89,15 @@ def project(tmp_path: Path) -> Path:
 
 
 # The modules whose tests run against both stores: SQLite, and a real PostgreSQL.
-BOTH_STORES = {"test_subscribers", "test_send", "test_serve", "test_history", "test_signup"}
+BOTH_STORES = {
+    "test_subscribers",
+    "test_send",
+    "test_serve",
+    "test_history",
+    "test_signup",
+    "test_outbox",
+    "test_roads",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -285,7 +285,9 @@ def test_drafts_are_not_sent_to_the_list(local: Settings, project: Path) -> None
 def test_test_send_marks_the_subject_and_skips_the_ledger(
     local: Settings, smtp_server: SmtpServer
 ) -> None:
-    tested = sending.send_test(context(local), local.root / SAMPLE, ["relecture@example.com"])
+    ctx = context(local)
+    prepared = sending.prepare_test(ctx, local.root / SAMPLE)
+    tested = sending.send_test(ctx, prepared, ["relecture@example.com"])
     assert [(a, r.code) for a, r in tested.results] == [("relecture@example.com", 250)]
     (message,) = smtp_server.handler.received
     assert b"Subject: =?utf-8?q?=5BTEST=5D" in message.data

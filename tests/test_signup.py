@@ -388,6 +388,7 @@ def test_a_confirmation_subscribes_to_all_its_newsletters_or_to_none(site: Setti
     )
     signups = Signups(db)
     number = signups.add("lea@example.com", "", ["default", "finance"], "all", "t", 2e9)
+    assert number is not None
     pending = signups.get(number)
     assert pending is not None
     with pytest.raises(sqlite3.IntegrityError, match="disk trouble"):

@@ -43,10 +43,12 @@ def run_demo(ctx: Context, issue: Path, progress: Progress | None = None) -> Dem
             update={"host": inbox.host, "port": inbox.port, "security": "none", "username": ""}
         )
         local = dataclasses.replace(settings, smtp=smtp)
-        # Its own list and store, no key, and links signed with a throwaway secret.
+        # Its own list and store, links signed with a throwaway secret; the DKIM keys
+        # of the environment, if any (the demo shows them at work), and nothing else.
+        keys = {k: v for k, v in ctx.env.items() if k.startswith("QANT_DKIM_")}
         demo = Context(
             local,
-            env={},
+            env=keys,
             clock=ctx.clock,
             transport=SmtpTransport(local, env={}),
             store=folder / "subscribers.db",

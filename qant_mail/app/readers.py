@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import io
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_NAME = 200
 MAX_MESSAGE = messages.MAX_MESSAGE  # an unsubscription by email longer is not read
 __all__ = ["ImportReport", "Status", "Subscriber"]
+
+
+class _NumberTaken(Exception):
+    """A request number drawn at random is another request's (once in billions)."""
 
 
 class SignupError(QantError):
@@ -114,15 +119,38 @@ class Signup:
 
     def request(self, request: Request) -> None:
         """Deal with a valid request: a trap filled or a limit reached ends it silently;
-        else the request is kept and its confirmation queued, in one transaction."""
-        if request.trap:
-            log.info("signup: the trap field was filled in; ignored")
-            return
+        else the request is kept and its confirmation queued, in one transaction. Every
+        request takes the same steps up to that transaction (the confirmation is
+        rendered, for nothing if need be): how long the answer takes says nothing."""
         ctx, config = self.ctx, self.settings.signup
         now = ctx.clock()
         expires = int(now + config.confirm_hours * 3600)
         secret = ctx.secret()
-        with ctx.db() as db, transaction(db):
+        for _ in range(3):
+            # A number drawn at random, not the next one: the link is made before the
+            # row, outside the transaction, and says nothing of how many asked.
+            number = secrets.randbelow(2**62) + 1
+            token = tokens.make_confirm(secret, number, request.email, expires)
+            message = self.confirmation(
+                request, f"{self.settings.newsletter.base_url}/confirm/{token}"
+            )
+            if request.trap:
+                log.info("signup: the trap field was filled in; ignored")
+                return
+            try:
+                self._record(request, number, message, now, expires)
+            except _NumberTaken:
+                continue  # that number was drawn already: another one
+            return
+        raise QantError("signup: no free request number after three draws")
+
+    def _record(
+        self, request: Request, number: int, message: bytes, now: float, expires: int
+    ) -> None:
+        """Count the attempt and, if the limits allow, keep the request and queue its
+        confirmation: all of it or nothing."""
+        config = self.settings.signup
+        with self.ctx.db() as db, transaction(db):
             signups = Signups(db)
             allowed = signups.attempt(
                 self._client(request.client),
@@ -135,16 +163,22 @@ class Signup:
                 log.info("signup: rate limit reached; no confirmation sent")
                 return
             signups.purge(now)
-            number = signups.add(
-                request.email, request.name, request.newsletters, request.form, now_text(), expires
+            kept = signups.add(
+                request.email,
+                request.name,
+                request.newsletters,
+                request.form,
+                now_text(),
+                expires,
+                number=number,
             )
-            token = tokens.make_confirm(secret, number, request.email, expires)
-            url = f"{self.settings.newsletter.base_url}/confirm/{token}"
+            if kept is None:
+                raise _NumberTaken  # nothing of this transaction is kept
             MailQueue(db).add(
                 kind="confirm",
                 newsletter=request.newsletters[0],
                 recipient=request.email,
-                message=self.confirmation(request, url),
+                message=message,
                 expires_at=expires,
             )
         self.queued()

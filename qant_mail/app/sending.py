@@ -157,11 +157,15 @@ class TestSend:
         return sum(not reply.ok for _, reply in self.results)
 
 
-def send_test(ctx: Context, path: Path, addresses: Sequence[str]) -> TestSend:
-    """Send the issue at `path` (subject marked [TEST], drafts too) to `addresses`, at
-    once; nothing goes in its send's ledger."""
+def prepare_test(ctx: Context, path: Path) -> Prepared:
+    """Prepare the issue at `path` for a test: its subject marked [TEST], drafts too."""
+    return issues.prepare(ctx, path, test=True)
+
+
+def send_test(ctx: Context, prepared: Prepared, addresses: Sequence[str]) -> TestSend:
+    """Send a test of a prepared issue (`prepare_test`) to `addresses`, at once; nothing
+    goes in its send's ledger."""
     recipients = [normalise_address(a) for a in addresses]
-    prepared = issues.prepare(ctx, path, test=True)
     messages = [(a, prepared.template.personalise(Recipient(a))) for a in recipients]
     results = ctx.outbox.send_now("test", prepared.newsletter, messages)
     return TestSend(results, prepared.warnings)
@@ -367,12 +371,14 @@ def queue(ctx: Context, *, everything: bool = False, limit: int = 100) -> Queue:
         return Queue(found.waiting(), found.counts(), found.entries(states, limit))
 
 
-def deliver_queued(ctx: Context, *, quietly: bool = False) -> DrainReport:
-    """Deliver the messages of the outbox's queue that are due. `quietly`: as the last
-    step of another use case, whose outcome a store or a relay in trouble must not spoil
-    (the next drain tries again)."""
+def deliver_queued(
+    ctx: Context, *, quietly: bool = False, stop: threading.Event | None = None
+) -> DrainReport:
+    """Deliver the messages of the outbox's queue that are due (until `stop` is set).
+    `quietly`: as the last step of another use case, whose outcome a store or a relay in
+    trouble must not spoil (the next drain tries again)."""
     try:
-        report = ctx.outbox.drain()
+        report = ctx.outbox.drain(stop=stop)
     except QantError as err:
         if not quietly:
             raise
@@ -418,7 +424,7 @@ class QueueWorker:
             self._wake.clear()
             wait = self.poll
             try:
-                report = deliver_queued(self.ctx)
+                report = deliver_queued(self.ctx, stop=self._stop)
                 if report.tried:
                     log.info(
                         "outbox: %d sent, %d to try again, %d failed",
@@ -432,4 +438,6 @@ class QueueWorker:
                     wait = min(wait, max(0.05, due - self.ctx.clock()))
             except QantError as err:
                 log.error("outbox: %s", err)
+            except Exception:
+                log.exception("outbox: the drain failed")
             self._wake.wait(wait)

@@ -41,8 +41,8 @@ from qant_mail.delivery.transport import (
     Transport,
     TransportUnavailable,
 )
-from qant_mail.store.db import StoreTarget, open_store
-from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State
+from qant_mail.store.db import Db, StoreTarget, open_store
+from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State, quota_since
 from qant_mail.store.mailqueue import Mail, MailQueue, QueuedMail
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ MAX_RETRY_DELAY = 3600.0
 # A reader waits for a confirmation: a message to one reader is tried again at least
 # every five minutes, until it expires.
 NOTICE_MAX_DELAY = 300.0
+NOTICE_MIN_DELAY = 1.0
 # A server that goes silent after the data this many times in a row is broken, not
 # slow: stop (the run resumes later) rather than pay a timeout per message forever.
 SILENCES_BEFORE_STOP = 3
@@ -248,8 +249,11 @@ class DrainReport:
 
     sent: int = 0
     deferred: int = 0  # tried, and waiting for another try
-    failed: int = 0  # refused for good, or maybe delivered (unknown)
+    failed: int = 0  # refused for good, expired, or maybe delivered (unknown)
     problems: list[str] = field(default_factory=list)  # why, for the operator's log
+    # Newsletters whose messages this host leaves in the queue, and why (no key here for
+    # a relay elsewhere: a host that can sign them delivers them).
+    left: dict[str, str] = field(default_factory=dict)
 
     @property
     def tried(self) -> int:
@@ -277,7 +281,6 @@ class Outbox:
         self._transport = transport
         self._rules: dict[str, Rules] = {}
         self._lock = threading.Lock()
-        self._limiter: RateLimiter | None = None
         # Who drains, among the processes that share the store.
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -351,168 +354,214 @@ class Outbox:
         # Composed here, no line starts with "." (quoted-printable, headers): no stuffing.
         return connection.send(envelope, recipient, data, dot_safe=True)
 
-    def limiter(self) -> RateLimiter:
-        """Return the limiter of the messages to one reader: the limits of the settings,
-        the store's count of the day's messages (every sender's) taken into account."""
-        with self._lock:
-            if self._limiter is None:
-                limits = self.settings.sending
-                ledger = Ledger(self.store)
-                try:
-                    history = ledger.quota_since(int(self.clock() // 60) - 24 * 60)
-                finally:
-                    ledger.close()
-                self._limiter = RateLimiter(
-                    limits.per_second, limits.per_hour, limits.per_day, history
-                )
-            return self._limiter
+    def sendable(self) -> tuple[list[str], dict[str, str]]:
+        """Return the newsletters whose messages may leave from here, and why the others
+        may not (their rules refuse: no key for a relay elsewhere, a key that cannot be
+        read)."""
+        allowed: list[str] = []
+        refused: dict[str, str] = {}
+        for key in self.settings.editions or [self.settings.newsletter.id]:
+            try:
+                self.check(self.rules(key))
+            except QantError as err:
+                refused[key] = str(err)
+            else:
+                allowed.append(key)
+        return allowed, refused
+
+    def _limiter(self, db: Db) -> RateLimiter:
+        """Return a limiter of the settings' limits, which counts the day's messages of
+        every sender and road (the store's `quota`) as they are now."""
+        limits = self.settings.sending
+        history = quota_since(db, int(self.clock() // 60) - 24 * 60)
+        return RateLimiter(limits.per_second, limits.per_hour, limits.per_day, history)
 
     # -- messages to one reader ------------------------------------------------------
 
     def send_now(
         self, kind: str, newsletter: str, messages: Sequence[tuple[str, bytes]]
     ) -> list[tuple[str, Reply]]:
-        """Deliver messages at once, each tried once, and record them in the queue: what
-        an editor waits for (a test). A relay that cannot be reached raises
-        TransportUnavailable; the messages are recorded as failed."""
+        """Deliver messages at once, each tried once, signed as they leave, and record
+        each: what an editor waits for (a test). A relay that cannot be reached, or a
+        connection lost, raises TransportUnavailable."""
         rules = self.rules(newsletter)
         self.check(rules)
         db = open_store(self.store)
         try:
             queue = MailQueue(db)
-            numbers = [
-                queue.add(
+
+            def note(address: str, state: Mail, reply: str, minute: int | None = None) -> None:
+                queue.note(
                     kind=kind,
                     newsletter=rules.newsletter,
                     recipient=address,
-                    message=b"",
-                    expires_at=self.clock(),
-                    state=Mail.SENDING,
+                    state=state,
+                    reply=reply,
+                    minute=minute,
                 )
-                for address, _ in messages
-            ]
-            results: list[tuple[str, Reply]] = []
+
+            limiter = self._limiter(db)
             try:
                 connection = self.connect()
             except TransportUnavailable as err:
-                for number in numbers:
-                    queue.record(number, Mail.FAILED, str(err))
+                for address, _ in messages:
+                    note(address, Mail.FAILED, str(err))
                 raise
+            results: list[tuple[str, Reply]] = []
             try:
-                for number, (address, data) in zip(numbers, messages, strict=True):
-                    reply = self._deliver_one(connection, rules, address, data)
-                    queue.record(number, Mail.SENT if reply.ok else Mail.FAILED, str(reply))
+                for address, data in messages:
+                    minute = limiter.acquire(threading.Event())
+                    if minute is None:
+                        reply = Reply(
+                            451, "4.7.0 not sent: the daily quota of the settings is used"
+                        )
+                        note(address, Mail.FAILED, str(reply))
+                        results.append((address, reply))
+                        continue
+                    try:
+                        reply = self._hand_over_one(connection, rules, address, data)
+                    except ConnectionLost as lost:
+                        state = Mail.UNKNOWN if lost.after_data else Mail.FAILED
+                        note(address, state, f"connection lost: {lost}", minute)
+                        raise TransportUnavailable(
+                            f"{self.transport.description}: {lost}"
+                        ) from lost
+                    note(address, Mail.SENT if reply.ok else Mail.FAILED, str(reply), minute)
                     results.append((address, reply))
-            except ConnectionLost as lost:
-                done = len(results)
-                state = Mail.UNKNOWN if lost.after_data else Mail.FAILED
-                queue.record(numbers[done], state, f"connection lost: {lost}")
-                for number in numbers[done + 1 :]:
-                    queue.record(number, Mail.FAILED, "not tried: the connection was lost")
-                raise TransportUnavailable(f"{self.transport.description}: {lost}") from lost
             finally:
                 connection.close()
         finally:
             db.close()
         return results
 
-    def _deliver_one(
+    def _hand_over_one(
         self, connection: Connection, rules: Rules, recipient: str, data: bytes
     ) -> Reply:
-        """Sign and hand over one message to one reader, within the limits."""
+        """Sign a message composed whole with the rules' keys, and hand it over."""
         from qant_mail.delivery import dkim
 
-        signed = dkim.sign_message(rules.keys, data)
-        stop = threading.Event()
-        minute = self.limiter().acquire(stop)
-        if minute is None:
-            return Reply(451, "4.7.0 not sent: the daily quota of the settings is reached")
-        reply = self.hand_over(connection, rules.envelope, recipient, signed)
-        ledger = Ledger(self.store)
-        try:
-            ledger.count_quota(minute)
-        finally:
-            ledger.close()
-        return reply
+        return self.hand_over(
+            connection, rules.envelope, recipient, dkim.sign_message(rules.keys, data)
+        )
 
-    def drain(self, *, limit: int = 200, ids: Sequence[int] = ()) -> DrainReport:
+    def drain(
+        self, *, limit: int = 200, ids: Sequence[int] = (), stop: threading.Event | None = None
+    ) -> DrainReport:
         """Deliver the queued messages that are due (only those numbered `ids`, when
-        given): a temporary refusal, or a relay that cannot be reached, tries again
-        later, with backoff, until the message expires. Never raises for a relay down."""
+        given), one claimed at a time: a temporary refusal, or a relay that cannot be
+        reached, tries again later with backoff, until the message expires. Messages of a
+        newsletter whose rules refuse here stay queued for a host where they do not.
+        Never raises for a relay down."""
         report = DrainReport()
+        newsletters, report.left = self.sendable()
+        if not newsletters:
+            return report
+        stop = stop or threading.Event()
+        smtp = self.settings.smtp
+        # Long enough for one message, the relay's slowest answer included.
+        lease = smtp.message_timeout + smtp.timeout + 30
+        connection: Connection | None = None
+        limiter: RateLimiter | None = None
         db = open_store(self.store)
         try:
             queue = MailQueue(db)
-            now = self.clock()
-            lease = self.settings.smtp.message_timeout + self.settings.smtp.timeout + 30
-            claimed = queue.claim(limit, now, worker=self.worker, lease=lease, ids=ids)
-            if not claimed:
-                return report
-            connection: Connection | None = None
-            try:
-                while claimed:
-                    mail = claimed[0]
+            while report.tried < limit and not stop.is_set():
+                mail = queue.claim(
+                    self.clock(), worker=self.worker, lease=lease, newsletters=newsletters, ids=ids
+                )
+                if mail is None:
+                    break
+                if connection is None:
                     try:
-                        rules = self.rules(mail.newsletter)
-                        self.check(rules)
-                    except QantError as err:
-                        self._later(queue, mail, f"not sent: {err}", report)
-                        claimed.pop(0)
-                        continue
-                    if connection is None:
-                        try:
-                            connection = self.connect()
-                        except TransportUnavailable as err:
-                            for waiting in claimed:
-                                self._later(queue, waiting, str(err), report)
-                            claimed = []
-                            break
-                    try:
-                        reply = self._deliver_one(connection, rules, mail.recipient, mail.message)
-                    except ConnectionLost as lost:
-                        connection.close()
-                        connection = None
-                        if lost.after_data:
-                            queue.record(
-                                mail.id, Mail.UNKNOWN, f"connection lost after the data: {lost}"
-                            )
-                            report.failed += 1
-                            report.problems.append(f"{mail.kind} to {mail.recipient}: {lost}")
-                        else:
-                            self._later(queue, mail, f"connection lost: {lost}", report)
-                        claimed.pop(0)
-                        continue
-                    claimed.pop(0)
-                    if reply.ok:
-                        queue.record(mail.id, Mail.SENT, str(reply))
-                        report.sent += 1
-                    elif reply.temporary:
-                        self._later(queue, mail, str(reply), report)
-                    else:
-                        queue.record(mail.id, Mail.FAILED, str(reply))
-                        report.failed += 1
-                        report.problems.append(f"{mail.kind} to {mail.recipient}: {reply}")
-            finally:
-                if claimed:
-                    queue.release([m.id for m in claimed])
-                if connection is not None:
-                    connection.close()
+                        connection = self.connect()
+                    except TransportUnavailable as err:
+                        # The others wait, untouched, for the next drain.
+                        self._later(queue, mail, str(err), report)
+                        break
+                limiter = limiter or self._limiter(db)
+                minute = limiter.acquire(stop)
+                if minute is None:  # the day's quota is used, or the drain is stopping
+                    queue.release(mail.id, worker=self.worker)
+                    break
+                connection = self._try(queue, connection, mail, minute, report)
         finally:
+            if connection is not None:
+                connection.close()
             db.close()
         return report
 
-    def _later(self, queue: MailQueue, mail: QueuedMail, reply: str, report: DrainReport) -> None:
+    def _try(
+        self,
+        queue: MailQueue,
+        connection: Connection,
+        mail: QueuedMail,
+        minute: int,
+        report: DrainReport,
+    ) -> Connection | None:
+        """Hand one queued message over and record how it went; return the connection
+        to go on with (None: open a new one for the next)."""
+        rules = self.rules(mail.newsletter)
+        try:
+            reply = self._hand_over_one(connection, rules, mail.recipient, mail.message)
+        except ConnectionLost as lost:
+            connection.close()
+            if lost.after_data:
+                why = f"connection lost after the data: {lost}"
+                self._done(queue, mail, Mail.UNKNOWN, why, report, minute)
+            else:
+                self._later(queue, mail, f"connection lost: {lost}", report)
+            return None
+        if reply.ok:
+            self._done(queue, mail, Mail.SENT, str(reply), report, minute)
+        elif reply.temporary:
+            self._later(queue, mail, str(reply), report, minute)
+        else:
+            self._done(queue, mail, Mail.FAILED, str(reply), report, minute)
+        if reply.code == 421 or getattr(connection, "worn", False):
+            # 421: the relay closes this connection; worn: it has refused enough here.
+            connection.close()
+            return None
+        return connection
+
+    def _done(
+        self,
+        queue: MailQueue,
+        mail: QueuedMail,
+        state: Mail,
+        reply: str,
+        report: DrainReport,
+        minute: int | None,
+    ) -> None:
+        """Record a message done (sent, refused for good, or maybe delivered)."""
+        if not queue.record(mail.id, state, reply, worker=self.worker, minute=minute):
+            report.problems.append(f"{mail.kind} to {mail.recipient}: taken over by another drain")
+        if state is Mail.SENT:
+            report.sent += 1
+        else:
+            report.failed += 1
+            report.problems.append(f"{mail.kind} to {mail.recipient}: {reply}")
+
+    def _later(
+        self,
+        queue: MailQueue,
+        mail: QueuedMail,
+        reply: str,
+        report: DrainReport,
+        minute: int | None = None,
+    ) -> None:
         """Put a message back for a later try, with backoff, or give it up if it will
         have expired by then."""
-        limits = self.settings.sending
-        delay = min(limits.retry_after_seconds * 2**mail.attempts, NOTICE_MAX_DELAY)
+        base = max(self.settings.sending.retry_after_seconds, NOTICE_MIN_DELAY)
+        delay = min(base * 2 ** min(mail.attempts, 16), NOTICE_MAX_DELAY)
         retry_at = self.clock() + delay
         if retry_at > mail.expires_at:
-            queue.record(mail.id, Mail.EXPIRED, f"expired; last try: {reply}")
-            report.failed += 1
-        else:
-            queue.record(mail.id, Mail.PENDING, reply, retry_at=retry_at)
-            report.deferred += 1
+            self._done(queue, mail, Mail.EXPIRED, f"expired; last try: {reply}", report, minute)
+            return
+        if not queue.record(
+            mail.id, Mail.PENDING, reply, worker=self.worker, retry_at=retry_at, minute=minute
+        ):
+            report.problems.append(f"{mail.kind} to {mail.recipient}: taken over by another drain")
+        report.deferred += 1
         report.problems.append(f"{mail.kind} to {mail.recipient}: {reply}")
 
     def next_due(self) -> float | None:

@@ -439,7 +439,7 @@ class Ledger:
         with transaction(self.db) as db:
             db.execute(update, values)
             for minute, messages in (quota or {}).items():
-                self._count_quota(minute, messages)
+                count_quota(db, minute, messages)
             if bounce is not None:
                 Subscribers(db).set_status_by_id(bounce, Status.BOUNCED, reply)
 
@@ -800,22 +800,30 @@ class Ledger:
 
     def quota_since(self, minute: int) -> dict[int, int]:
         """Return the messages sent per minute (Unix minutes) since `minute`."""
-        rows = self.db.execute("SELECT minute, messages FROM quota WHERE minute >= ?", (minute,))
-        return dict(rows.fetchall())
+        return quota_since(self.db, minute)
 
     def count_quota(self, minute: int, messages: int = 1) -> None:
-        """Add messages to the count of `minute` (test sends use up the quota too)."""
-        self._count_quota(minute, messages)
-
-    def _count_quota(self, minute: int, messages: int = 1) -> None:
         """Add messages to the count of `minute`; forget counts older than a day."""
-        self.db.execute(
-            "INSERT INTO quota (minute, messages) VALUES (?, ?)"
-            " ON CONFLICT (minute) DO UPDATE SET messages = quota.messages + excluded.messages",
-            (minute, messages),
-        )
-        if minute % 60 == 0:
-            self.db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))
+        count_quota(self.db, minute, messages)
+
+
+def quota_since(db: Db, minute: int) -> dict[int, int]:
+    """Return the messages sent per minute (Unix minutes) since `minute`, by every
+    sender and every road out."""
+    rows = db.execute("SELECT minute, messages FROM quota WHERE minute >= ?", (minute,))
+    return {int(m): int(n) for m, n in rows.fetchall()}
+
+
+def count_quota(db: Db, minute: int, messages: int = 1) -> None:
+    """Add messages to the count of `minute` (Unix minutes), shared by every sender and
+    every road out; forget counts older than a day."""
+    db.execute(
+        "INSERT INTO quota (minute, messages) VALUES (?, ?)"
+        " ON CONFLICT (minute) DO UPDATE SET messages = quota.messages + excluded.messages",
+        (minute, messages),
+    )
+    if minute % 60 == 0:
+        db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))
 
 
 def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qant_mail.store.db import Db, now_text, transaction
+from qant_mail.store.ledger import count_quota
 
 
 class Mail(enum.StrEnum):
@@ -90,23 +91,54 @@ class MailQueue:
         recipient: str,
         message: bytes,
         expires_at: float,
-        state: Mail = Mail.PENDING,
     ) -> int:
         """Queue a message (in the caller's transaction, if one is open); return its number."""
         now = now_text()
         (number,) = self.db.execute(
-            "INSERT INTO outbox (kind, newsletter, recipient, message, state, expires_at,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (kind, newsletter, recipient, message, state.value, expires_at, now, now),
+            "INSERT INTO outbox (kind, newsletter, recipient, message, expires_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (kind, newsletter, recipient, message, expires_at, now, now),
         ).fetchone()
         return int(number)
 
+    def note(
+        self,
+        *,
+        kind: str,
+        newsletter: str,
+        recipient: str,
+        state: Mail,
+        reply: str,
+        minute: int | None = None,
+    ) -> None:
+        """Record a message delivered at once, outside the queue (a test): how it went,
+        in one commit with the count of its minute."""
+        now = now_text()
+        with transaction(self.db) as db:
+            db.execute(
+                "INSERT INTO outbox (kind, newsletter, recipient, message, state, attempts,"
+                " expires_at, last_reply, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
+                (kind, newsletter, recipient, b"", state.value, reply, now, now),
+            )
+            if minute is not None:
+                count_quota(db, minute)
+
     def claim(
-        self, limit: int, now: float, *, worker: str, lease: float, ids: Sequence[int] = ()
-    ) -> list[QueuedMail]:
-        """Mark up to `limit` due messages `sending` under a lease, and return them (only
-        those numbered `ids`, when given). Messages past their expiry are marked expired
-        instead; those a drain that died held past its lease are due again."""
+        self,
+        now: float,
+        *,
+        worker: str,
+        lease: float,
+        newsletters: Sequence[str],
+        ids: Sequence[int] = (),
+    ) -> QueuedMail | None:
+        """Mark the next due message of `newsletters` (only among `ids`, when given)
+        `sending`, held by `worker` until `now + lease`, and return it. Messages past
+        their expiry are marked expired instead; one a drain that died held past its
+        lease is due again. One at a time: a hold is never older than one message."""
+        if not newsletters:
+            return None
         with transaction(self.db) as db:
             db.execute(
                 "UPDATE outbox SET state = 'expired', message = ?, updated_at = ?"
@@ -114,51 +146,76 @@ class MailQueue:
                 (b"", now_text(), now),
             )
             lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
+            among = f" AND newsletter IN ({', '.join('?' * len(newsletters))})"
             only = f" AND id IN ({', '.join('?' * len(ids))})" if ids else ""
-            rows = db.execute(
+            row = db.execute(
                 "SELECT id, kind, newsletter, recipient, message, attempts, expires_at"
                 " FROM outbox WHERE ((state = 'pending' AND next_attempt_at <= ?)"
                 " OR (state = 'sending' AND lease_until < ?))"
+                + among
                 + only
-                + " ORDER BY id LIMIT ?"
+                + " ORDER BY id LIMIT 1"
                 + lock,
-                (now, now, *ids, limit),
-            ).fetchall()
-            db.executemany(
+                (now, now, *newsletters, *ids),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
                 "UPDATE outbox SET state = 'sending', worker = ?, lease_until = ?, updated_at = ?"
                 " WHERE id = ?",
-                [(worker, now + lease, now_text(), row[0]) for row in rows],
+                (worker, now + lease, now_text(), row[0]),
             )
-        return [
-            QueuedMail(int(i), str(k), str(n), str(r), bytes(m), int(a), float(e))
-            for i, k, n, r, m, a, e in rows
-        ]
-
-    def record(
-        self, number: int, state: Mail, reply: str, *, retry_at: float = 0.0, attempt: bool = True
-    ) -> None:
-        """Write how a try of message `number` went: done (its content is dropped: what
-        is kept is the record), or pending again until `retry_at`."""
-        content = ", message = ?" if state in DONE else ""
-        self.db.execute(
-            "UPDATE outbox SET state = ?, last_reply = ?, attempts = attempts + ?,"
-            f" next_attempt_at = ?, worker = '', updated_at = ?{content} WHERE id = ?",
-            (
-                state.value,
-                reply,
-                int(attempt),
-                retry_at,
-                now_text(),
-                *((b"",) if content else ()),
-                number,
-            ),
+        number, kind, newsletter, recipient, message, attempts, expires = row
+        return QueuedMail(
+            int(number),
+            str(kind),
+            str(newsletter),
+            str(recipient),
+            bytes(message),
+            int(attempts),
+            float(expires),
         )
 
-    def release(self, numbers: Sequence[int]) -> None:
-        """Give back messages that were claimed but not tried (a drain that stopped)."""
-        self.db.executemany(
-            "UPDATE outbox SET state = 'pending', worker = '' WHERE id = ? AND state = 'sending'",
-            [(n,) for n in numbers],
+    def record(
+        self,
+        number: int,
+        state: Mail,
+        reply: str,
+        *,
+        worker: str,
+        retry_at: float = 0.0,
+        minute: int | None = None,
+    ) -> bool:
+        """Write how the try of message `number` by `worker` went, in one commit with the
+        count of its minute (`minute`, when the relay was given it): done (its content is
+        dropped: what is kept is the record), or pending again until `retry_at`. Return
+        False, writing nothing, when `worker` no longer holds it."""
+        content = ", message = ?" if state in DONE else ""
+        with transaction(self.db) as db:
+            held = db.execute(
+                "UPDATE outbox SET state = ?, last_reply = ?, attempts = attempts + 1,"
+                f" next_attempt_at = ?, worker = '', updated_at = ?{content}"
+                " WHERE id = ? AND state = 'sending' AND worker = ?",
+                (
+                    state.value,
+                    reply,
+                    retry_at,
+                    now_text(),
+                    *((b"",) if content else ()),
+                    number,
+                    worker,
+                ),
+            ).rowcount
+            if minute is not None:
+                count_quota(db, minute)
+        return bool(held)
+
+    def release(self, number: int, *, worker: str) -> None:
+        """Give back a message claimed but not tried (a drain that stopped)."""
+        self.db.execute(
+            "UPDATE outbox SET state = 'pending', worker = '' WHERE id = ? AND state = 'sending'"
+            " AND worker = ?",
+            (number, worker),
         )
 
     def next_due(self) -> float | None:

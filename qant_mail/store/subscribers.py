@@ -715,14 +715,26 @@ class Signups:
         form: str,
         requested_at: str,
         expires_at: float,
-    ) -> int:
-        """Record a request; return its number."""
-        (number,) = self.db.execute(
-            "INSERT INTO signups (email, name, newsletters, form, requested_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            (email, name, " ".join(newsletters), form, requested_at, expires_at),
-        ).fetchone()
-        return int(number)
+        *,
+        number: int | None = None,
+    ) -> int | None:
+        """Record a request, as `number` if given; return its number (None: `number` is
+        another request's)."""
+        values = (email, name, " ".join(newsletters), form, requested_at, expires_at)
+        if number is None:
+            row = self.db.execute(
+                "INSERT INTO signups (email, name, newsletters, form, requested_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                values,
+            ).fetchone()
+        else:
+            row = self.db.execute(
+                "INSERT INTO signups (id, email, name, newsletters, form, requested_at,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                " RETURNING id",
+                (number, *values),
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def get(self, signup_id: int) -> PendingSignup | None:
         """Return request number `signup_id`, if it is still kept."""

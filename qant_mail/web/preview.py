@@ -320,7 +320,8 @@ def _send_test(preview: Preview, address: str) -> dict[str, Any]:
     try:
         recipient = normalise_address(address)
         ctx = Context(load_settings(preview.settings_path))
-        ((_, reply),) = sending.send_test(ctx, preview.issue, [recipient]).results
+        prepared = sending.prepare_test(ctx, preview.issue)
+        ((_, reply),) = sending.send_test(ctx, prepared, [recipient]).results
     except QantError as err:
         return {"ok": False, "message": str(err).splitlines()[0]}
     return {"ok": reply.ok, "message": f"{recipient} : {reply}"}
