@@ -37,6 +37,7 @@ HOMES = {
     "babel": {"authoring.render"},
     "PIL": {"authoring.images"},
     "psycopg": {"store.db"},
+    "psycopg_pool": {"store.db"},
     "email_validator": {"base.addresses"},
     "cryptography": {"delivery.dkim"},
     "flufl": {"delivery.bounces"},

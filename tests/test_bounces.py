@@ -69,7 +69,7 @@ class Sent:
     def row(self, reader: str) -> tuple[str, str]:
         with sqlite3.connect(self.settings.store_path) as db:
             found = db.execute(
-                "SELECT bounce, complaint FROM deliveries WHERE email = ?",
+                "SELECT bounce, complaint FROM deliveries WHERE email = $1",
                 (f"{reader}@example.com",),
             ).fetchone()
         assert found is not None

@@ -20,7 +20,8 @@ from qant_mail.base.config import Settings, Store, load_settings
 from qant_mail.base.errors import ConfigError
 from qant_mail.delivery.compose import Recipient
 from qant_mail.delivery.transport import MemoryTransport
-from qant_mail.store.db import MIGRATIONS, Connection, open_store
+from qant_mail.store import schema
+from qant_mail.store.db import Connection, open_store
 from qant_mail.store.ledger import Ledger
 from qant_mail.store.subscribers import Status, Subscribers
 from qant_mail.web.serve import create_app
@@ -209,7 +210,7 @@ def _recipient(number: int) -> Recipient:
 def _store_of_version_5(path: Path) -> None:
     """Write the store a qant-mail of before several newsletters made (schema 5)."""
     db = sqlite3.connect(path, isolation_level=None, factory=Connection)
-    for step in MIGRATIONS[:5]:
+    for step in schema.SQLITE[:5]:
         if callable(step):
             step(db)
         else:
@@ -225,7 +226,7 @@ def _store_of_version_5(path: Path) -> None:
     for address, status, reason, when in rows:
         db.execute(
             "INSERT INTO subscribers (email, status, status_changed_at, status_reason,"
-            " created_at, source) VALUES (?, ?, ?, ?, '2023-12-01T00:00:00+00:00', 'import')",
+            " created_at, source) VALUES ($1, $2, $3, $4, '2023-12-01T00:00:00+00:00', 'import')",
             (address, status, when, reason),
         )
     db.execute(
@@ -242,7 +243,7 @@ def test_a_store_of_the_single_newsletter_version_becomes_the_main_newsletters(
     _store_of_version_5(path)
     old_token = tokens.make(SECRET, 1, "active@example.com")  # mailed before the upgrade
     db = open_store(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
     store = Subscribers(db)
     assert [(s.email, s.status, s.status_reason) for s in store.all()] == [
         ("active@example.com", Status.ACTIVE, ""),

@@ -30,7 +30,7 @@ def queue_one(ctx: Context, address: str = "lea@example.com", *, attempts: int =
     Signup(ctx).request(Request(address, "", ("default",), "all", "1.2.3.4"))
     with ctx.db() as db:
         (number,) = db.execute("SELECT max(id) FROM outbox").fetchone()
-        db.execute("UPDATE outbox SET attempts = ? WHERE id = ?", (attempts, number))
+        db.execute("UPDATE outbox SET attempts = $1 WHERE id = $2", (attempts, number))
     return int(number)
 
 
@@ -89,7 +89,7 @@ def test_a_message_that_would_retry_past_its_expiry_expires(local: Settings) -> 
     ctx = Context(down, secret=SECRET)
     number = queue_one(ctx)
     with ctx.db() as db:
-        db.execute("UPDATE outbox SET expires_at = ? WHERE id = ?", (time.time() + 0.5, number))
+        db.execute("UPDATE outbox SET expires_at = $1 WHERE id = $2", (time.time() + 0.5, number))
     ctx.outbox.drain()
     assert entries(ctx) == [("lea@example.com", Mail.EXPIRED, 1)]
     with ctx.db() as db:
@@ -142,7 +142,7 @@ def test_stopping_the_worker_does_not_wait_for_the_hours_quota(local: Settings) 
     limited = dataclasses.replace(local, sending=local.sending.model_copy(update={"per_hour": 1}))
     ctx = Context(limited, secret=SECRET)
     with ctx.db() as db:
-        db.execute("INSERT INTO quota (minute, messages) VALUES (?, 1)", (int(time.time() // 60),))
+        db.execute("INSERT INTO quota (minute, messages) VALUES ($1, 1)", (int(time.time() // 60),))
     queue_one(ctx)
     worker = sending.QueueWorker(ctx, poll=0.05)
     worker.start()

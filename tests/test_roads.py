@@ -234,7 +234,7 @@ def _walk(road: str, ctx: Context, issue: Path) -> None:
                 number = int(db.execute("SELECT max(id) FROM signups").fetchone()[0])
             expires = int(ctx.clock() + 3600)
             with ctx.db() as db:
-                db.execute("UPDATE signups SET expires_at = ? WHERE id = ?", (expires, number))
+                db.execute("UPDATE signups SET expires_at = $1 WHERE id = $2", (expires, number))
             token = tokens.make_confirm(ctx.secret(), number, "lea@example.com", expires)
             assert signup.confirm(token) is not None
             ctx.outbox.drain()

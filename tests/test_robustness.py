@@ -20,7 +20,8 @@ from qant_mail.app import sending
 from qant_mail.app.context import Context
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
-from qant_mail.store.db import MIGRATIONS, StoreUnavailable, open_store
+from qant_mail.store import schema
+from qant_mail.store.db import StoreUnavailable, open_store
 from qant_mail.store.ledger import Ledger, State
 from qant_mail.store.subscribers import Status, SubscriberError, Subscribers
 from tests.conftest import prepare_send
@@ -121,7 +122,7 @@ def test_an_export_holds_no_formula_and_imports_back_the_same(tmp_path: Path) ->
 def test_the_migration_folds_international_domains_into_one_row(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
-    for step in MIGRATIONS[:2]:
+    for step in schema.SQLITE[:2]:
         assert isinstance(step, str)
         old.executescript(step)
     old.execute("PRAGMA user_version = 2")

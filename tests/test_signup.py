@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import email
 import re
-import sqlite3
 import time
 from email import policy
 from pathlib import Path
@@ -18,7 +17,7 @@ from starlette.testclient import TestClient
 from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.base.config import Settings, Signup, load_settings
-from qant_mail.store.db import open_store
+from qant_mail.store.db import IntegrityError, open_store
 from qant_mail.store.subscribers import Status, Subscribers
 from qant_mail.web.serve import create_app
 from tests.browser import needs_chromium
@@ -391,7 +390,7 @@ def test_a_confirmation_subscribes_to_all_its_newsletters_or_to_none(site: Setti
     assert number is not None
     pending = signups.get(number)
     assert pending is not None
-    with pytest.raises(sqlite3.IntegrityError, match="disk trouble"):
+    with pytest.raises(IntegrityError, match="disk trouble"):
         signups.confirm(pending, "all")
     assert Subscribers(db).get("lea@example.com") is None  # not half-subscribed
     again = signups.get(number)

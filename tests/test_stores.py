@@ -13,8 +13,8 @@ from typer.testing import Result
 
 from qant_mail.base.config import Store
 from qant_mail.base.errors import ConfigError
+from qant_mail.store import schema
 from qant_mail.store.db import (
-    MIGRATIONS,
     TABLES,
     StoreError,
     copy_store,
@@ -37,18 +37,20 @@ def test_an_empty_database_gets_the_schema_and_an_older_one_waits_for_db_migrate
 
     from qant_mail.store.db import PgConnection, migrate_postgres
 
-    older = PgConnection(psycopg.connect(postgres_url, autocommit=True), "test")
+    raw = psycopg.connect(postgres_url, autocommit=True, cursor_factory=psycopg.RawCursor)
+    older = PgConnection(raw, "test")
     migrate_postgres(older, 5)  # what a qant-mail of schema 5 made
     older.execute(
         "INSERT INTO subscribers (email, status, status_changed_at, created_at)"
-        " VALUES ('left@example.com', 'unsubscribed', 'x', 'x')"
+        " VALUES ('left@example.com', 'unsubscribed', '2024-01-01T00:00:00+00:00',"
+        " '2023-12-01T00:00:00+00:00')"
     )
     older.close()
     with pytest.raises(StoreError, match=r"schema version 5.*qant-mail db migrate"):
         open_store(postgres_url)
     migrated = open_store(postgres_url, migrate=True)
     assert migrated.dialect == "postgresql"
-    assert schema_version(migrated) == len(MIGRATIONS)
+    assert schema_version(migrated) == schema.VERSION
     with Subscribers(migrated) as store:
         found = store.get("left@example.com")
         assert found is not None
@@ -69,7 +71,7 @@ def test_addresses_compare_without_case_and_constraints_hold(postgres_url: str) 
         with pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"), transaction(store.db):
             store.db.execute(
                 "INSERT INTO subscribers (email, status_changed_at, created_at)"
-                " VALUES ('LEA@EXAMPLE.COM', 'x', 'x')"
+                " VALUES ('LEA@EXAMPLE.COM', '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z')"
             )
         assert store.count()[Status.ACTIVE] == 2  # the failed transaction left nothing
 
@@ -172,3 +174,81 @@ def test_a_bad_store_url_is_a_settings_error(project: Path) -> None:
     path.write_text(path.read_text().replace("[store]\n", '[store]\nurl = "mysql://x"\n', 1))
     with pytest.raises(ConfigError, match=r"store\.url"):
         load_settings(path, env={})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """A new store of each kind."""
+    if request.param == "sqlite":
+        return tmp_path / "store.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_literals_that_look_like_parameters_or_types_come_back_as_written(
+    any_store: str | Path,
+) -> None:
+    db = open_store(any_store)
+    try:
+        row = db.execute("SELECT '100 %', 'who?', 'INTEGER REAL', '$1 ok', $1", ("x",))
+        assert tuple(row.fetchone()) == ("100 %", "who?", "INTEGER REAL", "$1 ok", "x")
+        (alone,) = db.execute("SELECT '50 % off'").fetchone()
+        assert alone == "50 % off"
+        with Subscribers(db) as store:
+            store.add("lea@example.com", "Léa ? 100 % INTEGER")
+            found = store.get("lea@example.com")
+            assert found is not None
+            assert found.name == "Léa ? 100 % INTEGER"
+    finally:
+        db.close()
+
+
+def test_a_refused_constraint_is_the_stores_own_error_in_both(any_store: str | Path) -> None:
+    from qant_mail.store.db import IntegrityError
+
+    db = open_store(any_store)
+    try:
+        insert = (
+            "INSERT INTO suppressions (email_hash, reason, created_at)"
+            " VALUES ('h', 'r', '2024-01-01T00:00:00+00:00')"
+        )
+        db.execute(insert)
+        with pytest.raises(IntegrityError):
+            db.execute(insert)
+        assert issubclass(IntegrityError, StoreError)
+    finally:
+        db.close()
+
+
+def test_times_become_timestamptz_on_postgresql_and_read_as_they_were_written(
+    postgres_empty_url: str,
+) -> None:
+    import psycopg
+
+    from qant_mail.store.db import PgConnection, migrate_postgres
+
+    raw = psycopg.connect(postgres_empty_url, autocommit=True, cursor_factory=psycopg.RawCursor)
+    older = PgConnection(raw, "test")
+    migrate_postgres(older, 9)  # times as ISO text, as qant-mail wrote them before
+    older.execute(
+        "INSERT INTO subscribers (email, status_changed_at, created_at)"
+        " VALUES ('lea@example.com', '2024-02-01T09:30:00+00:00', '2023-12-01T00:00:00+00:00')"
+    )
+    older.close()
+    db = open_store(postgres_empty_url, migrate=True)
+    try:
+        (kind,) = db.execute(
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_name = 'subscribers' AND column_name = 'created_at'"
+        ).fetchone()
+        assert kind == "timestamp with time zone"
+        row = db.execute("SELECT status_changed_at, created_at FROM subscribers").fetchone()
+        assert tuple(row) == ("2024-02-01T09:30:00+00:00", "2023-12-01T00:00:00+00:00")
+        # Compared as times, not as text: an offset of another zone is the same moment.
+        (same,) = db.execute(
+            "SELECT count(*) FROM subscribers WHERE created_at = $1",
+            ("2023-12-01T01:00:00+01:00",),
+        ).fetchone()
+        assert same == 1
+    finally:
+        db.close()

@@ -16,7 +16,8 @@ from typer.testing import Result
 
 from qant_mail.base.addresses import AddressChecker, AddressError
 from qant_mail.base.errors import ExitCode
-from qant_mail.store.db import MIGRATIONS, StoreError, open_store
+from qant_mail.store import schema
+from qant_mail.store.db import StoreError, open_store
 from qant_mail.store.subscribers import Status, SubscriberError, Subscribers
 
 Cli = Callable[..., Result]
@@ -150,7 +151,7 @@ def test_the_address_checker_agrees_with_email_validator() -> None:
 def test_database_is_migrated_from_an_older_version(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
-    first = MIGRATIONS[0]
+    first = schema.SQLITE[0]
     assert isinstance(first, str)
     old.executescript(first + ";PRAGMA user_version = 1;")
     old.execute(
@@ -159,7 +160,7 @@ def test_database_is_migrated_from_an_older_version(tmp_path: Path) -> None:
     old.commit()
     old.close()
     connection = open_store(path)
-    assert connection.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert connection.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
     assert connection.execute("SELECT count(*) FROM sends").fetchone() == (0,)
     assert connection.execute("SELECT email FROM subscribers").fetchone() == ("a@b.fr",)
 
@@ -167,7 +168,7 @@ def test_database_is_migrated_from_an_older_version(tmp_path: Path) -> None:
 def test_a_newer_or_foreign_database_is_refused(tmp_path: Path) -> None:
     newer = tmp_path / "newer.db"
     connection = sqlite3.connect(newer)
-    connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    connection.execute(f"PRAGMA user_version = {schema.VERSION + 1}")
     connection.close()
     with pytest.raises(StoreError, match="newer than this qant-mail"):
         open_store(newer)

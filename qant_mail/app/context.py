@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from qant_mail.audience import tokens
 from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Settings, find_config, load_settings
-from qant_mail.store.db import Db, StoreTarget, open_store
+from qant_mail.store.db import Db, StoreTarget, open_store, pooled
 
 if TYPE_CHECKING:
     # Imported when a message is to leave: `check`, `render` and the preview start
@@ -75,6 +75,11 @@ class Context:
     def renderer(self) -> Renderer:
         """Return the renderer of the main newsletter (`for_newsletter` gives the others)."""
         return Renderer(self.settings)
+
+    def pooled(self, size: int = 10) -> contextlib.AbstractContextManager[None]:
+        """Keep a pool of connections to the store while this lasts (a long-lived
+        process: `serve`): each step of a use case takes one and gives it back."""
+        return pooled(self.store, size)
 
     @contextlib.contextmanager
     def db(self) -> Iterator[Db]:

@@ -24,7 +24,7 @@ from qant_mail.base.config import Settings
 from qant_mail.base.errors import ConfigError, ExitCode, QantError
 from qant_mail.base.files import write_all
 from qant_mail.delivery.compose import Prepared, Recipient, notice, reader_page_url
-from qant_mail.store.db import StoreError, now_text, transaction
+from qant_mail.store.db import Db, StoreError, now_text, transaction
 from qant_mail.store.mailqueue import MailQueue
 from qant_mail.store.subscribers import (
     READER_STATUSES,
@@ -202,14 +202,16 @@ class Signup:
 
     # -- the confirmation link -----------------------------------------------------------
 
-    def pending(self, token: str) -> PendingSignup | None:
+    def pending(self, token: str, db: Db | None = None) -> PendingSignup | None:
         """Return the request a genuine, unexpired confirmation link names; None for
         anything else (forged, altered, expired, purged)."""
         claimed = tokens.read_confirm(token)
         if claimed is None or claimed[1] < self.ctx.clock():
             return None
-        with self.ctx.db() as db:
-            signup = Signups(db).get(claimed[0])
+        if db is None:
+            with self.ctx.db() as own:
+                return self.pending(token, own)
+        signup = Signups(db).get(claimed[0])
         if signup is None or not tokens.verify_confirm(self.ctx.secret(), token, signup.email):
             return None
         return signup
@@ -218,14 +220,19 @@ class Signup:
         """Confirm the request a link names (twice is once); return it and the link to
         the reader's page. The first time, each newsletter's welcome is queued in the
         same transaction as the subscriptions."""
-        signup = self.pending(token)
-        if signup is None:
-            return None
+        ctx = self.ctx
+        with ctx.db() as db:  # one connection for the whole request
+            signup = self.pending(token, db)
+            if signup is None:
+                return None
+            return self._confirm(db, signup)
+
+    def _confirm(self, db: Db, signup: PendingSignup) -> tuple[PendingSignup, str]:
         ctx = self.ctx
         known = [k for k in signup.newsletters if k in self.settings.editions]
         welcomes = {key: self._welcome(key) for key in known}
         expires = ctx.clock() + self.settings.signup.confirm_hours * 3600
-        with ctx.db() as db, transaction(db):
+        with transaction(db):
             chosen = replace(signup, newsletters=tuple(known))
             subscribed, first = Signups(db).confirm(chosen, signup.form)
             reader = subscribed[0] if subscribed else None

@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +17,17 @@ from pathlib import Path
 
 from qant_mail.base.config import DEFAULT_NEWSLETTER
 from qant_mail.base.errors import QantError
-from qant_mail.store.db import Db, StoreTarget, is_postgres, now_text, open_store, transaction
+from qant_mail.store.db import (
+    Db,
+    IntegrityError,
+    StoreTarget,
+    contains,
+    is_postgres,
+    marks,
+    now_text,
+    open_store,
+    transaction,
+)
 from qant_mail.store.subscribers import Status, Subscribers
 
 
@@ -142,22 +151,28 @@ class SendSummary:
 
 
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
-# The active subscribers a send has no row for (the UNIQUE (send_id, email) index finds
-# each one): those who joined, or came back, after it was planned.
-# Parameters: the newsletter, the send.
-_JOINED = (
-    "FROM subscriptions b JOIN subscribers s ON s.id = b.subscriber_id"
-    " WHERE b.newsletter = ? AND b.status = 'active' AND s.status = 'active' AND NOT EXISTS"
-    " (SELECT 1 FROM deliveries d WHERE d.send_id = ? AND d.email = s.email)"
-)
-# Each row with its reader's status for the send's newsletter, now (parameters: the
-# newsletter, the send): someone who left since the plan is skipped.
+
+
+def _joined(newsletter: int, send: int) -> str:
+    """Return the active subscribers a send has no row for (the UNIQUE (send_id, email)
+    index finds each one): those who joined, or came back, after it was planned. The
+    newsletter and the send are parameters `$newsletter` and `$send`."""
+    return (
+        "FROM subscriptions b JOIN subscribers s ON s.id = b.subscriber_id"
+        f" WHERE b.newsletter = ${newsletter} AND b.status = 'active' AND s.status = 'active'"
+        " AND NOT EXISTS (SELECT 1 FROM deliveries d"
+        f" WHERE d.send_id = ${send} AND d.email = s.email)"
+    )
+
+
+# Each row with its reader's status for the send's newsletter, now (parameters: $1 the
+# newsletter, $2 the send): someone who left since the plan is skipped.
 _CLAIM = (
     "SELECT d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts, d.last_reply,"
     " CASE WHEN s.status != 'active' THEN s.status ELSE b.status END"
     " FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
-    " LEFT JOIN subscriptions b ON b.subscriber_id = d.subscriber_id AND b.newsletter = ?"
-    " WHERE d.send_id = ?"
+    " LEFT JOIN subscriptions b ON b.subscriber_id = d.subscriber_id AND b.newsletter = $1"
+    " WHERE d.send_id = $2"
 )
 
 
@@ -197,7 +212,7 @@ class Ledger:
 
     def find(self, issue: str) -> Send | None:
         """Return the send of `issue`, if one was planned."""
-        row = self.db.execute(f"SELECT {_SEND} FROM sends WHERE issue = ?", (issue,)).fetchone()
+        row = self.db.execute(f"SELECT {_SEND} FROM sends WHERE issue = $1", (issue,)).fetchone()
         return Send(*row) if row else None
 
     def plan(
@@ -210,19 +225,19 @@ class Ledger:
                 now = now_text()
                 (send_id,) = db.execute(
                     "INSERT INTO sends (issue, content_hash, subject, created_at, newsletter)"
-                    " VALUES (?, ?, ?, ?, ?) RETURNING id",
+                    " VALUES ($1, $2, $3, $4, $5) RETURNING id",
                     (issue, content_hash, subject, now, newsletter),
                 ).fetchone()
                 # The UNIQUE (email) of subscribers already makes addresses distinct.
                 db.execute(
                     "INSERT INTO deliveries"
                     " (send_id, position, subscriber_id, email, name, updated_at)"
-                    " SELECT ?, row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, ?"
+                    " SELECT $1, row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, $2"
                     " FROM subscriptions b JOIN subscribers s ON s.id = b.subscriber_id"
-                    " WHERE b.newsletter = ? AND b.status = 'active' AND s.status = 'active'",
+                    " WHERE b.newsletter = $3 AND b.status = 'active' AND s.status = 'active'",
                     (send_id, now, newsletter),
                 )
-        except sqlite3.IntegrityError as err:
+        except IntegrityError as err:
             raise LedgerError(f"{issue} was planned by another process meanwhile") from err
         send = self.find(issue)
         assert send is not None
@@ -232,7 +247,7 @@ class Ledger:
         """Return how many active subscribers the send has no row for: they joined (or
         came back) after it was planned."""
         (number,) = self.db.execute(
-            f"SELECT count(*) {_JOINED}", (send.newsletter, send.id)
+            f"SELECT count(*) {_joined(1, 2)}", (send.newsletter, send.id)
         ).fetchone()
         return int(number)
 
@@ -243,18 +258,18 @@ class Ledger:
             if self.shared:
                 # Senders starting together with --new-subscribers add them one after
                 # the other: the second finds them added. (PostgreSQL's words.)
-                db.execute("SELECT pg_advisory_xact_lock(?)", (send.id,))
+                db.execute("SELECT pg_advisory_xact_lock($1)", (send.id,))
             (last,) = db.execute(
-                "SELECT coalesce(max(position), 0) FROM deliveries WHERE send_id = ?", (send.id,)
+                "SELECT coalesce(max(position), 0) FROM deliveries WHERE send_id = $1", (send.id,)
             ).fetchone()
             added = db.execute(
                 "INSERT INTO deliveries (send_id, position, subscriber_id, email, name, updated_at)"
-                f" SELECT ?, ? + row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, ?"
-                f" {_JOINED}",
-                (send.id, last, now_text(), send.newsletter, send.id),
+                " SELECT $1, $2 + row_number() OVER (ORDER BY s.id), s.id, s.email, s.name, $3"
+                f" {_joined(4, 1)}",
+                (send.id, last, now_text(), send.newsletter),
             ).rowcount
             if added:
-                db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
+                db.execute("UPDATE sends SET finished_at = NULL WHERE id = $1", (send.id,))
         return int(added)
 
     @property
@@ -268,13 +283,13 @@ class Ledger:
         those whose lease has run out, or whose sender was a process of this host that
         is gone: the others belong to senders at work."""
         # (Only PostgreSQL is shared: its words, an array parameter.)
-        lease = " AND (lease_until < ? OR worker = ANY(?))" if self.shared else ""
+        lease = " AND (lease_until < $3 OR worker = ANY($4))" if self.shared else ""
         parameters: tuple[object, ...] = (now_text(), send.id)
         if self.shared:
             parameters += (time.time() if now is None else now, self._gone_here(send))
         cursor = self.db.execute(
-            "UPDATE deliveries SET state = 'pending', worker = '', updated_at = ?"
-            " WHERE send_id = ? AND state = 'sending'" + lease,
+            "UPDATE deliveries SET state = 'pending', worker = '', updated_at = $1"
+            " WHERE send_id = $2 AND state = 'sending'" + lease,
             parameters,
         )
         return int(cursor.rowcount)
@@ -285,7 +300,7 @@ class Ledger:
         here = f"{socket.gethostname()}:"
         gone = []
         for (name,) in self.db.execute(
-            "SELECT worker FROM workers WHERE send_id = ? AND left_at IS NULL", (send.id,)
+            "SELECT worker FROM workers WHERE send_id = $1 AND left_at IS NULL", (send.id,)
         ).fetchall():
             host, _, pid = str(name).rpartition(":")
             if f"{host}:" == here and pid.isdigit() and not _alive(int(pid)):
@@ -295,7 +310,7 @@ class Ledger:
     def join(self, send: Send, worker: str, now: float | None = None) -> None:
         """Note that sender `worker` works on `send` from now on."""
         self.db.execute(
-            "INSERT INTO workers (send_id, worker, started_at, seen_at) VALUES (?, ?, ?, ?)"
+            "INSERT INTO workers (send_id, worker, started_at, seen_at) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (send_id, worker) DO UPDATE SET seen_at = excluded.seen_at,"
             " left_at = NULL",
             (send.id, worker, now_text(), time.time() if now is None else now),
@@ -307,17 +322,17 @@ class Ledger:
         now = time.time() if now is None else now
         with transaction(self.db) as db:
             db.execute(
-                "UPDATE deliveries SET lease_until = ? WHERE send_id = ? AND worker = ?"
+                "UPDATE deliveries SET lease_until = $1 WHERE send_id = $2 AND worker = $3"
                 " AND state = 'sending'",
                 (now + lease, send.id, worker),
             )
             db.execute(
-                "UPDATE workers SET seen_at = ? WHERE send_id = ? AND worker = ?",
+                "UPDATE workers SET seen_at = $1 WHERE send_id = $2 AND worker = $3",
                 (now, send.id, worker),
             )
             (alive,) = db.execute(
-                "SELECT count(*) FROM workers WHERE send_id = ? AND left_at IS NULL"
-                " AND seen_at >= ?",
+                "SELECT count(*) FROM workers WHERE send_id = $1 AND left_at IS NULL"
+                " AND seen_at >= $2",
                 (send.id, now - lease),
             ).fetchone()
         return max(1, int(alive))
@@ -326,8 +341,8 @@ class Ledger:
         """Return when the first hold of another sender on a row of `send` runs out (it
         is renewed while that sender lives); None when no other sender holds any."""
         (until,) = self.db.execute(
-            "SELECT min(lease_until) FROM deliveries WHERE send_id = ? AND state = 'sending'"
-            " AND worker != ?",
+            "SELECT min(lease_until) FROM deliveries WHERE send_id = $1 AND state = 'sending'"
+            " AND worker != $2",
             (send.id, worker),
         ).fetchone()
         return None if until is None else float(until)
@@ -335,7 +350,7 @@ class Ledger:
     def leave(self, send: Send, worker: str) -> None:
         """Note that sender `worker` stopped working on `send`."""
         self.db.execute(
-            "UPDATE workers SET left_at = ? WHERE send_id = ? AND worker = ?",
+            "UPDATE workers SET left_at = $1 WHERE send_id = $2 AND worker = $3",
             (now_text(), send.id, worker),
         )
 
@@ -348,7 +363,7 @@ class Ledger:
             for name, started, seen, left, held in self.db.execute(
                 "SELECT w.worker, w.started_at, w.seen_at, w.left_at, (SELECT count(*)"
                 " FROM deliveries d WHERE d.send_id = w.send_id AND d.worker = w.worker"
-                " AND d.state = 'sending') FROM workers w WHERE w.send_id = ?"
+                " AND d.state = 'sending') FROM workers w WHERE w.send_id = $1"
                 " ORDER BY w.started_at",
                 (send.id,),
             )
@@ -373,25 +388,25 @@ class Ledger:
             # several senders claim at once, each skipping the rows another holds.
             lock = " FOR UPDATE OF d SKIP LOCKED" if db.dialect == "postgresql" else ""
             rows = db.execute(
-                _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= ?"
-                " ORDER BY d.next_attempt_at LIMIT ?" + lock,
+                _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= $3"
+                " ORDER BY d.next_attempt_at LIMIT $4" + lock,
                 (send.newsletter, send.id, now, limit),
             ).fetchall()
             if len(rows) < limit:
                 rows += db.execute(
-                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT ?" + lock,
+                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT $3" + lock,
                     (send.newsletter, send.id, limit - len(rows)),
                 ).fetchall()
             if len(rows) < limit and lock:
                 # The rows of a sender that died: their lease ran out, nobody renews it.
                 rows += db.execute(
-                    _CLAIM + " AND d.state = 'sending' AND d.lease_until < ?"
-                    " ORDER BY d.position LIMIT ?" + lock,
+                    _CLAIM + " AND d.state = 'sending' AND d.lease_until < $3"
+                    " ORDER BY d.position LIMIT $4" + lock,
                     (send.newsletter, send.id, now, limit - len(rows)),
                 ).fetchall()
             stamp = now_text()
             claimed: list[Delivery] = []
-            skipped: list[tuple[str, int, int]] = []
+            skipped: list[tuple[str, str, int, int]] = []
             for position, sub_id, email, name, _, attempts, reply, status in rows:
                 if status == "active":
                     claimed.append(
@@ -400,18 +415,18 @@ class Ledger:
                 else:
                     gone = "not subscribed" if sub_id is not None else "no longer on the list"
                     why = f"not sent: the subscriber is {status or gone}"
-                    skipped.append((why, send.id, position))
+                    skipped.append((why, stamp, send.id, position))
             db.executemany(
-                "UPDATE deliveries SET state = 'sending', worker = ?, lease_until = ?,"
-                " updated_at = ? WHERE send_id = ? AND position = ?",
+                "UPDATE deliveries SET state = 'sending', worker = $1, lease_until = $2,"
+                " updated_at = $3 WHERE send_id = $4 AND position = $5",
                 [(worker, now + lease, stamp, send.id, d.position) for d in claimed],
             )
             db.executemany(
-                f"UPDATE deliveries SET state = 'skipped', last_reply = ?, updated_at = '{stamp}'"
-                " WHERE send_id = ? AND position = ?",
+                "UPDATE deliveries SET state = 'skipped', last_reply = $1, updated_at = $2"
+                " WHERE send_id = $3 AND position = $4",
                 skipped,
             )
-        return claimed, [position for _, _, position in skipped]
+        return claimed, [position for _, _, _, position in skipped]
 
     def record(
         self,
@@ -429,8 +444,8 @@ class Ledger:
         process. Also count `quota` (messages per minute) and mark the subscriber
         `bounce` bounced, in the same commit."""
         update = (
-            "UPDATE deliveries SET state = ?, last_reply = ?, attempts = attempts + ?,"
-            " next_attempt_at = ?, updated_at = ? WHERE send_id = ? AND position = ?"
+            "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
+            " next_attempt_at = $4, updated_at = $5 WHERE send_id = $6 AND position = $7"
         )
         values = (state.value, reply, int(attempt), retry_at, now_text(), send.id, position)
         if not quota and bounce is None:
@@ -446,7 +461,7 @@ class Ledger:
     def release(self, send: Send, positions: list[int]) -> None:
         """Give back rows that were claimed but not tried (a stop, a limit reached)."""
         self.db.executemany(
-            "UPDATE deliveries SET state = 'pending' WHERE send_id = ? AND position = ?"
+            "UPDATE deliveries SET state = 'pending' WHERE send_id = $1 AND position = $2"
             " AND state = 'sending'",
             [(send.id, p) for p in positions],
         )
@@ -455,16 +470,16 @@ class Ledger:
         """Return the number of rows in each state."""
         counts = dict.fromkeys(State, 0)
         for state, number in self.db.execute(
-            "SELECT state, count(*) FROM deliveries WHERE send_id = ? GROUP BY state", (send.id,)
+            "SELECT state, count(*) FROM deliveries WHERE send_id = $1 GROUP BY state", (send.id,)
         ):
             counts[State(state)] = number
         return counts
 
     def deliveries(self, send: Send, *states: State) -> list[Delivery]:
         """Return the rows in the given states, in list order."""
-        marks = ", ".join("?" * len(states))
         rows = self.db.execute(
-            f"SELECT {_DELIVERY} FROM deliveries WHERE send_id = ? AND state IN ({marks})"
+            f"SELECT {_DELIVERY} FROM deliveries WHERE send_id = $1"
+            f" AND state IN ({marks(2, len(states))})"
             " ORDER BY position",
             (send.id, *(s.value for s in states)),
         )
@@ -473,7 +488,7 @@ class Ledger:
     def next_retry(self, send: Send) -> float | None:
         """Return when the earliest deferred row is due, if any."""
         (due,) = self.db.execute(
-            "SELECT min(next_attempt_at) FROM deliveries WHERE send_id = ? AND state = 'deferred'",
+            "SELECT min(next_attempt_at) FROM deliveries WHERE send_id = $1 AND state = 'deferred'",
             (send.id,),
         ).fetchone()
         return float(due) if due is not None else None
@@ -482,8 +497,8 @@ class Ledger:
         """Re-queue the unknown rows (`pending`) or mark them `sent`; return how many."""
         reply = "marked sent by the operator" if state is State.SENT else ""
         cursor = self.db.execute(
-            "UPDATE deliveries SET state = ?, last_reply = CASE WHEN ? != '' THEN ?"
-            " ELSE last_reply END, updated_at = ? WHERE send_id = ? AND state = 'unknown'",
+            "UPDATE deliveries SET state = $1, last_reply = CASE WHEN $2 != '' THEN $3"
+            " ELSE last_reply END, updated_at = $4 WHERE send_id = $5 AND state = 'unknown'",
             (state.value, reply, reply, now_text(), send.id),
         )
         return int(cursor.rowcount)
@@ -503,7 +518,8 @@ class Ledger:
         query = (
             "SELECT d.position, d.subscriber_id, d.email, s.status FROM deliveries d"
             " LEFT JOIN subscribers s ON s.id = d.subscriber_id"
-            " WHERE d.send_id = ? AND d.state = 'failed' AND instr(lower(d.last_reply), ?) > 0"
+            " WHERE d.send_id = $1 AND d.state = 'failed'"
+            f" AND {contains(self.db, 'lower(d.last_reply)', '$2')}"
         )
         wanted = {a.strip().lower() for a in addresses}
         rows = [
@@ -524,13 +540,13 @@ class Ledger:
                     )
                 db.execute(
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0,"
-                    " last_reply = 'failed, re-queued: ' || last_reply, updated_at = ?"
-                    " WHERE send_id = ? AND position = ?",
+                    " last_reply = 'failed, re-queued: ' || last_reply, updated_at = $1"
+                    " WHERE send_id = $2 AND position = $3",
                     (now, send.id, position),
                 )
                 result.requeued += 1
             if result.requeued:
-                db.execute("UPDATE sends SET finished_at = NULL WHERE id = ?", (send.id,))
+                db.execute("UPDATE sends SET finished_at = NULL WHERE id = $1", (send.id,))
         result.missing = sorted(wanted - {str(row[2]).lower() for row in rows})
         return result
 
@@ -540,7 +556,7 @@ class Ledger:
         row = self.db.execute(
             "SELECT count(*) FILTER (WHERE bounce LIKE 'hard:%'),"
             " count(*) FILTER (WHERE bounce LIKE 'soft:%'), count(*) FILTER (WHERE complaint != '')"
-            " FROM deliveries WHERE send_id = ?",
+            " FROM deliveries WHERE send_id = $1",
             (send.id,),
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
@@ -587,8 +603,8 @@ class Ledger:
         """Return the messages a second the send has dealt with over the last `seconds`."""
         since = dt.datetime.fromtimestamp(int(time.time()) - seconds, dt.UTC).isoformat()
         (number,) = self.db.execute(
-            "SELECT count(*) FROM deliveries WHERE send_id = ? AND state IN ('sent', 'failed')"
-            " AND updated_at >= ?",
+            "SELECT count(*) FROM deliveries WHERE send_id = $1 AND state IN ('sent', 'failed')"
+            " AND updated_at >= $2",
             (send.id, since),
         ).fetchone()
         return int(number) / seconds
@@ -599,12 +615,12 @@ class Ledger:
         now = now_text()
         due = due_at.astimezone(dt.UTC).isoformat()
         with transaction(self.db) as db:
-            row = db.execute("SELECT state FROM schedules WHERE issue = ?", (issue,)).fetchone()
+            row = db.execute("SELECT state FROM schedules WHERE issue = $1", (issue,)).fetchone()
             if row and row[0] == "running":
                 raise LedgerError(f"{issue} is being sent by `qant-mail run-due` right now")
             db.execute(
                 "INSERT INTO schedules (issue, path, due_at, state, outcome, created_at,"
-                " updated_at) VALUES (?, ?, ?, 'scheduled', '', ?, ?) ON CONFLICT (issue) DO"
+                " updated_at) VALUES ($1, $2, $3, 'scheduled', '', $4, $5) ON CONFLICT (issue) DO"
                 " UPDATE SET path = excluded.path, due_at = excluded.due_at,"
                 " state = 'scheduled', outcome = '', updated_at = excluded.updated_at",
                 (issue, str(path), due, now, now),
@@ -616,7 +632,7 @@ class Ledger:
     def scheduled(self, issue: str) -> Schedule | None:
         """Return the schedule of `issue`, if it has one."""
         row = self.db.execute(
-            f"SELECT {_SCHEDULE} FROM schedules WHERE issue = ?", (issue,)
+            f"SELECT {_SCHEDULE} FROM schedules WHERE issue = $1", (issue,)
         ).fetchone()
         return _schedule(row) if row else None
 
@@ -629,8 +645,8 @@ class Ledger:
         """Cancel the schedule of `issue`, unless its send is running; say if one was."""
         return bool(
             self.db.execute(
-                "UPDATE schedules SET state = 'cancelled', updated_at = ?"
-                " WHERE issue = ? AND state = 'scheduled'",
+                "UPDATE schedules SET state = 'cancelled', updated_at = $1"
+                " WHERE issue = $2 AND state = 'scheduled'",
                 (now_text(), issue),
             ).rowcount
         )
@@ -640,8 +656,8 @@ class Ledger:
         `running`, and return them, the earliest first. The caller holds `run_lock`."""
         with transaction(self.db) as db:
             db.execute(
-                "UPDATE schedules SET state = 'running', updated_at = ?"
-                " WHERE state = 'scheduled' AND due_at <= ?",
+                "UPDATE schedules SET state = 'running', updated_at = $1"
+                " WHERE state = 'scheduled' AND due_at <= $2",
                 (now_text(), now.astimezone(dt.UTC).isoformat()),
             )
             rows = db.execute(
@@ -652,7 +668,7 @@ class Ledger:
     def settle(self, issue: str, state: str, outcome: str) -> None:
         """Write how a scheduled send went: `sent`, `failed`, or `scheduled` to try again."""
         self.db.execute(
-            "UPDATE schedules SET state = ?, outcome = ?, updated_at = ? WHERE issue = ?",
+            "UPDATE schedules SET state = $1, outcome = $2, updated_at = $3 WHERE issue = $4",
             (state, outcome, now_text(), issue),
         )
 
@@ -670,13 +686,13 @@ class Ledger:
 
     def feedback_seen(self, digest: str) -> bool:
         """Return whether a report with this digest was read already."""
-        row = self.db.execute("SELECT 1 FROM feedback_reports WHERE digest = ?", (digest,))
+        row = self.db.execute("SELECT 1 FROM feedback_reports WHERE digest = $1", (digest,))
         return row.fetchone() is not None
 
     def note_feedback(self, digest: str, outcome: str) -> None:
         """Remember that a report was read (reading it again changes nothing)."""
         self.db.execute(
-            "INSERT INTO feedback_reports (digest, outcome, read_at) VALUES (?, ?, ?)"
+            "INSERT INTO feedback_reports (digest, outcome, read_at) VALUES ($1, $2, $3)"
             " ON CONFLICT (digest) DO NOTHING",
             (digest, outcome, now_text()),
         )
@@ -694,7 +710,7 @@ class Ledger:
         if verp is not None:
             row = self.db.execute(
                 "SELECT d.email, d.subscriber_id, s.issue FROM deliveries d"
-                " JOIN sends s ON s.id = d.send_id WHERE d.send_id = ? AND d.position = ?",
+                " JOIN sends s ON s.id = d.send_id WHERE d.send_id = $1 AND d.position = $2",
                 verp,
             ).fetchone()
             if row is not None:
@@ -709,7 +725,7 @@ class Ledger:
             row = self.db.execute(
                 "SELECT d.email, d.subscriber_id, s.issue, d.send_id, d.position"
                 " FROM deliveries d JOIN sends s ON s.id = d.send_id"
-                " WHERE d.email = ? AND (? = '' OR s.issue = ?) ORDER BY s.id DESC LIMIT 1",
+                " WHERE d.email = $1 AND ($2 = '' OR s.issue = $3) ORDER BY s.id DESC LIMIT 1",
                 (email, issue, issue),
             ).fetchone()
             if row is not None:
@@ -729,28 +745,28 @@ class Ledger:
         with transaction(self.db) as db:
             row = (target.send_id, target.position)
             if kind == "complaint":
-                self._on_row(db, row, "complaint = ?", detail or "abuse", now)
+                self._on_row(db, row, "complaint", detail or "abuse", now)
                 self._stricter(db, target.subscriber_id, Status.COMPLAINED, detail)
                 return kind
             if kind == "soft":
                 already = db.execute(
-                    "SELECT bounce FROM deliveries WHERE send_id = ? AND position = ?", row
+                    "SELECT bounce FROM deliveries WHERE send_id = $1 AND position = $2", row
                 ).fetchone()
                 if target.send_id is None or not already or not already[0]:
                     # Counted once per issue: the same full mailbox reported twice is one.
                     db.execute(
-                        "UPDATE subscribers SET soft_bounces = soft_bounces + 1 WHERE id = ?",
+                        "UPDATE subscribers SET soft_bounces = soft_bounces + 1 WHERE id = $1",
                         (target.subscriber_id,),
                     )
-                self._on_row(db, row, "bounce = ?", f"soft: {detail}".strip(), now)
+                self._on_row(db, row, "bounce", f"soft: {detail}".strip(), now)
                 count = db.execute(
-                    "SELECT soft_bounces FROM subscribers WHERE id = ?", (target.subscriber_id,)
+                    "SELECT soft_bounces FROM subscribers WHERE id = $1", (target.subscriber_id,)
                 ).fetchone()
                 if count is not None and count[0] >= soft_limit:
                     reason = f"{count[0]} soft bounces: {detail}".strip()
                     self._stricter(db, target.subscriber_id, Status.BOUNCED, reason)
                 return kind
-            self._on_row(db, row, "bounce = ?", f"hard: {detail}".strip(), now)
+            self._on_row(db, row, "bounce", f"hard: {detail}".strip(), now)
             self._stricter(db, target.subscriber_id, Status.BOUNCED, detail)
             return "hard"
 
@@ -765,7 +781,8 @@ class Ledger:
         if row[0] is None:
             return  # a reader, but no message of ours in the ledger: the status says it
         db.execute(
-            f"UPDATE deliveries SET {column}, feedback_at = ? WHERE send_id = ? AND position = ?",
+            f"UPDATE deliveries SET {column} = $1, feedback_at = $2 WHERE send_id = $3"
+            " AND position = $4",
             (value, now, *row),
         )
 
@@ -774,7 +791,7 @@ class Ledger:
         if subscriber_id is None:
             return
         current = db.execute(
-            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+            "SELECT status FROM subscribers WHERE id = $1", (subscriber_id,)
         ).fetchone()
         if current is not None and _STRICTNESS[current[0]] < _STRICTNESS[status.value]:
             Subscribers(db).set_status_by_id(subscriber_id, status, reason or status.value)
@@ -794,7 +811,7 @@ class Ledger:
     def finish(self, send: Send) -> None:
         """Note that nothing is left to do for this send."""
         self.db.execute(
-            "UPDATE sends SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
+            "UPDATE sends SET finished_at = $1 WHERE id = $2 AND finished_at IS NULL",
             (now_text(), send.id),
         )
 
@@ -810,7 +827,7 @@ class Ledger:
 def quota_since(db: Db, minute: int) -> dict[int, int]:
     """Return the messages sent per minute (Unix minutes) since `minute`, by every
     sender and every road out."""
-    rows = db.execute("SELECT minute, messages FROM quota WHERE minute >= ?", (minute,))
+    rows = db.execute("SELECT minute, messages FROM quota WHERE minute >= $1", (minute,))
     return {int(m): int(n) for m, n in rows.fetchall()}
 
 
@@ -818,12 +835,12 @@ def count_quota(db: Db, minute: int, messages: int = 1) -> None:
     """Add messages to the count of `minute` (Unix minutes), shared by every sender and
     every road out; forget counts older than a day."""
     db.execute(
-        "INSERT INTO quota (minute, messages) VALUES (?, ?)"
+        "INSERT INTO quota (minute, messages) VALUES ($1, $2)"
         " ON CONFLICT (minute) DO UPDATE SET messages = quota.messages + excluded.messages",
         (minute, messages),
     )
     if minute % 60 == 0:
-        db.execute("DELETE FROM quota WHERE minute < ?", (minute - 24 * 60,))
+        db.execute("DELETE FROM quota WHERE minute < $1", (minute - 24 * 60,))
 
 
 def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:
@@ -837,10 +854,10 @@ def copy_without_send(source: StoreTarget, target: Path, issue: str) -> None:
         with transaction(copy) as db:
             for table in ("deliveries", "workers"):
                 db.execute(
-                    f"DELETE FROM {table} WHERE send_id IN (SELECT id FROM sends WHERE issue = ?)",
+                    f"DELETE FROM {table} WHERE send_id IN (SELECT id FROM sends WHERE issue = $1)",
                     (issue,),
                 )
-            db.execute("DELETE FROM sends WHERE issue = ?", (issue,))
+            db.execute("DELETE FROM sends WHERE issue = $1", (issue,))
     finally:
         copy.close()
 
@@ -864,7 +881,7 @@ def _held_on_server(url: str, name: str) -> Iterator[bool]:
     try:
         digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
         key = int.from_bytes(digest, "big", signed=True)
-        (held,) = db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
+        (held,) = db.execute("SELECT pg_try_advisory_lock($1)", (key,)).fetchone()
         yield bool(held)
     finally:
         db.close()

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qant_mail.store.db import Db, now_text, transaction
+from qant_mail.store.db import Db, marks, now_text, transaction
 from qant_mail.store.ledger import count_quota
 
 
@@ -96,7 +96,7 @@ class MailQueue:
         now = now_text()
         (number,) = self.db.execute(
             "INSERT INTO outbox (kind, newsletter, recipient, message, expires_at,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             (kind, newsletter, recipient, message, expires_at, now, now),
         ).fetchone()
         return int(number)
@@ -118,7 +118,7 @@ class MailQueue:
             db.execute(
                 "INSERT INTO outbox (kind, newsletter, recipient, message, state, attempts,"
                 " expires_at, last_reply, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
+                " VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $7, $8)",
                 (kind, newsletter, recipient, b"", state.value, reply, now, now),
             )
             if minute is not None:
@@ -141,17 +141,17 @@ class MailQueue:
             return None
         with transaction(self.db) as db:
             db.execute(
-                "UPDATE outbox SET state = 'expired', message = ?, updated_at = ?"
-                " WHERE state = 'pending' AND expires_at < ?",
+                "UPDATE outbox SET state = 'expired', message = $1, updated_at = $2"
+                " WHERE state = 'pending' AND expires_at < $3",
                 (b"", now_text(), now),
             )
             lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
-            among = f" AND newsletter IN ({', '.join('?' * len(newsletters))})"
-            only = f" AND id IN ({', '.join('?' * len(ids))})" if ids else ""
+            among = f" AND newsletter IN ({marks(3, len(newsletters))})"
+            only = f" AND id IN ({marks(3 + len(newsletters), len(ids))})" if ids else ""
             row = db.execute(
                 "SELECT id, kind, newsletter, recipient, message, attempts, expires_at"
-                " FROM outbox WHERE ((state = 'pending' AND next_attempt_at <= ?)"
-                " OR (state = 'sending' AND lease_until < ?))"
+                " FROM outbox WHERE ((state = 'pending' AND next_attempt_at <= $1)"
+                " OR (state = 'sending' AND lease_until < $2))"
                 + among
                 + only
                 + " ORDER BY id LIMIT 1"
@@ -161,8 +161,8 @@ class MailQueue:
             if row is None:
                 return None
             db.execute(
-                "UPDATE outbox SET state = 'sending', worker = ?, lease_until = ?, updated_at = ?"
-                " WHERE id = ?",
+                "UPDATE outbox SET state = 'sending', worker = $1, lease_until = $2,"
+                " updated_at = $3 WHERE id = $4",
                 (worker, now + lease, now_text(), row[0]),
             )
         number, kind, newsletter, recipient, message, attempts, expires = row
@@ -190,20 +190,20 @@ class MailQueue:
         count of its minute (`minute`, when the relay was given it): done (its content is
         dropped: what is kept is the record), or pending again until `retry_at`. Return
         False, writing nothing, when `worker` no longer holds it."""
-        content = ", message = ?" if state in DONE else ""
+        content = ", message = $7" if state in DONE else ""
         with transaction(self.db) as db:
             held = db.execute(
-                "UPDATE outbox SET state = ?, last_reply = ?, attempts = attempts + 1,"
-                f" next_attempt_at = ?, worker = '', updated_at = ?{content}"
-                " WHERE id = ? AND state = 'sending' AND worker = ?",
+                "UPDATE outbox SET state = $1, last_reply = $2, attempts = attempts + 1,"
+                f" next_attempt_at = $3, worker = '', updated_at = $4{content}"
+                " WHERE id = $5 AND state = 'sending' AND worker = $6",
                 (
                     state.value,
                     reply,
                     retry_at,
                     now_text(),
-                    *((b"",) if content else ()),
                     number,
                     worker,
+                    *((b"",) if content else ()),
                 ),
             ).rowcount
             if minute is not None:
@@ -213,8 +213,8 @@ class MailQueue:
     def release(self, number: int, *, worker: str) -> None:
         """Give back a message claimed but not tried (a drain that stopped)."""
         self.db.execute(
-            "UPDATE outbox SET state = 'pending', worker = '' WHERE id = ? AND state = 'sending'"
-            " AND worker = ?",
+            "UPDATE outbox SET state = 'pending', worker = '' WHERE id = $1"
+            " AND state = 'sending' AND worker = $2",
             (number, worker),
         )
 
@@ -246,9 +246,9 @@ class MailQueue:
 
     def entries(self, states: Sequence[Mail], limit: int = 100) -> list[QueueEntry]:
         """Return the latest messages in `states`, the newest first."""
-        marks = ", ".join("?" * len(states))
         rows = self.db.execute(
-            f"SELECT {_ENTRY} FROM outbox WHERE state IN ({marks}) ORDER BY id DESC LIMIT ?",
+            f"SELECT {_ENTRY} FROM outbox WHERE state IN ({marks(1, len(states))})"
+            f" ORDER BY id DESC LIMIT ${len(states) + 1}",
             (*(s.value for s in states), limit),
         ).fetchall()
         return [

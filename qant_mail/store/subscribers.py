@@ -97,19 +97,19 @@ _VIEW = (
     " ELSE coalesce(b.status_reason, 'not subscribed') END,"
     " coalesce(b.created_at, s.created_at), coalesce(b.source, s.source)"
     " FROM subscribers s LEFT JOIN subscriptions b"
-    " ON b.subscriber_id = s.id AND b.newsletter = ?"
+    " ON b.subscriber_id = s.id AND b.newsletter = $1"
 )
 # The same, for the readers who have a subscription to it only.
 _LIST = _VIEW.replace("LEFT JOIN", "JOIN")
 _COMBINED_STATUS = "CASE WHEN s.status != 'active' THEN s.status ELSE b.status END"
 _INSERT = (
     "INSERT INTO subscribers (email, name, status, status_changed_at, created_at, source)"
-    " VALUES (?, ?, 'active', ?, ?, ?) ON CONFLICT (email) DO NOTHING"
+    " VALUES ($1, $2, 'active', $3, $4, $5) ON CONFLICT (email) DO NOTHING"
 )
 _SUBSCRIBE = (
     "INSERT INTO subscriptions (subscriber_id, newsletter, status, status_changed_at,"
     " status_reason, created_at, source, consent_at, consent_form, confirmed_at)"
-    " VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES ($1, $2, 'active', $3, $4, $5, $6, $7, $8, $9)"
     " ON CONFLICT (newsletter, subscriber_id) DO UPDATE SET status = 'active',"
     " status_changed_at = excluded.status_changed_at, status_reason = excluded.status_reason,"
     " consent_at = coalesce(excluded.consent_at, subscriptions.consent_at),"
@@ -169,14 +169,14 @@ class Subscribers:
     def get(self, email: str) -> Subscriber | None:
         """Return the reader with this address (any case), if any."""
         row = self.db.execute(
-            f"{_VIEW} WHERE s.email = ?", (self.newsletter, email.strip())
+            f"{_VIEW} WHERE s.email = $2", (self.newsletter, email.strip())
         ).fetchone()
         return _subscriber(row) if row else None
 
     def by_id(self, subscriber_id: int) -> Subscriber | None:
         """Return reader number `subscriber_id`, if any."""
         row = self.db.execute(
-            f"{_VIEW} WHERE s.id = ?", (self.newsletter, subscriber_id)
+            f"{_VIEW} WHERE s.id = $2", (self.newsletter, subscriber_id)
         ).fetchone()
         return _subscriber(row) if row else None
 
@@ -187,7 +187,7 @@ class Subscribers:
             str(newsletter): Status(str(status))
             for newsletter, status in self.db.execute(
                 f"SELECT b.newsletter, {_COMBINED_STATUS} FROM subscriptions b"
-                " JOIN subscribers s ON s.id = b.subscriber_id WHERE s.id = ?"
+                " JOIN subscribers s ON s.id = b.subscriber_id WHERE s.id = $1"
                 " ORDER BY b.created_at, b.newsletter",
                 (subscriber_id,),
             )
@@ -196,7 +196,7 @@ class Subscribers:
     def reader_status(self, subscriber_id: int) -> Status | None:
         """Return the reader's own status (active, bounced, complained), if they exist."""
         row = self.db.execute(
-            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+            "SELECT status FROM subscribers WHERE id = $1", (subscriber_id,)
         ).fetchone()
         return Status(str(row[0])) if row else None
 
@@ -227,16 +227,16 @@ class Subscribers:
         name = _name(name)
         now = now_text()
         db = self.db
-        db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
+        db.execute("DELETE FROM suppressions WHERE email_hash = $1", (_hash(address),))
         db.execute(_INSERT, (address, name, now, now, source))
         db.execute(
-            "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
+            "UPDATE subscribers SET status = 'active', status_changed_at = $1,"
             " status_reason = 'confirmed again', soft_bounces = 0,"
-            " name = CASE WHEN ? != '' THEN ? ELSE name END"
-            " WHERE email = ? AND status != 'active'",
-            (now, name, name, address),
+            " name = CASE WHEN $2 != '' THEN $2 ELSE name END"
+            " WHERE email = $3 AND status != 'active'",
+            (now, name, address),
         )
-        (reader,) = db.execute("SELECT id FROM subscribers WHERE email = ?", (address,)).fetchone()
+        (reader,) = db.execute("SELECT id FROM subscribers WHERE email = $1", (address,)).fetchone()
         db.execute(
             _SUBSCRIBE,
             (
@@ -257,7 +257,7 @@ class Subscribers:
         """Return the recorded consent of a reader to this newsletter, if any."""
         row = self.db.execute(
             "SELECT consent_at, consent_form, confirmed_at FROM subscriptions"
-            " WHERE subscriber_id = ? AND newsletter = ? AND consent_at IS NOT NULL",
+            " WHERE subscriber_id = $1 AND newsletter = $2 AND consent_at IS NOT NULL",
             (subscriber_id, self.newsletter),
         ).fetchone()
         return Consent(str(row[0]), str(row[1]), str(row[2] or "")) if row else None
@@ -293,19 +293,19 @@ class Subscribers:
                 "re-activate it with --resubscribe, and only with their consent"
             )
         with transaction(self.db) as db:
-            db.execute("DELETE FROM suppressions WHERE email_hash = ?", (_hash(address),))
+            db.execute("DELETE FROM suppressions WHERE email_hash = $1", (_hash(address),))
             db.execute(_INSERT, (address, name, now, now, source))
             reason = "resubscribed" if subscribed or existing is not None else ""
             if existing is not None and existing.status in READER_STATUSES:
                 db.execute(
-                    "UPDATE subscribers SET status = 'active', status_changed_at = ?,"
-                    " status_reason = 'resubscribed' WHERE id = ?",
+                    "UPDATE subscribers SET status = 'active', status_changed_at = $1,"
+                    " status_reason = 'resubscribed' WHERE id = $2",
                     (now, existing.id),
                 )
             if existing is not None and name:
-                db.execute("UPDATE subscribers SET name = ? WHERE id = ?", (name, existing.id))
+                db.execute("UPDATE subscribers SET name = $1 WHERE id = $2", (name, existing.id))
             (reader,) = db.execute(
-                "SELECT id FROM subscribers WHERE email = ?", (address,)
+                "SELECT id FROM subscribers WHERE email = $1", (address,)
             ).fetchone()
             db.execute(
                 _SUBSCRIBE, (reader, self.newsletter, now, reason, now, source, None, "", None)
@@ -320,10 +320,10 @@ class Subscribers:
         back."""
         subscriber = self._require(email)
         with transaction(self.db) as db:
-            db.execute("DELETE FROM subscriptions WHERE subscriber_id = ?", (subscriber.id,))
-            db.execute("DELETE FROM subscribers WHERE id = ?", (subscriber.id,))
+            db.execute("DELETE FROM subscriptions WHERE subscriber_id = $1", (subscriber.id,))
+            db.execute("DELETE FROM subscribers WHERE id = $1", (subscriber.id,))
             db.execute(
-                "INSERT INTO suppressions (email_hash, reason, created_at) VALUES (?, ?, ?)"
+                "INSERT INTO suppressions (email_hash, reason, created_at) VALUES ($1, $2, $3)"
                 " ON CONFLICT (email_hash) DO NOTHING",
                 (_hash(subscriber.email), "removed on request", now_text()),
             )
@@ -332,7 +332,7 @@ class Subscribers:
     def suppressed_since(self, email: str) -> str | None:
         """Return when `email` was removed on request, if it was."""
         row = self.db.execute(
-            "SELECT created_at FROM suppressions WHERE email_hash = ?", (_hash(email),)
+            "SELECT created_at FROM suppressions WHERE email_hash = $1", (_hash(email),)
         ).fetchone()
         return str(row[0]) if row else None
 
@@ -353,21 +353,21 @@ class Subscribers:
         db = self.db
         now = now_text()
         current = db.execute(
-            "SELECT status FROM subscribers WHERE id = ?", (subscriber_id,)
+            "SELECT status FROM subscribers WHERE id = $1", (subscriber_id,)
         ).fetchone()
         if current is None:
             return None
         if status in READER_STATUSES or (status is Status.ACTIVE and current[0] != Status.ACTIVE):
             db.execute(
-                "UPDATE subscribers SET status = ?, status_changed_at = ?, status_reason = ?"
-                " WHERE id = ? AND status != ?",
+                "UPDATE subscribers SET status = $1, status_changed_at = $2, status_reason = $3"
+                " WHERE id = $4 AND status != $5",
                 (status.value, now, reason, subscriber_id, status.value),
             )
         else:
             db.execute(
-                "UPDATE subscriptions SET status = ?, status_changed_at = ?,"
-                " status_reason = ? WHERE subscriber_id = ? AND newsletter = ?"
-                " AND status != ?",
+                "UPDATE subscriptions SET status = $1, status_changed_at = $2,"
+                " status_reason = $3 WHERE subscriber_id = $4 AND newsletter = $5"
+                " AND status != $6",
                 (status.value, now, reason, subscriber_id, self.newsletter, status.value),
             )
         return self.by_id(subscriber_id)
@@ -390,7 +390,7 @@ class Subscribers:
         the order they joined, and its parameters."""
         if status is None:
             return f"{_LIST} ORDER BY s.id", (self.newsletter,)
-        where = f"{_LIST} WHERE {_COMBINED_STATUS} = ? ORDER BY s.id"
+        where = f"{_LIST} WHERE {_COMBINED_STATUS} = $2 ORDER BY s.id"
         return where, (self.newsletter, status.value)
 
     def count(self) -> dict[Status, int]:
@@ -398,7 +398,7 @@ class Subscribers:
         counts = dict.fromkeys(Status, 0)
         for status, number in self.db.execute(
             f"SELECT {_COMBINED_STATUS}, count(*) FROM subscriptions b"
-            " JOIN subscribers s ON s.id = b.subscriber_id WHERE b.newsletter = ?"
+            " JOIN subscribers s ON s.id = b.subscriber_id WHERE b.newsletter = $1"
             f" GROUP BY {_COMBINED_STATUS}",
             (self.newsletter,),
         ):
@@ -407,7 +407,7 @@ class Subscribers:
 
     def _subscribed(self, subscriber_id: int) -> bool:
         row = self.db.execute(
-            "SELECT 1 FROM subscriptions WHERE subscriber_id = ? AND newsletter = ?",
+            "SELECT 1 FROM subscriptions WHERE subscriber_id = $1 AND newsletter = $2",
             (subscriber_id, self.newsletter),
         ).fetchone()
         return row is not None
@@ -465,7 +465,7 @@ class Subscribers:
         rows = _read_csv(stream, where)
         bulk = self.db.dialect == "postgresql"
         with transaction(self.db) as db:
-            db.execute(_INCOMING)
+            db.execute(_INCOMING[db.dialect])
             db.execute("DELETE FROM incoming")
             if bulk:
                 db.execute(_INCOMING_RAW)
@@ -483,7 +483,7 @@ class Subscribers:
                     continue
                 inserted = db.executemany(
                     "INSERT INTO incoming (email, name, line, email_hash)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING",
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (email) DO NOTHING",
                     valid,
                 ).rowcount
                 report.duplicates += len(valid) - inserted
@@ -503,7 +503,7 @@ class Subscribers:
             report.inactive = _count(
                 db,
                 "SELECT count(*) FROM incoming i JOIN subscribers s ON s.email = i.email"
-                " LEFT JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
+                " LEFT JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = $1"
                 " WHERE s.status != 'active' OR b.status = 'unsubscribed'",
                 newsletter,
             )
@@ -516,7 +516,7 @@ class Subscribers:
             known_active = _count(
                 db,
                 "SELECT count(*) FROM incoming i JOIN subscribers s ON s.email = i.email"
-                " JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = ?"
+                " JOIN subscriptions b ON b.subscriber_id = s.id AND b.newsletter = $1"
                 " WHERE s.status = 'active' AND b.status = 'active'",
                 newsletter,
             )
@@ -525,27 +525,27 @@ class Subscribers:
                 " WHERE subscribers.email = i.email AND subscribers.status = 'active'"
                 " AND i.name != '' AND i.name != subscribers.name AND EXISTS (SELECT 1"
                 " FROM subscriptions b WHERE b.subscriber_id = subscribers.id"
-                " AND b.newsletter = ? AND b.status = 'active')",
+                " AND b.newsletter = $1 AND b.status = 'active')",
                 newsletter,
             ).rowcount
             report.unchanged = known_active - report.renamed
             now = now_text()
             db.execute(
                 "INSERT INTO subscribers (email, name, status, status_changed_at, created_at,"
-                " source) SELECT i.email, i.name, 'active', ?, ?, ? FROM incoming i"
+                " source) SELECT i.email, i.name, 'active', $1, $1, $2 FROM incoming i"
                 " WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email = i.email)"
                 " AND NOT EXISTS (SELECT 1 FROM suppressions p WHERE p.email_hash = i.email_hash)"
                 " ORDER BY i.line",
-                (now, now, source),
+                (now, source),
             )
             # New readers, and active readers of other newsletters who had none of this one.
             report.added = db.execute(
                 "INSERT INTO subscriptions (subscriber_id, newsletter, status,"
-                " status_changed_at, created_at, source) SELECT s.id, ?, 'active', ?, ?, ?"
+                " status_changed_at, created_at, source) SELECT s.id, $1, 'active', $2, $2, $3"
                 " FROM incoming i JOIN subscribers s ON s.email = i.email"
                 " WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM subscriptions b"
-                " WHERE b.subscriber_id = s.id AND b.newsletter = ?) ORDER BY i.line",
-                (self.newsletter, now, now, source, self.newsletter),
+                " WHERE b.subscriber_id = s.id AND b.newsletter = $1) ORDER BY i.line",
+                (self.newsletter, now, source),
             ).rowcount
             db.execute("DELETE FROM incoming")
         return report
@@ -560,23 +560,30 @@ class Subscribers:
         """Move the subscriptions, sends and scheduled sends of newsletter `old` to key
         `new` (after its key changed in the settings); return the subscriptions moved."""
         with transaction(self.db) as db:
-            if db.execute("SELECT 1 FROM subscriptions WHERE newsletter = ?", (new,)).fetchone():
+            if db.execute("SELECT 1 FROM subscriptions WHERE newsletter = $1", (new,)).fetchone():
                 raise SubscriberError(f"newsletter {new!r} has subscriptions already")
             moved = db.execute(
-                "UPDATE subscriptions SET newsletter = ? WHERE newsletter = ?", (new, old)
+                "UPDATE subscriptions SET newsletter = $1 WHERE newsletter = $2", (new, old)
             ).rowcount
-            db.execute("UPDATE sends SET newsletter = ? WHERE newsletter = ?", (new, old))
+            db.execute("UPDATE sends SET newsletter = $1 WHERE newsletter = $2", (new, old))
         return int(moved)
 
 
-_INCOMING = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming (email TEXT PRIMARY KEY COLLATE NOCASE,"
-    " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
-)
-# What COPY loads (PostgreSQL), duplicates and all.
+# The rows of an import, one per address (the first line of each), in each database's
+# words; and what COPY loads (PostgreSQL), duplicates and all.
+_INCOMING = {
+    "sqlite": (
+        "CREATE TEMP TABLE IF NOT EXISTS incoming (email TEXT PRIMARY KEY COLLATE NOCASE,"
+        " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
+    ),
+    "postgresql": (
+        "CREATE TEMP TABLE IF NOT EXISTS incoming (email CITEXT PRIMARY KEY,"
+        " name TEXT NOT NULL, line BIGINT NOT NULL, email_hash TEXT NOT NULL)"
+    ),
+}
 _INCOMING_RAW = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_raw (email TEXT NOT NULL COLLATE NOCASE,"
-    " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_raw (email CITEXT NOT NULL,"
+    " name TEXT NOT NULL, line BIGINT NOT NULL, email_hash TEXT NOT NULL)"
 )
 
 
@@ -691,18 +698,19 @@ class Signups:
         reached). Attempts older than a day are forgotten."""
         address = _hash(email)
         with transaction(self.db) as db:
-            db.execute("DELETE FROM signup_attempts WHERE at < ?", (now - 86400,))
+            db.execute("DELETE FROM signup_attempts WHERE at < $1", (now - 86400,))
             (by_client,) = db.execute(
-                "SELECT count(*) FROM signup_attempts WHERE client = ? AND at >= ?",
+                "SELECT count(*) FROM signup_attempts WHERE client = $1 AND at >= $2",
                 (client, now - 3600),
             ).fetchone()
             (mailed,) = db.execute(
-                "SELECT count(*) FROM signup_attempts WHERE email_hash = ? AND mailed = 1",
+                "SELECT count(*) FROM signup_attempts WHERE email_hash = $1 AND mailed = 1",
                 (address,),
             ).fetchone()
             allowed = by_client < per_client_hour and mailed < per_address_day
             db.execute(
-                "INSERT INTO signup_attempts (at, client, email_hash, mailed) VALUES (?, ?, ?, ?)",
+                "INSERT INTO signup_attempts (at, client, email_hash, mailed)"
+                " VALUES ($1, $2, $3, $4)",
                 (now, client, address, int(allowed)),
             )
         return bool(allowed)
@@ -724,13 +732,13 @@ class Signups:
         if number is None:
             row = self.db.execute(
                 "INSERT INTO signups (email, name, newsletters, form, requested_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
                 values,
             ).fetchone()
         else:
             row = self.db.execute(
                 "INSERT INTO signups (id, email, name, newsletters, form, requested_at,"
-                " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING"
                 " RETURNING id",
                 (number, *values),
             ).fetchone()
@@ -740,7 +748,7 @@ class Signups:
         """Return request number `signup_id`, if it is still kept."""
         row = self.db.execute(
             "SELECT id, email, name, newsletters, form, requested_at, expires_at, confirmed_at"
-            " FROM signups WHERE id = ?",
+            " FROM signups WHERE id = $1",
             (signup_id,),
         ).fetchone()
         if row is None:
@@ -767,7 +775,7 @@ class Signups:
         source = f"signup form {consent_form}"
         with transaction(self.db) as db:
             first = db.execute(
-                "UPDATE signups SET confirmed_at = ? WHERE id = ? AND confirmed_at IS NULL",
+                "UPDATE signups SET confirmed_at = $1 WHERE id = $2 AND confirmed_at IS NULL",
                 (now, signup.id),
             ).rowcount
             for key in signup.newsletters:
@@ -777,5 +785,5 @@ class Signups:
 
     def purge(self, now: float) -> int:
         """Delete the requests whose link has expired; return how many."""
-        cursor = self.db.execute("DELETE FROM signups WHERE expires_at < ?", (now,))
+        cursor = self.db.execute("DELETE FROM signups WHERE expires_at < $1", (now,))
         return int(cursor.rowcount)

@@ -209,12 +209,14 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if drain:
-            worker.start()
-        try:
-            yield
-        finally:
-            await anyio.to_thread.run_sync(worker.stop)
+        # One pool of connections to the store for the process: a request takes one.
+        with ctx.pooled():
+            if drain:
+                worker.start()
+            try:
+                yield
+            finally:
+                await anyio.to_thread.run_sync(worker.stop)
 
     routes: list[Route | Mount] = [
         Route("/healthz", health),
