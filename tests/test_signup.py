@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from qant_mail.app.context import Context
 from qant_mail.audience import tokens
 from qant_mail.base.config import Settings, Signup, load_settings
+from qant_mail.base.errors import QantError
 from qant_mail.store.db import IntegrityError, open_store
 from qant_mail.store.subscribers import Status, Subscribers
 from qant_mail.web.serve import create_app
@@ -403,3 +404,75 @@ def test_a_confirmation_subscribes_to_all_its_newsletters_or_to_none(site: Setti
     _, second = signups.confirm(again, "all")
     assert not second  # a second confirmation is no first one: no second welcome
     db.close()
+
+
+def _post_form(port: int, fields: dict[str, str], client: str) -> int:
+    """POST a signup form to the server on `port`, as `client` behind our proxy."""
+    import http.client
+    from urllib.parse import urlencode
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        body = urlencode(fields)
+        headers = {**FORM, "X-Forwarded-For": client}
+        connection.request("POST", "/subscribe", body=body, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _queued(ctx: Context) -> list[str]:
+    from qant_mail.store.mailqueue import Mail, MailQueue
+
+    with ctx.db() as db:
+        return [e.recipient for e in MailQueue(db).entries([Mail.PENDING], limit=1000)]
+
+
+def test_concurrent_floods_hold_each_signup_limit_exactly(site: Settings) -> None:
+    """Requests that arrive together are counted one after the other: the limits hold
+    as exactly under a flood from many clients at once as one request at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qant_mail.web.webserver import BackgroundServer
+
+    limits = Signup(per_address_per_day=3, per_client_per_hour=10, trust_proxy=True)
+    ctx = Context(dataclasses.replace(site, signup=limits), secret=SECRET)
+    fields = {"email": "victim@example.com", "newsletter": "default", "form": "all"}
+    with (
+        BackgroundServer(create_app(ctx, None, drain=False)) as server,
+        ThreadPoolExecutor(max_workers=24) as pool,
+    ):
+        # One address, from 120 clients at once: its daily limit.
+        statuses = list(
+            pool.map(
+                lambda n: _post_form(server.port, fields, f"10.0.{n // 250}.{n % 250}"), range(120)
+            )
+        )
+        assert set(statuses) == {200}
+        assert _queued(ctx).count("victim@example.com") == 3
+
+        # One client, 120 addresses at once: its hourly limit.
+        def one(number: int) -> int:
+            asked = {**fields, "email": f"reader{number}@example.com"}
+            return _post_form(server.port, asked, "192.0.2.7")
+
+        assert set(pool.map(one, range(120))) == {200}
+    assert len([r for r in _queued(ctx) if r.startswith("reader")]) == 10
+
+
+def test_concurrent_adds_of_one_address_make_one_reader(site: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def add(_: int) -> str:
+        with Subscribers.open(site.store_path) as store:
+            try:
+                return store.add("lea@example.com").status.value
+            except QantError as err:
+                return str(err)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = list(pool.map(add, range(32)))
+    assert outcomes.count("active") == 1
+    assert all(o == "active" or "already subscribed" in o for o in outcomes)
+    with Subscribers.open(site.store_path) as store:
+        assert store.count()[Status.ACTIVE] == 1

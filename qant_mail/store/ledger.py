@@ -28,6 +28,7 @@ from qant_mail.store.db import (
     open_store,
     transaction,
 )
+from qant_mail.store.sql import one_at_a_time, row_lock
 from qant_mail.store.subscribers import Status, Subscribers
 
 
@@ -615,7 +616,9 @@ class Ledger:
         now = now_text()
         due = due_at.astimezone(dt.UTC).isoformat()
         with transaction(self.db) as db:
-            row = db.execute("SELECT state FROM schedules WHERE issue = $1", (issue,)).fetchone()
+            row = db.execute(
+                "SELECT state FROM schedules WHERE issue = $1" + row_lock(db), (issue,)
+            ).fetchone()
             if row and row[0] == "running":
                 raise LedgerError(f"{issue} is being sent by `qant-mail run-due` right now")
             db.execute(
@@ -743,6 +746,9 @@ class Ledger:
         outcome ("hard", "soft" or "complaint")."""
         now = now_text()
         with transaction(self.db) as db:
+            # Reports about one reader are read and decided on one at a time: two soft
+            # bounces count twice, a bounce after a complaint leaves the complaint.
+            one_at_a_time(db, f"reader {target.subscriber_id}")
             row = (target.send_id, target.position)
             if kind == "complaint":
                 self._on_row(db, row, "complaint", detail or "abuse", now)

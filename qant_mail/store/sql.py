@@ -10,6 +10,7 @@ written into SQL: values are bound."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -50,6 +51,26 @@ def contains(db: Db, text: str, part: str) -> str:
     the database of `db`."""
     function = "strpos" if db.dialect == "postgresql" else "instr"
     return f"{function}({text}, {part}) > 0"
+
+
+def one_at_a_time(db: Db, *names: str) -> None:
+    """Make the transaction under way the only one, until it ends, to read and decide on
+    what `names` name (a client, an address…): a read-decide-write that holds. SQLite's
+    write transactions already run one at a time; PostgreSQL takes a lock of the
+    transaction for each name, in the order given (callers give them in one order)."""
+    if db.dialect != "postgresql":
+        return
+    for name in names:
+        digest = hashlib.blake2b(name.encode(), digest_size=8, person=b"qant-lock").digest()
+        db.execute(
+            "SELECT pg_advisory_xact_lock($1)", (int.from_bytes(digest, "big", signed=True),)
+        )
+
+
+def row_lock(db: Db) -> str:
+    """Return the clause that locks the rows a SELECT reads until the transaction ends
+    (PostgreSQL's FOR UPDATE; SQLite's write transactions hold the whole database)."""
+    return " FOR UPDATE" if db.dialect == "postgresql" else ""
 
 
 def now_text() -> str:

@@ -22,6 +22,7 @@ from qant_mail.base.config import DEFAULT_NEWSLETTER
 from qant_mail.base.errors import QantError
 from qant_mail.base.files import first_bad_utf8_line, open_text
 from qant_mail.store.db import Db, StoreTarget, now_text, open_store, transaction
+from qant_mail.store.sql import one_at_a_time
 
 MAX_NAME = 200
 # Rows go to the database this many at a time, so that memory does not grow with the file.
@@ -275,6 +276,16 @@ class Subscribers:
         `resubscribe` (with their consent)."""
         address = AddressChecker(test_domains=test_domains).check(email)
         name = _name(name)
+        with transaction(self.db) as db:
+            one_at_a_time(db, f"reader {_hash(address)}")
+            self._add(db, address, name, source, resubscribe)
+        found = self.get(address)
+        assert found is not None
+        return found
+
+    def _add(self, db: Db, address: str, name: str, source: str, resubscribe: bool) -> None:
+        """Add `address` (the transaction's lock on it held): decide on what the store
+        says of it now, then write."""
         existing = self.get(address)
         subscribed = existing is not None and self._subscribed(existing.id)
         now = now_text()
@@ -292,27 +303,19 @@ class Subscribers:
                 f"{existing.email} is {existing.status} (since {existing.status_changed_at}); "
                 "re-activate it with --resubscribe, and only with their consent"
             )
-        with transaction(self.db) as db:
-            db.execute("DELETE FROM suppressions WHERE email_hash = $1", (_hash(address),))
-            db.execute(_INSERT, (address, name, now, now, source))
-            reason = "resubscribed" if subscribed or existing is not None else ""
-            if existing is not None and existing.status in READER_STATUSES:
-                db.execute(
-                    "UPDATE subscribers SET status = 'active', status_changed_at = $1,"
-                    " status_reason = 'resubscribed' WHERE id = $2",
-                    (now, existing.id),
-                )
-            if existing is not None and name:
-                db.execute("UPDATE subscribers SET name = $1 WHERE id = $2", (name, existing.id))
-            (reader,) = db.execute(
-                "SELECT id FROM subscribers WHERE email = $1", (address,)
-            ).fetchone()
+        db.execute("DELETE FROM suppressions WHERE email_hash = $1", (_hash(address),))
+        db.execute(_INSERT, (address, name, now, now, source))
+        reason = "resubscribed" if subscribed or existing is not None else ""
+        if existing is not None and existing.status in READER_STATUSES:
             db.execute(
-                _SUBSCRIBE, (reader, self.newsletter, now, reason, now, source, None, "", None)
+                "UPDATE subscribers SET status = 'active', status_changed_at = $1,"
+                " status_reason = 'resubscribed' WHERE id = $2",
+                (now, existing.id),
             )
-        found = self.get(address)
-        assert found is not None
-        return found
+        if existing is not None and name:
+            db.execute("UPDATE subscribers SET name = $1 WHERE id = $2", (name, existing.id))
+        (reader,) = db.execute("SELECT id FROM subscribers WHERE email = $1", (address,)).fetchone()
+        db.execute(_SUBSCRIBE, (reader, self.newsletter, now, reason, now, source, None, "", None))
 
     def remove(self, email: str) -> Subscriber:
         """Delete a reader and their data (the right to erasure), from every newsletter.
@@ -698,6 +701,8 @@ class Signups:
         reached). Attempts older than a day are forgotten."""
         address = _hash(email)
         with transaction(self.db) as db:
+            # Count, decide, write: one request at a time for a client and an address.
+            one_at_a_time(db, f"signup client {client}", f"signup address {address}")
             db.execute("DELETE FROM signup_attempts WHERE at < $1", (now - 86400,))
             (by_client,) = db.execute(
                 "SELECT count(*) FROM signup_attempts WHERE client = $1 AND at >= $2",
