@@ -97,6 +97,7 @@ BOTH_STORES = {
     "test_signup",
     "test_outbox",
     "test_roads",
+    "test_store_faults",
 }
 
 

@@ -102,6 +102,13 @@ def joined_hint(joined: int, file: Path) -> str:
 
 def hints(report: SendReport, file: Path) -> str:
     """Return what to do next after a run that did not settle everything."""
+    if report.cause:
+        # The database went away mid-send: its counts are for `status` to say once back.
+        return (
+            f"the database could not be used: run `qant-mail send {file}` again once it "
+            f"is back (it goes on where this run stopped); `qant-mail status {file}` then "
+            "says where the send stands"
+        )
     totals = report.totals
     said = []
     waiting = left(totals)

@@ -332,6 +332,9 @@ class Store(Strict):
     # absolute path), or "postgresql://USER@HOST:PORT/DATABASE" (password:
     # QANT_STORE_PASSWORD, or libpq's own PGPASSWORD and ~/.pgpass). Empty: `path`.
     url: Annotated[str, AfterValidator(_store_url)] = ""
+    # How long a sender waits for the database to come back (a server restarting, a
+    # connection cut, a full disk) before it stops, leaving its rows for a re-run.
+    reconnect_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
 
 class Dkim(Strict):

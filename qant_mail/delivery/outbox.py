@@ -18,6 +18,7 @@ delivered by whoever drains the queue: `serve`, `run-due`, a `send`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -26,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qant_mail.audience import tokens
 from qant_mail.base.config import Settings
@@ -41,7 +42,7 @@ from qant_mail.delivery.transport import (
     Transport,
     TransportUnavailable,
 )
-from qant_mail.store.db import Db, StoreTarget, open_store
+from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State, quota_since
 from qant_mail.store.mailqueue import Mail, MailQueue, QueuedMail
 
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     # Imported where a key is used: `cryptography` is a tenth of a render's start-up.
     from qant_mail.authoring.render import RenderedIssue
     from qant_mail.delivery import dkim
+
+_T = TypeVar("_T")
 
 CLAIM_SIZE = 8
 # How often a sender whose work is done looks again at the rows other senders hold.
@@ -205,6 +208,7 @@ class SendReport:
     limited: bool = False  # the run stopped at --limit, by request
     failures: Counter[str] = field(default_factory=Counter)  # why, for the rows failed now
     joined: int = 0  # active subscribers who joined after the send was planned
+    cause: str = ""  # why the run stopped, when a dependency failed (the database)
 
     @property
     def rate(self) -> float:
@@ -225,7 +229,9 @@ class SendReport:
         shown = (State.SENT, State.DEFERRED, State.FAILED, State.UNKNOWN, State.SKIPPED)
         parts = [f"{state.value} {self.done[state]}" for state in shown]
         line = f"{', '.join(parts)} in {self.elapsed:.1f} s ({self.rate:.0f} messages/s)"
-        return line + (f"; stopped: {self.stopped}" if self.stopped else "")
+        if self.stopped:
+            line += f"; stopped: {self.stopped}" + (f" ({self.cause})" if self.cause else "")
+        return line
 
 
 def _exit_code(report: SendReport) -> ExitCode:
@@ -601,15 +607,21 @@ class Outbox:
                 send = self._send_of(ledger, prepared, accept_changes)
                 if new_subscribers:
                     ledger.add_joined(send)
-                ledger.recover(send)
+                ledger.recover(send, starting=self.worker)
                 run = _Run(
                     self, rules, prepared, ledger, send, progress or NoProgress(), limit, stop
                 )
                 report = run.run(wait_for_retries)
-                report.totals = ledger.counts(send)
-                report.joined = ledger.joined_since(send)
-                if not report.remaining and report.totals[State.FAILED] == 0:
-                    ledger.finish(send)
+                try:
+                    report.totals = ledger.counts(send)
+                    report.joined = ledger.joined_since(send)
+                    if not report.remaining and report.totals[State.FAILED] == 0:
+                        ledger.finish(send)
+                except StoreUnavailable:
+                    if not report.cause:
+                        raise
+                    # The run stopped for the database: where the send stands is for
+                    # `qant-mail status` to say once it is back.
                 report.exit_code = _exit_code(report)
         finally:
             ledger.close()
@@ -689,12 +701,19 @@ class _Run:
         self.flushed_at = time.monotonic()
         # Who this sender is among those of the send, and how long its hold on a row
         # lasts without being renewed.
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = outbox.worker
         self.lease = limits.lease_seconds
+        # How long the run waits for the database to come back before it stops.
+        self.patience = settings.store.reconnect_seconds
+        self.store_trouble: str | None = None  # said once an outage, not once a thread
 
     def run(self, wait_for_retries: bool) -> SendReport:
-        self.ledger.join(self.send, self.worker)
-        self._share()  # before the first message: the others may be at work already
+        try:
+            self._stored(lambda: self.ledger.join(self.send, self.worker))
+            self._stored(self._share)  # first: the others may be at work already
+        except StoreUnavailable as err:
+            self._store_gone(err)
+            return self.report
         beating = threading.Event()
         heart = threading.Thread(target=self._heartbeat, args=(beating,), daemon=True)
         heart.start()
@@ -703,7 +722,50 @@ class _Run:
         finally:
             beating.set()
             heart.join()
-            self.ledger.leave(self.send, self.worker)
+            # Not noted, if the database is gone: the lease runs out, the same.
+            with contextlib.suppress(StoreUnavailable):
+                self.ledger.leave(self.send, self.worker)
+
+    def _stored(self, step: Callable[[], _T]) -> _T:
+        """Do a step that needs the store. While the store cannot be used (a server
+        restarting, a connection cut, a full disk), connect again and retry, waiting
+        longer each time, for up to `store.reconnect_seconds`; then raise."""
+        first_failure: float | None = None
+        delay = 0.25
+        while True:
+            try:
+                result = step()
+            except StoreUnavailable as err:
+                self.ledger.close()  # this thread's connection: a new one next time
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure >= self.patience:
+                    raise
+                with self.lock:
+                    said, self.store_trouble = self.store_trouble, str(err)
+                if said is None:
+                    self.progress.note(
+                        f"the database cannot be used now ({err}); trying again for up to "
+                        f"{self.patience:.0f} s"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if first_failure is not None:
+                with self.lock:
+                    back, self.store_trouble = self.store_trouble is not None, None
+                if back:
+                    self.progress.note("the database is back; going on")
+            return result
+
+    def _store_gone(self, err: StoreUnavailable) -> None:
+        """Stop the run: the database has been out of reach for too long. Its rows are
+        left as they are, for the other senders or a re-run."""
+        with self.lock:
+            if self.report.stopped is None:
+                self.report.stopped = "unavailable"
+                self.report.cause = str(err)
+        self.stop.set()
 
     def _heartbeat(self, done: threading.Event) -> None:
         """Renew this sender's hold on its rows, and share the limits with the senders
@@ -713,7 +775,9 @@ class _Run:
                 try:
                     self._share()
                 except (QantError, OSError) as err:
-                    # A missed beat costs at most a row sent twice, after the lease: go on.
+                    # A missed beat costs at most a row sent twice, after the lease; the
+                    # next beat connects anew.
+                    self.ledger.close()
                     self.progress.note(f"could not renew the lease: {err}")
         finally:
             self.ledger.close()  # this thread's connection
@@ -726,46 +790,54 @@ class _Run:
 
     def _run(self, wait_for_retries: bool) -> SendReport:
         start = time.monotonic()
-        counts = self.ledger.counts(self.send)
-        total = counts[State.PENDING] + counts[State.DEFERRED]
-        self.progress.start(min(total, self.budget) if self.budget is not None else total)
         try:
-            while not self.stop.is_set():
-                self._round()
-                if self.report.stopped:
-                    break
-                due = self.ledger.next_retry(self.send)
-                # Rows other senders hold: done by them, or, if one died, ours after
-                # its lease runs out.
-                held = self.ledger.next_release(self.send, self.worker)
-                wake = min((t for t in (due, held) if t is not None), default=None)
-                if wake is None or not wait_for_retries or self.budget == 0:
-                    break
-                delay = max(0.0, wake - time.time())
-                if due is not None and wake == due:
-                    waiting = self.ledger.counts(self.send)[State.DEFERRED]
-                    self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
-                if held is not None:
-                    # Another sender's lease is renewed while it lives: look again soon,
-                    # for the end of its work (or of it).
-                    delay = min(delay, HELD_POLL)
-                self.stop.wait(delay)
+            self._rounds(wait_for_retries)
         except KeyboardInterrupt:
             self.stop.set()
             self.report.stopped = "interrupted"
             self._join()
+        except StoreUnavailable as err:
+            self._store_gone(err)
+            self._join()
         if self.stop.is_set() and self.report.stopped is None:
             self.report.stopped = "interrupted"
-        for minute, messages in self._quota_to_flush(None).items():
-            self.ledger.count_quota(minute, messages)
+        with contextlib.suppress(StoreUnavailable):  # a second's counts, when it is gone
+            for minute, messages in self._quota_to_flush(None).items():
+                self._stored(functools.partial(self.ledger.count_quota, minute, messages))
         self.report.elapsed = time.monotonic() - start
         self.report.done = +self.done
         self.report.failures = self.reasons
         self.report.limited = self.budget == 0
         return self.report
 
+    def _rounds(self, wait_for_retries: bool) -> None:
+        """Send what is due, round after round, until nothing is left or waits."""
+        counts = self._stored(lambda: self.ledger.counts(self.send))
+        total = counts[State.PENDING] + counts[State.DEFERRED]
+        self.progress.start(min(total, self.budget) if self.budget is not None else total)
+        while not self.stop.is_set():
+            self._round()
+            if self.report.stopped:
+                break
+            due = self._stored(lambda: self.ledger.next_retry(self.send))
+            # Rows other senders hold: done by them, or, if one died, ours after its
+            # lease runs out.
+            held = self._stored(lambda: self.ledger.next_release(self.send, self.worker))
+            wake = min((t for t in (due, held) if t is not None), default=None)
+            if wake is None or not wait_for_retries or self.budget == 0:
+                break
+            delay = max(0.0, wake - time.time())
+            if due is not None and wake == due:
+                waiting = self._stored(lambda: self.ledger.counts(self.send))[State.DEFERRED]
+                self.progress.note(f"{waiting} deferred; next try in {delay:.0f} s")
+            if held is not None:
+                # Another sender's lease is renewed while it lives: look again soon, for
+                # the end of its work (or of it).
+                delay = min(delay, HELD_POLL)
+            self.stop.wait(delay)
+
     def _round(self) -> None:
-        counts = self.ledger.counts(self.send)
+        counts = self._stored(lambda: self.ledger.counts(self.send))
         due = counts[State.PENDING] + counts[State.DEFERRED]
         workers = max(1, min(self.settings.smtp.connections, due))
         self.gave_up = 0
@@ -800,9 +872,10 @@ class _Run:
                 size = self._take_budget(CLAIM_SIZE)
                 if size == 0:
                     return
-                claimed, skipped = self.ledger.claim(
-                    self.send, size, worker=self.worker, lease=self.lease
+                claim = functools.partial(
+                    self.ledger.claim, self.send, size, worker=self.worker, lease=self.lease
                 )
+                claimed, skipped = self._stored(claim)
                 self._give_back_budget(size - len(claimed) - len(skipped))
                 for position in skipped:
                     self._count(position, State.SKIPPED, "left the list")
@@ -813,10 +886,15 @@ class _Run:
                     claimed.pop(0)
                     if connection is None:
                         return
+        except StoreUnavailable as err:
+            self._store_gone(err)
         finally:
             try:
-                if claimed:
-                    self.ledger.release(self.send, [d.position for d in claimed])
+                # With the database gone, the rows stay held: the lease, or the re-run's
+                # recovery, gives them back.
+                with contextlib.suppress(StoreUnavailable):
+                    if claimed:
+                        self.ledger.release(self.send, [d.position for d in claimed])
                 if connection is not None:
                     connection.close()
                 self.ledger.close()
@@ -844,7 +922,7 @@ class _Run:
                     "run again tomorrow to go on"
                 )
                 self.stop.set()
-            self.ledger.release(self.send, [row.position])
+            self._stored(lambda: self.ledger.release(self.send, [row.position]))
             return connection
         try:
             envelope = self.rules.return_path(
@@ -920,15 +998,18 @@ class _Run:
         bounce: bool = False,
         attempt: bool = True,
     ) -> None:
-        self.ledger.record(
-            self.send,
-            row.position,
-            state,
-            reply,
-            attempt=attempt,
-            retry_at=retry_at,
-            quota=self._quota_to_flush(minute) if minute is not None else None,
-            bounce=row.subscriber_id if bounce else None,
+        quota = self._quota_to_flush(minute) if minute is not None else None
+        self._stored(
+            lambda: self.ledger.record(
+                self.send,
+                row.position,
+                state,
+                reply,
+                attempt=attempt,
+                retry_at=retry_at,
+                quota=quota,
+                bounce=row.subscriber_id if bounce else None,
+            )
         )
         self._count(row.position, state, reply)
 

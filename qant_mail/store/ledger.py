@@ -279,15 +279,17 @@ class Ledger:
         rather than one process holding the send's lock (SQLite)."""
         return self.db.dialect == "postgresql"
 
-    def recover(self, send: Send, now: float | None = None) -> int:
+    def recover(self, send: Send, now: float | None = None, *, starting: str = "") -> int:
         """Put back the rows a killed run left `sending`; return how many. Shared, only
-        those whose lease has run out, or whose sender was a process of this host that
-        is gone: the others belong to senders at work."""
+        those whose lease has run out, whose sender was a process of this host that is
+        gone, or the sender `starting` itself (a new run of it has none in flight): the
+        others belong to senders at work."""
         # (Only PostgreSQL is shared: its words, an array parameter.)
         lease = " AND (lease_until < $3 OR worker = ANY($4))" if self.shared else ""
         parameters: tuple[object, ...] = (now_text(), send.id)
         if self.shared:
-            parameters += (time.time() if now is None else now, self._gone_here(send))
+            gone = [*self._gone_here(send), starting]
+            parameters += (time.time() if now is None else now, gone)
         cursor = self.db.execute(
             "UPDATE deliveries SET state = 'pending', worker = '', updated_at = $1"
             " WHERE send_id = $2 AND state = 'sending'" + lease,
