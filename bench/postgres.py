@@ -10,7 +10,8 @@ round and printing medians:
 - the ledger's own cost per message (claim a batch, record each reply), with a transport
   that discards: how much PostgreSQL's claims cost beside SQLite's;
 - importing a CSV of R rows (PostgreSQL: COPY), and planning a run of all of them (one
-  INSERT … SELECT);
+  INSERT … SELECT); each round prints PostgreSQL's time over SQLite's for the ledger, the
+  import and the plan, against issue #18's bounds (1.2x, 1.5x, 2x);
 - the peak memory of a sender for M recipients against that for 10,000 (discarding
   transport, in a child process each).
 
@@ -159,26 +160,58 @@ def main() -> None:
         server.terminate()
 
 
+# Issue #18's bounds on PostgreSQL's time beside SQLite's, measured in the same round.
+BOUNDS = {"ledger": 1.2, "import": 1.5, "plan": 2.0}
+
+
 def measure(options: argparse.Namespace, pg: Path, port: int) -> None:
     readers, rows, rounds = options.readers, options.rows, options.rounds
     runs: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {name: [] for name in BOUNDS}
+    csv = Path(tempfile.mkdtemp()) / "rows.csv"
+    with csv.open("w") as out:
+        out.write("email,name\n")
+        for n in range(rows):
+            out.write(f"reader{n}@example.com,Lecteur {n}\n")
     cases = [("sqlite", 1), ("postgresql", 1), ("postgresql", 3)]
-    for _ in range(rounds):  # interleaved: one of each per round
+    for number in range(1, rounds + 1):  # interleaved: one of each per round
         for kind, senders in cases:
             store = new_store(kind, pg)
             fill(store, readers)
             rate = send_processes(project(store, port), senders)
             runs.setdefault(f"send {readers:,}, {kind}, {senders} sender(s)", []).append(rate)
+        seconds: dict[str, dict[str, float]] = {}
         for kind in ("sqlite", "postgresql"):
             store = new_store(kind, pg)
             fill(store, readers)
-            result = run_child("ledger", store, "-")
-            runs.setdefault(f"ledger only, {kind}", []).append(result["rate"])
-    print(f"{'figure (median of ' + str(rounds) + ' interleaved rounds)':52s} {'msg/s':>10s}")
-    for label, values in runs.items():
-        print(f"{label:52s} {statistics.median(values):10,.0f}")
-    sqlite_ledger = statistics.median(runs["ledger only, sqlite"])
-    pg_ledger = statistics.median(runs["ledger only, postgresql"])
+            rate = run_child("ledger", store, "-")["rate"]
+            runs.setdefault(f"ledger only, {kind} (msg/s)", []).append(rate)
+            store = new_store(kind, pg)
+            imported = run_child("import", store, str(csv))["seconds"]
+            planned = run_child("plan", store, "-")["seconds"]
+            runs.setdefault(f"import {rows:,}, {kind} (s)", []).append(imported)
+            runs.setdefault(f"plan {rows:,}, {kind} (s)", []).append(planned)
+            seconds[kind] = {"ledger": 1 / rate, "import": imported, "plan": planned}
+        said = []
+        for name in BOUNDS:
+            ratio = seconds["postgresql"][name] / seconds["sqlite"][name]
+            ratios[name].append(ratio)
+            said.append(f"{name} {ratio:.2f}x")
+        print(f"round {number}: PostgreSQL's time / SQLite's: " + ", ".join(said), flush=True)
+    label = f"figure (median of {rounds} interleaved rounds)"
+    print(f"{label:52s} {'median':>10s}")
+    for name, values in runs.items():
+        print(f"{name:52s} {statistics.median(values):10,.2f}")
+    for name, bound in BOUNDS.items():
+        middle = statistics.median(ratios[name])
+        verdict = "within" if middle <= bound else "OVER"
+        print(
+            f"{name}: PostgreSQL takes {middle:.2f}x SQLite's time (rounds: "
+            + ", ".join(f"{r:.2f}" for r in ratios[name])
+            + f"); bound {bound}x: {verdict}"
+        )
+    sqlite_ledger = statistics.median(runs["ledger only, sqlite (msg/s)"])
+    pg_ledger = statistics.median(runs["ledger only, postgresql (msg/s)"])
     print(
         f"ledger cost per message: SQLite {1e6 / sqlite_ledger:.0f} µs, PostgreSQL "
         f"{1e6 / pg_ledger:.0f} µs (composing included in both)"
@@ -186,21 +219,6 @@ def measure(options: argparse.Namespace, pg: Path, port: int) -> None:
     one = statistics.median(runs[f"send {readers:,}, postgresql, 1 sender(s)"])
     three = statistics.median(runs[f"send {readers:,}, postgresql, 3 sender(s)"])
     print(f"three senders / one on PostgreSQL: {three / one:.2f}x")
-
-    csv = Path(tempfile.mkdtemp()) / "rows.csv"
-    with csv.open("w") as out:
-        out.write("email,name\n")
-        for n in range(rows):
-            out.write(f"reader{n}@example.com,Lecteur {n}\n")
-    for kind in ("sqlite", "postgresql"):
-        store = new_store(kind, pg)
-        imported = run_child("import", store, str(csv))
-        planned = run_child("plan", store, "-")
-        print(
-            f"{kind:10s} import {rows:,} rows: {imported['seconds']:.1f} s "
-            f"({imported['peak_mb']:.0f} MB peak); plan a run of {planned['planned']:,.0f}: "
-            f"{planned['seconds']:.1f} s"
-        )
     many = options.memory_rows
     for kind in ("sqlite", "postgresql"):
         small, big = new_store(kind, pg), new_store(kind, pg)

@@ -40,7 +40,7 @@ def test_addresses_are_unique_whatever_their_case(store: Subscribers) -> None:
         store.add("jean.dupont@example.COM")
     found = store.get("JEAN.DUPONT@EXAMPLE.COM")
     assert found is not None
-    assert found.email == "Jean.Dupont@example.com"  # the domain in lower case, the rest as given
+    assert found.email == "jean.dupont@example.com"  # one reader: stored in lower case
 
 
 def test_status_changes_record_when_and_why(store: Subscribers) -> None:

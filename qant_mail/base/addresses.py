@@ -23,10 +23,13 @@ class AddressError(QantError, ValueError):
 def normalise_address(value: str, *, test_domains: bool = False) -> str:
     """Return `value` as it is stored and sent, or raise `AddressError` saying why.
 
-    An international domain is accepted and written in its ASCII form (IDNA: bücher.de
-    becomes xn--bcher-kva.de), which every relay understands and which makes one mailbox
-    one row. A non-ASCII local part is refused: it needs SMTPUTF8 from end to end, which
-    few relays offer. `test_domains` lets the reserved `.test` names through (tests)."""
+    An address is stored in lower case (what mail systems match on: Lea@Example.com
+    and lea@example.com are one reader), so that both databases compare addresses as
+    plain text. An international domain is accepted and written in its ASCII form (IDNA:
+    bücher.de becomes xn--bcher-kva.de), which every relay understands and which makes
+    one mailbox one row. A non-ASCII local part is refused: it needs SMTPUTF8 from end to
+    end, which few relays offer. `test_domains` lets the reserved `.test` names through
+    (tests)."""
     _refuse_controls(value, "address")
     # Imported here: its tables take 25 ms to build, which every command would pay.
     from email_validator import EmailNotValidError, validate_email
@@ -44,8 +47,16 @@ def normalise_address(value: str, *, test_domains: bool = False) -> str:
             f"{_shown(value.strip())} needs SMTPUTF8 (non-ASCII before the @), which "
             "relays rarely carry"
         )
-    local, _, domain = checked.ascii_email.rpartition("@")
-    return f"{local}@{domain.lower()}"
+    return canonical(checked.ascii_email)
+
+
+def canonical(address: str) -> str:
+    """Return the form an address is stored and looked up in: stripped, in lower case
+    (ASCII letters only: a stored address is ASCII, its domain in IDNA form)."""
+    return address.strip().translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _refuse_controls(value: str, what: str) -> None:
@@ -116,4 +127,4 @@ class AddressChecker:
         ascii_domain, reason = known
         if ascii_domain is None:
             raise AddressError(f"{_shown(address)} is not a valid address: {reason}")
-        return f"{local}@{ascii_domain}"
+        return canonical(f"{local}@{ascii_domain}")

@@ -177,6 +177,30 @@ _CLAIM = (
 )
 
 
+# One claiming step on PostgreSQL (its words): the rows that meet `condition`, in `order`,
+# that no other sender holds, marked sending, or skipped (with why) when their reader
+# left since the plan. Parameters: $1 the newsletter, $2 the send, $3 now, $4 how many,
+# $5 the sender, $6 its lease, $7 the time written.
+_CLAIM_SHARED = (
+    "WITH picked AS (SELECT d.position, d.subscriber_id IS NOT NULL AS known,"
+    " CASE WHEN s.status != 'active' THEN s.status ELSE b.status END AS standing"
+    " FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
+    " LEFT JOIN subscriptions b ON b.subscriber_id = d.subscriber_id AND b.newsletter = $1"
+    " WHERE d.send_id = $2 AND {condition} ORDER BY {order} LIMIT $4"
+    " FOR UPDATE OF d SKIP LOCKED)"
+    " UPDATE deliveries d SET"
+    " state = CASE WHEN p.standing = 'active' THEN 'sending' ELSE 'skipped' END,"
+    " worker = CASE WHEN p.standing = 'active' THEN $5 ELSE '' END,"
+    " lease_until = $6, updated_at = $7,"
+    " last_reply = CASE WHEN p.standing = 'active' THEN d.last_reply"
+    " ELSE 'not sent: the subscriber is ' || coalesce(p.standing,"
+    " CASE WHEN p.known THEN 'not subscribed' ELSE 'no longer on the list' END) END"
+    " FROM picked p WHERE d.send_id = $2 AND d.position = p.position"
+    " RETURNING d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts,"
+    " d.last_reply"
+)
+
+
 class Ledger:
     """The ledger of the database at `path`; each thread gets its own connection."""
 
@@ -384,28 +408,21 @@ class Ledger:
         """Mark up to `limit` due rows `sending` and return them, with the positions of
         those skipped because their subscriber left the list since the send started."""
         now = time.time() if now is None else now
+        if self.shared:
+            return self._claim_shared(send, limit, now, worker, lease)
+        # Due retries first, then the next pending rows in list order: two queries that
+        # each walk an index, where one with OR would sort the whole send. SQLite's BEGIN
+        # IMMEDIATE lets one claim at a time.
         with transaction(self.db) as db:
-            # Due retries first, then the next pending rows in list order: two queries
-            # that each walk an index, where one with OR would sort the whole send.
-            # SQLite's BEGIN IMMEDIATE already lets one claim at a time; PostgreSQL lets
-            # several senders claim at once, each skipping the rows another holds.
-            lock = " FOR UPDATE OF d SKIP LOCKED" if db.dialect == "postgresql" else ""
             rows = db.execute(
                 _CLAIM + " AND d.state = 'deferred' AND d.next_attempt_at <= $3"
-                " ORDER BY d.next_attempt_at LIMIT $4" + lock,
+                " ORDER BY d.next_attempt_at LIMIT $4",
                 (send.newsletter, send.id, now, limit),
             ).fetchall()
             if len(rows) < limit:
                 rows += db.execute(
-                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT $3" + lock,
+                    _CLAIM + " AND d.state = 'pending' ORDER BY d.position LIMIT $3",
                     (send.newsletter, send.id, limit - len(rows)),
-                ).fetchall()
-            if len(rows) < limit and lock:
-                # The rows of a sender that died: their lease ran out, nobody renews it.
-                rows += db.execute(
-                    _CLAIM + " AND d.state = 'sending' AND d.lease_until < $3"
-                    " ORDER BY d.position LIMIT $4" + lock,
-                    (send.newsletter, send.id, now, limit - len(rows)),
                 ).fetchall()
             stamp = now_text()
             claimed: list[Delivery] = []
@@ -430,6 +447,37 @@ class Ledger:
                 skipped,
             )
         return claimed, [position for _, _, _, position in skipped]
+
+    def _claim_shared(
+        self, send: Send, limit: int, now: float, worker: str, lease: float
+    ) -> tuple[list[Delivery], list[int]]:
+        """Claim as `claim` does, in PostgreSQL's words: each step one statement that
+        picks rows no other sender holds (SKIP LOCKED), marks them and returns them: due
+        retries first, then pending rows in list order, then the rows of a sender whose
+        lease ran out (it died). No transaction of several round trips around it."""
+        claimed: list[Delivery] = []
+        skipped: list[int] = []
+        steps = (
+            ("d.state = 'deferred' AND d.next_attempt_at <= $3", "d.next_attempt_at"),
+            ("d.state = 'pending'", "d.position"),
+            ("d.state = 'sending' AND d.lease_until < $3", "d.position"),
+        )
+        stamp = now_text()
+        for condition, order in steps:
+            wanted = limit - len(claimed) - len(skipped)
+            if wanted <= 0:
+                break
+            for position, sub_id, email, name, state, attempts, reply in self.db.execute(
+                _CLAIM_SHARED.format(condition=condition, order=order),
+                (send.newsletter, send.id, now, wanted, worker, now + lease, stamp),
+            ):
+                if state == State.SENDING:
+                    claimed.append(
+                        Delivery(position, sub_id, email, name, State.SENDING, attempts, reply)
+                    )
+                else:
+                    skipped.append(position)
+        return claimed, skipped
 
     def record(
         self,

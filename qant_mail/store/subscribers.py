@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from qant_mail.base.addresses import AddressChecker, AddressError, check_display_name
+from qant_mail.base.addresses import AddressChecker, AddressError, canonical, check_display_name
 from qant_mail.base.config import DEFAULT_NEWSLETTER
 from qant_mail.base.errors import QantError
 from qant_mail.base.files import first_bad_utf8_line, open_text
@@ -170,7 +170,7 @@ class Subscribers:
     def get(self, email: str) -> Subscriber | None:
         """Return the reader with this address (any case), if any."""
         row = self.db.execute(
-            f"{_VIEW} WHERE s.email = $2", (self.newsletter, email.strip())
+            f"{_VIEW} WHERE s.email = $2", (self.newsletter, canonical(email))
         ).fetchone()
         return _subscriber(row) if row else None
 
@@ -547,7 +547,7 @@ class Subscribers:
                 " status_changed_at, created_at, source) SELECT s.id, $1, 'active', $2, $2, $3"
                 " FROM incoming i JOIN subscribers s ON s.email = i.email"
                 " WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM subscriptions b"
-                " WHERE b.subscriber_id = s.id AND b.newsletter = $1) ORDER BY i.line",
+                " WHERE b.subscriber_id = s.id AND b.newsletter = $1)",
                 (self.newsletter, now, source),
             ).rowcount
             db.execute("DELETE FROM incoming")
@@ -580,12 +580,12 @@ _INCOMING = {
         " name TEXT NOT NULL, line INTEGER NOT NULL, email_hash TEXT NOT NULL)"
     ),
     "postgresql": (
-        "CREATE TEMP TABLE IF NOT EXISTS incoming (email CITEXT PRIMARY KEY,"
+        'CREATE TEMP TABLE IF NOT EXISTS incoming (email TEXT COLLATE "C" PRIMARY KEY,'
         " name TEXT NOT NULL, line BIGINT NOT NULL, email_hash TEXT NOT NULL)"
     ),
 }
 _INCOMING_RAW = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_raw (email CITEXT NOT NULL,"
+    'CREATE TEMP TABLE IF NOT EXISTS incoming_raw (email TEXT COLLATE "C" NOT NULL,'
     " name TEXT NOT NULL, line BIGINT NOT NULL, email_hash TEXT NOT NULL)"
 )
 
