@@ -341,3 +341,21 @@ def test_a_hundred_unsubscribes_to_two_serve_processes_during_a_send(
     assert found is not None
     assert ledger.counts(found)[State.SKIPPED] == 100
     ledger.close()
+
+
+def test_a_store_that_cannot_be_used_answers_503_and_names_nothing(
+    project_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A store whose folder is a file: it cannot even be created.
+    (tmp_path / "blocked").write_text("not a folder")
+    broken = Context(project_settings, secret=SECRET, store=tmp_path / "blocked" / "s.db")
+    client = TestClient(create_app(broken, None, drain=False))
+    token = tokens.make(SECRET, 1, "lea@example.com")
+    for method, path in (("GET", f"/unsubscribe/{token}"), ("POST", f"/unsubscribe/{token}")):
+        answer = client.request(method, path, content=b"List-Unsubscribe=One-Click")
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "60"
+        assert "Traceback" not in answer.text
+        assert "blocked" not in answer.text
+    assert client.get("/healthz").status_code == 503
+    assert "blocked" in caplog.text  # the operator's log says which store

@@ -233,7 +233,18 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
     ]
     if archive is not None:
         routes.append(Mount("/", StaticFiles(directory=archive, html=True), name="archive"))
-    return Starlette(routes=routes, lifespan=lifespan)
+
+    async def unavailable(request: Request, err: Exception) -> Response:
+        # The store cannot be used now (a server restarting, a full disk): said plainly,
+        # with when to try again; the operator's log has why.
+        log.error("%s %s: %s", request.method, request.url.path, err)
+        return PlainTextResponse(
+            "unavailable for a moment; try again in a minute\n",
+            status_code=503,
+            headers={**_HEADERS, "Retry-After": "60"},
+        )
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={QantError: unavailable})
 
 
 async def _form(request: Request) -> list[tuple[str, str]] | Response:
