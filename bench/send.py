@@ -114,7 +114,7 @@ def rendered_sample(settings: Settings) -> RenderedIssue:
 class _Discard:
     """A transport that accepts and forgets: the pipeline without SMTP."""
 
-    description = "nowhere"
+    description = relay = "nowhere"
 
     def connect(self) -> _Discard:
         return self

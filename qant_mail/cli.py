@@ -11,7 +11,7 @@ import signal
 import sys
 import traceback
 import zoneinfo
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -444,6 +444,8 @@ def status(
     of = f" ({send.newsletter})" if len(settings.editions) > 1 else ""
     typer.echo(f"{send.issue}{of}: “{send.subject}”, planned {send.created_at}")
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
+    if found.relays:
+        typer.echo(f"  carried by {_carried(found.relays)}")
     for name, started, alive, held in found.senders:
         doing = f"at work, holding {held}" if alive else "gone"
         typer.echo(f"  sender {name}: since {_when(started)}, {doing}")
@@ -505,6 +507,7 @@ def sends(
     header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []), "started (UTC)")
     header += ("finished", "readers", "sent")
     header += ("failed", "unknown", "left", "bounced", "complaints", "unsubscribed")
+    header += ("carried by",)
     rows = [header]
     for summary in found:
         send, counts = summary.send, summary.counts
@@ -520,12 +523,13 @@ def sends(
                     str, (counts[State.UNKNOWN], left(counts), summary.bounced, summary.complaints)
                 ),
                 str(summary.unsubscribed),
+                _carried(summary.relays) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         cells = [
-            cell.ljust(width) if i < 3 + several else cell.rjust(width)
+            cell.ljust(width) if i < 3 + several or i == len(header) - 1 else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         typer.echo("  ".join(cells).rstrip())
@@ -621,7 +625,13 @@ def _summary_json(summary: SendSummary) -> dict[str, object]:
         "soft_bounced": summary.soft_bounced,
         "complaints": summary.complaints,
         "unsubscribed": summary.unsubscribed,
+        "relays": summary.relays,
     }
+
+
+def _carried(relays: Mapping[str, int]) -> str:
+    """Say which relay took how many messages: "smtp.example.com:587 1200, …"."""
+    return ", ".join(f"{relay} {number}" for relay, number in relays.items())
 
 
 def _status_json(found: SendStatus) -> dict[str, object]:
@@ -646,6 +656,7 @@ def _status_json(found: SendStatus) -> dict[str, object]:
         "bounced": found.bounced,
         "soft_bounced": found.soft_bounced,
         "complaints": found.complaints,
+        "relays": found.relays,
         "rows": {
             state.value: [
                 {"email": r.email, "reply": r.last_reply, "attempts": r.attempts} for r in rows

@@ -30,6 +30,8 @@ class Behaviour:
     close_after_reject: bool = False  # close the connection after a 5.1.1
     error_limit: int = 0  # Postfix's smtpd_hard_error_limit: close after N errors
     pipelining: bool = True
+    greeting: str = "220 faulty.test ESMTP"  # "421 …": refuses every connection
+    stop_after_messages: int = 0  # the server stops (as if killed) after N messages
 
 
 @dataclass
@@ -54,6 +56,7 @@ class FaultyServer:
     errors: int = 0
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def recipients(self) -> Counter[str]:
         """Return how many messages each address received."""
@@ -71,11 +74,13 @@ class _Session(socketserver.StreamRequestHandler):
             state.connections += 1
         sender, refused, messages, errors = "", 0, 0, 0
         recipients: list[str] = []
-        self.reply("220 faulty.test ESMTP")
+        self.reply(rules.greeting)
+        if not rules.greeting.startswith("220"):
+            return
         while True:
             line = self.rfile.readline(4096)
-            if not line:
-                return
+            if not line or state.stopped.is_set():
+                return  # a stopped server answers nothing more: the connection drops
             command = line.decode("ascii", "replace").strip()
             verb = command[:4].upper()
             if verb in ("EHLO", "HELO"):
@@ -157,9 +162,18 @@ class _Session(socketserver.StreamRequestHandler):
                 time.sleep(rules.trickle_after_data)
                 if not self.reply("250-still thinking"):
                     return False
+        if state.stopped.is_set():
+            return False  # stopped while the message came in: no verdict
         if rules.final_reply.startswith("2"):
             with state.lock:
                 state.received.append(Received(sender, list(recipients), data))
+                accepted = len(state.received)
+            if rules.stop_after_messages and accepted >= rules.stop_after_messages:
+                self.reply(rules.final_reply)
+                state.stopped.set()
+                # Off this thread: shutdown() waits for the serving loop.
+                threading.Thread(target=self.server.stop, daemon=True).start()
+                return False
         self.reply(rules.final_reply)
         return True
 
@@ -193,8 +207,16 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def __init__(self, state: FaultyServer) -> None:
         self.state = state
+        self.closed = False
         super().__init__((state.host, 0), _Session)
         state.port = self.server_address[1]
+
+    def stop(self) -> None:
+        """Stop listening: new connections are refused, as by a relay that is down."""
+        if not self.closed:
+            self.closed = True
+            self.shutdown()
+            self.server_close()
 
 
 @dataclass
@@ -212,8 +234,8 @@ class FaultyServerFactory:
 
     def stop(self) -> None:
         for server in self.servers:
-            server.shutdown()
-            server.server_close()
+            server.state.stopped.set()
+            server.stop()
 
 
 @pytest.fixture

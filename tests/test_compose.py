@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import random
 import re
@@ -200,3 +201,20 @@ def test_no_header_line_is_longer_than_78(template: MessageTemplate) -> None:
     head = message.split(b"\r\n\r\n", 1)[0]
     assert max(len(line) for line in head.split(b"\r\n")) <= 78
     assert b"List-Unsubscribe:\r\n <https://" in head
+
+
+def test_control_characters_never_reach_a_header(
+    sample_rendered: RenderedIssue, settings: Settings
+) -> None:
+    """Settings refuse them; values that come another way (built in code, a future
+    source) are still stripped at the last step."""
+    newsletter = settings.newsletter.model_copy(update={"name": "Qa\x07nt\r\nBcc: x"})
+    sender = settings.sender.model_copy(update={"name": "Ré\x1bdaction\tQant"})
+    hostile = dataclasses.replace(settings, newsletter=newsletter, sender=sender)
+    composed = MessageTemplate(sample_rendered, hostile, secret=SECRET, issue_key="2023-11-20")
+    head = composed.personalise(Recipient("lea@example.com", "", 7)).split(b"\r\n\r\n", 1)[0]
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", head)
+    assert b"\nBcc:" not in head
+    message = parse(composed.personalise(Recipient("lea@example.com", "", 7)))
+    assert message["List-Id"] == "Qant Bcc: x <lettre.qant.example>"
+    assert message["From"] == "Rédaction Qant <lettre@qant.example>"

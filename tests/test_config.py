@@ -101,3 +101,22 @@ def test_settings_file_is_found_in_a_parent_folder(project: Path) -> None:
 def test_no_settings_file_says_how_to_fix_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config"):
         find_config(tmp_path, env={})
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ('name = "Qant"', 'name = "Qant\\u0007"', "newsletter.name: the text 'Qant\\x07' contains"),
+        ('name = "Qant"', 'name = "Qant\\r\\nBcc: x@evil.example"', "contains a line break"),
+        ("[newsletter]\n", '[newsletter]\nlist_id = "qant news <x>"\n', "newsletter.list_id"),
+    ],
+    ids=["control character", "line break", "list id"],
+)
+def test_a_value_that_would_reach_a_header_is_one_clean_line(
+    project: Path, setting: str, value: str, says: str
+) -> None:
+    path = project / "qant.toml"
+    path.write_text(path.read_text().replace(setting, value, 1))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert says in str(caught.value)

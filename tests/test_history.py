@@ -71,13 +71,15 @@ def test_sends_prints_a_table_and_json(local: Settings, smtp_server: SmtpServer,
     table = cli("sends").stdout.splitlines()
     assert table[0].split() == [
         *("issue", "started", "(UTC)", "finished", "readers", "sent", "failed", "unknown"),
-        *("left", "bounced", "complaints", "unsubscribed"),
+        *("left", "bounced", "complaints", "unsubscribed", "carried", "by"),
     ]
+    relay = f"{smtp_server.host}:{smtp_server.port}"
     assert table[1].split()[0] == "2023-11-20"
-    assert table[1].split()[-8:] == ["3", "3", "0", "0", "0", "0", "0", "0"]
+    assert table[1].split()[-10:] == ["3", "3", "0", "0", "0", "0", "0", "0", relay, "3"]
     data = json.loads(cli("sends", "--json").stdout)
     assert data[0]["issue"] == "2023-11-20"
     assert data[0]["counts"]["sent"] == 3
+    assert data[0]["relays"] == {relay: 3}
     assert data[0]["finished_at"] is not None
 
 

@@ -21,6 +21,7 @@ from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Images, Settings
 from qant_mail.delivery.compose import MessageTemplate, Recipient
 from tests.conftest import check
+from tests.isolated import run_cli
 
 WriteIssue = Callable[..., Path]
 
@@ -180,3 +181,20 @@ def test_a_gif_is_sent_as_it_is(project: Path, project_settings: Settings) -> No
     gif = next(a for a in rendered.assets if a.name == "anime.gif")
     assert gif.path == gif.source
     assert gif.path.exists()
+
+
+def test_a_cache_that_cannot_be_written_is_named_not_the_image(
+    project: Path, project_settings: Settings, write_issue: WriteIssue
+) -> None:
+    photo(project / "issues" / "bruit.jpg", 1104, 1400, noise=True)
+    path = write_issue(
+        "subject: S\npreheader: P\nsections:\n  - event:\n"
+        "      title: T\n      image: {src: bruit.jpg, alt: Du bruit}\n"
+    )
+    (project / ".cache").write_text("a file where the cache folder should be")
+    outcome = run_cli(["check", str(path)], cwd=project)
+    assert outcome.traceback == ""
+    assert outcome.exit_code != 0
+    assert f"{project / '.cache' / 'images'}: cannot write the image cache" in outcome.stderr
+    assert "[paths] cache" in outcome.stderr
+    assert "bruit.jpg" not in outcome.stderr

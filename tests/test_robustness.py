@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import signal
+import smtplib
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from qant_mail.app import sending
 from qant_mail.app.context import Context
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
+from qant_mail.delivery.inbox import Inbox
+from qant_mail.delivery.transport import MaildirTransport
 from qant_mail.store import schema
 from qant_mail.store.db import StoreUnavailable, open_store
 from qant_mail.store.ledger import Ledger, State
@@ -320,3 +323,35 @@ def test_a_full_disk_is_an_error_and_changes_nothing(disk: Disk) -> None:
         store.import_rows(rows, "too many")
     assert [s.email for s in store.all()] == ["first@example.com"]
     store.close()
+
+
+def test_the_local_inbox_answers_a_full_disk_with_a_temporary_452(disk: Disk) -> None:
+    """A full disk is temporary: the sender keeps the message and tries again, and no
+    copy is left for half of the recipients (all copies or none)."""
+    line = b"texte " * 16 + b"\r\n"  # 98 bytes: 1,300 lines make a 127 kB message
+    message = b"From: a@qant.example\r\nSubject: x\r\n\r\n" + line * 1300
+    folder = disk.mount / "inbox"
+    with Inbox(folder, port=0) as inbox:
+        filler = disk.mount / "filler"
+        _fill(filler, leaving=180 * 1024)  # room for one copy, not two
+        with smtplib.SMTP("127.0.0.1", inbox.port, timeout=10) as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("a@qant.example", ["r1@example.com", "r2@example.com"], message)
+            assert refused.value.smtp_code == 452
+            assert "4.3.1" in str(refused.value.smtp_error)
+        assert not any((folder / "new").iterdir())
+        assert not any((folder / "tmp").iterdir())
+        filler.unlink()
+        with smtplib.SMTP("127.0.0.1", inbox.port, timeout=10) as client:
+            client.sendmail("a@qant.example", ["r1@example.com", "r2@example.com"], message)
+        assert len(list((folder / "new").iterdir())) == 2
+    connection = MaildirTransport(folder).connect()
+    _fill(filler, leaving=60 * 1024)
+    reply = connection.send("a@qant.example", "r3@example.com", message)
+    assert (reply.code, reply.text[:5]) == (452, "4.3.1")
+
+
+def _fill(path: Path, *, leaving: int) -> None:
+    """Write `path` so that its file system has `leaving` bytes left."""
+    stats = os.statvfs(path.parent)
+    path.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leaving))

@@ -62,7 +62,8 @@ def plan(ctx: Context, prepared: Prepared, *, new_subscribers: bool = False) -> 
     the send was planned), without changing anything; refuse what the rules forbid."""
     outbox = ctx.outbox
     signing = outbox.check(outbox.rules(prepared.newsletter))
-    subject, server = prepared.rendered.subject, outbox.transport.description
+    subject = prepared.rendered.subject
+    server = outbox.transport_for(prepared.newsletter).description
     ledger = Ledger(ctx.store)
     try:
         send = ledger.find(prepared.issue_key)
@@ -233,6 +234,7 @@ class SendStatus:
     rate: float = 0.0  # messages a second over the last minute, while it runs
     expected_finish: dt.datetime | None = None  # at that rate, while it runs
     waiting: Waiting = field(default_factory=Waiting)  # the outbox's queue
+    relays: dict[str, int] = field(default_factory=dict)  # messages each relay took
 
     @property
     def notes(self) -> list[str]:
@@ -285,6 +287,7 @@ def status(ctx: Context, issue: str) -> SendStatus:
             ledger.running(issue, lease),
             waiting=waiting,
         )
+        found.relays = ledger.relays(send)
         if ledger.shared:
             found.senders = ledger.workers(send, lease)
         if found.running:

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from qant_mail.base.errors import ConfigError
 
@@ -27,13 +27,16 @@ READER = "reader"  # the reader's page: which newsletters they get
 _MAX_ID = 2**63 - 1
 
 
-def secret_from_env(env: Mapping[str, str] | None = None) -> bytes:
-    """Return the signing secret from the environment, or explain how to set one."""
+def secret_from_env(
+    env: Mapping[str, str] | None = None, *, needed_for: str = "unsubscribe links are signed"
+) -> bytes:
+    """Return the signing secret from the environment, or explain how to set one (what
+    it is `needed_for` here, in the error: "bounces are matched by what it signs")."""
     env = os.environ if env is None else env
     value = env.get(SECRET_VARIABLE, "")
     if not value:
         raise ConfigError(
-            f"{SECRET_VARIABLE} is not set: unsubscribe links are signed with it. Create one "
+            f"{SECRET_VARIABLE} is not set: {needed_for} with it. Create one "
             f"with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` and export it"
         )
     secret = value.encode("utf-8")
@@ -213,3 +216,31 @@ def verify_confirm(secret: bytes, token: str, address: str) -> bool:
 def _confirm_mac(secret: bytes, ids: bytes, address: str) -> bytes:
     message = b"confirm\0" + ids + b"\0" + address.lower().encode("utf-8")
     return hmac.digest(secret, message, hashlib.sha256)[:_MAC_BYTES]
+
+
+# A message's Message-ID names its issue and, through a MAC, its reader: what a report
+# that encloses a copy of the message (a bounce without VERP, a complaint) proves it is
+# about, where anyone could write an address in a report.
+_MESSAGE_ID = re.compile(r"<([A-Za-z0-9._-]+)\.([0-9a-f]{24})@[^>]+>")
+
+
+def message_digest(secret: bytes, issue_key: str, address: str, nonce: str = "") -> str:
+    """Return the part of a Message-ID that names the reader of one issue's message (a
+    test's, with its `nonce`): 24 hex digits only the secret's holder can make."""
+    message = f"msgid\0{issue_key}\0{address.lower()}\0{nonce}".encode()
+    return hmac.digest(secret, message, hashlib.sha256)[:12].hex()
+
+
+def read_message_id(
+    secret: bytes, message_id: str, addresses: Iterable[str]
+) -> tuple[str, str] | None:
+    """Return (issue, address) when `message_id` is one we made for one of `addresses`,
+    None otherwise (a Message-ID of someone else's, or forged)."""
+    match = _MESSAGE_ID.search(message_id)
+    if match is None:
+        return None
+    issue, given = match.group(1), match.group(2)
+    for address in addresses:
+        if hmac.compare_digest(given, message_digest(secret, issue, address)):
+            return issue, address.lower()
+    return None

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qant_mail.base.errors import QantError
+from qant_mail.base.errors import OutputError, QantError
 from qant_mail.base.files import read_head
 
 # What mail clients display inline; SVG is left out on purpose (Gmail and Outlook drop it).
@@ -125,13 +125,21 @@ def prepared(path: Path, info: ImageInfo, width: int, cache: Path) -> Path:
     made = _recompress(data, info, width)
     if made is None or len(made) >= len(data):
         made = data  # cached all the same: the decision is not made again
-    cache.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    with os.fdopen(handle, "wb") as out:
-        out.write(made)
-    made_file = Path(temporary)
-    made_file.chmod(0o644)  # published as it is by `archive`
-    made_file.replace(target)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=cache, suffix=".tmp")
+        with os.fdopen(handle, "wb") as out:
+            out.write(made)
+        made_file = Path(temporary)
+        made_file.chmod(0o644)  # published as it is by `archive`
+        made_file.replace(target)
+    except OSError as err:
+        # Named apart from the image: "cannot prepare logo.png" would send the user
+        # looking at a file that is fine.
+        raise OutputError(
+            f"{cache}: cannot write the image cache: {err.strerror or err}"
+            " (make it writable, or set [paths] cache to a folder you can write)"
+        ) from err
     return target
 
 

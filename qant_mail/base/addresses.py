@@ -9,6 +9,7 @@ from qant_mail.base.errors import QantError
 # Characters that would let a display name or an address break out of its header line,
 # and the other controls no name holds (escape sequences would also reach terminals).
 _BREAKER = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]")
+_BREAKS = re.compile("[\t\r\n\x0b\x0c\x85\u2028\u2029]+")
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f\x80-\x84\x86-\x9f]")
 # An ASCII addr-spec without quoting or comments: what can go in a header as it is.
 _PLAIN_ADDRESS = re.compile(
@@ -57,6 +58,19 @@ def canonical(address: str) -> str:
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def check_one_line(value: str, what: str) -> str:
+    """Return `value` if it has no line break nor control character (a header's text,
+    a name shown on one line); raise AddressError naming `what` otherwise."""
+    _refuse_controls(value, what)
+    return value
+
+
+def strip_controls(value: str) -> str:
+    """Return `value` with line breaks and tabs made spaces and other control characters
+    removed: the last guard before a value reaches a header line."""
+    return _CONTROL.sub("", _BREAKS.sub(" ", value))
 
 
 def _refuse_controls(value: str, what: str) -> None:

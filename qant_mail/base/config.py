@@ -14,7 +14,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 
-from qant_mail.base.addresses import AddressError, check_display_name, is_plain_address
+from qant_mail.base.addresses import (
+    AddressError,
+    check_display_name,
+    check_one_line,
+    is_plain_address,
+)
 from qant_mail.base.errors import ConfigError
 from qant_mail.base.schema import Strict, readable_errors
 
@@ -50,6 +55,23 @@ def _name(value: str) -> str:
         raise ValueError(str(err)) from err
 
 
+def _one_line(value: str) -> str:
+    try:
+        return check_one_line(value, "the text")
+    except AddressError as err:
+        raise ValueError(str(err)) from err
+
+
+_RELAY = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:(?P<port>[0-9]{1,5}))?")
+
+
+def _relay(value: str) -> str:
+    found = _RELAY.fullmatch(value.strip())
+    if found is None or not 1 <= int(found["port"] or 1) <= 65535:
+        raise ValueError(f"{value!r} is not a relay written host:port (like smtp.example.com:587)")
+    return found.group()
+
+
 def _base_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
         raise ValueError(f"{value!r} is not an absolute http(s) URL without query or fragment")
@@ -74,6 +96,13 @@ Address = Annotated[str, AfterValidator(_address)]
 DisplayName = Annotated[str, Field(min_length=1), AfterValidator(_name)]
 Colour = Annotated[str, AfterValidator(_colour)]
 Text = Annotated[str, Field(min_length=1)]
+# An SMTP relay: "host" or "host:port" (the port of [smtp] when left out).
+Relay = Annotated[str, AfterValidator(_relay)]
+# Text that goes in a header or a title: one line, no control character.
+Line = Annotated[str, Field(min_length=1), AfterValidator(_one_line)]
+# RFC 2919's list-id: dot-atom text.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+ListLabel = Annotated[str, Field(pattern=rf"^({_ATEXT}(\.{_ATEXT})*)?$")]
 
 
 # A newsletter's key: in issues (`newsletter:`), links, List-Id and the archive's paths.
@@ -87,8 +116,8 @@ class Newsletter(Strict):
     # The key subscriptions and sends are stored under. Only the main newsletter
     # ([newsletter]) sets it; each [newsletters.NAME] is keyed by its NAME.
     id: Annotated[str, Field(pattern=NEWSLETTER_ID)] = DEFAULT_NEWSLETTER
-    name: Text
-    title: Text
+    name: Line
+    title: Line
     tagline: str = ""
     masthead: str = ""
     byline: Text
@@ -111,10 +140,13 @@ class Newsletter(Strict):
     # The label of the List-Id header (RFC 2919): mail clients file and filter by it.
     # Default: the sender's local part and domain, the newsletter's key before them
     # for every newsletter but the main one.
-    list_id: str = ""
+    list_id: ListLabel = ""
     # Where its archive lives under base_url: "" for the main newsletter, its key
     # for the others.
     archive_path: Annotated[str, Field(pattern=r"^([a-z0-9][a-z0-9-]*)?$")] | None = None
+    # Its own relays, "host:port", tried in order (the first, then the fallbacks), with
+    # the security, login and certificates of [smtp]. Empty: [smtp] host and fallback.
+    relays: list[Relay] = Field(default_factory=list)
 
 
 class Sender(Strict):
@@ -192,7 +224,7 @@ class Labels(Strict):
     subscribe_invalid_email: Text
     subscribe_no_choice: Text
     subscribe_unavailable: Text
-    confirm_subject: Text
+    confirm_subject: Line
     confirm_text: Text
     confirm_button: Text
     confirm_ignore: Text
@@ -278,6 +310,10 @@ class Smtp(Strict):
     # `unknown` (after its data) or tried again, and the connection is closed.
     message_timeout: Annotated[float, Field(gt=0)] = 120.0
     connections: Annotated[int, Field(ge=1, le=64)] = 4
+    # Relays tried in order when this one cannot be reached, refuses the connection
+    # (421, a TLS failure) or stops answering in the middle of a send: "host:port", with
+    # the same security, login and certificates as this one.
+    fallback: list[Relay] = Field(default_factory=list)
     helo_name: str = ""
     # Where bounces go (the envelope sender); the From address when empty.
     return_path: Address | None = None
@@ -523,6 +559,21 @@ class Settings:
         """Return the domain of the sender's address, for Message-IDs and List-Id."""
         return self.sender.address.rpartition("@")[2]
 
+    @property
+    def relays(self) -> tuple[tuple[str, int], ...]:
+        """Return the relays of this newsletter's messages, (host, port) in the order
+        they are tried: its own, or [smtp]'s host and then its fallbacks."""
+        written = self.newsletter.relays or [
+            f"{self.smtp.host}:{self.smtp.port}",
+            *self.smtp.fallback,
+        ]
+        found: list[tuple[str, int]] = []
+        for relay in written:
+            parts = _RELAY.fullmatch(relay)
+            assert parts is not None  # validated when the settings were read
+            found.append((parts["host"].strip("[]"), int(parts["port"] or self.smtp.port)))
+        return tuple(dict.fromkeys(found))
+
 
 def find_config(start: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
     """Return the settings file: `$QANT_CONFIG`, or `qant.toml` here or in a parent folder."""
@@ -589,7 +640,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
 
 
 # What each newsletter sets for itself, never inherited from the main one.
-_OWN_KEYS = ("description", "welcome", "list_id", "archive_path")
+_OWN_KEYS = ("description", "welcome", "list_id", "archive_path", "relays")
 _SUBTABLES = ("sender", "labels", "colours")
 
 

@@ -11,11 +11,12 @@ import email
 import enum
 import hashlib
 import imaplib
+import logging
 import mailbox
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email import policy
 from email.message import Message
@@ -47,10 +48,18 @@ class Outcome(enum.StrEnum):
     SOFT = "soft bounce"  # counted; marked bounced at the limit
     COMPLAINT = "complaint"  # the reader called it spam: marked complained
     NOT_SPAM = "not-spam report"  # a feedback report that is no complaint
+    DELIVERED = "delivery notice"  # a DSN saying the message arrived: nothing to do
+    DELAYED = "delay warning"  # still being tried by the relay: nothing to do yet
     NOT_A_BOUNCE = "not a bounce"  # an auto-reply, a reader's answer…
-    UNMATCHED = "no reader of ours"  # a bounce about no address we know
+    UNPROVEN = "no proof"  # names a reader, but proves no message of ours: nothing done
+    UNMATCHED = "no reader of ours"  # proves a message of ours no ledger row holds
     FORGED = "forged token"  # a VERP address whose signature is wrong: nothing done
+    UNREADABLE = "unreadable"  # too large, too deep, or broken: skipped
     ALREADY = "already read"
+
+
+# What changes a reader; the others change nobody.
+ACTING = (Outcome.HARD, Outcome.SOFT, Outcome.COMPLAINT)
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,15 @@ class BounceReport:
 
 @dataclass(frozen=True)
 class Reading:
+    """What a report says, and what in it could prove which message it is about."""
+
     outcome: Outcome
-    addresses: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # the addresses the report names (anyone can write)
     detail: str = ""
-    verp: tuple[int, int] | None = None
-    issue: str = ""
-    unsubscribe_token: str = ""  # from the copy of our message a complaint encloses
+    verp: tuple[int, int] | None = None  # (send, position) of a VERP token that verifies
+    issue: str = ""  # the issue the enclosed copy's Message-ID names (unverified)
+    message_id: str = ""  # the enclosed copy's Message-ID: proof, if signed for an address
+    unsubscribe_token: str = ""  # from the enclosed copy's List-Unsubscribe: proof too
 
 
 def identity(data: bytes) -> str:
@@ -91,38 +103,74 @@ def identity(data: bytes) -> str:
     or else its text without the spaces, line ends and ">From " escapes that storing it
     in an mbox (or a Maildir) may change."""
     head = data.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-    found = re.search(rb"(?im)^Message-ID:\s*(<[^>\r\n]+>)", head)
+    found = re.search(rb"(?im)^Message-ID:\s*(<[^>\r\n]{1,250}>)", head)
     if found:
         return "id:" + found.group(1).decode("ascii", "replace")
     text = re.sub(rb"(?m)^>(?=From )", b"", data)
     return "sha256:" + hashlib.sha256(re.sub(rb"\s+", b"", text)).hexdigest()
 
 
-def read(data: bytes, secret: bytes, settings: Settings) -> Reading:
-    """Classify a report: a complaint, a hard or soft bounce, or none, and who it is about."""
-    parsed = email.message_from_bytes(data[:MAX_MESSAGE], policy=policy.compat32)
-    verp = _verp(parsed, secret, settings)
+# A report is a few nested parts (a DSN: the report, its status, the copy). One nested
+# deeper than this is no report of any server, and Python's parser would recurse into it.
+MAX_DEPTH = 12
+_MULTIPART = re.compile(rb"(?im)^content-type:\s*multipart/")
+
+
+def read(data: bytes, secret: Callable[[], bytes], settings: Settings) -> Reading:
+    """Classify a report: a complaint, a hard or soft bounce, a notice that changes
+    nobody, or none; and what in it proves the message it is about. `secret` is asked
+    for only when a token is there to verify. A message too large, too deep or broken
+    is UNREADABLE, never an error."""
+    if len(data) > MAX_MESSAGE:
+        return Reading(Outcome.UNREADABLE, detail=f"larger than {MAX_MESSAGE // 2**20} MB")
+    if len(_MULTIPART.findall(data)) > MAX_DEPTH:
+        return Reading(Outcome.UNREADABLE, detail=f"more than {MAX_DEPTH} nested parts")
+    try:
+        return _classify(email.message_from_bytes(data, policy=policy.compat32), secret, settings)
+    except QantError:
+        raise  # the secret is missing: the caller says so
+    except Exception as err:  # noqa: BLE001 - a hostile report never stops the run
+        return Reading(Outcome.UNREADABLE, detail=f"cannot be read ({type(err).__name__})")
+
+
+def _classify(message: Message, secret: Callable[[], bytes], settings: Settings) -> Reading:
+    verp = _verp(message, secret, settings)
     if verp == "forged":
         return Reading(Outcome.FORGED, detail="the VERP address's signature is wrong")
     found = verp if isinstance(verp, tuple) else None
-    complaint = _complaint(parsed)
+    complaint = _complaint(message, found)
     if complaint is not None:
         return complaint
-    temporary, permanent, detail = _failures(parsed)
-    original = _original_headers(parsed)
-    issue = _issue_of(original)
+    original = _original_headers(message)
+    proof = {
+        "verp": found,
+        "issue": _issue_of(original),
+        "message_id": str(original.get("Message-ID", ""))[:300],
+        "unsubscribe_token": _token_of(original),
+    }
+    statuses = _statuses(message)
+    if statuses and all(
+        action in ("delivered", "relayed", "expanded") for _, action, _ in statuses
+    ):
+        return Reading(Outcome.DELIVERED, detail="the message arrived")
+    if statuses and all(action == "delayed" for _, action, _ in statuses):
+        return Reading(Outcome.DELAYED, detail="the relay still tries")
+    temporary, permanent, detail = _failures(message, statuses)
     if permanent:
-        return Reading(Outcome.HARD, tuple(permanent), detail, found, issue)
+        return Reading(Outcome.HARD, tuple(permanent), detail, **proof)  # type: ignore[arg-type]
     if temporary:
-        return Reading(Outcome.SOFT, tuple(temporary), detail, found, issue)
-    if found is not None and _looks_like_a_bounce(parsed):
+        return Reading(Outcome.SOFT, tuple(temporary), detail, **proof)  # type: ignore[arg-type]
+    if found is not None and _looks_like_a_bounce(message):
         # Addressed to a VERP address, worded like a failure, in no format we know:
         # counted as soft, so that one odd message does not take a reader off the list.
-        return Reading(Outcome.SOFT, (), detail or "an unrecognised bounce", found, issue)
-    return Reading(Outcome.NOT_A_BOUNCE, detail=_subject(parsed))
+        detail = detail or "an unrecognised bounce"
+        return Reading(Outcome.SOFT, (), detail, **proof)  # type: ignore[arg-type]
+    return Reading(Outcome.NOT_A_BOUNCE, detail=_subject(message))
 
 
-def _verp(message: Message, secret: bytes, settings: Settings) -> tuple[int, int] | str | None:
+def _verp(
+    message: Message, secret: Callable[[], bytes], settings: Settings
+) -> tuple[int, int] | str | None:
     """Return the (send, position) the bounce's envelope recipient names, "forged" when
     its token does not verify, None when it went to no VERP address."""
     base = settings.bounces.address
@@ -134,12 +182,12 @@ def _verp(message: Message, secret: bytes, settings: Settings) -> tuple[int, int
         for value in message.get_all(header, []):
             match = pattern.search(str(value))
             if match:
-                found = tokens.read_return(secret, match.group(1).lower())
+                found = tokens.read_return(secret(), match.group(1).lower())
                 return found if found is not None else "forged"
     return None
 
 
-def _complaint(message: Message) -> Reading | None:
+def _complaint(message: Message, verp: tuple[int, int] | None) -> Reading | None:
     if message.get_content_type() != "multipart/report":
         return None
     if str(message.get_param("report-type", "")).lower() != "feedback-report":
@@ -154,50 +202,118 @@ def _complaint(message: Message) -> Reading | None:
                 for name, value in fields.items()
                 if name in ("original-rcpt-to", "removal-recipient")
             ]
-    original = _original_headers(message)
-    match = _UNSUBSCRIBE.search(str(original.get("List-Unsubscribe", "")))
-    if not recipients:
-        recipients = list(re.findall(r"[\w.+-]+@[\w.-]+", str(original.get("to", ""))))
     if feedback_type == "not-spam":
         return Reading(Outcome.NOT_SPAM, detail="the reader said it is not spam")
+    original = _original_headers(message)
+    recipients += re.findall(r"[\w.+-]+@[\w.-]+", str(original.get("to", "")))
     return Reading(
         Outcome.COMPLAINT,
-        tuple(recipients),
-        f"feedback type {feedback_type}",
-        None,
+        tuple(dict.fromkeys(r.lower() for r in recipients)),
+        f"feedback type {feedback_type}"[:100],
+        verp,
         _issue_of(original),
-        match.group(1) if match else "",
+        str(original.get("Message-ID", ""))[:300],
+        _token_of(original),
     )
+
+
+def _token_of(original: Message) -> str:
+    match = _UNSUBSCRIBE.search(str(original.get("List-Unsubscribe", "")))
+    return match.group(1) if match else ""
 
 
 def _fields(part: Message) -> dict[str, str]:
     """Return the fields of a report part (feedback or delivery status), lower-cased."""
+    fields: dict[str, str] = {}
+    for block in _blocks(part):
+        fields.update(block)
+    return fields
+
+
+def _blocks(part: Message) -> list[dict[str, str]]:
+    """Return the blocks of fields of a report part: the report's, then one per
+    recipient (RFC 3464), each lower-cased."""
     payload = part.get_payload()
+    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if isinstance(payload, list) and encoding in ("base64", "quoted-printable"):
+        # The parser split the encoded text as if it were plain fields: join it back and
+        # decode it as the sender said, so that an encoded report is read like any other.
+        joined = "\n\n".join(b.as_string() for b in payload if isinstance(b, Message))
+        part = Message()
+        part["Content-Transfer-Encoding"] = encoding
+        part.set_payload(joined)
+        payload = joined
     if isinstance(payload, list):  # parsed as messages (header blocks)
-        fields: dict[str, str] = {}
-        for block in payload:
-            if isinstance(block, Message):
-                fields.update({k.lower(): str(v) for k, v in block.items()})
-        return fields
-    text = part.get_payload(decode=True)
-    raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(payload)
-    return {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(":") for line in raw.splitlines())
-        if value
-    }
+        return [
+            {k.lower(): str(v) for k, v in block.items()}
+            for block in payload
+            if isinstance(block, Message)
+        ]
+    decoded = part.get_payload(decode=True)
+    raw = decoded.decode("utf-8", "replace") if isinstance(decoded, bytes) else str(payload)
+    return [
+        {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in chunk.splitlines())
+            if value
+        }
+        for chunk in re.split(r"\n\s*\n", raw.replace("\r\n", "\n"))
+        if chunk.strip()
+    ]
 
 
-def _failures(message: Message) -> tuple[list[str], list[str], str]:
-    """Return (temporary, permanent) failed addresses and the server's words."""
+def _statuses(message: Message) -> list[tuple[str, str, str]]:
+    """Return (address, action, status) of each recipient a DSN reports on."""
+    found = []
+    for part in message.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        for block in _blocks(part):
+            recipient = block.get("final-recipient") or block.get("original-recipient", "")
+            if not recipient:
+                continue
+            address = recipient.partition(";")[2].strip(" <>").lower() or recipient.lower()
+            found.append((address, block.get("action", "").lower(), block.get("status", "")))
+    return found
+
+
+def _failures(
+    message: Message, statuses: list[tuple[str, str, str]]
+) -> tuple[list[str], list[str], str]:
+    """Return (temporary, permanent) failed addresses and the server's words. A DSN's
+    own status decides (RFC 3463): 5.x.x is permanent, but for a full mailbox (5.2.2,
+    which clears by itself); 4.x.x on a failure the relay gave up on is temporary. Other
+    formats are read by flufl.bounce."""
+    failed = [(a, s) for a, action, s in statuses if action == "failed"]
+    if failed:
+        permanent = sorted(
+            {a for a, s in failed if s.startswith("5") and not s.startswith("5.2.2")}
+        )
+        temporary = sorted({a for a, s in failed if a not in permanent})
+        return temporary, permanent, _diagnostic(message)
     # Imported here: only this command needs it, and it is slow to import.
     from flufl.bounce import all_failures
 
+    _quiet_flufl()
+
     try:
-        temporary, permanent = all_failures(message)
-    except (LookupError, ValueError, TypeError, UnicodeError, AttributeError):
-        temporary, permanent = frozenset(), frozenset()
-    return _addresses(temporary), _addresses(permanent), _diagnostic(message)
+        temporary_found, permanent_found = all_failures(message)
+    except Exception:  # noqa: BLE001 - its detectors trip on odd messages (no From, say)
+        # One detector's slip must not make the whole message unreadable: what we read
+        # ourselves (VERP, the wording) still decides.
+        temporary_found = permanent_found = frozenset()
+    return _addresses(temporary_found), _addresses(permanent_found), _diagnostic(message)
+
+
+def _quiet_flufl() -> None:
+    """Keep flufl.bounce's log to itself: a detector that trips on an odd message logs a
+    traceback before it raises, and the raise is handled here (the message is read by
+    what we read ourselves). On an editor's terminal or in a mail server's log, that
+    traceback would look like a crash."""
+    log = logging.getLogger("flufl.bounce")
+    if log.propagate:
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
 
 
 def _addresses(found: frozenset[bytes]) -> list[str]:
@@ -212,7 +328,7 @@ def _diagnostic(message: Message) -> str:
             status = fields.get("status", "")
             return " ".join(x for x in (status, code) if x)[:300]
     header = message.get("X-Failed-Recipients")
-    return f"failed: {header}" if header else ""
+    return f"failed: {header}"[:300] if header else ""
 
 
 def _original_headers(message: Message) -> Message:
@@ -253,14 +369,25 @@ def _subject(message: Message) -> str:
 # ---- where reports come from -----------------------------------------------------------
 
 
-def read_source(source: str, env: Mapping[str, str] | None = None) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, message) from a Maildir, an mbox, an IMAP folder (imaps://user@host/
-    folder, password in QANT_BOUNCES_PASSWORD) or `-` (one message on standard input)."""
+@dataclass(frozen=True)
+class Letter:
+    """One message of a source, or why it could not be read."""
+
+    source: str  # where it was read from (a file, "stdin", an IMAP uid)
+    data: bytes
+    problem: str = ""  # why it could not be read; then `data` is empty
+
+
+def read_source(source: str, env: Mapping[str, str] | None = None) -> Iterator[Letter]:
+    """Yield each message of a Maildir, an mbox, a file holding one message, an IMAP
+    folder (imaps://user@host/folder, password in QANT_BOUNCES_PASSWORD) or `-` (one
+    message on standard input). A message that cannot be read is yielded with why; a
+    source that cannot be read at all is an error."""
     env = os.environ if env is None else env
     if source == "-":
         import sys
 
-        yield "stdin", sys.stdin.buffer.read(MAX_MESSAGE + 1)
+        yield Letter("stdin", sys.stdin.buffer.read(MAX_MESSAGE + 1))
         return
     if source.startswith(("imap://", "imaps://")):
         yield from _imap(source, env)
@@ -269,32 +396,52 @@ def read_source(source: str, env: Mapping[str, str] | None = None) -> Iterator[t
     if (path / "cur").is_dir() and (path / "new").is_dir():
         yield from _maildir(path)
     elif path.is_file():
-        yield from _mbox(path)
+        yield from _mbox(path) if _is_mbox(path) else _files([path])
     else:
-        raise BounceSourceError(f"{source}: neither a Maildir, an mbox file, an imap:// URL nor -")
+        raise BounceSourceError(
+            f"{source}: neither a Maildir, an mbox, a message's file, an imap:// URL nor -"
+        )
 
 
-def _maildir(path: Path) -> Iterator[tuple[str, bytes]]:
+def _is_mbox(path: Path) -> bool:
+    """Return whether `path` is an mbox (its first line a "From " separator), not one
+    message saved as a file (.eml)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(5) == b"From "
+    except OSError as err:
+        raise BounceSourceError(f"{path}: cannot read: {err.strerror}") from err
+
+
+def _maildir(path: Path) -> Iterator[Letter]:
     for folder in ("new", "cur"):
-        for entry in sorted((path / folder).iterdir()):
-            if entry.is_file():
-                try:
-                    data = read_file(entry, MAX_MESSAGE)
-                except OSError as err:
-                    raise BounceSourceError(f"{entry}: cannot read: {err.strerror}") from err
-                yield str(entry), data
+        yield from _files(sorted(e for e in (path / folder).iterdir() if e.is_file()))
 
 
-def _mbox(path: Path) -> Iterator[tuple[str, bytes]]:
+def _files(paths: list[Path]) -> Iterator[Letter]:
+    for entry in paths:
+        try:
+            yield Letter(str(entry), read_file(entry, MAX_MESSAGE))
+        except (OSError, QantError) as err:
+            yield Letter(str(entry), b"", str(err))
+
+
+def _mbox(path: Path) -> Iterator[Letter]:
     box = mailbox.mbox(path, create=False)
     try:
-        for key, message in box.iteritems():
-            yield f"{path}#{key}", message.as_bytes()
+        for key in box.iterkeys():
+            where = f"{path}#{key}"
+            try:
+                data = box.get_bytes(key)
+            except (OSError, ValueError, LookupError) as err:
+                yield Letter(where, b"", f"cannot be read ({err})")
+                continue
+            yield Letter(where, data)
     finally:
         box.close()
 
 
-def _imap(source: str, env: Mapping[str, str]) -> Iterator[tuple[str, bytes]]:
+def _imap(source: str, env: Mapping[str, str]) -> Iterator[Letter]:
     url = urlsplit(source)
     host, user = url.hostname or "", unquote(url.username or "")
     folder = unquote(url.path.lstrip("/")) or "INBOX"
@@ -320,7 +467,7 @@ def _imap(source: str, env: Mapping[str, str]) -> Iterator[tuple[str, bytes]]:
             uid = raw_uid.decode("ascii")
             _, fetched = client.uid("FETCH", uid, "(BODY.PEEK[])")
             data = next((item[1] for item in fetched if isinstance(item, tuple)), b"")
-            yield f"imap uid {uid}", bytes(data)
+            yield Letter(f"imap uid {uid}", bytes(data))
             # Marked read once recorded: a run that stops half-way goes on next time.
             client.uid("STORE", uid, "+FLAGS", "(\\Seen)")
     except (imaplib.IMAP4.error, OSError) as err:

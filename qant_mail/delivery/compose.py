@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import html
 import re
 import secrets
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from qant_mail.audience import tokens
 from qant_mail.authoring import prose
 from qant_mail.authoring.render import DEFERRED_WRAP, PLACEHOLDER, RenderedIssue, Slot
-from qant_mail.base.addresses import check_display_name, is_plain_address
+from qant_mail.base.addresses import check_display_name, is_plain_address, strip_controls
 from qant_mail.base.config import DEFAULT_NEWSLETTER, Settings
 from qant_mail.base.errors import QantError
 
@@ -221,9 +220,11 @@ class MessageTemplate:
 
     def message_id(self, recipient: Recipient) -> str:
         """Return a Message-ID stable for this (issue, recipient) pair, and one of its
-        own for each test send."""
-        key = f"{self.issue_key}\0{recipient.address.lower()}\0{self.test_nonce}".encode()
-        digest = hashlib.blake2b(key, digest_size=12, person=b"qant-mail-msgid").hexdigest()
+        own for each test send; signed, so that a report enclosing the message proves
+        which reader it went to."""
+        digest = tokens.message_digest(
+            self.secret, self.issue_key, recipient.address, self.test_nonce
+        )
         return f"<{self.issue_key}.{digest}@{self.domain}>"
 
     def _recipient_headers(
@@ -438,6 +439,7 @@ def _fold(encoded: bytes, last_limit: int) -> list[bytes]:
 
 
 def _address_header(name: str, address: str, header: str) -> str:
+    name = strip_controls(name)
     if not name:
         return address
     if _PLAIN_NAME.fullmatch(name):
@@ -449,8 +451,9 @@ def _address_header(name: str, address: str, header: str) -> str:
 
 
 def _header_text(value: str, header: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise ComposeError(f"{header} cannot contain a line break")
+    # Settings and issues refuse control characters already; this is the last guard,
+    # for whatever reaches a header by another way.
+    value = strip_controls(value)
     if value.isascii() and len(value) + len(header) + 2 <= 78:
         return value
     return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")

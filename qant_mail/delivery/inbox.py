@@ -12,7 +12,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from qant_mail.base.errors import ExitCode, QantError
-from qant_mail.delivery.transport import make_maildir, store_in_maildir
+from qant_mail.delivery.transport import disk_reply, make_maildir, store_in_maildir
 
 DEFAULT_PORT = 2525
 
@@ -34,7 +34,13 @@ class _MaildirHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
         sender = envelope.mail_from or ""
-        names = [store_in_maildir(self.folder, sender, rcpt, data) for rcpt in envelope.rcpt_tos]
+        try:
+            names = store_in_maildir(self.folder, sender, list(envelope.rcpt_tos), data)
+        except OSError as err:
+            # A full disk is temporary (452 4.3.1): the sender keeps the message and
+            # tries again, where aiosmtpd's own answer (500) would fail it for good.
+            reply = disk_reply(err)
+            return f"{reply.code} {reply.text}"
         with self.lock:
             self.received += len(names)
         return f"250 2.0.0 stored as {names[0] if names else 'nothing'}"

@@ -38,9 +38,9 @@ from qant_mail.delivery.transport import (
     ConnectionLost,
     RateLimiter,
     Reply,
-    SmtpTransport,
     Transport,
     TransportUnavailable,
+    relay_transport,
 )
 from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State, quota_since
@@ -284,7 +284,8 @@ class Outbox:
         self.store = store if store is not None else settings.store_path
         self.env = os.environ if env is None else env
         self.clock = clock
-        self._transport = transport
+        self._transport = transport  # given: it carries every newsletter's messages
+        self._transports: dict[tuple[tuple[str, int], ...], Transport] = {}
         self._rules: dict[str, Rules] = {}
         self._lock = threading.Lock()
         # Who drains, among the processes that share the store.
@@ -294,10 +295,22 @@ class Outbox:
 
     @property
     def transport(self) -> Transport:
-        """Return what carries the messages: the relay of the settings by default."""
-        if self._transport is None:
-            self._transport = SmtpTransport(self.settings, self.env)
-        return self._transport
+        """Return what carries the main newsletter's messages."""
+        return self.transport_for(None)
+
+    def transport_for(self, newsletter: str | None) -> Transport:
+        """Return what carries the messages of `newsletter` (None: the main one): its
+        relays in order ([smtp] host and fallback, or its own), one Transport for each
+        set of relays, so that all its messages share which relay rests."""
+        if self._transport is not None:
+            return self._transport
+        settings = self.settings.for_newsletter(newsletter or self.settings.main_id)
+        with self._lock:
+            found = self._transports.get(settings.relays)
+            if found is None:
+                found = relay_transport(settings, self.env)
+                self._transports[settings.relays] = found
+        return found
 
     def rules(self, newsletter: str | None) -> Rules:
         """Return the sending rules of newsletter `newsletter` (None: the main one)."""
@@ -312,10 +325,11 @@ class Outbox:
     def check(self, rules: Rules) -> str:
         """Say how the newsletter's messages will be signed; refuse, with a SendError,
         to send them unsigned to a relay elsewhere unless `dkim.required` is off."""
-        remote = getattr(self.transport, "remote", False)
+        transport = self.transport_for(rules.newsletter)
+        remote = getattr(transport, "remote", False)
         if not rules.keys and remote and rules.settings.dkim.required:
             raise SendError(
-                f"messages to {self.transport.description} would not be DKIM-signed: "
+                f"messages to {transport.description} would not be DKIM-signed: "
                 "Gmail and Yahoo treat unsigned bulk mail as suspect and ignore its "
                 "one-click unsubscribe. Create a key (`qant-mail dkim keygen`), publish "
                 "its record, set dkim.selector and QANT_DKIM_PRIVATE_KEY; or set "
@@ -350,9 +364,9 @@ class Outbox:
 
     # -- handing over ------------------------------------------------------------------
 
-    def connect(self) -> Connection:
-        """Open a connection to the relay (or raise TransportUnavailable)."""
-        return self.transport.connect()
+    def connect(self, newsletter: str | None = None) -> Connection:
+        """Open a connection to a relay of `newsletter` (or raise TransportUnavailable)."""
+        return self.transport_for(newsletter).connect()
 
     @staticmethod
     def hand_over(connection: Connection, envelope: str, recipient: str, data: bytes) -> Reply:
@@ -396,7 +410,9 @@ class Outbox:
         try:
             queue = MailQueue(db)
 
-            def note(address: str, state: Mail, reply: str, minute: int | None = None) -> None:
+            def note(
+                address: str, state: Mail, reply: str, minute: int | None = None, relay: str = ""
+            ) -> None:
                 queue.note(
                     kind=kind,
                     newsletter=rules.newsletter,
@@ -404,11 +420,12 @@ class Outbox:
                     state=state,
                     reply=reply,
                     minute=minute,
+                    relay=relay,
                 )
 
             limiter = self._limiter(db)
             try:
-                connection = self.connect()
+                connection = self.connect(newsletter)
             except TransportUnavailable as err:
                 for address, _ in messages:
                     note(address, Mail.FAILED, str(err))
@@ -428,11 +445,10 @@ class Outbox:
                         reply = self._hand_over_one(connection, rules, address, data)
                     except ConnectionLost as lost:
                         state = Mail.UNKNOWN if lost.after_data else Mail.FAILED
-                        note(address, state, f"connection lost: {lost}", minute)
-                        raise TransportUnavailable(
-                            f"{self.transport.description}: {lost}"
-                        ) from lost
-                    note(address, Mail.SENT if reply.ok else Mail.FAILED, str(reply), minute)
+                        note(address, state, f"connection lost: {lost}", minute, connection.relay)
+                        raise TransportUnavailable(f"{connection.relay}: {lost}") from lost
+                    state = Mail.SENT if reply.ok else Mail.FAILED
+                    note(address, state, str(reply), minute, connection.relay)
                     results.append((address, reply))
             finally:
                 connection.close()
@@ -466,7 +482,8 @@ class Outbox:
         smtp = self.settings.smtp
         # Long enough for one message, the relay's slowest answer included.
         lease = smtp.message_timeout + smtp.timeout + 30
-        connection: Connection | None = None
+        # One connection a set of relays: newsletters may each have their own.
+        connections: dict[int, Connection] = {}
         limiter: RateLimiter | None = None
         db = open_store(self.store)
         try:
@@ -477,21 +494,25 @@ class Outbox:
                 )
                 if mail is None:
                     break
+                transport = self.transport_for(mail.newsletter)
+                connection = connections.pop(id(transport), None)
                 if connection is None:
                     try:
-                        connection = self.connect()
+                        connection = transport.connect()
                     except TransportUnavailable as err:
                         # The others wait, untouched, for the next drain.
                         self._later(queue, mail, str(err), report)
                         break
+                connections[id(transport)] = connection
                 limiter = limiter or self._limiter(db)
                 minute = limiter.acquire(stop)
                 if minute is None:  # the day's quota is used, or the drain is stopping
                     queue.release(mail.id, worker=self.worker)
                     break
-                connection = self._try(queue, connection, mail, minute, report)
+                if self._try(queue, connection, mail, minute, report) is None:
+                    del connections[id(transport)]  # closed: the next opens another
         finally:
-            if connection is not None:
+            for connection in connections.values():
                 connection.close()
             db.close()
         return report
@@ -507,22 +528,23 @@ class Outbox:
         """Hand one queued message over and record how it went; return the connection
         to go on with (None: open a new one for the next)."""
         rules = self.rules(mail.newsletter)
+        relay = connection.relay
         try:
             reply = self._hand_over_one(connection, rules, mail.recipient, mail.message)
         except ConnectionLost as lost:
             connection.close()
             if lost.after_data:
                 why = f"connection lost after the data: {lost}"
-                self._done(queue, mail, Mail.UNKNOWN, why, report, minute)
+                self._done(queue, mail, Mail.UNKNOWN, why, report, minute, relay)
             else:
-                self._later(queue, mail, f"connection lost: {lost}", report)
+                self._later(queue, mail, f"connection lost: {lost}", report, relay=relay)
             return None
         if reply.ok:
-            self._done(queue, mail, Mail.SENT, str(reply), report, minute)
+            self._done(queue, mail, Mail.SENT, str(reply), report, minute, relay)
         elif reply.temporary:
-            self._later(queue, mail, str(reply), report, minute)
+            self._later(queue, mail, str(reply), report, minute, relay)
         else:
-            self._done(queue, mail, Mail.FAILED, str(reply), report, minute)
+            self._done(queue, mail, Mail.FAILED, str(reply), report, minute, relay)
         if reply.code == 421 or getattr(connection, "worn", False):
             # 421: the relay closes this connection; worn: it has refused enough here.
             connection.close()
@@ -537,9 +559,10 @@ class Outbox:
         reply: str,
         report: DrainReport,
         minute: int | None,
+        relay: str = "",
     ) -> None:
         """Record a message done (sent, refused for good, or maybe delivered)."""
-        if not queue.record(mail.id, state, reply, worker=self.worker, minute=minute):
+        if not queue.record(mail.id, state, reply, worker=self.worker, minute=minute, relay=relay):
             report.problems.append(f"{mail.kind} to {mail.recipient}: taken over by another drain")
         if state is Mail.SENT:
             report.sent += 1
@@ -554,6 +577,7 @@ class Outbox:
         reply: str,
         report: DrainReport,
         minute: int | None = None,
+        relay: str = "",
     ) -> None:
         """Put a message back for a later try, with backoff, or give it up if it will
         have expired by then."""
@@ -561,10 +585,17 @@ class Outbox:
         delay = min(base * 2 ** min(mail.attempts, 16), NOTICE_MAX_DELAY)
         retry_at = self.clock() + delay
         if retry_at > mail.expires_at:
-            self._done(queue, mail, Mail.EXPIRED, f"expired; last try: {reply}", report, minute)
+            why = f"expired; last try: {reply}"
+            self._done(queue, mail, Mail.EXPIRED, why, report, minute, relay)
             return
         if not queue.record(
-            mail.id, Mail.PENDING, reply, worker=self.worker, retry_at=retry_at, minute=minute
+            mail.id,
+            Mail.PENDING,
+            reply,
+            worker=self.worker,
+            retry_at=retry_at,
+            minute=minute,
+            relay=relay,
         ):
             report.problems.append(f"{mail.kind} to {mail.recipient}: taken over by another drain")
         report.deferred += 1
@@ -932,15 +963,16 @@ class _Run:
         except ConnectionLost as lost:
             connection.close()
             if lost.after_data:
-                self._record(row, State.UNKNOWN, f"connection lost after the data: {lost}", minute)
+                why = f"connection lost after the data: {lost}"
+                self._record(row, State.UNKNOWN, why, minute, relay=connection.relay)
                 if self._silent_again():
                     return None
             else:
-                self._record_temporary(row, f"connection lost: {lost}", minute)
+                self._record_temporary(row, f"connection lost: {lost}", minute, connection.relay)
             return self._connect(again=True)
         with self.lock:
             self.silences = 0
-        self._settle(row, reply, minute)
+        self._settle(row, reply, minute, connection.relay)
         if reply.slow_down:
             self.limiter.slow_down()
             self.progress.note(f"the server asks to slow down ({reply}); slowing down")
@@ -967,25 +999,27 @@ class _Run:
         self.stop.set()
         return True
 
-    def _settle(self, row: Delivery, reply: Reply, minute: int) -> None:
+    def _settle(self, row: Delivery, reply: Reply, minute: int, relay: str) -> None:
         if reply.ok:
-            self._record(row, State.SENT, str(reply), minute)
+            self._record(row, State.SENT, str(reply), minute, relay=relay)
         elif reply.temporary:
-            self._record_temporary(row, str(reply), minute)
+            self._record_temporary(row, str(reply), minute, relay)
         else:
             bounced = reply.enhanced in BOUNCE_CODES or (
                 reply.code in (550, 551, 553) and bool(_NO_MAILBOX.search(reply.text))
             )
-            self._record(row, State.FAILED, str(reply), minute, bounce=bounced)
+            self._record(row, State.FAILED, str(reply), minute, bounce=bounced, relay=relay)
 
-    def _record_temporary(self, row: Delivery, reply: str, minute: int) -> None:
+    def _record_temporary(self, row: Delivery, reply: str, minute: int, relay: str) -> None:
         attempts = row.attempts + 1
         limits = self.settings.sending
         if attempts >= limits.max_attempts:
-            self._record(row, State.FAILED, f"gave up after {attempts} attempts: {reply}", minute)
+            why = f"gave up after {attempts} attempts: {reply}"
+            self._record(row, State.FAILED, why, minute, relay=relay)
             return
         delay = min(limits.retry_after_seconds * 2 ** (attempts - 1), MAX_RETRY_DELAY)
-        self._record(row, State.DEFERRED, reply, minute, retry_at=time.time() + delay)
+        retry_at = time.time() + delay
+        self._record(row, State.DEFERRED, reply, minute, retry_at=retry_at, relay=relay)
 
     def _record(
         self,
@@ -997,6 +1031,7 @@ class _Run:
         retry_at: float = 0,
         bounce: bool = False,
         attempt: bool = True,
+        relay: str = "",
     ) -> None:
         quota = self._quota_to_flush(minute) if minute is not None else None
         self._stored(
@@ -1009,6 +1044,7 @@ class _Run:
                 retry_at=retry_at,
                 quota=quota,
                 bounce=row.subscriber_id if bounce else None,
+                relay=relay,
             )
         )
         self._count(row.position, state, reply)
@@ -1045,7 +1081,7 @@ class _Run:
             if self.stop.wait(delay):
                 return None
             try:
-                connection = self.outbox.connect()
+                connection = self.outbox.connect(self.rules.newsletter)
             except TransportUnavailable as err:
                 last = str(err)
                 continue

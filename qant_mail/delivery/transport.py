@@ -4,6 +4,7 @@ transports that write files instead (dry run) or keep messages in memory (tests)
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -14,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -91,7 +92,10 @@ class Reply:
 
 
 class Connection(Protocol):
-    """An open connection that sends messages one after the other."""
+    """An open connection that sends messages one after the other, to `relay` (what
+    the records name as having carried them: host:port for SMTP)."""
+
+    relay: str
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Send one message; return the server's verdict, or raise `ConnectionLost`.
@@ -117,10 +121,17 @@ class Transport(Protocol):
 class SmtpTransport:
     """An SMTP relay: implicit TLS, STARTTLS or plain, with an optional login."""
 
-    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        env: Mapping[str, str] | None = None,
+        *,
+        relay: tuple[str, int] | None = None,
+    ) -> None:
         env = os.environ if env is None else env
         smtp = settings.smtp
-        self.host, self.port, self.security = smtp.host, smtp.port, smtp.security
+        self.host, self.port = relay or (smtp.host, smtp.port)
+        self.security = smtp.security
         self.timeout = smtp.timeout
         self.message_timeout = smtp.message_timeout
         self.username = smtp.username
@@ -150,7 +161,7 @@ class SmtpTransport:
                 self.context.verify_mode = ssl.CERT_NONE
         how = {"tls": "TLS", "starttls": "STARTTLS", "none": "no encryption"}[self.security]
         login = f", as {self.username}" if self.username else ""
-        self.description = f"{self.host}:{self.port} ({how}{login})"
+        self.description = f"{self.where} ({how}{login})"
 
     def __repr__(self) -> str:
         # Never the password: this object may end up in a traceback or a log.
@@ -169,9 +180,15 @@ class SmtpTransport:
                 f"{where}: {ca_file} holds no certificate in PEM form ({err})"
             ) from err
 
+    @property
+    def where(self) -> str:
+        """Return the relay's host:port (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
     def connect(self) -> SmtpConnection:
         """Open, secure and log in a connection."""
-        where = f"{self.host}:{self.port}"
+        where = self.where
         try:
             client = self._open(where)
         except smtplib.SMTPAuthenticationError as err:
@@ -218,6 +235,97 @@ class SmtpTransport:
         return client
 
 
+class Relays:
+    """Several relays, tried in order: the first, then each fallback when the ones
+    before it cannot be reached or refuse the connection (421, TLS, login). A relay that
+    failed, or lost a connection in the middle of a send, rests: the next connections
+    try the others first, and it again after `RESTING` seconds, so that a send moves back
+    to the main relay when it returns."""
+
+    RESTING = 60.0
+
+    def __init__(
+        self, transports: Sequence[SmtpTransport], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.transports = list(transports)
+        self.clock = clock
+        self.description = ", then ".join(t.description for t in self.transports)
+        self._resting: dict[str, float] = {}  # host:port → until when
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Relays({self.description})"
+
+    @property
+    def remote(self) -> bool:
+        """Return whether any of the relays is elsewhere than this machine."""
+        return any(t.remote for t in self.transports)
+
+    def connect(self) -> Connection:
+        """Open a connection to the first relay that takes one, those resting last; raise
+        TransportUnavailable naming why each refused."""
+        now = self.clock()
+        with self._lock:
+            order = sorted(self.transports, key=lambda t: self._resting.get(t.where, 0) > now)
+        failures: list[str] = []
+        for transport in order:
+            try:
+                connection = transport.connect()
+            except TransportUnavailable as err:
+                self.rest(transport.where)
+                failures.append(str(err))
+                continue
+            with self._lock:
+                self._resting.pop(transport.where, None)
+            return _Watched(connection, self)
+        raise TransportUnavailable("; ".join(failures))
+
+    def rest(self, relay: str) -> None:
+        """Let `relay` rest: it is tried after the others for a while."""
+        with self._lock:
+            self._resting[relay] = self.clock() + self.RESTING
+
+
+class _Watched:
+    """A connection to one of several relays, that tells them when its relay fails
+    mid-send (the connection is lost, or it says 421: closing)."""
+
+    def __init__(self, connection: SmtpConnection, relays: Relays) -> None:
+        self.connection, self.relays = connection, relays
+        self.relay = connection.relay
+
+    @property
+    def worn(self) -> bool:
+        """Return whether the relay has refused enough here (see SmtpConnection)."""
+        return self.connection.worn
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Send through the relay; let it rest if it fails."""
+        try:
+            reply = self.connection.send(sender, recipient, data, dot_safe=dot_safe)
+        except ConnectionLost:
+            self.relays.rest(self.relay)
+            raise
+        if reply.code == 421:
+            self.relays.rest(self.relay)
+        return reply
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.connection.close()
+
+
+def relay_transport(
+    settings: Settings, env: Mapping[str, str] | None = None
+) -> SmtpTransport | Relays:
+    """Return what carries the messages of the newsletter `settings` are seen by: its
+    relay, or its relays in order when it has fallbacks."""
+    relays = settings.relays
+    if len(relays) == 1:
+        return SmtpTransport(settings, env, relay=relays[0])
+    return Relays([SmtpTransport(settings, env, relay=relay) for relay in relays])
+
+
 class SmtpConnection:
     """One SMTP session, reused for many messages, pipelining when the server allows."""
 
@@ -229,7 +337,7 @@ class SmtpConnection:
         self, client: smtplib.SMTP, where: str, timeout: float, message_timeout: float
     ) -> None:
         self.client = client
-        self.where = where
+        self.where = self.relay = where
         self.pipelining = client.has_extn("pipelining")
         self.timeout = timeout
         self.message_timeout = message_timeout
@@ -386,10 +494,14 @@ class MaildirConnection:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.relay = str(folder)
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Store the message as a delivery agent would (Return-Path, Delivered-To)."""
-        name = store_in_maildir(self.folder, sender, recipient, data)
+        try:
+            (name,) = store_in_maildir(self.folder, sender, [recipient], data)
+        except OSError as err:
+            return disk_reply(err)
         return Reply(250, f"2.0.0 stored as {name}")
 
     def close(self) -> None:
@@ -402,15 +514,37 @@ def make_maildir(folder: Path) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
 
 
-def store_in_maildir(folder: Path, sender: str, recipient: str, data: bytes) -> str:
-    """Write one message into `folder`/new as a .eml file, atomically; return its name."""
-    name = f"{time.time():.6f}.{uuid.uuid4().hex[:12]}.{socket.gethostname()}.eml"
-    envelope = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
-    temporary = folder / "tmp" / name
-    with temporary.open("wb") as out:
-        out.write(envelope + data)
-    temporary.replace(folder / "new" / name)
-    return name
+def store_in_maildir(folder: Path, sender: str, recipients: list[str], data: bytes) -> list[str]:
+    """Write one copy of a message per recipient into `folder`/new as .eml files; return
+    their names. All or none: every copy is written to tmp/ first and moved to new/ only
+    when all are there (a move needs no space), so that a full disk half-way leaves
+    nothing a retry would deliver twice. Raises OSError."""
+    host = socket.gethostname()
+    written: list[tuple[Path, str]] = []
+    try:
+        for recipient in recipients:
+            name = f"{time.time():.6f}.{uuid.uuid4().hex[:12]}.{host}.eml"
+            envelope = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+            temporary = folder / "tmp" / name
+            written.append((temporary, name))
+            with temporary.open("wb") as out:
+                out.write(envelope + data)
+    except OSError:
+        for temporary, _ in written:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        raise
+    for temporary, name in written:
+        temporary.replace(folder / "new" / name)
+    return [name for _, name in written]
+
+
+def disk_reply(err: OSError) -> Reply:
+    """The SMTP answer of a delivery agent whose disk failed: temporary, so that the
+    message is tried again (RFC 3463: 4.3.1 for a full disk)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Reply(452, "4.3.1 Insufficient system storage")
+    return Reply(451, f"4.3.0 Local error in processing: {err.strerror or 'cannot write'}")
 
 
 @dataclass
@@ -420,6 +554,7 @@ class MemoryTransport:
     answer: Callable[[str, bytes], Reply] = lambda recipient, data: Reply(250, "2.0.0 OK")
     messages: list[tuple[str, str, bytes]] = field(default_factory=list)
     description: str = "memory"
+    relay: str = "memory"
 
     def connect(self) -> MemoryTransport:
         """The transport is its own connection."""

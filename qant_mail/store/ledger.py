@@ -144,6 +144,7 @@ class SendSummary:
     complaints: int
     unsubscribed: int  # its readers who have unsubscribed since it started
     running: bool = False  # a `send` of it is running now
+    relays: dict[str, int] = field(default_factory=dict)  # messages each relay took
 
     @property
     def recipients(self) -> int:
@@ -490,15 +491,17 @@ class Ledger:
         retry_at: float = 0,
         quota: Mapping[int, int] | None = None,
         bounce: int | None = None,
+        relay: str = "",
     ) -> None:
-        """Write the outcome of one message; once this returns, it survives a killed
-        process. Also count `quota` (messages per minute) and mark the subscriber
-        `bounce` bounced, in the same commit."""
+        """Write the outcome of one message, and the relay that answered; once this
+        returns, it survives a killed process. Also count `quota` (messages per minute)
+        and mark the subscriber `bounce` bounced, in the same commit."""
         update = (
             "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
-            " next_attempt_at = $4, updated_at = $5 WHERE send_id = $6 AND position = $7"
+            " next_attempt_at = $4, updated_at = $5, relay = $6"
+            " WHERE send_id = $7 AND position = $8"
         )
-        values = (state.value, reply, int(attempt), retry_at, now_text(), send.id, position)
+        values = (state.value, reply, int(attempt), retry_at, now_text(), relay, send.id, position)
         if not quota and bounce is None:
             self.db.execute(update, values)  # one statement, its own transaction
             return
@@ -516,6 +519,15 @@ class Ledger:
             " AND state = 'sending'",
             [(send.id, p) for p in positions],
         )
+
+    def relays(self, send: Send) -> dict[str, int]:
+        """Return how many of the send's messages each relay took, the most first."""
+        rows = self.db.execute(
+            "SELECT relay, count(*) FROM deliveries WHERE send_id = $1 AND state = 'sent'"
+            " AND relay != '' GROUP BY relay ORDER BY count(*) DESC, relay",
+            (send.id,),
+        )
+        return {str(relay): int(number) for relay, number in rows}
 
     def counts(self, send: Send) -> dict[State, int]:
         """Return the number of rows in each state."""
@@ -620,10 +632,13 @@ class Ledger:
             for row in db.execute(f"SELECT {_SEND} FROM sends ORDER BY created_at DESC, id DESC")
         ]
         counts: dict[int, dict[State, int]] = {s.id: dict.fromkeys(State, 0) for s in sends}
-        for send_id, state, number in db.execute(
-            "SELECT send_id, state, count(*) FROM deliveries GROUP BY send_id, state"
+        relays: dict[int, dict[str, int]] = {s.id: {} for s in sends}
+        for send_id, state, relay, number in db.execute(
+            "SELECT send_id, state, relay, count(*) FROM deliveries GROUP BY send_id, state, relay"
         ):
-            counts[send_id][State(state)] = number
+            counts[send_id][State(state)] += number
+            if state == State.SENT.value and relay:
+                relays[send_id][relay] = number
         feedback = {
             send_id: (int(hard or 0), int(soft or 0), int(complaints or 0))
             for send_id, hard, soft, complaints in db.execute(
@@ -646,6 +661,7 @@ class Ledger:
                 counts[send.id],
                 *feedback.get(send.id, (0, 0, 0)),
                 unsubscribed.get(send.id, 0),
+                relays=dict(sorted(relays[send.id].items(), key=lambda r: (-r[1], r[0]))),
             )
             for send in sends
         ]
@@ -750,44 +766,29 @@ class Ledger:
             (digest, outcome, now_text()),
         )
 
-    def feedback_targets(
+    def feedback_target(
         self,
         *,
-        verp: tuple[int, int] | None,
-        issue: str,
-        addresses: Sequence[str],
-        subscriber_id: int | None,
-    ) -> list[FeedbackTarget]:
-        """Find the messages a report is about: by its VERP token first, else by the
-        subscriber or addresses it names, in the issue it names (or their latest)."""
+        verp: tuple[int, int] | None = None,
+        issue: str = "",
+        email: str = "",
+    ) -> FeedbackTarget | None:
+        """Return the message a report is about: row `verp` (send, position), or the
+        row of `email` in the send of `issue`; None when the ledger has no such row."""
         if verp is not None:
             row = self.db.execute(
                 "SELECT d.email, d.subscriber_id, s.issue FROM deliveries d"
                 " JOIN sends s ON s.id = d.send_id WHERE d.send_id = $1 AND d.position = $2",
                 verp,
             ).fetchone()
-            if row is not None:
-                return [FeedbackTarget(row[0], row[1], row[2], verp[0], verp[1])]
-        emails = list(addresses)
-        if subscriber_id is not None:
-            found = Subscribers(self.db).by_id(subscriber_id)
-            if found is not None:
-                emails = [found.email]
-        targets = []
-        for email in dict.fromkeys(e.lower() for e in emails):
-            row = self.db.execute(
-                "SELECT d.email, d.subscriber_id, s.issue, d.send_id, d.position"
-                " FROM deliveries d JOIN sends s ON s.id = d.send_id"
-                " WHERE d.email = $1 AND ($2 = '' OR s.issue = $3) ORDER BY s.id DESC LIMIT 1",
-                (email, issue, issue),
-            ).fetchone()
-            if row is not None:
-                targets.append(FeedbackTarget(*row))
-                continue
-            subscriber = Subscribers(self.db).get(email)
-            if subscriber is not None:
-                targets.append(FeedbackTarget(subscriber.email, subscriber.id, issue))
-        return targets
+            return None if row is None else FeedbackTarget(row[0], row[1], row[2], *verp)
+        row = self.db.execute(
+            "SELECT d.email, d.subscriber_id, s.issue, d.send_id, d.position"
+            " FROM deliveries d JOIN sends s ON s.id = d.send_id"
+            " WHERE s.issue = $1 AND d.email = $2",
+            (issue, email.lower()),
+        ).fetchone()
+        return None if row is None else FeedbackTarget(*row)
 
     def record_feedback(
         self, target: FeedbackTarget, kind: str, detail: str, soft_limit: int

@@ -110,16 +110,17 @@ class MailQueue:
         state: Mail,
         reply: str,
         minute: int | None = None,
+        relay: str = "",
     ) -> None:
-        """Record a message delivered at once, outside the queue (a test): how it went,
-        in one commit with the count of its minute."""
+        """Record a message delivered at once, outside the queue (a test): how it went
+        and the relay that answered, in one commit with the count of its minute."""
         now = now_text()
         with transaction(self.db) as db:
             db.execute(
                 "INSERT INTO outbox (kind, newsletter, recipient, message, state, attempts,"
-                " expires_at, last_reply, created_at, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $7, $8)",
-                (kind, newsletter, recipient, b"", state.value, reply, now, now),
+                " expires_at, last_reply, created_at, updated_at, relay)"
+                " VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $7, $8, $9)",
+                (kind, newsletter, recipient, b"", state.value, reply, now, now, relay),
             )
             if minute is not None:
                 count_quota(db, minute)
@@ -185,22 +186,25 @@ class MailQueue:
         worker: str,
         retry_at: float = 0.0,
         minute: int | None = None,
+        relay: str = "",
     ) -> bool:
-        """Write how the try of message `number` by `worker` went, in one commit with the
-        count of its minute (`minute`, when the relay was given it): done (its content is
-        dropped: what is kept is the record), or pending again until `retry_at`. Return
-        False, writing nothing, when `worker` no longer holds it."""
-        content = ", message = $7" if state in DONE else ""
+        """Write how the try of message `number` by `worker` went, and the relay that
+        answered, in one commit with the count of its minute (`minute`, when the relay
+        was given it): done (its content is dropped: what is kept is the record), or
+        pending again until `retry_at`. Return False, writing nothing, when `worker` no
+        longer holds it."""
+        content = ", message = $8" if state in DONE else ""
         with transaction(self.db) as db:
             held = db.execute(
                 "UPDATE outbox SET state = $1, last_reply = $2, attempts = attempts + 1,"
-                f" next_attempt_at = $3, worker = '', updated_at = $4{content}"
-                " WHERE id = $5 AND state = 'sending' AND worker = $6",
+                f" next_attempt_at = $3, worker = '', updated_at = $4, relay = $5{content}"
+                " WHERE id = $6 AND state = 'sending' AND worker = $7",
                 (
                     state.value,
                     reply,
                     retry_at,
                     now_text(),
+                    relay,
                     number,
                     worker,
                     *((b"",) if content else ()),

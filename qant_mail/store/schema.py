@@ -207,6 +207,11 @@ SQLITE: list[str | Callable[[Db], None]] = [
     UPDATE signups SET email = lower(email) WHERE email != lower(email);
     UPDATE outbox SET recipient = lower(recipient) WHERE recipient != lower(recipient);
     """,
+    # 13: which relay carried each message (its host:port), now that there may be several
+    """
+    ALTER TABLE deliveries ADD COLUMN relay TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN relay TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 # The same steps in PostgreSQL's words: 64-bit identities for ids, `citext` for the
@@ -461,6 +466,11 @@ POSTGRESQL: list[str] = [
         USING lower(recipient::text);
     ALTER TABLE deliveries DROP CONSTRAINT deliveries_send_id_fkey;
     ALTER TABLE subscriptions DROP CONSTRAINT subscriptions_subscriber_id_fkey;
+    """,
+    # 13: which relay carried each message (its host:port), now that there may be several
+    """
+    ALTER TABLE deliveries ADD COLUMN relay TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN relay TEXT NOT NULL DEFAULT ''
     """,
 ]
 
