@@ -20,7 +20,14 @@ import typer
 from typer.core import TyperGroup
 
 from qant_mail import __version__
-from qant_mail.base.errors import ExitCode, IssueError, Problem, QantError, Severity
+from qant_mail.base.errors import (
+    ConfigError,
+    ExitCode,
+    IssueError,
+    Problem,
+    QantError,
+    Severity,
+)
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
     from qant_mail.app.issues import ArchiveReport
     from qant_mail.app.readers import Status
     from qant_mail.app.sending import SendStatus, SendSummary, State, Waiting
+    from qant_mail.base.config import Settings
 
 
 class _Commands(TyperGroup):
@@ -439,21 +447,24 @@ def status(
         return
     if send is None:
         typer.echo(f"{issue} has not been sent (no send planned).")
-        _waiting(found.waiting)
+        _waiting(found.waiting, _zone(settings, None))
         return
+    zone = _zone(settings, send.newsletter)
     of = f" ({send.newsletter})" if len(settings.editions) > 1 else ""
-    typer.echo(f"{send.issue}{of}: “{send.subject}”, planned {send.created_at}")
+    typer.echo(
+        f"{send.issue}{of}: “{send.subject}”, planned {_time(send.created_at, zone)}, "
+        + _standing(found, file, zone)
+    )
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
     if found.relays:
         typer.echo(f"  carried by {_carried(found.relays)}")
     for name, started, alive, held in found.senders:
         doing = f"at work, holding {held}" if alive else "gone"
-        typer.echo(f"  sender {name}: since {_when(started)}, {doing}")
+        typer.echo(f"  sender {name}: since {_time(started, zone)}, {doing}")
     if found.expected_finish is not None:
-        local = found.expected_finish.astimezone().strftime("%H:%M:%S")
         typer.echo(
             f"  running at {found.rate * 60:.0f} messages a minute over the last minute: "
-            f"expected to finish around {local} (this machine's time)"
+            f"expected to finish around {_time(found.expected_finish, zone)}"
         )
     if found.bounced or found.soft_bounced or found.complaints:
         typer.echo(
@@ -468,15 +479,31 @@ def status(
     for note in found.notes:
         if not (requeue_failed and note.startswith("failed:")):
             typer.echo(note, err=True)
-    _waiting(found.waiting)
+    _waiting(found.waiting, zone)
 
 
-def _waiting(waiting: Waiting) -> None:
+def _standing(found: SendStatus, file: Path, zone: str) -> str:
+    """Say how far a send got: sent and finished, running, or stopped unfinished."""
+    from qant_mail.app.sending import State, left
+
+    assert found.send is not None
+    if found.running:
+        return "running now"
+    if found.send.finished_at:
+        return f"sent {_time(found.send.finished_at, zone)} (finished)"
+    todo = left(found.counts)
+    if todo:
+        return f"stopped unfinished, {todo} left (`qant-mail send {file}` goes on)"
+    return f"stopped unfinished, {found.counts[State.FAILED]} failed (see below)"
+
+
+def _waiting(waiting: Waiting, zone: str) -> None:
     """Say what waits in the outbox's queue, if anything does."""
     if not waiting.total:
         return
     kinds = ", ".join(f"{kind} {n}" for kind, n in waiting.by_kind.items())
-    line = f"outbox: {waiting.total} waiting ({kinds}), the oldest since {_when(waiting.oldest)}"
+    oldest = _time(waiting.oldest, zone)
+    line = f"outbox: {waiting.total} waiting ({kinds}), the oldest since {oldest}"
     if waiting.last_reply:
         line += f"; last try: {waiting.last_reply}"
     typer.echo(line + " (`qant-mail outbox`)")
@@ -494,29 +521,33 @@ def sends(
     from qant_mail.app.sending import State, left
 
     context = _context(ctx)
+    settings = context.settings
     history = sending.history(context)
     found = history.sends
-    several = len(context.settings.editions) > 1  # a newsletter column, then
+    several = len(settings.editions) > 1  # a newsletter column, then
     if as_json:
         typer.echo(json.dumps([_summary_json(s) for s in found], ensure_ascii=False, indent=2))
         return
     if not found:
         typer.echo("No send yet.")
-        _waiting(history.waiting)
+        _waiting(history.waiting, _zone(settings, None))
         return
-    header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []), "started (UTC)")
-    header += ("finished", "readers", "sent")
+    zones = [_zone(settings, summary.send.newsletter) for summary in found]
+    # Each time carries its offset; the header names the zone when every row shares it.
+    shown_in = zones[0] if len(set(zones)) == 1 else "newsletter's zone"
+    header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []))
+    header += (f"started ({shown_in})", f"finished ({shown_in})", "readers", "sent")
     header += ("failed", "unknown", "left", "bounced", "complaints", "unsubscribed")
     header += ("carried by",)
     rows = [header]
-    for summary in found:
+    for summary, zone in zip(found, zones, strict=True):
         send, counts = summary.send, summary.counts
-        finished = "running" if summary.running else _when(send.finished_at) or "-"
+        finished = "running" if summary.running else _time(send.finished_at, zone) or "stopped"
         rows.append(
             (
                 send.issue,
                 *([send.newsletter] if several else []),
-                _when(send.created_at),
+                _time(send.created_at, zone),
                 finished,
                 *map(str, (summary.recipients, counts[State.SENT], counts[State.FAILED])),
                 *map(
@@ -529,11 +560,11 @@ def sends(
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         cells = [
-            cell.ljust(width) if i < 3 + several or i == len(header) - 1 else cell.rjust(width)
+            cell.ljust(width) if i < 4 + several or i == len(header) - 1 else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         typer.echo("  ".join(cells).rstrip())
-    _waiting(history.waiting)
+    _waiting(history.waiting, _zone(settings, None))
 
 
 @app.command()
@@ -552,7 +583,6 @@ def schedule(
     from qant_mail.app import schedule as schedules
 
     context = _context(ctx)
-    zone = context.settings.newsletter.timezone
     if file is None:
         if at or cancel:
             raise typer.BadParameter("--at and --cancel go with an issue's file")
@@ -560,7 +590,8 @@ def schedule(
         if not found:
             typer.echo("Nothing scheduled.")
         for item in found:
-            when = _local(item.due_at, zone)
+            zone = schedules.time_zone(context, item.path)
+            when = _time(item.due_at, zone)
             outcome = item.outcome.splitlines()[0] if item.outcome else ""
             typer.echo(f"{item.issue}  {when} ({zone})  {item.state}  {outcome}".rstrip())
         return
@@ -571,17 +602,13 @@ def schedule(
         typer.echo(f"{file.stem}: its scheduled send is cancelled")
         return
     assert at is not None
-    item = schedules.schedule(context, file, schedules.parse_time(context, at))
-    when = _local(item.due_at, zone)
+    zone = schedules.time_zone(context, file)
+    item = schedules.schedule(context, file, schedules.parse_time(context, at, zone))
     typer.echo(
-        f"{item.issue} goes to the list at {when} ({zone}), checked again then; "
-        "`qant-mail run-due` sends it (run it from cron or a systemd timer: see the README)"
+        f"{item.issue} goes to the list at {_time(item.due_at, zone)} ({zone}), checked "
+        "again then; `qant-mail run-due` sends it (run it from cron or a systemd timer: see "
+        "the README)"
     )
-
-
-def _local(moment: dt.datetime, zone: str) -> str:
-    """Return `moment` as the editors read it: in their time zone, to the minute."""
-    return moment.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("run-due")
@@ -605,9 +632,33 @@ def run_due(ctx: typer.Context) -> None:
     raise typer.Exit(max((o.exit_code for o in outcomes), default=ExitCode.OK))
 
 
-def _when(stamp: str | None) -> str:
-    """Return a stored time (ISO 8601, UTC) as the history shows it: to the minute."""
-    return stamp[:16].replace("T", " ") if stamp else ""
+def _zone(settings: Settings, newsletter: str | None) -> str:
+    """Return the time zone the times of `newsletter` are shown in: its own; the main
+    newsletter's for a key the settings no longer name (a store from before a rename)."""
+    try:
+        return settings.for_newsletter(newsletter).newsletter.timezone
+    except ConfigError:
+        return settings.for_newsletter(None).newsletter.timezone
+
+
+def _time(moment: str | float | dt.datetime | None, zone: str) -> str:
+    """Return a time as every command shows it: in `zone`, to the minute, with its
+    offset from UTC ("2026-12-05 15:42 +01:00"); "" for none."""
+    if moment is None or moment == "":
+        return ""
+    if isinstance(moment, str):
+        # As the store keeps them: ISO 8601 text, in UTC (an offset absent means UTC).
+        moment = dt.datetime.fromisoformat(moment)
+    elif not isinstance(moment, dt.datetime):
+        moment = dt.datetime.fromtimestamp(moment, dt.UTC)  # a Unix time
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    local = moment.astimezone(zoneinfo.ZoneInfo(zone))
+    # Written out: strftime's %z has no colon ("+0100") before Python 3.12's %:z.
+    minutes = (local.utcoffset() or dt.timedelta()) // dt.timedelta(minutes=1)
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{local:%Y-%m-%d %H:%M} {sign}{hours:02d}:{minutes:02d}"
 
 
 def _summary_json(summary: SendSummary) -> dict[str, object]:
@@ -647,7 +698,9 @@ def _status_json(found: SendStatus) -> dict[str, object]:
         "finished_at": send.finished_at,
         "running": found.running,
         "rate": found.rate,
-        "expected_finish": found.expected_finish.isoformat() if found.expected_finish else None,
+        "expected_finish": (
+            found.expected_finish.isoformat(timespec="seconds") if found.expected_finish else None
+        ),
         "counts": {state.value: n for state, n in found.counts.items()},
         "senders": [
             {"name": name, "started_at": started, "at_work": alive, "holding": held}
@@ -1035,7 +1088,9 @@ def subscribers_list(
 
     from qant_mail.app import readers
 
-    for subscriber in readers.listing(_context(ctx), _status(status), newsletter=newsletter):
+    context = _context(ctx)
+    zone = _zone(context.settings, newsletter)
+    for subscriber in readers.listing(context, _status(status), newsletter=newsletter):
         if as_json:
             typer.echo(
                 json.dumps(
@@ -1052,7 +1107,7 @@ def subscribers_list(
         else:
             typer.echo(
                 f"{subscriber.email}\t{subscriber.name}\t{subscriber.status}\t"
-                f"{subscriber.status_changed_at}"
+                f"{_time(subscriber.status_changed_at, zone)}"
             )
 
 
@@ -1153,6 +1208,7 @@ def outbox(
     from qant_mail.app import sending
 
     context = _context(ctx)
+    settings = context.settings
     if deliver:
         report = sending.deliver_queued(context)
         typer.echo(
@@ -1168,17 +1224,12 @@ def outbox(
     for entry in found.entries:
         due = ""
         if entry.state.value == "pending":
-            due = f", next try {_moment(entry.next_attempt_at)}"
+            due = f", next try {_time(entry.next_attempt_at, _zone(settings, entry.newsletter))}"
         reply = f": {entry.last_reply}" if entry.last_reply else ""
         typer.echo(
             f"{entry.id}\t{entry.kind}\t{entry.newsletter}\t{entry.recipient}\t"
             f"{entry.state.value} ({entry.attempts} tries{due}){reply}"
         )
-
-
-def _moment(stamp: float) -> str:
-    """Return a Unix time as the history shows times: UTC, to the minute."""
-    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _warn(warnings: list[str]) -> None:

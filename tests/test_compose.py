@@ -218,3 +218,59 @@ def test_control_characters_never_reach_a_header(
     message = parse(composed.personalise(Recipient("lea@example.com", "", 7)))
     assert message["List-Id"] == "Qant Bcc: x <lettre.qant.example>"
     assert message["From"] == "Rédaction Qant <lettre@qant.example>"
+
+
+# Subjects an editor may write: the sample's, long French ones, emoji, long words, a word
+# too long for any line, plain ASCII too long for one line, text that looks encoded.
+SUBJECTS = [
+    "D’OpenAI à Kyutai, une question de gouvernance",
+    "L’Assemblée nationale adopte définitivement la loi de programmation militaire "
+    "après des débats éprouvants sur l’IA",
+    "🚀 Mistral lève 600 millions d’euros 🇫🇷🤖 : la pépite française décroche la lune 🌕✨",
+    "Anticonstitutionnellement : l’intergouvernementalisation des hyperspécialisations "
+    "électroencéphalographiques",
+    "Éléphant" * 12,
+    "This week at Qant: a plain ASCII subject far too long to fit on one header line at all",
+    "Ce sujet contient =?utf-8?q?pas_un_mot?= codé",
+]
+NAMES = [
+    "Léa Dupont",
+    "François-Xavier de La Rochefoucauld-Montbel d’Écouen",
+    "Zoë 😀 Anaïs",
+    "Dupont, Léa",
+]
+
+
+def check_header_lines(head: bytes) -> None:
+    """Assert RFC 2047's limits: a line holding an encoded word within 76 characters,
+    each encoded word within 75; other lines within 78."""
+    for line in head.split(b"\r\n"):
+        assert len(line) <= (76 if b"=?" in line else 78), line
+    for word in re.findall(rb"=\?[^?\s]+\?[bq]\?[^?\s]*\?=", head, re.IGNORECASE):
+        assert len(word) <= 75, word
+
+
+@pytest.mark.parametrize("test", [False, True])
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_encoded_headers_fold_within_76_characters_and_decode_exactly(
+    sample_rendered: RenderedIssue, settings: Settings, subject: str, test: bool
+) -> None:
+    newsletter = settings.newsletter.model_copy(
+        update={"name": "Qant — la lettre de l’IA et de la tech, chaque semaine, pour décideurs"}
+    )
+    sender = settings.sender.model_copy(
+        update={"name": "Rédaction de Qant, l’hebdomadaire français de l’intelligence artificielle"}
+    )
+    config = dataclasses.replace(settings, newsletter=newsletter, sender=sender)
+    rendered = dataclasses.replace(sample_rendered, subject=subject)
+    template = MessageTemplate(rendered, config, secret=SECRET, test=test)
+    for name in NAMES:
+        data = template.personalise(
+            Recipient("francois-xavier.de-la-rochefoucauld@example.com", name)
+        )
+        check_header_lines(data.split(b"\r\n\r\n", 1)[0])
+        message = parse(data)
+        assert message["Subject"] == ("[TEST] " if test else "") + subject
+        assert message["To"].addresses[0].display_name == name
+        assert message["From"].addresses[0].display_name == sender.name
+        assert message["List-Id"] == f"{newsletter.name} <lettre.qant.example>"

@@ -27,7 +27,7 @@ ISSUES = [SAMPLE, *CORPUS]
 IDS = [path.stem for path in ISSUES]
 
 # Fields that hold no text a reader sees (or, for `alt`, none in the HTML's text).
-NOT_SHOWN = {"url", "src", "link", "layout", "date", "draft", "width", "height"}
+NOT_SHOWN = {"url", "src", "link", "layout", "date", "draft", "width", "height", "lang"}
 MARKDOWN = {"body", "lede", "intro", "closing", "ps", "text"}
 # Labels a section repeats for each of its items: checked by the vocabulary, not in order.
 REPEATED = {"separator", "sources_label", "links_label"}
@@ -109,6 +109,42 @@ def test_nothing_lost_nothing_added(path: Path, renderer: Renderer, settings: Se
         written_too = normalise(" ".join(texts(data))).count(label)
         assert page.count(label) == count + written_too, (label, "HTML")
         assert plain.count(label) == count + written_too, (label, "text")
+
+
+# A careful French editor's faults, written apart from the typographer's own rules (a
+# second reading of the same conventions): each as it shows in the text a reader gets.
+_UNITS = r"(?:nm|mm|cm|km|kg|g|W|kW|MW|GW|TWh|GWh|Hz|MHz|GHz|Go|Mo|To|ans?|jours|mois|h|min"
+_UNITS += r"|millions?|milliards?|euros|dollars|%|€)"
+TYPOGRAPHY_FAULTS = {
+    "no space before a colon": re.compile(r"[^\s\u00a0\u202f:/]:(?=[ \t\n]|$)"),
+    "no space before ; ! ?": re.compile(r"[^\s\u00a0\u202f;!?(]+[;!?](?=[\s»)]|$)"),
+    "a breakable space before : ; ! ?": re.compile(r"[ \t][:;!?]"),
+    "U+2011 instead of the text's hyphen": re.compile("\u2011"),
+    "three full stops": re.compile(r"(?<!\.)\.\.\.(?!\.)"),
+    "a number apart from its unit": re.compile(r"\d[ \t]" + _UNITS + r"(?!\w)"),
+    "doubled guillemets": re.compile(r"«[\s\u00a0\u202f]*«|»[\s\u00a0\u202f]*»"),
+    "a guillemet without its space": re.compile(r"«(?=\S)|(?<=\S)»"),
+}
+
+
+@pytest.mark.parametrize("path", ISSUES, ids=IDS)
+def test_no_typography_fault_reaches_a_reader(path: Path, renderer: Renderer) -> None:
+    rendered = renderer.render(load(path).issue)
+    html, text = filled(rendered)
+    shown = {
+        "html": visible(html),
+        "text": text,
+        "subject": rendered.subject,
+        "preheader": rendered.preheader,
+    }
+    faults = [
+        f"{part}: {name}: …{value[max(0, m.start() - 20) : m.end() + 10]!r}…"
+        for part, value in shown.items()
+        for name, pattern in TYPOGRAPHY_FAULTS.items()
+        for m in pattern.finditer(value)
+        if not (name == "no space before a colon" and "://" in value[m.start() - 10 : m.end() + 3])
+    ]
+    assert faults == []
 
 
 @pytest.mark.parametrize("path", ISSUES, ids=IDS)

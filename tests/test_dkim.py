@@ -1,11 +1,13 @@
-"""DKIM: every message signed (RSA, Ed25519 or both) over the headers that matter, the
-ones most worth forging over-signed; verified by dkimpy, which no one here wrote."""
+"""DKIM: every message signed (RSA, Ed25519 or both) over the headers that matter, each
+over-signed, so that no copy can be added; verified by dkimpy, which no one here wrote."""
 
 from __future__ import annotations
 
 import dataclasses
+import email
 import re
 from collections.abc import Callable
+from email import policy
 from pathlib import Path
 
 import dkim as dkimpy
@@ -17,7 +19,7 @@ from qant_mail.authoring.render import RenderedIssue
 from qant_mail.base.config import Dkim, Settings
 from qant_mail.base.errors import ConfigError, ExitCode, SendError
 from qant_mail.delivery import dkim
-from qant_mail.delivery.compose import MessageTemplate, Recipient
+from qant_mail.delivery.compose import MessageTemplate, Recipient, notice
 from qant_mail.delivery.outbox import Outbox, Rules
 from qant_mail.delivery.transport import SmtpTransport
 from qant_mail.store.ledger import State
@@ -119,12 +121,21 @@ TAMPERING = {
     "List-Unsubscribe-Post": (b"One-Click", b"Two-Click"),
     "Feedback-ID": (b"Feedback-ID: ", b"Feedback-ID: x"),
 }
-ADDED_ABOVE = {
-    "From": b"From: Pirate <pirate@evil.example>\r\n",
-    "Subject": b"Subject: Urgent\r\n",
-    "Reply-To": b"Reply-To: pirate@evil.example\r\n",
-    "List-Unsubscribe": b"List-Unsubscribe: <https://evil.example/u>\r\n",
-    "List-Unsubscribe-Post": b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+# A copy of each signed header as one added on the way would write it; a prepended
+# `Content-Type: text/plain` alone makes a mail reader show the message as plain text.
+FORGED = {
+    "from": b"From: Pirate <pirate@evil.example>",
+    "to": b"To: victim@example.com",
+    "subject": b"Subject: Urgent",
+    "date": b"Date: Mon, 1 Jan 2024 00:00:00 +0000",
+    "message-id": b"Message-ID: <forged@evil.example>",
+    "reply-to": b"Reply-To: pirate@evil.example",
+    "mime-version": b"MIME-Version: 1.0",
+    "content-type": b"Content-Type: text/plain",
+    "list-id": b"List-Id: Autre <autre.evil.example>",
+    "list-unsubscribe": b"List-Unsubscribe: <https://evil.example/u>",
+    "list-unsubscribe-post": b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+    "feedback-id": b"Feedback-ID: x:y:evil.example",
 }
 
 
@@ -150,14 +161,84 @@ def test_changing_any_signed_header_breaks_the_signature(
     assert verify_all(tampered, dns(keys)) == [False]
 
 
-@pytest.mark.parametrize("name", sorted(ADDED_ABOVE))
-def test_a_second_copy_of_an_oversigned_header_breaks_the_signature(
-    signed: bytes, keys: dict[str, tuple[bytes, str]], name: str
+@pytest.fixture(scope="module")
+def signed_by(
+    settings: Settings, sample_rendered: RenderedIssue, keys: dict[str, tuple[bytes, str]]
+) -> dict[tuple[str, ...], bytes]:
+    """The sample, signed by RSA, by Ed25519, and by both."""
+    messages: dict[tuple[str, ...], bytes] = {}
+    for kinds in (("rsa",), ("ed25519",), ("rsa", "ed25519")):
+        config = signing(settings, *kinds)
+        template = MessageTemplate(
+            sample_rendered, config, secret=b"s" * 32, keys=keys_of(config, env_of(keys, *kinds))
+        )
+        messages[kinds] = template.personalise(Recipient("lea@example.com", "Léa Dupont"))
+    return messages
+
+
+def with_added(message: bytes, line: bytes, where: str) -> bytes:
+    """Return `message` with the header `line` added atop its header or at its end."""
+    head, body = header_block(message)
+    head = line + b"\r\n" + head if where == "above" else head + b"\r\n" + line
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("where", ["above", "below"])
+@pytest.mark.parametrize("name", dkim.SIGNED)
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+def test_a_second_copy_of_any_signed_header_breaks_the_signature(
+    signed_by: dict[tuple[str, ...], bytes],
+    keys: dict[str, tuple[bytes, str]],
+    kind: str,
+    name: str,
+    where: str,
 ) -> None:
-    head, body = header_block(signed)
-    signature_end = head.index(b"\r\nFrom:") + 2  # after the DKIM-Signature header
-    added = head[:signature_end] + ADDED_ABOVE[name] + head[signature_end:]
-    assert verify_all(added + b"\r\n\r\n" + body, dns(keys)) == [False]
+    message = signed_by[(kind,)]
+    head, _ = header_block(message)
+    assert re.search(rb"(?im)^" + re.escape(name.encode()) + rb":", head), name
+    assert verify_all(message, dns(keys)) == [True]
+    assert verify_all(with_added(message, FORGED[name], where), dns(keys)) == [False]
+
+
+def test_a_prepended_plain_text_content_type_breaks_both_signatures(
+    signed_by: dict[tuple[str, ...], bytes], keys: dict[str, tuple[bytes, str]]
+) -> None:
+    message = signed_by[("rsa", "ed25519")]
+    tampered = with_added(message, b"Content-Type: text/plain", "above")
+    # What a reader would see: the whole MIME structure as one plain text.
+    assert email.message_from_bytes(tampered, policy=policy.default).get_content_type() == (
+        "text/plain"
+    )
+    assert verify_all(message, dns(keys)) == [True, True]
+    assert verify_all(tampered, dns(keys)) == [False, False]
+
+
+@pytest.mark.parametrize("name", dkim.SIGNED)
+def test_any_signed_header_added_to_a_one_off_message_breaks_its_signature(
+    settings: Settings, keys: dict[str, tuple[bytes, str]], name: str
+) -> None:
+    """A confirmation holds no list headers and, here, no Reply-To: adding one breaks
+    its signature as adding a second From does."""
+    sender = settings.sender.model_copy(update={"reply_to": ""})
+    config = signing(dataclasses.replace(settings, sender=sender), "ed25519")
+    message = notice(config, Recipient("lea@example.com", "Léa"), "Confirmez", "<p>Oui</p>", "Oui")
+    signed = dkim.sign_message(keys_of(config, env_of(keys, "ed25519")), message)
+    assert verify_all(signed, dns(keys)) == [True]
+    assert verify_all(with_added(signed, FORGED[name], "above"), dns(keys)) == [False]
+
+
+def test_each_signed_header_is_listed_once_more_than_the_message_holds_it(
+    signed_by: dict[tuple[str, ...], bytes],
+) -> None:
+    message = email.message_from_bytes(signed_by[("rsa", "ed25519")], policy=policy.compat32)
+    for signature in message.get_all("DKIM-Signature") or []:
+        tags = dict(
+            tag.strip().split("=", 1) for tag in re.sub(r"\s", "", signature).split(";") if tag
+        )
+        listed = tags["h"].split(":")
+        assert sorted(set(listed)) == sorted(dkim.SIGNED)
+        for name in dkim.SIGNED:
+            assert listed.count(name) == len(message.get_all(name) or []) + 1, name
 
 
 def test_the_body_is_covered(signed: bytes, keys: dict[str, tuple[bytes, str]]) -> None:
@@ -234,3 +315,29 @@ def test_keygen_writes_a_key_and_prints_the_records(
     assert "v=spf1" in output
     assert "_dmarc.qant.example. IN TXT" in output
     assert "BEGIN" not in output
+
+
+def test_check_warns_when_only_an_ed25519_key_signs(settings: Settings) -> None:
+    def warned(config: Settings) -> list[str]:
+        report = issues.check(Context(config, env={}), config.root / SAMPLE)
+        return [p.message for p in report.warnings if p.field == "(settings)"]
+
+    (warning,) = warned(signing(settings, "ed25519"))
+    assert "RSA 2048 and Ed25519 (RFC 8463)" in warning
+    assert "SpamAssassin's Mail::DKIM" in warning
+    assert warned(signing(settings, "rsa", "ed25519")) == []
+    assert warned(signing(settings, "rsa")) == []
+
+
+def test_a_send_signed_by_ed25519_alone_says_so_once_before_it_starts(
+    settings: Settings, keys: dict[str, tuple[bytes, str]]
+) -> None:
+    config = signing(settings, "ed25519")
+    env = env_of(keys, "ed25519")
+    (note,) = Rules.of(config, env).notes
+    assert "RSA 2048 and Ed25519 (RFC 8463)" in note
+    ctx = Context(config, env=env, secret=b"s" * 32, transport=SmtpTransport(config, env={}))
+    prepared = issues.prepare(ctx, config.root / SAMPLE)
+    assert sum("Mail::DKIM" in warning for warning in prepared.warnings) == 1
+    both = signing(settings, "rsa", "ed25519")
+    assert Rules.of(both, env_of(keys, "rsa", "ed25519")).notes == ()

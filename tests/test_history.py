@@ -69,8 +69,9 @@ def test_sends_prints_a_table_and_json(local: Settings, smtp_server: SmtpServer,
     assert cli("sends").stdout == "No send yet.\n"
     send(local)
     table = cli("sends").stdout.splitlines()
+    zone = f"({local.newsletter.timezone})"  # the newsletter's, each time with its offset
     assert table[0].split() == [
-        *("issue", "started", "(UTC)", "finished", "readers", "sent", "failed", "unknown"),
+        *("issue", "started", zone, "finished", zone, "readers", "sent", "failed", "unknown"),
         *("left", "bounced", "complaints", "unsubscribed", "carried", "by"),
     ]
     relay = f"{smtp_server.host}:{smtp_server.port}"

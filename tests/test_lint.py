@@ -170,3 +170,25 @@ def test_alt_text_that_is_a_file_name_is_a_warning(
     assert [p.message for p in problems] == [
         "alt text 'IMG_2041.jpg' looks like a file name; describe the image"
     ]
+
+
+def test_a_quote_with_its_own_quotation_marks_is_a_warning(
+    write_issue: WriteIssue, renderer: Renderer
+) -> None:
+    path = write_issue(
+        """\
+        subject: S
+        preheader: P
+        sections:
+          - quote: {text: "« Le futur est déjà là »", author: W. Gibson}
+          - quote: {text: "Le futur est déjà là", author: W. Gibson}
+          - quote: {text: "“The future is here”", author: W. Gibson, lang: en}
+        """
+    )
+    warnings = [p for p in check(path, renderer).problems if "quotation marks" in p.message]
+    assert [(p.line, p.field) for p in warnings] == [
+        (4, "sections.0.quote.text"),
+        (6, "sections.2.quote.text"),
+    ]
+    assert all(p.severity == Severity.WARNING for p in warnings)
+    assert "«\u00a0…\u00a0»" in warnings[0].message

@@ -193,10 +193,18 @@ def test_a_file_that_is_not_an_image_is_refused(tmp_path: Path) -> None:
     assert "not a PNG, JPEG, GIF or WebP image" in error.message
 
 
-def test_essentials_need_a_lead_or_items() -> None:
-    assert messages(with_sections({"essentials": {"title": "Vide"}})) == {
-        "sections.0.essentials": "needs a `lead` story or some `items`"
+def test_a_news_list_may_have_its_heading_and_no_items_yet_but_not_nothing() -> None:
+    issue = validate(with_sections({"essentials": {"title": "Vide", "intro": "À venir."}}))
+    assert issue.sections[0].content.items == []
+    assert messages(with_sections({"essentials": {"label": "L'ESSENTIEL"}})) == {
+        "sections.0.essentials": "needs a `title`, an `intro`, a `lead` story or some `items`"
     }
+
+
+def test_a_label_keeps_its_spaces() -> None:
+    item = {"title": "T", "text": "x"}
+    issue = validate(with_sections({"essentials": {"sources_label": "Source : ", "items": [item]}}))
+    assert issue.sections[0].content.sources_label == "Source : "
 
 
 def test_news_items_keep_the_editors_separator_and_an_image_after_them() -> None:

@@ -56,6 +56,7 @@ def test_sections_appear_with_their_labels_in_the_reference_order(
 ) -> None:
     kickers = [p.get_text() for p in soup_of(sample_rendered).select("p.kicker")]
     assert [k.split("\u00a0:")[0] for k in kickers] == LABELS
+    # Written so by the editor: the tool joins no heading to a label.
     assert kickers[1] == "NUMÉRO SPÉCIAL\u00a0: L’IA Pulse à Paris"
     assert kickers[3] == "EXPERT\u00a0: Elizabeth Seger, Centre for AI Governance"
 
@@ -65,11 +66,11 @@ def test_masthead_quote_byline_date_and_reading_time_are_shown(
 ) -> None:
     text = visible_text(soup_of(sample_rendered))
     for expected in (
-        "Qant: Révolution cognitive et Avenir du numérique",
+        "Qant\u00a0: Révolution cognitive et Avenir du numérique",
         "Chaque jour, les tendances de la tech et l’IA par Jean Rognetta et Maurice de Rambuteau",
         "« Le progrès est devant nous, à condition de dépasser sa propagande »",
         "Paul Virilio",
-        "Par QANT: Révolution cognitive et Avenir du numérique",
+        "Par QANT\u00a0: Révolution cognitive et Avenir du numérique",
         "lundi 20 novembre 2023 · 7 mn à lire",
         "Chaque jour, les journalistes de Qant illustrent les tendances de fond",
     ):
@@ -102,6 +103,10 @@ def test_local_images_are_referenced_as_embedded_parts(sample_rendered: Rendered
 def test_captions_and_credits_are_shown_as_written(sample_rendered: RenderedIssue) -> None:
     captions = [p.get_text() for p in soup_of(sample_rendered).select("p.caption")]
     assert "“Sam Altman prend la porte” (Qant, M. de R. avec Midjourney)" in captions
+    credits = soup_of(sample_rendered).select("p.caption span.credit")
+    assert credits[0].get_text() == "(Qant, M. de R. avec Midjourney)"
+    # In a style of its own: upright, where the caption is in italics.
+    assert "font-style:normal" in attr(credits[0], "style").replace(" ", "")
     assert "La gouvernance d’OpenAI" in captions
     assert len(captions) == 5
 

@@ -147,6 +147,8 @@ def test_times_are_read_in_the_newsletters_time_zone(project_settings: Settings)
     )
     moment = schedules.parse_time(Context(paris), "2026-12-01 08:00")
     assert moment.astimezone(dt.UTC) == dt.datetime(2026, 12, 1, 7, 0, tzinfo=dt.UTC)
+    there = schedules.parse_time(Context(paris), "2026-12-01 08:00", "America/Los_Angeles")
+    assert there.astimezone(dt.UTC) == dt.datetime(2026, 12, 1, 16, 0, tzinfo=dt.UTC)
     own = schedules.parse_time(Context(paris), "2026-07-01T08:00+00:00")
     assert own.astimezone(dt.UTC).hour == 8  # a time with its own offset keeps it
     with pytest.raises(ScheduleError, match="YYYY-MM-DD HH:MM"):

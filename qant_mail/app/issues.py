@@ -26,7 +26,7 @@ from qant_mail.authoring.render import Asset, RenderedIssue, Renderer, Slot
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import IssueError, Problem, SendError, Severity
 from qant_mail.base.files import write_all
-from qant_mail.delivery.compose import MessageTemplate, Prepared, Recipient
+from qant_mail.delivery.compose import MessageTemplate, Prepared, Recipient, lone_ed25519
 
 # What the edges see of a render.
 __all__ = ["ArchiveReport", "Asset", "CheckReport", "RenderedIssue"]
@@ -99,6 +99,8 @@ def check(
     issue = document.issue if on is None else document.issue.model_copy(update={"date": on})
     rendered = renderer.render(issue, key=document.key, archived=on is None)
     problems = lint(document, rendered, renderer.settings)
+    if warning := lone_ed25519(renderer.settings):
+        problems.append(document.problem(("(settings)",), warning, Severity.WARNING))
     return CheckReport(path, problems, document, rendered, renderer.settings)
 
 
@@ -201,13 +203,15 @@ def prepare(
     digest = hashlib.sha256()
     for part in (rendered.subject, rendered.html, rendered.text):
         digest.update(part.encode("utf-8"))
-    warnings = [str(p) for p in report.warnings]
+    notes = ctx.outbox.rules(settings.newsletter.id).notes
+    # A warning about the settings that is also a note of the send is said once.
+    warnings = [str(p) for p in report.warnings if p.message not in notes]
     if settings.images.mode == "host" and rendered.assets and not occasion:
         warnings.append(
             f"the pictures are linked from {settings.archive_url}/{key}/images/: "
             "publish the archive (`qant-mail archive`) before readers open the issue"
         )
-    warnings += ctx.outbox.rules(settings.newsletter.id).notes
+    warnings += notes
     return Prepared(
         key, rendered, template, digest.hexdigest()[:16], warnings, settings.newsletter.id
     )

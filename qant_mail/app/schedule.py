@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qant_mail.app import issues, sending
 from qant_mail.app.context import Context
+from qant_mail.authoring.load import load
 from qant_mail.base.errors import ExitCode, IssueError, QantError
 from qant_mail.delivery.outbox import Progress
 from qant_mail.delivery.transport import TransportUnavailable
@@ -31,10 +32,21 @@ class DueOutcome:
     exit_code: ExitCode
 
 
-def parse_time(ctx: Context, text: str) -> dt.datetime:
-    """Return the moment `text` names ("2026-12-01 08:00", ISO 8601), read in the
-    newsletter's time zone unless it gives its own offset."""
-    zone = ctx.settings.newsletter.timezone
+def time_zone(ctx: Context, path: Path) -> str:
+    """Return the time zone of the newsletter the issue at `path` belongs to, which its
+    send's times are read and shown in (the main newsletter's, for a file that cannot be
+    read or names no newsletter of the settings)."""
+    try:
+        wanted = load(path).issue.newsletter
+        return ctx.settings.for_newsletter(wanted).newsletter.timezone
+    except QantError:  # `schedule` and `run-due` say what is wrong with it
+        return ctx.settings.newsletter.timezone
+
+
+def parse_time(ctx: Context, text: str, zone: str | None = None) -> dt.datetime:
+    """Return the moment `text` names ("2026-12-01 08:00", ISO 8601), read in `zone`
+    (default: the main newsletter's time zone) unless it gives its own offset."""
+    zone = zone or ctx.settings.newsletter.timezone
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError as err:
@@ -51,7 +63,9 @@ def schedule(
     (they run again at its time)."""
     now = now or dt.datetime.now(dt.UTC)
     if at <= now:
-        raise ScheduleError(f"{at.isoformat()} is past: give a time to come, or send it now")
+        raise ScheduleError(
+            f"{at.isoformat(' ', 'minutes')} is past: give a time to come, or send it now"
+        )
     # Its errors (and a draft) are refused now, not found at its time. The secret and the
     # keys are the sender's business then: a schedule can be set where they are not.
     issues.sendable(ctx, path)

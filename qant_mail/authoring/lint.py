@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from qant_mail.authoring import prose
 from qant_mail.authoring.load import Document
-from qant_mail.authoring.model import Image, Link, walk
+from qant_mail.authoring.model import Image, Link, Quote, walk
 from qant_mail.authoring.render import PLACEHOLDER, RenderedIssue, Slot
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import Problem, Severity
@@ -74,6 +74,18 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
     if issue.draft:
         report(("draft",), "the issue is marked `draft: true`: it will not go to the list", WARNING)
 
+    marks = settings.labels.quote_marks
+    if marks.replace("{text}", "").strip():
+        for loc, value in walk(issue, ()):
+            if isinstance(value, Quote) and _QUOTED.search(value.text):
+                report(
+                    (*loc, "text"),
+                    f"already between quotation marks, and labels.quote_marks adds its own "
+                    f"({marks.format(text='…')}): the reader would see them twice; remove "
+                    "them from the text",
+                    WARNING,
+                )
+
     origins = _Origins(issue, rendered)
     page = _Anchors()
     page.feed(rendered.html)  # with its placeholders: they are not links to check
@@ -110,6 +122,8 @@ def lint(document: Document, rendered: RenderedIssue, settings: Settings) -> lis
     return sorted(found, key=lambda p: (p.severity != ERROR, p.line, p.column, p.message))
 
 
+# A quote that opens or closes with quotation marks of its own.
+_QUOTED = re.compile(r"^\s*[«“„‹\"]|[»”‟›\"]\s*$")
 _QP_ESCAPED = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t\r\n]")
 
 

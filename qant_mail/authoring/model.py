@@ -80,8 +80,9 @@ Markdown = Annotated[str, _MARKDOWN]
 Url = Annotated[str, _LINK]
 Pixels = Annotated[int, Field(gt=0, le=10_000)]
 # A label is the small line above a section: absent, the kind's default from [labels];
-# written "", no label at all.
-Label = OptionalText | None
+# written "", no label at all. Its spaces are the editor's: "Source : " keeps the one that
+# separates it from what follows.
+Label = Verbatim | None
 
 
 class Link(Strict):
@@ -283,7 +284,9 @@ class Essentials(Strict):
     label: Label = None
     """The small line above; absent: `labels.essentials`; "": none."""
     title: OptionalText = ""
-    """A heading, shown after the label (the companies cited, say)."""
+    """A heading of its own, under the label (the companies cited, say)."""
+    intro: Markdown = ""
+    """A lead paragraph, under the heading."""
     lead: Story | None = None
     """A longer story before the items."""
     separator: Verbatim | None = None
@@ -294,12 +297,12 @@ class Essentials(Strict):
     """"bullets": a list, each lead-in in bold before its text; "blocks": each item under
     its lead-in as a small heading."""
     items: list[NewsItem] = Field(default_factory=list)
-    """The news items, in order."""
+    """The news items, in order; none yet while the list is being written."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> Essentials:
-        if self.lead is None and not self.items:
-            raise ValueError("needs a `lead` story or some `items`")
+        if not (self.title or self.intro or self.lead or self.items):
+            raise ValueError("needs a `title`, an `intro`, a `lead` story or some `items`")
         return self
 
 
@@ -316,6 +319,9 @@ class Quote(Strict):
     """"block": the author on a line of their own; "inline": after the quote, on its line."""
     separator: Verbatim | None = None
     """Between the quote and an inline author; absent: `labels.quote_separator` (" • ")."""
+    lang: Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")] | None = None
+    """The language of the words quoted, when not the newsletter's ("en"): they keep the
+    typography they were written in, and screen readers read them in that language."""
 
 
 class Letter(Strict):

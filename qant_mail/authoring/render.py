@@ -171,6 +171,7 @@ class Renderer:
             markdown=self._markdown_filter,
             markdown_text=self._markdown_text_filter,
             label=self._label_filter,
+            in_language=self._in_language_filter,
             wrap=self._wrap_filter,
             underline=lambda text, char="-": char * min(len(str(text)), TEXT_WIDTH),
         )
@@ -304,6 +305,19 @@ class Renderer:
         if eval_ctx.autoescape:
             return Markup(escape(label)).format(**values)
         return Typeset(self.typeset_text(label.format(**values)))
+
+    @jinja2.pass_eval_context
+    def _in_language_filter(
+        self, eval_ctx: jinja2.nodes.EvalContext, text: str, lang: str | None = None
+    ) -> str:
+        """Mark `text` as written in `lang` when that is not the newsletter's language: in
+        HTML a span with its `lang` (screen readers switch voice; the typography leaves
+        it alone), in the text part a passage the typography keeps as written."""
+        if not lang or lang.split("-")[0].lower() == self.locale.language:
+            return text
+        if eval_ctx.autoescape:
+            return Markup('<span lang="{}">{}</span>').format(lang, text)
+        return f"{typography.AS_WRITTEN_OPEN}{text}{typography.AS_WRITTEN_CLOSE}"
 
     def _wrap_filter(
         self, text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
@@ -484,7 +498,11 @@ def _override(value: str | None, default: str) -> str:
     return default if value is None else value
 
 
+_AS_WRITTEN_MARKS = str.maketrans("", "", typography.AS_WRITTEN_OPEN + typography.AS_WRITTEN_CLOSE)
+
+
 def _tidy_text(text: str) -> str:
+    text = text.translate(_AS_WRITTEN_MARKS)  # the passages kept as written are typeset
     lines = [line.rstrip() for line in text.splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 

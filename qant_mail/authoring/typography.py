@@ -1,4 +1,5 @@
-"""Locale typography for every text a reader sees: French no-break spaces, apostrophes."""
+"""Locale typography for every text a reader sees: French no-break spaces (added where
+the editor left none), apostrophes, ellipses, numbers bound to their units."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from dataclasses import dataclass
 
 NBSP = "\u00a0"  # no-break space: before ":" and in "n° 12"
 NNBSP = "\u202f"  # narrow no-break space: before ; ! ? », after «, between digit groups
-NBHY = "\u2011"  # non-breaking hyphen: "GPT‑4o" stays on one line
+# In HTML, a word whose hyphen touches a digit ("GPT-4o", "1890-1941") is kept on one line
+# by markup, so that the text keeps its own hyphen: a reader who copies or searches it
+# finds what was written (a U+2011 would not match).
+NOWRAP_OPEN = '<span style="white-space:nowrap">'
+NOWRAP_CLOSE = "</span>"
 
 # Spans left exactly as written: per-recipient placeholders, <bracketed> addresses, links
 # (a scheme, or www.) and e-mail addresses. As one alternation, tried at each position of
@@ -17,6 +22,10 @@ NBHY = "\u2011"  # non-breaking hyphen: "GPT‑4o" stays on one line
 # that announces it (%, <, :, w, @), which a search reaches by jumping, and the spans are
 # then chosen as that alternation would have chosen them (`_protected_spans`).
 _PLACEHOLDER = re.compile(r"%%qant:\w+%%", re.IGNORECASE)
+# A passage kept as written (words quoted in another language), between two private-use
+# characters that the text template puts around it and takes off at the end.
+AS_WRITTEN_OPEN, AS_WRITTEN_CLOSE = "\ue001", "\ue002"
+_AS_WRITTEN_SPAN = re.compile("\ue001[^\ue002]*\ue002")
 _BRACKETED = re.compile(r"<[^\s<>]+>")
 _SCHEME_LINK = re.compile(r"\b(?:https?|ftp|mailto|tel|cid|data|file):[^\s<>\"]+", re.IGNORECASE)
 _SCHEME_COLON = re.compile(r":(?=[^\s<>\"])")
@@ -33,7 +42,11 @@ def _protected_spans(text: str) -> list[tuple[int, int]]:
     as one search for `placeholder|bracketed|scheme link|www link|address` moving left to
     right: the leftmost, the earlier kind at the same place, and on after its end."""
     found: list[tuple[int, int, int]] = []  # (start, kind, end)
-    for kind, announce, pattern in ((0, "%%", _PLACEHOLDER), (1, "<", _BRACKETED)):
+    for kind, announce, pattern in (
+        (-1, AS_WRITTEN_OPEN, _AS_WRITTEN_SPAN),
+        (0, "%%", _PLACEHOLDER),
+        (1, "<", _BRACKETED),
+    ):
         at = text.find(announce)
         while at >= 0:
             match = pattern.match(text, at)
@@ -120,16 +133,48 @@ _FRENCH: tuple[Rule, ...] = (
     # 250 000; digits are ASCII ones, which `_DIGITS` stands for
     (re.compile(r"([0-9])[ \t\u00a0](?=[0-9]{3}(?![0-9]))"), r"\1" + NNBSP, _DIGITS),
 )
-# Guillemets the editor wrote without their spaces get them.
+# What may stand right before a double punctuation mark that lacks its space: a word, a
+# number, a closing bracket or quote, a kept span; not a space, not another mark (the
+# second of "?!" takes none), not an opening bracket, not the start of a text.
+_BEFORE_MARK = r"[^\s\u00a0\u202f\x1c:;!?(\[{«“‘/]"
+# And right after it: the end of a word. "10:30", "3:2", "std::vector", "a:b" and links
+# (kept apart already) go on without a space, so they are left alone.
+_AFTER_COLON = r"(?=[\s\u00a0\x1c]|$)"
+_AFTER_MARK = r"(?=[\s\u00a0\u202f\x1c»”)\]!?;.,…\"']|$)"
+_ENTITY_END = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*)$")
+
+
+def _space_inserted(match: re.Match[str]) -> str:
+    mark = match.group()
+    if mark == ";" and _ENTITY_END.search(match.string, max(0, match.start() - 12), match.start()):
+        return mark  # the end of "&amp;", not a semicolon
+    return NNBSP + mark
+
+
+# Units a number is bound to: "6 nm", "3 GHz", "11 milliards", "25 ans". A list, not a
+# pattern: "le 3 mars" and "de 1 à 2" go on breaking where they may.
+_UNITS = (
+    "nm|µm|mm|cm|dm|km|m|m2|m²|m3|m³|ha|l|ml|cl|mg|g|kg|t|Mt|Gt|W|kW|MW|GW|TW|Wh|kWh|MWh|GWh"
+    "|TWh|V|kV|mV|A|mA|Hz|kHz|MHz|GHz|THz|o|Ko|Mo|Go|To|Po|ko|bit|bits|Kb|Mb|Gb|Tb|KB|MB|GB"
+    "|TB|PB|Mbit/s|Gbit/s|Mb/s|Gb/s|Mo/s|Go/s|bps|Mbps|Gbps|Tflops|Pflops|flops|°C|°F|K|ms"
+    "|µs|ns|s|min|h|j|an|ans|jours?|semaines?|mois|heures?|minutes?|secondes?|années?"
+    "|mille|millions?|milliards?|billions?|Md|Mds|Md€|M€|k€|Md\\$|M\\$|euros?|dollars?"
+    "|livres|yuans?|yens?|points?|pixels?|px|pts?|qubits?|transistors?|paramètres"
+)
 _FRENCH_INSERT: tuple[Rule, ...] = (
+    # Guillemets the editor wrote without their spaces get them.
     (re.compile(r"«(?=[^\s\u202f\u00a0])"), "«" + NNBSP, "«"),
     (re.compile(r"»(?<=[^\s\u202f\u00a0]»)"), NNBSP + "»", "»"),
+    # "Qant: la suite" → "Qant : la suite"; "Vraiment?" → "Vraiment ?".
+    (re.compile(rf"(?<={_BEFORE_MARK}):{_AFTER_COLON}"), NBSP + ":", ":"),
+    (re.compile(rf"(?<={_BEFORE_MARK})[;!?]{_AFTER_MARK}"), _space_inserted, ";!?"),
+    # "6 nm", "11 milliards": the number never ends a line without its unit.
+    (re.compile(rf"(?<=[0-9])[ \t](?=(?:{_UNITS})(?![\w/]))"), NBSP, _DIGITS),
+    # Three full stops are an ellipsis (four or more are left as written).
+    (re.compile(r"(?<!\.)\.\.\.(?!\.)"), "…", "."),
 )
-# In HTML only: a hyphen next to a digit inside a word does not break ("GPT-4o", "B-1023"),
-# and an apostrophe escaped by the template (&#39;) is one too. The text part wraps at
-# spaces only, and keeps the plain hyphen for plain-text readers.
+# In HTML only: an apostrophe escaped by the template (&#39;) is one too.
 _HTML_ONLY: tuple[Rule, ...] = (
-    (re.compile(r"-(?:(?<=[^\W_]-)(?=\d)|(?<=\d-)(?=[^\W_]))"), NBHY, "-"),
     (
         re.compile(r"&#39;(?<=[^\W\d_]&#39;)(?=[^\W_])|&#x27;(?<=[^\W\d_]&#x27;)(?=[^\W_])"),
         "’",
@@ -142,6 +187,19 @@ _SKIPPED = re.compile(
     r"<!--.*?-->|<(style|script|mj-style|mj-attributes)\b.*?</\1\s*>|<[^>]*>",
     re.DOTALL | re.IGNORECASE,
 )
+# Elements whose text is kept as written: code, and a passage in another language (its
+# `lang` attribute); and those where a tag would show as text (a title).
+_AS_WRITTEN = re.compile(r"<(code|pre|kbd|samp)\b|<(\w[\w-]*)\b[^>]*\blang=\"(?!fr)", re.I)
+_PLAIN_TEXT = re.compile(r"<(title|mj-title|mj-preview)\b", re.IGNORECASE)
+_OPENING = re.compile(r"<([\w-]+)")
+_TAG_NAME = re.compile(r"</?([\w-]+)")
+# Tags inside a line of text: a mark after one of them still follows the word before it
+# ("[l'article](…): la suite" is "</a>: la suite").
+_INLINE = frozenset(("a", "b", "strong", "em", "i", "span", "u", "s", "sup", "sub", "code"))
+_MARK_AT_START = re.compile(r"([:;!?])(?=[\s\u00a0]|$)")
+# A word with a hyphen next to a digit: "GPT-4o", "Albert-40B-1023", "1890-1941".
+_HYPHENED = re.compile(r"[^\W_]+(?:-[^\W_]+)+")
+_DIGIT_HYPHEN = re.compile(r"[^\W_]-[0-9]|[0-9]-[^\W_]")
 
 
 @dataclass(frozen=True)
@@ -180,7 +238,9 @@ class Typographer:
 
     def markup(self, document: str) -> str:
         """Return an HTML (or MJML) document with the text between its tags typeset:
-        attribute values (links, file names, alt texts) keep what the template wrote."""
+        attribute values (links, file names, alt texts), code, and passages marked as
+        in another language keep what was written. A word whose hyphen touches a digit
+        is kept on one line by a span."""
         if not self.rules:
             return document
         pieces: list[str] = []  # tags and texts, alternating: even indexes are texts
@@ -190,9 +250,10 @@ class Typographer:
             pieces.append(match.group())
             position = match.end()
         pieces.append(document[position:])
-        texts = pieces[0::2]
+        kept, plain = _contexts(pieces)
+        texts = [t for i, t in enumerate(pieces[0::2]) if i not in kept]
         if _SEPARATOR in document:
-            pieces[0::2] = [self(text) if not text.isspace() else text for text in texts]
+            typeset = [self(text) if not text.isspace() else text for text in texts]
         else:
             # The texts are typeset in one pass, joined by a separator that every rule
             # treats as the end of a text (it is a space, and no rule crosses a space
@@ -200,13 +261,87 @@ class Typographer:
             typeset = self(_SEPARATOR.join(texts)).split(_SEPARATOR)
             if len(typeset) != len(texts):  # pragma: no cover - a rule crossed a separator
                 typeset = [self(text) for text in texts]
-            pieces[0::2] = typeset
+        done = iter(typeset)
+        for index in range(0, len(pieces), 2):
+            if index // 2 in kept:
+                continue
+            text = next(done)
+            if index // 2 not in plain:
+                text = _nowrap(text)
+            pieces[index] = text
+        _marks_after_inline_tags(pieces, kept)
         return "".join(pieces)
 
     @property
     def active(self) -> bool:
         """Return whether this locale changes anything."""
         return bool(self.rules)
+
+
+def _contexts(pieces: list[str]) -> tuple[set[int], set[int]]:
+    """Return the numbers of the texts (pieces[2n]) kept as written (in code, or in an
+    element of another language), and of those that must stay plain text (a title)."""
+    kept: set[int] = set()
+    plain: set[int] = set()
+    closing: str | None = None  # the tag that ends what is being kept or held plain
+    depth, holds_plain = 0, False
+    for index in range(1, len(pieces), 2):
+        tag = pieces[index]
+        if closing is None:
+            found = _AS_WRITTEN.match(tag) or _PLAIN_TEXT.match(tag)
+            if found and not tag.endswith("/>"):
+                opened = _OPENING.match(tag)
+                assert opened is not None
+                closing, depth = opened.group(1).lower(), 1
+                holds_plain = bool(_PLAIN_TEXT.match(tag))
+        else:
+            opened = _OPENING.match(tag)
+            if opened and opened.group(1).lower() == closing and not tag.endswith("/>"):
+                depth += 1
+            elif tag.lower().startswith(f"</{closing}"):
+                depth -= 1
+                if depth == 0:
+                    closing = None
+                    continue
+        if closing is not None:
+            (plain if holds_plain else kept).add((index + 1) // 2)
+    return kept, plain
+
+
+def _nowrap(text: str) -> str:
+    """Return `text` with each word whose hyphen touches a digit in a no-wrap span (links
+    and addresses in it are left alone)."""
+    if "-" not in text:
+        return text
+    spans = _protected_spans(text)
+
+    def wrapped(match: re.Match[str]) -> str:
+        word = match.group()
+        start = match.start()
+        if not _DIGIT_HYPHEN.search(word) or any(b <= start < e for b, e in spans):
+            return word
+        return NOWRAP_OPEN + word + NOWRAP_CLOSE
+
+    return _HYPHENED.sub(wrapped, text)
+
+
+def _marks_after_inline_tags(pieces: list[str], kept: set[int]) -> None:
+    """Give a double punctuation mark that opens a text right after an inline tag the
+    no-break space its word lacks: "<a>l’article</a>: la suite"."""
+    for index in range(2, len(pieces), 2):
+        text = pieces[index]
+        if index // 2 in kept or not text or text[0] not in ":;!?":
+            continue
+        tag = pieces[index - 1]
+        name = _TAG_NAME.match(tag)
+        before = pieces[index - 2]
+        if name is None or name.group(1).lower() not in _INLINE or not before:
+            continue
+        if before[-1].isspace() or before[-1] in "\u00a0\u202f(«[{“":
+            continue
+        match = _MARK_AT_START.match(text)
+        if match:
+            pieces[index] = (NBSP if match.group(1) == ":" else NNBSP) + text
 
 
 @functools.cache

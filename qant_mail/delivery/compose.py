@@ -9,7 +9,6 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.header import Header
 from email.utils import format_datetime, formataddr
 from typing import TYPE_CHECKING
 
@@ -268,7 +267,7 @@ class MessageTemplate:
             ("Subject", _header_text(subject, "Subject")),
             ("Date", format_datetime(when)),
             ("MIME-Version", "1.0"),
-            ("List-Id", f"{_header_text(self.settings.newsletter.name, 'List-Id')} <{list_label}>"),
+            ("List-Id", _header_text(self.settings.newsletter.name, "List-Id", f" <{list_label}>")),
             ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
             ("Precedence", "bulk"),
             ("Feedback-ID", f"{self.issue_key}:{self._campaign}:{self.domain}"),
@@ -438,25 +437,135 @@ def _fold(encoded: bytes, last_limit: int) -> list[bytes]:
     return lines
 
 
+def lone_ed25519(settings: Settings) -> str:
+    """Return the warning for a newsletter signed by an Ed25519 key alone ("" if not)."""
+    config = settings.dkim
+    if not config.ed25519_selector or config.selector:
+        return ""
+    return (
+        "dkim.ed25519_selector is set without dkim.selector: the mail is signed with "
+        "Ed25519 alone, which many receivers cannot verify (SpamAssassin's Mail::DKIM "
+        "among them) and take for unsigned. Sign twice, RSA 2048 and Ed25519 (RFC 8463): "
+        "create an RSA key (`qant-mail dkim keygen`), publish its record, set "
+        "dkim.selector and QANT_DKIM_PRIVATE_KEY"
+    )
+
+
 def _address_header(name: str, address: str, header: str) -> str:
     name = strip_controls(name)
     if not name:
         return address
     if _PLAIN_NAME.fullmatch(name):
         return f"{name} <{address}>"  # what formataddr gives, at a fraction of its cost
-    if name.isascii():
+    if name.isascii() and "=?" not in name:
         return formataddr((name, address))
-    encoded = Header(name, "utf-8", header_name=header).encode(linesep="\r\n")
-    return f"{encoded} <{address}>"
+    return _encoded(name, len(header) + 2, f" <{address}>", phrase=True)
 
 
-def _header_text(value: str, header: str) -> str:
+def _header_text(value: str, header: str, tail: str = "") -> str:
+    """Return `value` as the text of header `header`, then `tail` (an address part)."""
     # Settings and issues refuse control characters already; this is the last guard,
     # for whatever reaches a header by another way.
     value = strip_controls(value)
-    if value.isascii() and len(value) + len(header) + 2 <= 78:
-        return value
-    return Header(value, "utf-8", header_name=header).encode(linesep="\r\n")
+    # Plain text that looks like an encoded word would be decoded by the reader.
+    if value.isascii() and "=?" not in value and len(value) + len(header) + 2 <= 78:
+        if len(value) + len(tail) + len(header) + 2 > 78:
+            return f"{value}\r\n{tail}"
+        return value + tail
+    return _encoded(value, len(header) + 2, tail)
+
+
+# RFC 2047 2: an encoded word of at most 75 characters, on a line of at most 76.
+_ENCODED_WORD, _ENCODED_LINE = 75, 76
+_WORD_FRAME = len("=?utf-8?q??=")
+# RFC 2047 5(3): what a "Q" word may hold as is anywhere, a display name included.
+_Q_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+# A word of a display name that can stay as it is (an RFC 5322 atom, short enough to fold
+# around, not mistakable for an encoded word).
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,40}")
+
+
+def _encoded(text: str, used: int, tail: str = "", *, phrase: bool = False) -> str:
+    """Return `text` as UTF-8 encoded words (RFC 2047) of whole characters, each at most
+    75 characters long, folded between them so that no line passes 76: `used` characters
+    precede it on its first line, `tail` follows it (on a line of its own if need be).
+    In a `phrase` (a display name), the words that need no encoding stay as they are."""
+    pieces = [(text, True)]
+    if phrase and text == " ".join(text.split()):
+        # Python's address parser reads a space into a display name between two
+        # encoded words, where RFC 2047 6.2 drops it (CPython gh-128110): words that
+        # need no encoding stay plain between the encoded ones, and a run of encoded
+        # words is cut in two only when one word cannot hold it.
+        pieces = []
+        for word in text.split(" "):
+            plain = bool(_ATOM.fullmatch(word)) and "=?" not in word
+            if not plain and pieces and pieces[-1][1]:
+                pieces[-1] = (f"{pieces[-1][0]} {word}", True)
+            else:
+                pieces.append((word, not plain))
+    out: list[str] = []
+    line = used  # characters on the current line
+    for piece, encode in pieces:
+        tokens = [piece]
+        if encode:
+            tokens = _words(piece, _ENCODED_LINE - line - (1 if out else 0))
+            if phrase and len(tokens) > 1:
+                whole = _words(piece, _ENCODED_WORD)  # on a line of its own
+                tokens = whole if len(whole) == 1 else tokens
+        for token in tokens:
+            if out and line + 1 + len(token) > _ENCODED_LINE:
+                out.append("\r\n ")
+                line = 1
+            elif out:
+                out.append(" ")
+                line += 1
+            out.append(token)
+            line += len(token)
+    if tail and line + len(tail) > _ENCODED_LINE:
+        out.append("\r\n")
+    return "".join(out) + tail
+
+
+def _words(text: str, room: int) -> list[str]:
+    """Return `text` as encoded words, the first within `room` characters if it can hold
+    one character, each of the others within 75."""
+    quoted = [_q_char(char) for char in text]
+    size = len(text.encode("utf-8"))
+    # "Q" keeps French readable in the source; "B" is shorter for emoji and non-Latin
+    # scripts. Whichever is shorter for the whole text, as Python's email package does.
+    as_q = sum(map(len, quoted)) <= 4 * -(-size // 3)
+    kind = "q" if as_q else "b"
+    words: list[str] = []
+    space = min(room, _ENCODED_WORD) - _WORD_FRAME
+    if space < (len(quoted[0]) if as_q else 8):
+        space = _ENCODED_WORD - _WORD_FRAME  # too little room left: start on the next line
+    start = 0
+    while start < len(text):
+        end, length = start + 1, len(quoted[start])
+        if as_q:
+            while end < len(text) and length + len(quoted[end]) <= space:
+                length += len(quoted[end])
+                end += 1
+            payload = "".join(quoted[start:end])
+        else:
+            count = len(text[start].encode("utf-8"))
+            while end < len(text):
+                more = count + len(text[end].encode("utf-8"))
+                if 4 * -(-more // 3) > space:
+                    break
+                count, end = more, end + 1
+            payload = base64.b64encode(text[start:end].encode("utf-8")).decode("ascii")
+        words.append(f"=?utf-8?{kind}?{payload}?=")
+        start = end
+        space = _ENCODED_WORD - _WORD_FRAME
+    return words
+
+
+def _q_char(char: str) -> str:
+    return "".join(
+        "_" if byte == 0x20 else chr(byte) if byte in _Q_PLAIN else f"={byte:02X}"
+        for byte in char.encode("utf-8")
+    )
 
 
 @dataclass(frozen=True)

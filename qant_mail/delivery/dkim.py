@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from qant_mail.base.errors import ConfigError
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 # What every signature covers (RFC 6376 5.4; Gmail and Yahoo also want both unsubscribe
-# headers). A name listed once more than the message holds it ("over-signing") makes a
-# second copy added on the way fail the signature: From, Subject, Reply-To and the
-# unsubscribe headers, whose forgery would matter most.
+# headers). Each is listed in h= once more than the message holds it ("over-signing",
+# RFC 6376 8.15): a copy added on the way, above or below, or a header the message lacks
+# added to it, breaks the signature. A prepended `Content-Type: text/plain` that still
+# verified would make a reader show the message as plain text.
 SIGNED = (
     "from",
     "to",
@@ -44,7 +46,6 @@ SIGNED = (
     "list-unsubscribe-post",
     "feedback-id",
 )
-OVERSIGNED = ("from", "subject", "reply-to", "list-unsubscribe", "list-unsubscribe-post")
 
 _WSP_RUN = re.compile(rb"[ \t]+")
 _TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
@@ -200,15 +201,27 @@ class Signer:
 
     def __init__(self, key: DkimKey, shared: Sequence[tuple[str, bytes]], own: Sequence[str]):
         self.key = key
-        self.own = {name.lower() for name in own}
-        names = {name.lower() for name, _ in shared} | self.own
-        self.signed = [name for name in SIGNED if name in names]
-        self.listed = self.signed + [name for name in OVERSIGNED if name in names]
-        self.shared = {
-            name.lower(): relaxed_header(name, value) + b"\r\n"
-            for name, value in shared
-            if name.lower() in SIGNED
-        }
+        held = Counter(name.lower() for name in own)
+        canonical: dict[str, list[bytes]] = {}
+        for name, value in shared:
+            lower = name.lower()
+            if lower in SIGNED:
+                held[lower] += 1
+                canonical.setdefault(lower, []).append(relaxed_header(name, value) + b"\r\n")
+        self.listed = [name for name in SIGNED for _ in range(held[name] + 1)]
+        # The header data in h= order, each name's copies from the bottom up (RFC 6376
+        # 5.4.2): the shared copies joined now, and a name (str) where a message's own
+        # go, which come above the shared ones; the extra listing of each adds nothing.
+        own_names = {name.lower() for name in own}
+        plan: list[bytes | str] = []
+        fixed = b""
+        for name in SIGNED:
+            fixed += b"".join(reversed(canonical.get(name, [])))
+            if name in own_names:
+                plan += [fixed, name]
+                fixed = b""
+        plan.append(fixed)
+        self._plan = plan
         self._folded: tuple[int, bytes] | None = None
 
     def sign(
@@ -216,12 +229,13 @@ class Signer:
     ) -> bytes:
         """Return the DKIM-Signature header (CRLF-ended) of a message whose own headers
         are `own` (name, raw value) and whose body hashes to `body_hash`."""
-        mine = {name.lower(): relaxed_header(name, value) + b"\r\n" for name, value in own}
+        mine: dict[str, bytes] = {}
+        for name, value in reversed(own):
+            lower = name.lower()
+            mine[lower] = mine.get(lower, b"") + relaxed_header(name, value) + b"\r\n"
         data = bytearray()
-        for name in self.signed:
-            # Each name appears once in our messages; the over-signed repeats find none,
-            # and count as empty: a copy added on the way breaks the signature.
-            data += mine.get(name) or self.shared[name]
+        for piece in self._plan:
+            data += piece if isinstance(piece, bytes) else mine.get(piece, b"")
         when = int(time.time()) if timestamp is None else timestamp
         unsigned = self._unsigned(when).replace(_BH_PLACEHOLDER, base64.b64encode(body_hash))
         # The header is folded first and signed as it will be sent, with an empty b=:

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from qant_mail.audience import tokens
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode, QantError, SendError
-from qant_mail.delivery.compose import ComposeError, MessageTemplate, Prepared, Recipient
+from qant_mail.delivery.compose import (
+    ComposeError,
+    MessageTemplate,
+    Prepared,
+    Recipient,
+    lone_ed25519,
+)
 from qant_mail.delivery.transport import (
     Connection,
     ConnectionLost,
@@ -96,7 +102,7 @@ class Rules:
     keys: tuple[dkim.DkimKey, ...]
     envelope: str
     verp: tuple[str, str] | None  # (local part, domain) of the VERP return paths
-    notes: tuple[str, ...] = ()  # settings set aside, and why
+    notes: tuple[str, ...] = ()  # settings set aside or unwise, and why
 
     @classmethod
     def of(cls, settings: Settings, env: Mapping[str, str]) -> Rules:
@@ -134,6 +140,8 @@ class Rules:
             keys = tuple(
                 dkim.keys_from_settings(config.selector, config.ed25519_selector, domain, env)
             )
+        if warning := lone_ed25519(settings):
+            notes.append(warning)
         return cls(settings, keys, envelope, verp, tuple(notes))
 
     @property
