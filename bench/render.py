@@ -44,7 +44,7 @@ def child(root: Path, runs: int) -> None:
         from qant_mail.load import load  # type: ignore[import-not-found,no-redef]
         from qant_mail.render import Renderer  # type: ignore[import-not-found,no-redef]
 
-        from qant_mail import prose  # type: ignore[attr-defined,no-redef]
+        from qant_mail import prose  # type: ignore[no-redef]
 
     settings = load_settings(root / "qant.toml", env={})
     renderer = Renderer(settings)

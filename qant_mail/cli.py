@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from qant_mail import __version__
 from qant_mail.base.errors import (
     ConfigError,
     ExitCode,
@@ -87,7 +86,9 @@ class Options:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"qant-mail {__version__}")
+        import qant_mail
+
+        typer.echo(f"qant-mail {qant_mail.__version__}")
         raise typer.Exit()
 
 
@@ -130,6 +131,40 @@ def _context(ctx: typer.Context) -> Context:
     if not options.contexts:
         options.contexts.append(Context.load(options.config))
     return options.contexts[0]
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="The folder to write (created if need be).")],
+    name: Annotated[str, typer.Option(help="The newsletter's name.")] = "Ma lettre",
+    sender: Annotated[
+        str, typer.Option(help="The From address of its emails.")
+    ] = "lettre@example.com",
+    base_url: Annotated[
+        str, typer.Option(help="Its public site (links in emails start with it).")
+    ] = "https://lettre.example.com",
+    timezone: Annotated[str, typer.Option(help="Where its editors are.")] = "Europe/Paris",
+    locale: Annotated[str, typer.Option(help="The readers' language: fr or en.")] = "fr",
+) -> None:
+    """Start a newsletter of your own in FOLDER: settings, a sample issue, a welcome."""
+    from qant_mail.app.starter import Starter, init_newsletter
+
+    starter = Starter(name, sender, base_url, timezone, locale)
+    written = init_newsletter(folder, starter)
+    for path in written:
+        typer.echo(f"wrote {_shown(path)}")
+    sample = next(p for p in written if p.parent.name == "issues" and p.stem[:1].isdigit())
+    issue = sample.relative_to(folder).as_posix()
+    steps = [
+        (f"qant-mail check {issue}", "every problem at once"),
+        (f"qant-mail preview {issue}", "the email as readers will see it"),
+        ("qant-mail demo", "the whole job, into a local test inbox"),
+    ]
+    width = max(len(command) for command, _ in steps) + 2
+    typer.echo(f"\nNext: cd {_shown(folder)}, then")
+    for command, what in steps:
+        typer.echo(f"  {command.ljust(width)}# {what}")
+    typer.echo("and fill in qant.toml (name, sender, base_url, postal_address) when ready.")
 
 
 @app.command()
@@ -719,6 +754,17 @@ def _status_json(found: SendStatus) -> dict[str, object]:
     }
 
 
+class _LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+_LogFormatOption = Annotated[
+    _LogFormat,
+    typer.Option("--log-format", help="The log on stdout: text, or json (an object a line)."),
+]
+
+
 @app.command()
 def inbox(
     ctx: typer.Context,
@@ -729,14 +775,17 @@ def inbox(
         Path | None,
         typer.Option("--folder", help="Maildir to store messages in (default: data/inbox)."),
     ] = None,
+    log_format: _LogFormatOption = _LogFormat.TEXT,
 ) -> None:
     """Run a local SMTP server that stores every message it gets as a .eml file."""
     import time
 
     from qant_mail.app.demo import local_inbox
+    from qant_mail.base import logs
 
     local = local_inbox(_context(ctx), folder, port)
     target = local.folder
+    logs.setup(log_format.value)
     with local as server:
         typer.echo(f"test inbox listening on {server.host}:{server.port}", err=True)
         typer.echo(f"messages are stored in {_shown(target / 'new')} (Ctrl-C to stop)", err=True)
@@ -750,9 +799,10 @@ def inbox(
 @app.command()
 def demo(
     ctx: typer.Context,
-    issue: Annotated[Path, typer.Option("--issue", help="The issue to send.")] = Path(
-        "issues/2023-11-20.yaml"
-    ),
+    issue: Annotated[
+        Path | None,
+        typer.Option("--issue", help="The issue to send (default: the latest dated one)."),
+    ] = None,
 ) -> None:
     """Render the sample and send it to the demo list through a local test inbox."""
     from qant_mail.app.demo import run_demo
@@ -763,8 +813,11 @@ def demo(
         typer.echo(f"rendered {_shown(path)}")
     imported = result.imported
     typer.echo(f"demo list: {imported.added} subscribers imported")
+    if imported.rejected:
+        # The repository's demo list holds a bad line on purpose: say what it shows.
+        typer.echo("  as any import does, it left out what cannot be an address, saying why:")
     for line, reason in imported.rejected:
-        typer.echo(f"  line {line} rejected: {reason}")
+        typer.echo(f"  line {line} left out: {reason}")
     typer.echo(result.report.summary())
     count = len(result.delivered)
     typer.echo(f"{count} messages delivered to the test inbox; open them in any mail client:")
@@ -809,11 +862,13 @@ def serve(
         bool,
         typer.Option("--proxy-headers", help="Trust X-Forwarded-* from a proxy on 127.0.0.1."),
     ] = False,
+    log_format: _LogFormatOption = _LogFormat.TEXT,
 ) -> None:
     """Serve the unsubscribe links, the signup forms and the reader's page, the archive
     and a health check; deliver what the outbox's queue holds."""
     from qant_mail.app import issues
-    from qant_mail.web.serve import create_app
+    from qant_mail.base import logs
+    from qant_mail.web.serve import create_app, request_log
     from qant_mail.web.webserver import listen, run
 
     context = _context(ctx)
@@ -827,8 +882,11 @@ def serve(
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     typer.echo(f"serving {_shown(site)} and unsubscriptions on http://{host}:{bound}/", err=True)
+    # No reader's address in the log, whatever logs it (a failed confirmation names one).
+    logs.setup(log_format.value, hide_addresses=True)
     try:
-        run(create_app(context, site), sock, proxy_headers=proxy_headers)
+        public = create_app(context, site)
+        run(public, sock, proxy_headers=proxy_headers, access_log=request_log(context.settings))
     finally:
         sock.close()
 
@@ -879,16 +937,29 @@ def dkim_keygen(
         str | None,
         typer.Option("--selector", help="The key's name in DNS (default: qant + the year)."),
     ] = None,
-    output: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for SELECTOR.private.pem.")
-    ] = Path(),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="The private key's file, or a folder for SELECTOR.private.pem (default: "
+            "$XDG_CONFIG_HOME or ~/.config, then qant-mail/keys/DOMAIN/).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing key; write in the project or a git work tree."
+        ),
+    ] = False,
 ) -> None:
     """Write a DKIM key pair and print the DNS records to publish (DKIM, SPF, DMARC)."""
     from qant_mail.app.keys import keygen
 
-    key = keygen(_context(ctx), kind.value, selector, output)
+    key = keygen(_context(ctx), kind.value, selector, out, force=force)
     dkim_record, spf, dmarc = key.dns
-    typer.echo(f"wrote {_shown(key.path)} (the private key: keep it secret, out of the project)")
+    typer.echo(f"wrote {_shown(key.path)} (the private key, readable by you only)")
     typer.echo("")
     typer.echo("Publish in DNS:")
     typer.echo(dkim_record)

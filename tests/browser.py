@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM = Path(os.environ.get("QANT_TEST_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which
@@ -42,3 +42,15 @@ def browser() -> Iterator[Browser]:
         instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         yield instance
         instance.close()
+
+
+def force_dark(page: Page) -> None:
+    """Darken `page` as Chromium's forced dark mode does, before it loads anything."""
+    # Auto Dark Mode (Chrome's flag, Android's WebView) darkens a page that did not ask
+    # for it, as the Gmail apps and Outlook.com darken an email: the page still matches
+    # `prefers-color-scheme: light`, so its own dark style does not apply. This DevTools
+    # override draws the same pixels as launching with
+    # `--blink-settings=forceDarkModeEnabled=true` (compared on the sample), in the
+    # session's browser; `--force-dark-mode` would only switch the page to its own style.
+    session = page.context.new_cdp_session(page)
+    session.send("Emulation.setAutoDarkModeOverride", {"enabled": True})

@@ -81,11 +81,23 @@ def sample_rendered(renderer: Renderer, sample_document: Document) -> RenderedIs
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the repository's settings, templates and sample issue, free to change."""
-    for name in ("templates", "issues"):
+    """A copy of the repository's settings, sample issues and logos, free to change; its
+    look is the built-in theme (`own_template` gives it a template of its own)."""
+    for name in ("assets", "issues"):
         shutil.copytree(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "qant.toml", tmp_path / "qant.toml")
     return tmp_path
+
+
+def own_template(project: Path, name: str) -> Path:
+    """Give `project` its own copy of the theme's template `name` (which then overrides
+    the theme's), and return it."""
+    from qant_mail.authoring.render import THEME
+
+    path = project / "templates" / name
+    path.parent.mkdir(exist_ok=True)
+    shutil.copy(THEME / name, path)
+    return path
 
 
 # The modules whose tests run against both stores: SQLite, and a real PostgreSQL.

@@ -15,6 +15,7 @@ from typer.testing import Result
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
 from qant_mail.cli import app
+from tests.conftest import own_template
 
 Cli = Callable[..., Result]
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def test_render_of_an_invalid_issue_writes_nothing(cli: Cli, project: Path) -> N
 
 
 def test_template_error_writes_nothing(cli: Cli, project: Path) -> None:
-    (project / "templates" / "email.txt.j2").write_text("{{ issue.nope }}\n")
+    own_template(project, "email.txt.j2").write_text("{{ issue.nope }}\n")
     result = cli("render", "issues/2023-11-20.yaml", "-o", "sortie")
     assert result.exit_code == ExitCode.INVALID
     assert re.match(r"error: .*email\.txt\.j2:1: .*nope", result.stderr)

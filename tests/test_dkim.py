@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import email
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from email import policy
 from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from typer.testing import Result
 
 from qant_mail.app import issues, sending
 from qant_mail.app.context import Context
@@ -301,20 +304,78 @@ def test_an_unsigned_send_to_a_remote_relay_is_refused_unless_allowed(
     assert described == "rsa-sha256 by rsa2026._domainkey.qant.example, aligned with From"
 
 
-def test_keygen_writes_a_key_and_prints_the_records(
-    cli: Callable[..., object], project: Path
+def test_keygen_writes_the_key_in_the_users_folder_readable_by_them_only_and_never_prints_it(
+    cli: Callable[..., Result], project: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    result = cli("dkim", "keygen", "--type", "ed25519", "--selector", "ed2026", "-o", "keys")
-    assert result.exit_code == ExitCode.OK  # type: ignore[attr-defined]
-    private = project / "keys" / "ed2026.private.pem"
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    config = tmp_path_factory.mktemp("home") / "config"
+    # The mode comes from the file's creation, whatever the umask lets through.
+    before = os.umask(0)
+    try:
+        result = cli(
+            "dkim", "keygen", "--type", "ed25519", "--selector", "ed2026",
+            env={"XDG_CONFIG_HOME": str(config)},
+        )  # fmt: skip
+    finally:
+        os.umask(before)
+    assert result.exit_code == ExitCode.OK, result.output
+    private = config / "qant-mail" / "keys" / "qant.example" / "ed2026.private.pem"
     assert private.stat().st_mode & 0o777 == 0o600
+    for folder in (config, config / "qant-mail", config / "qant-mail" / "keys", private.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
     key = dkim.load_key(private.read_bytes(), domain="qant.example", selector="ed2026", where="t")
     assert key.algorithm == "ed25519-sha256"
-    output = result.stdout  # type: ignore[attr-defined]
+    output = result.stdout
+    assert f"wrote {private}" in output
+    assert f"QANT_DKIM_ED25519_PRIVATE_KEY_FILE={private}\n" in output
     assert 'ed2026._domainkey.qant.example. IN TXT "v=DKIM1; k=ed25519; p=' in output
     assert "v=spf1" in output
     assert "_dmarc.qant.example. IN TXT" in output
-    assert "BEGIN" not in output
+    assert "BEGIN" not in result.output
+    untracked = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=project, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert ".pem" not in untracked
+
+
+def test_keygen_refuses_the_project_a_git_work_tree_or_an_existing_key_unless_forced(
+    cli: Callable[..., Result], project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    repository = elsewhere / "dotfiles"
+    (repository / ".git").mkdir(parents=True)
+    refused = {
+        "keys/k.pem": "inside the newsletter's folder",
+        str(repository / "keys" / "k.pem"): f"inside the git work tree {repository}",
+    }
+    for out, why in refused.items():
+        result = cli("dkim", "keygen", "--out", out)
+        assert result.exit_code == ExitCode.INVALID, result.output
+        assert why in result.stderr
+        assert "--force" in result.stderr
+        assert not (project / "keys").exists()
+        assert not (repository / "keys").exists()
+    forced = cli("dkim", "keygen", "--out", str(repository / "keys" / "k.pem"), "--force")
+    assert forced.exit_code == ExitCode.OK, forced.output
+    # A folder given: the key goes in it, named after its selector.
+    safe = elsewhere / "safe"
+    safe.mkdir()
+    first = cli("dkim", "keygen", "--selector", "s1", "--out", str(safe))
+    assert first.exit_code == ExitCode.OK, first.output
+    written = (safe / "s1.private.pem").read_bytes()
+    again = cli("dkim", "keygen", "--selector", "s1", "--out", str(safe))
+    assert again.exit_code == ExitCode.INVALID
+    assert "s1.private.pem already exists" in again.stderr
+    assert (safe / "s1.private.pem").read_bytes() == written
+    replaced = cli("dkim", "keygen", "--selector", "s1", "--out", str(safe), "--force")
+    assert replaced.exit_code == ExitCode.OK, replaced.output
+    assert (safe / "s1.private.pem").read_bytes() != written
+    assert (safe / "s1.private.pem").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in safe.iterdir()] == ["s1.private.pem"]  # no temporary left
+    bad = cli("dkim", "keygen", "--selector", "../s1", "--out", str(safe))
+    assert bad.exit_code == ExitCode.INVALID
+    assert "a DKIM selector is letters, digits, - and ." in bad.stderr
 
 
 def test_check_warns_when_only_an_ed25519_key_signs(settings: Settings) -> None:

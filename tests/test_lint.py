@@ -6,12 +6,16 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from qant_mail.authoring.lint import lint
+import pytest
+
+from qant_mail.authoring.lint import SAMPLE_VALUES, lint, quoted_printable_size
 from qant_mail.authoring.load import load
 from qant_mail.authoring.render import Renderer
 from qant_mail.base.config import Lint, Settings
 from qant_mail.base.errors import Severity
+from qant_mail.delivery.compose import qp_encode
 from tests.conftest import check
+from tests.test_corpus import IDS, ISSUES
 
 WriteIssue = Callable[..., Path]
 
@@ -40,6 +44,40 @@ def test_html_close_to_the_limit_is_a_warning(project_settings: Settings, projec
     report = check(project / "issues" / "2023-11-20.yaml", Renderer(close))
     assert report.errors == []
     assert [p.field for p in report.warnings] == ["(email)"]
+
+
+def test_the_size_warning_weighs_the_html_as_the_message_carries_it(
+    project_settings: Settings, project: Path
+) -> None:
+    path = project / "issues" / "2023-11-20.yaml"
+    document = load(path)
+    html, _ = (
+        Renderer(project_settings).render(document.issue, key=document.key).fill(SAMPLE_VALUES)
+    )
+    size = len(html.encode("utf-8"))
+    sent = len(qp_encode(html.encode("utf-8"), soft_end=False))
+    warned = []
+    # A line between the HTML's size and its size in quoted-printable, then past both.
+    for line in ((size + sent) // 2, sent + 100):
+        limits = Lint(html_error_bytes=200_000, html_warning_bytes=line)
+        report = check(path, Renderer(dataclasses.replace(project_settings, lint=limits)))
+        assert report.errors == []
+        warned.append([p.message for p in report.warnings])
+    (message,) = warned[0]
+    assert f"is {sent / 1000:.1f} KB as sent ({size / 1000:.1f} KB before" in message
+    assert "Gmail clips" in message
+    assert warned[1] == []
+
+
+@pytest.mark.parametrize("path", ISSUES, ids=IDS)
+def test_the_size_as_sent_is_what_compose_writes_within_10_bytes(
+    renderer: Renderer, path: Path
+) -> None:
+    document = load(path)
+    html, text = renderer.render(document.issue, key=document.key).fill(SAMPLE_VALUES)
+    for part in (html.encode("utf-8"), text.encode("utf-8")):
+        sent = len(qp_encode(part, soft_end=False))
+        assert abs(quoted_printable_size(part) - sent) <= 10
 
 
 def test_long_subject_missing_preheader_and_draft_are_warnings(

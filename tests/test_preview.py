@@ -15,6 +15,7 @@ import pytest
 from qant_mail.web.preview import Preview, create_app
 from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
+from tests.conftest import own_template
 from tests.smtp_server import SmtpServer
 
 if TYPE_CHECKING:
@@ -136,24 +137,26 @@ def test_a_broken_file_shows_its_errors_and_recovers(page: Page, issue: Path) ->
 
 @needs_chromium
 def test_a_template_change_reloads_the_page(page: Page, project: Path) -> None:
-    edit(project / "templates" / "styles.css.j2", "font-size: 30px", "font-size: 31px")
+    edit(own_template(project, "styles.css.j2"), "font-size: 30px", "font-size: 31px")
     page.frame_locator("#desktop").locator("h1.headline[style*='font-size: 31px']").wait_for(
         state="attached", timeout=2000
     )
 
 
-def test_nothing_outside_the_issue_folder_and_templates_is_served(
+def test_nothing_but_the_issue_folder_and_the_newsletters_pictures_is_served(
     server: BackgroundServer, project: Path
 ) -> None:
     (project / "issues" / "escape.png").symlink_to(project / "qant.toml")
     assert raw_get(server, "/assets/issue/2023-11-20/gouvernance-openai.png") == 200
-    assert raw_get(server, "/assets/templates/logo.png") == 200
+    assert raw_get(server, "/assets/newsletter/assets/logo.png") == 200
     for path in (
         "/assets/issue/../../etc/passwd",
         "/assets/issue/%2e%2e/%2e%2e/etc/passwd",
         "/assets/issue/..%2f..%2fetc%2fpasswd",
         "/assets/issue//etc/passwd",
-        "/assets/templates/../qant.toml",
+        "/assets/newsletter/qant.toml",
+        "/assets/newsletter/data/subscribers.db",
+        "/assets/newsletter/assets/../qant.toml",
         "/assets/issue/escape.png",
         "/assets/root/qant.toml",
         "/assets/issue/2023-11-20.yaml%00.png",

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
-from collections.abc import Iterator
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from qant_mail.app.context import Context
@@ -18,7 +28,7 @@ from qant_mail.base.config import Settings
 from qant_mail.delivery.transport import MemoryTransport
 from qant_mail.store.ledger import Ledger, State
 from qant_mail.store.subscribers import Status, Subscribers
-from qant_mail.web.serve import ONE_CLICK_DONE, create_app
+from qant_mail.web.serve import ONE_CLICK_DONE, TOKEN_PATHS, create_app, shown_path
 from qant_mail.web.webserver import BackgroundServer
 from tests.browser import needs_chromium
 from tests.conftest import prepare_send, send_to_list
@@ -267,10 +277,6 @@ def test_a_hundred_unsubscribes_to_two_serve_processes_during_a_send(
 ) -> None:
     """Two `serve` processes (as behind a proxy, on their own host) write to the store a
     send on another host uses: each reader who unsubscribed before their turn is skipped."""
-    import subprocess
-    import sys
-    import time
-
     from tests.smtp_server import free_port
 
     with Subscribers.open(project_settings.store_path) as store:
@@ -359,3 +365,172 @@ def test_a_store_that_cannot_be_used_answers_503_and_names_nothing(
         assert "blocked" not in answer.text
     assert client.get("/healthz").status_code == 503
     assert "blocked" in caplog.text  # the operator's log says which store
+    assert token not in caplog.text
+
+
+# ---- the log --------------------------------------------------------------------------
+
+PASSWORD = "right password"  # the scripted SMTP server's login
+NEWCOMER = "new.reader@example.com"
+_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def parse_log(output: str, log_format: str) -> list[dict[str, object]]:
+    """Return each line of a log as a dict: JSON as it is; text as time, level, event and
+    its key=value pairs (or its message)."""
+    entries: list[dict[str, object]] = []
+    for line in output.splitlines():
+        if log_format == "json":
+            entries.append(json.loads(line))
+            continue
+        when, level, event, rest = [*line.split(" ", 3), ""][:4]
+        entry: dict[str, object] = {"time": when, "level": level.lower(), "event": event}
+        for key, value in _PAIR.findall(rest):
+            entry[key] = json.loads(value) if value.startswith('"') else value
+        entries.append(entry)
+    for entry in entries:
+        assert dt.datetime.fromisoformat(str(entry["time"])).utcoffset() == dt.timedelta(0)
+    return entries
+
+
+def serve_and_visit(
+    project: Path, smtp_server: SmtpServer, log_format: str, visit: Callable[[int], None]
+) -> tuple[str, str]:
+    """Run `qant-mail serve --log-format FORMAT` as its own process, `visit` it (given its
+    port), stop it as systemd does; return what it wrote on stdout and stderr."""
+    from tests.smtp_server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QANT_")}
+    env |= {
+        "QANT_SECRET_KEY": SECRET.decode(),
+        "QANT_SMTP_HOST": smtp_server.host,
+        "QANT_SMTP_PORT": str(smtp_server.port),
+        "QANT_SMTP_SECURITY": "none",
+        "QANT_SMTP_USERNAME": "qant",
+        "QANT_SMTP_PASSWORD": PASSWORD,
+    }
+    (project / "empty-site").mkdir(exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", "qant_mail", "serve", "--archive", "empty-site"]
+    command += ["--port", str(port), "--log-format", log_format]
+    server = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # listening: a connection without a request, which is not logged
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "serve stopped"
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.05)
+        visit(port)
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=30)
+    return out, err
+
+
+def request(
+    port: int, method: str, path: str, body: str = "", headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body or None, headers=headers or {})
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        connection.close()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_logs_each_request_with_no_token_secret_or_readers_address(
+    log_format: str, project: Path, people: dict[str, int], smtp_server: SmtpServer
+) -> None:
+    lea = tokens.make(SECRET, people["lea@example.com"], "lea@example.com")
+    max_ = tokens.make(SECRET, people["max@example.com"], "max@example.com")
+    seen: list[str] = [lea, max_]  # every token the server was shown
+
+    def visit(port: int) -> None:
+        assert request(port, "GET", f"/unsubscribe/{lea}")[0] == 200
+        one_click = "List-Unsubscribe=One-Click"
+        assert request(port, "POST", f"/unsubscribe/{max_}", one_click, ONE_CLICK)[0] == 200
+        form = f"email={NEWCOMER}&name=Nina&form=all&website=&newsletter=default"
+        assert request(port, "POST", "/subscribe", form, ONE_CLICK)[0] == 200
+        deadline = time.monotonic() + 30
+        while not smtp_server.handler.recipients()[NEWCOMER]:  # the confirmation
+            assert time.monotonic() < deadline, "no confirmation was sent"
+            time.sleep(0.05)
+        (mail,) = (
+            message_from_bytes(r.data, policy=policy.default) for r in smtp_server.handler.received
+        )
+        text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        confirm = re.search(r"/confirm/([\w.-]+)", text)
+        assert confirm is not None
+        assert request(port, "GET", f"/confirm/{confirm[1]}")[0] == 200
+        status, page = request(port, "POST", f"/confirm/{confirm[1]}")
+        reader = re.search(r"/subscriptions/([\w.-]+)", page)
+        assert status == 200
+        assert reader is not None
+        seen.extend([confirm[1], reader[1]])
+        assert request(port, "GET", f"/subscriptions/{reader[1]}?saved=1")[0] == 200
+        assert request(port, "GET", "/subscribe?email=lea%40example.com")[0] == 200
+        # A mangled link, and a client that says it is someone else (no proxy is trusted).
+        forged = {"X-Forwarded-For": "203.0.113.9"}
+        assert request(port, "GET", f"/Unsubscribe/{lea}/", headers=forged)[0] == 404
+        assert request(port, "GET", "/max@example.com")[0] == 404
+
+    out, err = serve_and_visit(project, smtp_server, log_format, visit)
+    entries = parse_log(out, log_format)
+    requests = [e for e in entries if e["event"] == "request"]
+    assert [(e["method"], e["path"], int(str(e["status"]))) for e in requests] == [
+        ("GET", "/unsubscribe/…", 200),
+        ("POST", "/unsubscribe/…", 200),
+        ("POST", "/subscribe", 200),
+        ("GET", "/confirm/…", 200),
+        ("POST", "/confirm/…", 200),
+        ("GET", "/subscriptions/…?…", 200),
+        ("GET", "/subscribe?…", 200),
+        ("GET", "/Unsubscribe/…", 404),
+        ("GET", "/…@example.com", 404),
+    ]
+    for entry in requests:
+        assert set(entry) == {"time", "level", "event", "method", "path", "status"} | {
+            "duration_ms",
+            "client",
+        }
+        assert entry["level"] == "info"
+        assert entry["client"] == "127.0.0.1"
+        assert 0 <= float(str(entry["duration_ms"])) < 30_000
+    whole = out + err
+    for secret in [*seen, SECRET.decode(), PASSWORD]:
+        assert secret not in whole
+    for address in ("lea@", "lea%40", "max@", NEWCOMER, "new.reader%40"):
+        assert address not in whole
+    assert "203.0.113.9" not in whole
+
+
+def test_the_log_shows_paths_without_token_or_query() -> None:
+    shown = {
+        "/unsubscribe/AAAAAQ.xxxx": "/unsubscribe/…",
+        "/confirm/AQ.yyyy": "/confirm/…",
+        "/subscriptions/AQ.finance.zzzz": "/subscriptions/…",
+        "/UNSUBSCRIBE/AQ.xxxx/": "/UNSUBSCRIBE/…",
+        "/archive/unsubscribe/AQ.xxxx": "/archive/unsubscribe/…",
+        "/2023-11-20/images/gouvernance-openai.png": "/2023-11-20/images/gouvernance-openai.png",
+        "/subscribe/finance": "/subscribe/finance",
+    }
+    for path, expected in shown.items():
+        assert shown_path({"path": path, "query_string": b""}) == expected
+    assert shown_path({"path": "/subscribe", "query_string": b"email=a%40b.fr"}) == "/subscribe?…"
+
+
+def test_every_route_that_takes_a_token_is_hidden_in_the_log(project_settings: Settings) -> None:
+    app = create_app(Context(project_settings, secret=SECRET), None, drain=False)
+    taking = [r.path for r in app.routes if isinstance(r, Route) and "{token}" in r.path]
+    assert taking
+    for path in taking:
+        assert path.startswith(TOKEN_PATHS), path

@@ -3,6 +3,7 @@ to the other and back, locks seen from every host, secrets kept out of messages.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -254,3 +255,21 @@ def test_times_become_timestamptz_on_postgresql_and_read_as_they_were_written(
         assert same == 1
     finally:
         db.close()
+
+
+def test_a_new_sqlite_store_and_its_wal_and_shm_files_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "data" / "subscribers.db"
+    # What a shared machine's default lets through: read for everyone, write for the group.
+    before = os.umask(0o002)
+    try:
+        with Subscribers.open(path) as store:
+            store.add("lea@example.com")
+            # While a connection is open, WAL keeps its two side files beside the database.
+            modes = {
+                name: Path(f"{path}{name}").stat().st_mode & 0o777 for name in ("", "-wal", "-shm")
+            }
+    finally:
+        os.umask(before)
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}

@@ -5,6 +5,7 @@ local test inbox itself, for trying sends by hand."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -12,12 +13,14 @@ from pathlib import Path
 
 from qant_mail.app import issues, readers, sending
 from qant_mail.app.context import Context
+from qant_mail.base.errors import QantError
 from qant_mail.delivery.inbox import DEFAULT_PORT, Inbox
 from qant_mail.delivery.outbox import Progress, SendReport
 from qant_mail.delivery.transport import SmtpTransport
 from qant_mail.store.subscribers import ImportReport
 
 DEMO_LIST = "demo-subscribers.csv"
+_DATED = re.compile(r"\d{4}-\d{2}-\d{2}.*\.yaml$")
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,27 @@ class DemoResult:
     delivered: list[Path]
 
 
-def run_demo(ctx: Context, issue: Path, progress: Progress | None = None) -> DemoResult:
-    """Render `issue`, then send it to the demo list through a local inbox, in `out/demo`."""
+class DemoError(QantError):
+    """Nothing to run the demo on."""
+
+
+def sample_issue(ctx: Context) -> Path:
+    """Return the issue the demo sends when not told: the latest dated one (the sample
+    of the repository, or the first issue `init` wrote)."""
+    folder = ctx.settings.issues_dir
+    dated = sorted(p for p in folder.glob("*.yaml") if _DATED.match(p.name))
+    if not dated:
+        raise DemoError(f"{folder}: no issue (YYYY-MM-DD.yaml) to send; give one with --issue")
+    return dated[-1]
+
+
+def run_demo(
+    ctx: Context, issue: Path | None = None, progress: Progress | None = None
+) -> DemoResult:
+    """Render `issue` (default: `sample_issue`), then send it to the demo list through a
+    local inbox, in `out/demo`."""
     settings = ctx.settings
+    issue = issue or sample_issue(ctx)
     folder = settings.output_dir / "demo"
     if folder.exists():
         shutil.rmtree(folder)  # every demo starts from an empty list and inbox

@@ -22,14 +22,14 @@ from qant_mail.authoring.archive import ArchiveReport
 from qant_mail.authoring.lint import lint
 from qant_mail.authoring.load import Document, load
 from qant_mail.authoring.model import json_schema
-from qant_mail.authoring.render import Asset, RenderedIssue, Renderer, Slot
+from qant_mail.authoring.render import THEME, Asset, RenderedIssue, Renderer, Slot
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import IssueError, Problem, SendError, Severity
 from qant_mail.base.files import write_all
 from qant_mail.delivery.compose import MessageTemplate, Prepared, Recipient, lone_ed25519
 
 # What the edges see of a render.
-__all__ = ["ArchiveReport", "Asset", "CheckReport", "RenderedIssue"]
+__all__ = ["THEME", "ArchiveReport", "Asset", "CheckReport", "RenderedIssue"]
 
 
 @dataclass(frozen=True)

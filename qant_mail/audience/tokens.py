@@ -1,5 +1,6 @@
 """Signed, opaque tokens (HMAC-SHA256 with the installation's secret): unsubscribe links,
-the reader's page, signup confirmations, VERP return paths."""
+the reader's page, signup confirmations, VERP return paths, Message-ID digests. The
+secret may be several keys (a rotation): the first signs, every one is accepted."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
+from qant_mail.base import secrets
 from qant_mail.base.errors import ConfigError
 
 SECRET_VARIABLE = "QANT_SECRET_KEY"
+# Several keys, for a rotation: the first signs, every one is accepted.
+SECRETS_VARIABLE = "QANT_SECRET_KEYS"
 # A token names a subscriber by number only: it reveals no address. 16 bytes of MAC
 # (128 bits) make forging one as hard as guessing the secret.
 _MAC_BYTES = 16
@@ -27,22 +31,65 @@ READER = "reader"  # the reader's page: which newsletters they get
 _MAX_ID = 2**63 - 1
 
 
+class SigningKeys(bytes):
+    """The key that signs (these bytes), and `accepted`: every key a token may have been
+    signed with, the signing one first, then older ones whose links are still in inboxes."""
+
+    # A bytes value rather than an object of its own: every caller already hands "the
+    # secret" around as bytes and signs with it; only the checks here look further.
+    accepted: tuple[bytes, ...]
+
+    def __new__(cls, keys: Sequence[bytes]) -> SigningKeys:
+        made = super().__new__(cls, keys[0])
+        made.accepted = tuple(bytes(key) for key in keys)
+        return made
+
+    def __repr__(self) -> str:
+        # Never the keys: this value may end up in a traceback or a log.
+        return f"SigningKeys({len(self.accepted)} keys)"
+
+
+def _accepted(secret: bytes) -> tuple[bytes, ...]:
+    return secret.accepted if isinstance(secret, SigningKeys) else (secret,)
+
+
 def secret_from_env(
     env: Mapping[str, str] | None = None, *, needed_for: str = "unsubscribe links are signed"
 ) -> bytes:
-    """Return the signing secret from the environment, or explain how to set one (what
-    it is `needed_for` here, in the error: "bounces are matched by what it signs")."""
+    """Return the signing keys from the environment (QANT_SECRET_KEYS, or the single
+    QANT_SECRET_KEY; either as itself or `_FILE`), or explain how to set one (what it is
+    `needed_for` here, in the error: "bounces are matched by what it signs")."""
     env = os.environ if env is None else env
-    value = env.get(SECRET_VARIABLE, "")
-    if not value:
+    one = secrets.secret(env, SECRET_VARIABLE)
+    several = secrets.secret(env, SECRETS_VARIABLE)
+    if one is not None and several is not None:
+        raise ConfigError(
+            f"{SECRET_VARIABLE} and {SECRETS_VARIABLE} are both set: keep {SECRETS_VARIABLE} "
+            "(the key that signs first, then those still accepted)"
+        )
+    if several is not None:
+        where = secrets.origin(env, SECRETS_VARIABLE)
+        # Keys made by token_urlsafe hold no comma or space: a list is written either
+        # way, and a _FILE holds one a line.
+        keys = [key for key in re.split(r"[\s,]+", several) if key]
+    elif one is not None:
+        where = secrets.origin(env, SECRET_VARIABLE)
+        keys = [one]
+    else:
         raise ConfigError(
             f"{SECRET_VARIABLE} is not set: {needed_for} with it. Create one "
-            f"with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` and export it"
+            f"with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` and export it "
+            f"(or {SECRET_VARIABLE}_FILE: a file holding it; {SECRETS_VARIABLE}: several, "
+            "to rotate)"
         )
-    secret = value.encode("utf-8")
-    if len(secret) < _MIN_SECRET_BYTES:
-        raise ConfigError(f"{SECRET_VARIABLE} is too short: use at least 16 random bytes")
-    return secret
+    if not keys:
+        raise ConfigError(f"{where}: no key in it")
+    encoded = [key.encode("utf-8") for key in keys]
+    for number, key in enumerate(encoded, start=1):
+        if len(key) < _MIN_SECRET_BYTES:
+            which = f"key {number} of {len(keys)}" if len(keys) > 1 else "the key"
+            raise ConfigError(f"{where}: {which} is too short: use at least 16 random bytes")
+    return SigningKeys(encoded)
 
 
 def make(
@@ -90,8 +137,11 @@ def verify(
     given = _unb64(match.group(3))
     if _b64(given) != match.group(3):
         return False
-    expected = _mac(secret, subscriber_id, address, match.group(2) or "", purpose)
-    return hmac.compare_digest(given, expected)
+    newsletter = match.group(2) or ""
+    return any(
+        hmac.compare_digest(given, _mac(key, subscriber_id, address, newsletter, purpose))
+        for key in _accepted(secret)
+    )
 
 
 def _mac(secret: bytes, subscriber_id: int, address: str, newsletter: str, purpose: str) -> bytes:
@@ -121,7 +171,8 @@ SAMPLE_SECRET = b"qant-mail sample secret: links signed with it are refused"
 def secret_or_sample(env: Mapping[str, str] | None = None) -> bytes:
     """Return the configured secret, or the sample one when none is set."""
     env = os.environ if env is None else env
-    return secret_from_env(env) if env.get(SECRET_VARIABLE) else SAMPLE_SECRET
+    configured = secrets.is_set(env, SECRET_VARIABLE) or secrets.is_set(env, SECRETS_VARIABLE)
+    return secret_from_env(env) if configured else SAMPLE_SECRET
 
 
 # A VERP return path (bounces+TOKEN@domain) names the message a bounce is about: the
@@ -134,8 +185,7 @@ _RETURN_MAC_BYTES = 10
 def make_return(secret: bytes, send_id: int, position: int) -> str:
     """Return the token of a VERP address for row `position` of send `send_id`."""
     ids = _varint(send_id) + _varint(position)
-    mac = hmac.digest(secret, b"return\0" + ids, hashlib.sha256)[:_RETURN_MAC_BYTES]
-    return base64.b32encode(ids + mac).decode("ascii").rstrip("=").lower()
+    return base64.b32encode(ids + _return_mac(secret, ids)).decode("ascii").rstrip("=").lower()
 
 
 def read_return(secret: bytes, token: str) -> tuple[int, int] | None:
@@ -149,13 +199,16 @@ def read_return(secret: bytes, token: str) -> tuple[int, int] | None:
     if base64.b32encode(raw).decode("ascii").rstrip("=").lower() != token:
         return None  # one spelling only
     ids, mac = raw[:-_RETURN_MAC_BYTES], raw[-_RETURN_MAC_BYTES:]
-    expected = hmac.digest(secret, b"return\0" + ids, hashlib.sha256)[:_RETURN_MAC_BYTES]
-    if not hmac.compare_digest(mac, expected):
+    if not any(hmac.compare_digest(mac, _return_mac(key, ids)) for key in _accepted(secret)):
         return None
     numbers = _unvarints(ids)
     if numbers is None or len(numbers) != 2:
         return None
     return numbers[0], numbers[1]
+
+
+def _return_mac(secret: bytes, ids: bytes) -> bytes:
+    return hmac.digest(secret, b"return\0" + ids, hashlib.sha256)[:_RETURN_MAC_BYTES]
 
 
 def _varint(number: int) -> bytes:
@@ -210,7 +263,9 @@ def verify_confirm(secret: bytes, token: str, address: str) -> bool:
         return False
     raw = _unb64(token)
     ids, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-    return hmac.compare_digest(mac, _confirm_mac(secret, ids, address))
+    return any(
+        hmac.compare_digest(mac, _confirm_mac(key, ids, address)) for key in _accepted(secret)
+    )
 
 
 def _confirm_mac(secret: bytes, ids: bytes, address: str) -> bytes:
@@ -240,7 +295,9 @@ def read_message_id(
     if match is None:
         return None
     issue, given = match.group(1), match.group(2)
-    for address in addresses:
-        if hmac.compare_digest(given, message_digest(secret, issue, address)):
-            return issue, address.lower()
+    listed = list(addresses)
+    for key in _accepted(secret):
+        for address in listed:
+            if hmac.compare_digest(given, message_digest(key, issue, address)):
+                return issue, address.lower()
     return None

@@ -42,7 +42,10 @@ def normalise_address(value: str, *, test_domains: bool = False) -> str:
             value.strip(), check_deliverability=False, test_environment=test_domains
         )
     except EmailNotValidError as err:
-        raise AddressError(f"{_shown(value.strip())} is not a valid address: {err}") from err
+        hint = ""
+        if not test_domains and value.strip().lower().endswith(".test"):
+            hint = " (to try things out with .test addresses: --allow-test-domains)"
+        raise AddressError(f"{_shown(value.strip())} is not a valid address: {err}{hint}") from err
     if checked.smtputf8 or checked.ascii_email is None:
         raise AddressError(
             f"{_shown(value.strip())} needs SMTPUTF8 (non-ASCII before the @), which "

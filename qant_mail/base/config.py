@@ -253,6 +253,8 @@ class Paths(Strict):
     """Where the editors' files live, relative to the settings file."""
 
     issues: str = "issues"
+    # Templates of the newsletter's own, file by file over the built-in theme (a file
+    # not there is the theme's); the folder need not exist.
     templates: str = "templates"
     output: str = "out"
     # Images resized for readers, made once: safe to delete.
@@ -278,7 +280,9 @@ class Preview(Strict):
 class Lint(Strict):
     """Thresholds of `qant-mail check` for the email an inbox receives."""
 
-    # Gmail clips a message whose HTML passes about 102 KB: stay clear of it.
+    # Gmail clips a message whose HTML passes about 102 KB: stay clear of it. The error
+    # weighs the HTML as written; the warning, as the message carries it (quoted-
+    # printable, a few KB more), which is what Gmail counts.
     html_error_bytes: Annotated[int, Field(gt=0)] = 100_000
     html_warning_bytes: Annotated[int, Field(gt=0)] = 90_000
     # The whole message, images included when embedded: every reader downloads it, and
@@ -355,7 +359,7 @@ def _store_url(value: str) -> str:
     if re.search(r"://[^/@]*:[^/@]*@", value):
         raise ValueError(
             "the URL holds a password: secrets do not belong in the settings file; set "
-            "QANT_STORE_PASSWORD in the environment instead"
+            "QANT_STORE_PASSWORD (or QANT_STORE_PASSWORD_FILE) in the environment instead"
         )
     return value
 
@@ -530,8 +534,14 @@ class Settings:
 
     @property
     def templates_dir(self) -> Path:
-        """Return the folder of the email templates."""
+        """Return the folder of the newsletter's own templates (it may not exist: the
+        built-in theme then serves every file)."""
         return self.root / self.paths.templates
+
+    @property
+    def templates_required(self) -> bool:
+        """Return whether the settings name a templates folder, which must then exist."""
+        return "templates" in self.paths.model_fields_set and self.paths.templates != "templates"
 
     @property
     def cache_dir(self) -> Path:
@@ -718,7 +728,8 @@ def _refuse_secrets(path: Path, raw: dict[str, Any], prefix: str = "") -> None:
             if key.lower() in SECRETS:
                 raise ConfigError(
                     f"{path}: {prefix}{section}.{key}: secrets do not belong in the settings "
-                    f"file; set {SECRETS[key.lower()]} in the environment instead"
+                    f"file; set {SECRETS[key.lower()]} (or {SECRETS[key.lower()]}_FILE, a file "
+                    "holding it) in the environment instead"
                 )
             if isinstance(value, dict):  # [newsletters.NAME.sender] and the like
                 _refuse_secrets(path, {key: value}, f"{prefix}{section}.")

@@ -119,3 +119,63 @@ def create_new(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise OutputError(f"{path} already exists; edit it, or remove it first") from err
     except OSError as err:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from err
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a file that holds a secret: readable by its owner only from its creation
+    (0600; the folders it needs are made 0700), never over an existing file unless
+    `replace`, and then all at once."""
+    try:
+        _make_private_folders(path.parent)
+        if not replace:
+            _write_new(path, data)
+            return
+        temporary = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        _write_new(temporary, data)
+        try:
+            temporary.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+    except FileExistsError as err:
+        raise OutputError(f"{path} already exists; remove it first, or replace it") from err
+    except OSError as err:
+        raise OutputError(f"{err.filename or path}: cannot write: {err.strerror}") from err
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    # Created with its mode, never chmod-ed after: no moment when others could open it.
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
+def _make_private_folders(folder: Path) -> None:
+    # Path.mkdir(parents=True) gives the parents the umask's mode: each missing level is
+    # made here, 0700, the top one first. Folders that exist are left as they are.
+    missing: list[Path] = []
+    for level in (folder, *folder.parents):
+        if level.is_dir():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            level.mkdir(mode=0o700)
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """Return the top of the git work tree `path` would be in (the folder holding
+    `.git`, a folder or a worktree's file), or None."""
+    # Resolved: a ~/.config that is a link into a dotfiles repository counts as in it.
+    for folder in path.resolve().parents:
+        if (folder / ".git").exists():
+            return folder
+    return None

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from qant_mail.audience import tokens
 from qant_mail.audience.messages import MAX_MESSAGE
+from qant_mail.base import secrets
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode, QantError
 from qant_mail.base.files import read_file
@@ -445,7 +446,7 @@ def _imap(source: str, env: Mapping[str, str]) -> Iterator[Letter]:
     url = urlsplit(source)
     host, user = url.hostname or "", unquote(url.username or "")
     folder = unquote(url.path.lstrip("/")) or "INBOX"
-    password = env.get(IMAP_PASSWORD_VARIABLE, "")
+    password = secrets.secret(env, IMAP_PASSWORD_VARIABLE) or ""
     if not password:
         raise BounceSourceError(f"{IMAP_PASSWORD_VARIABLE} is not set: export the password")
     where = f"{host}:{url.port or (993 if url.scheme == 'imaps' else 143)}"

@@ -17,13 +17,13 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from qant_mail.base import secrets
 from qant_mail.base.errors import ConfigError
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
@@ -105,18 +105,11 @@ def key_from_env(
     env: Mapping[str, str], variable: str, *, domain: str, selector: str
 ) -> DkimKey | None:
     """Return the key in `variable` (PEM) or in the file `variable`_FILE, if either is set."""
-    pem = env.get(variable, "").encode()
-    where = variable
-    if not pem and env.get(f"{variable}_FILE"):
-        where = f"{variable}_FILE"
-        path = Path(env[f"{variable}_FILE"])
-        try:
-            pem = path.read_bytes()
-        except OSError as err:
-            raise DkimKeyError(f"{where}: {path}: {err.strerror}") from err
-    if not pem:
+    pem = secrets.secret(env, variable)
+    if pem is None:
         return None
-    return load_key(pem, domain=domain, selector=selector, where=where)
+    where = secrets.origin(env, variable)
+    return load_key(pem.encode("utf-8"), domain=domain, selector=selector, where=where)
 
 
 def generate(kind: Literal["rsa", "ed25519"]) -> tuple[bytes, str]:

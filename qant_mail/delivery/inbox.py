@@ -3,6 +3,7 @@ it receives as a .eml file in a Maildir folder. No account, no relay, nothing le
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -11,10 +12,12 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from qant_mail.base import logs
 from qant_mail.base.errors import ExitCode, QantError
 from qant_mail.delivery.transport import disk_reply, make_maildir, store_in_maildir
 
 DEFAULT_PORT = 2525
+log = logging.getLogger(__name__)
 
 
 class InboxError(QantError):
@@ -34,16 +37,31 @@ class _MaildirHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
         sender = envelope.mail_from or ""
+        recipients = list(envelope.rcpt_tos)
+        level = logging.INFO
         try:
-            names = store_in_maildir(self.folder, sender, list(envelope.rcpt_tos), data)
+            names = store_in_maildir(self.folder, sender, recipients, data)
         except OSError as err:
             # A full disk is temporary (452 4.3.1): the sender keeps the message and
             # tries again, where aiosmtpd's own answer (500) would fail it for good.
-            reply = disk_reply(err)
-            return f"{reply.code} {reply.text}"
-        with self.lock:
-            self.received += len(names)
-        return f"250 2.0.0 stored as {names[0] if names else 'nothing'}"
+            names, reply, level = [], str(disk_reply(err)), logging.WARNING
+        else:
+            with self.lock:
+                self.received += len(names)
+            reply = f"250 2.0.0 stored as {names[0] if names else 'nothing'}"
+        # The addresses are logged as they are: this inbox is the user's own test tool,
+        # on loopback, and who got which message is what it is run to show.
+        logs.event(
+            log,
+            "message",
+            level,
+            sender=sender,
+            recipients=recipients,
+            bytes=len(data),
+            stored=names,
+            reply=reply,
+        )
+        return reply
 
 
 class Inbox:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from qant_mail.base import secrets
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ConfigError, ExitCode, QantError
 
@@ -135,7 +136,7 @@ class SmtpTransport:
         self.timeout = smtp.timeout
         self.message_timeout = smtp.message_timeout
         self.username = smtp.username
-        self._password = env.get(PASSWORD_VARIABLE, "")
+        self._password = secrets.secret(env, PASSWORD_VARIABLE) or ""
         if self.username and not self._password:
             raise ConfigError(
                 f"smtp.username is set but {PASSWORD_VARIABLE} is not: export the password"
@@ -202,7 +203,13 @@ class SmtpTransport:
                 "(PEM); smtp.verify_certificates = false only for a relay you control"
             ) from err
         except (ssl.SSLError, smtplib.SMTPException, OSError) as err:
-            raise TransportUnavailable(f"cannot connect to {where}: {_describe(err)}") from err
+            hint = ""
+            if isinstance(err, ConnectionRefusedError) and self.port == 2525 and not self.remote:
+                # The shipped settings send to the local test inbox: it is not running.
+                hint = " (the local test inbox: is `qant-mail inbox` running?)"
+            raise TransportUnavailable(
+                f"cannot connect to {where}: {_describe(err)}{hint}"
+            ) from err
         return SmtpConnection(client, where, self.timeout, self.message_timeout)
 
     def _open(self, where: str) -> smtplib.SMTP:

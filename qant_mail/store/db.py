@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from qant_mail.base import secrets
 from qant_mail.base.errors import ExitCode, QantError
 from qant_mail.store import schema
 from qant_mail.store.sql import Cursor, Db, contains, marks, now_text
@@ -127,6 +128,7 @@ def _open_sqlite(path: Path) -> Connection:
     """Open (creating if needed) the database at `path`, migrated to the current schema."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
         connection = sqlite3.connect(path, timeout=30, isolation_level=None, factory=Connection)
     except sqlite3.DatabaseError as err:
         raise _translated(path, err) from err
@@ -145,6 +147,16 @@ def _open_sqlite(path: Path) -> Connection:
         connection.close()
         raise
     return connection
+
+
+def _create_private(path: Path) -> None:
+    """Create the database's file readable by its owner only, if it does not exist."""
+    # The readers' addresses are in it. SQLite creates its -wal, -shm and -journal files
+    # with the mode of the database's own file, so this one file decides for all of them;
+    # an empty file is a new database to SQLite. A umask around sqlite3.connect would do
+    # the same, but the umask is the whole process's, and other threads create files.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def _migrate_sqlite(connection: Connection, path: Path) -> None:
@@ -286,10 +298,28 @@ def _connection_options() -> dict[str, Any]:
     return {
         "autocommit": True,
         "cursor_factory": psycopg.RawCursor,
-        "password": os.environ.get(PASSWORD_VARIABLE) or None,
+        "password": secrets.secret(os.environ, PASSWORD_VARIABLE),
         "connect_timeout": 10,
         "options": "-c TimeZone=UTC -c DateStyle=ISO",
     }
+
+
+def _password_hint(why: str) -> str:
+    """Return what to do when the server refused us for the password (libpq's words)."""
+    if "no password supplied" in why:
+        return (
+            f" (the server asks for a password: set {PASSWORD_VARIABLE}, or "
+            f"{PASSWORD_VARIABLE}_FILE naming a file that holds it)"
+        )
+    if "password authentication failed" in why:
+        if secrets.is_set(os.environ, PASSWORD_VARIABLE):
+            given = secrets.origin(os.environ, PASSWORD_VARIABLE)
+            return f" (the password of {given} was refused)"
+        return (
+            f" (a password from PGPASSWORD or ~/.pgpass was refused; the one to set is "
+            f"{PASSWORD_VARIABLE} or {PASSWORD_VARIABLE}_FILE)"
+        )
+    return ""
 
 
 def _read_times_as_text(raw: Any) -> None:
@@ -330,7 +360,8 @@ def _open_postgres(url: str, *, migrate: bool | None) -> PgConnection:
     try:
         raw = psycopg.connect(url, **_connection_options())
     except psycopg.Error as err:
-        raise StoreUnavailable(f"{where}: cannot connect: {_first_line(err)}") from err
+        why = _first_line(err)
+        raise StoreUnavailable(f"{where}: cannot connect: {why}{_password_hint(why)}") from err
     _read_times_as_text(raw)
     connection = PgConnection(raw, where)
     try:

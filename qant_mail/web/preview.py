@@ -28,14 +28,17 @@ from starlette.responses import (
     StreamingResponse,
 )
 from starlette.routing import Route
-from watchfiles import DefaultFilter, awatch
+from watchfiles import Change, DefaultFilter, awatch
 
 from qant_mail.app import issues
 from qant_mail.app.context import Context
-from qant_mail.app.issues import Asset, RenderedIssue
+from qant_mail.app.issues import THEME, Asset, RenderedIssue
 from qant_mail.base.addresses import normalise_address
 from qant_mail.base.config import load_settings
 from qant_mail.base.errors import Problem, QantError, Severity
+
+# What the preview serves from the newsletter's folder (its logos): pictures only.
+_PICTURES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 
 PAGE = Path(__file__).with_name("preview.html")
 GMAIL_CLIP_BYTES = 102_000
@@ -78,14 +81,15 @@ class Preview:
         self.lock = threading.Lock()
         self.token = secrets.token_urlsafe(24)
         self._ctx: Context | None = None
-        self._settings_stamp: float | None = None
+        self._settings_stamp: tuple[float | None, bool] | None = None
 
     @property
     def roots(self) -> dict[str, Path]:
-        """Return the folders whose files the page may load: the issue's, the templates."""
+        """Return the folders whose files the page may load: the issue's, and the
+        newsletter's (its logos; pictures only, see `asset`)."""
         roots = {"issue": self.issue.parent}
         if self._ctx is not None:
-            roots["templates"] = self._ctx.settings.templates_dir.resolve()
+            roots["newsletter"] = self._ctx.settings.root.resolve()
         return roots
 
     def refresh(self) -> PreviewState:
@@ -110,17 +114,28 @@ class Preview:
             return state
 
     def watched(self) -> list[Path]:
-        """Return what to watch: the issue's folder, the templates, the settings."""
-        paths = [self.issue.parent, self.settings_path]
-        if self._ctx is not None and self._ctx.settings.templates_dir.is_dir():
-            paths.append(self._ctx.settings.templates_dir)
-        return paths
+        """Return what to watch: the issue's folder, the newsletter's (its settings, its
+        own templates, made or not yet, its logos) and the theme; see `ignored`."""
+        return [self.issue.parent, self.settings_path.parent, THEME]
+
+    def ignored(self) -> list[Path]:
+        """Return the folders whose changes are the tool's own doing (output, caches, the
+        store): a render writes there, and must not set off another."""
+        if self._ctx is None:
+            return []
+        settings = self._ctx.settings
+        found = [settings.output_dir, settings.cache_dir, settings.root / "data"]
+        if isinstance(settings.store_path, Path):
+            found.append(settings.store_path.parent)
+        return [p.resolve() for p in found]
 
     def asset(self, root: str, relative: str) -> Path | None:
         """Return the file `relative` under the folder `root`, if it is inside it."""
         base = self.roots.get(root)
         if base is None or "\0" in relative or len(relative) > 1024:
             return None
+        if root == "newsletter" and not relative.lower().endswith(_PICTURES):
+            return None  # the settings and the store are there too: pictures only
         try:
             candidate = (base / relative).resolve()
             # Resolved, so that neither ".." nor a symbolic link leads out of the folder.
@@ -134,9 +149,12 @@ class Preview:
         """Return the context of the settings as they are now (read again when the
         settings file changes)."""
         stamp = self.settings_path.stat().st_mtime if self.settings_path.exists() else None
-        if self._ctx is None or stamp != self._settings_stamp:
+        # A templates folder made (or removed) while the preview runs changes what the
+        # renderer reads from, as the settings do.
+        own = self._ctx is not None and self._ctx.settings.templates_dir.is_dir()
+        if self._ctx is None or (stamp, own) != self._settings_stamp:
             self._ctx = Context(load_settings(self.settings_path))
-            self._settings_stamp = stamp
+            self._settings_stamp = (stamp, self._ctx.settings.templates_dir.is_dir())
         return self._ctx
 
     def _snapshot(self, version: int, rendered: RenderedIssue) -> Snapshot:
@@ -302,7 +320,7 @@ async def _watch(preview: Preview, publish: Any, stop: anyio.Event) -> None:
         paths = [p for p in preview.watched() if p.exists()]
         async for _ in awatch(
             *paths,
-            watch_filter=DefaultFilter(),
+            watch_filter=_Filter(preview.ignored()),
             debounce=100,
             step=20,
             stop_event=stop,
@@ -311,6 +329,21 @@ async def _watch(preview: Preview, publish: Any, stop: anyio.Event) -> None:
             await publish()
             if set(preview.watched()) != set(paths):
                 break  # the settings moved the templates: watch the new folder
+
+
+class _Filter(DefaultFilter):
+    """watchfiles' default filter (editors' swap files, .git…), less the folders the
+    tool writes to itself."""
+
+    def __init__(self, ignored: list[Path]) -> None:
+        super().__init__()
+        self.ignored = ignored
+
+    def __call__(self, change: Change, path: str) -> bool:
+        where = Path(path)
+        if any(where.is_relative_to(folder) for folder in self.ignored):
+            return False
+        return super().__call__(change, path)
 
 
 def _send_test(preview: Preview, address: str) -> dict[str, Any]:

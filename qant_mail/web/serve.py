@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -29,6 +30,7 @@ from qant_mail.app.readers import Signup, SignupError, Status
 from qant_mail.app.sending import QueueWorker
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import QantError
+from qant_mail.web.webserver import Describe, Scope
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,12 @@ ONE_CLICK = b"List-Unsubscribe=One-Click"
 ONE_CLICK_DONE = "unsubscribed\n"
 # A signup form is a few short fields: anything larger is not one.
 MAX_FORM_BYTES = 8 * 1024
+# The paths that end in a signed token, which the log never shows (whoever reads the log
+# could unsubscribe a reader, or open their page, with it).
+TOKEN_PATHS = ("/unsubscribe/", "/confirm/", "/subscriptions/")
+# Anywhere in a path, whatever the case: a mangled link that misses the route (a prefix,
+# a capital) still holds the token.
+_TOKEN_PATH = re.compile("|".join(map(re.escape, TOKEN_PATHS)), re.IGNORECASE)
 _HEADERS = {
     "Cache-Control": "no-store",
     # The links carry tokens: no page of ours tells another site where it came from.
@@ -237,7 +245,7 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
     async def unavailable(request: Request, err: Exception) -> Response:
         # The store cannot be used now (a server restarting, a full disk): said plainly,
         # with when to try again; the operator's log has why.
-        log.error("%s %s: %s", request.method, request.url.path, err)
+        log.error("%s %s: %s", request.method, shown_path(request.scope), err)
         return PlainTextResponse(
             "unavailable for a moment; try again in a minute\n",
             status_code=503,
@@ -273,6 +281,27 @@ async def _form(request: Request) -> list[tuple[str, str]] | Response:
 
 def _name(settings: Settings, key: str) -> str:
     return settings.for_newsletter(key).newsletter.name if key in settings.editions else key
+
+
+def request_log(settings: Settings) -> Describe:
+    """Return what the log shows of a request: its path without token or query, and its
+    client as the signup limits count it."""
+    trust_proxy = settings.signup.trust_proxy
+
+    def describe(scope: Scope) -> tuple[str, str]:
+        return shown_path(scope), _client(Request(scope), trust_proxy)
+
+    return describe
+
+
+def shown_path(scope: Scope) -> str:
+    """Return the path of a request as a log may show it: a token as "…", and "?…" for
+    a query (a link's query may hold a token or an address)."""
+    path = str(scope.get("path", ""))
+    token = _TOKEN_PATH.search(path)
+    if token is not None:
+        path = f"{path[: token.end()]}…"
+    return f"{path}?…" if scope.get("query_string") else path
 
 
 def _client(request: Request, trust_proxy: bool) -> str:

@@ -1,9 +1,11 @@
 """Running the web applications (uvicorn): on a socket bound first, in a thread for tests,
-with limits that keep a slow or greedy client from holding the server."""
+with limits that keep a slow or greedy client from holding the server, and a log of
+each request that shows what the application allows of it."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ import uvicorn
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from qant_mail.base import logs
 from qant_mail.base.errors import ExitCode, QantError
 
 # A request's headers must arrive within this; its body within the request timeout.
@@ -26,6 +29,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# What a request's log line shows of it: its path and its client, as the application sees
+# fit (a path may hold a token, a query an address).
+Describe = Callable[[Scope], tuple[str, str]]
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(QantError):
@@ -131,6 +139,45 @@ class RequestLimits:
         await self.app(scope, limited, send)
 
 
+class AccessLog:
+    """ASGI middleware: one `request` event a request, once answered: its method, path
+    and client as `describe` shows them, its status and how long it took (ms)."""
+
+    def __init__(self, app: Any, describe: Describe) -> None:
+        self.app = app
+        self.describe = describe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except BaseException:
+            status = status or 500  # what uvicorn answers when the application said nothing
+            raise
+        finally:
+            path, client = self.describe(scope)
+            logs.event(
+                log,
+                "request",
+                method=scope["method"],
+                path=path,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                client=client,
+            )
+
+
 async def _plain(send: Send, status: int, text: str) -> None:
     body = text.encode()
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
@@ -138,17 +185,31 @@ async def _plain(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def run(app: Any, sock: socket.socket, *, proxy_headers: bool = False) -> None:
-    """Serve `app` on a bound socket until Ctrl-C."""
-    uvicorn.Server(_config(app, proxy_headers)).run(sockets=[sock])
+def run(
+    app: Any,
+    sock: socket.socket,
+    *,
+    proxy_headers: bool = False,
+    access_log: Describe | None = None,
+) -> None:
+    """Serve `app` on a bound socket until Ctrl-C; with `access_log`, log each request."""
+    uvicorn.Server(_config(app, proxy_headers, access_log)).run(sockets=[sock])
 
 
-def _config(app: Any, proxy_headers: bool = False) -> uvicorn.Config:
+def _config(
+    app: Any, proxy_headers: bool = False, access_log: Describe | None = None
+) -> uvicorn.Config:
+    limited = RequestLimits(app)
     return uvicorn.Config(
-        RequestLimits(app),
+        # Outside the limits, so that what they refuse is logged too.
+        limited if access_log is None else AccessLog(limited, access_log),
         http=GuardedH11,
         log_level="warning",
+        # uvicorn's records go to the process's log, in its format; its handlers would
+        # write text of their own to stderr.
+        log_config=None,
         lifespan="on",
+        # uvicorn's access log would show the raw path, tokens and all.
         access_log=False,
         proxy_headers=proxy_headers,
         # Behind a reverse proxy on this machine, trust its X-Forwarded-* headers only.
@@ -163,10 +224,10 @@ def _config(app: Any, proxy_headers: bool = False) -> uvicorn.Config:
 class BackgroundServer:
     """An application served from a thread on 127.0.0.1 (tests, embedding)."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, *, access_log: Describe | None = None) -> None:
         self.sock = listen("127.0.0.1", port)
         self.port: int = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(_config(app))
+        self.server = uvicorn.Server(_config(app, access_log=access_log))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
