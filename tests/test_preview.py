@@ -216,3 +216,16 @@ def test_test_send_button_sends_the_current_render(
         b"=5D", b"]"
     )
     assert os.environ["QANT_SMTP_SECURITY"] == "none"
+
+
+def test_a_test_send_without_the_secret_says_what_to_do_in_the_pages_language(
+    issue: Path, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qant_mail.web.preview import _send_test
+
+    for name in ("QANT_SECRET_KEY", "QANT_SECRET_KEYS", "QANT_SECRET_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    answer = _send_test(Preview(issue, project / "qant.toml"), "relecture@example.com")
+    assert answer["ok"] is False
+    assert answer["message"].startswith("QANT_SECRET_KEY n’est pas défini pour l’aperçu")
+    assert "relancez qant-mail preview" in answer["message"]

@@ -37,6 +37,10 @@ from qant_mail.base.addresses import normalise_address
 from qant_mail.base.config import load_settings
 from qant_mail.base.errors import Problem, QantError, Severity
 
+_NO_SECRET = (
+    "QANT_SECRET_KEY n’est pas défini pour l’aperçu : les liens de désinscription du test "
+    "doivent être signés. Exportez-le (ou QANT_SECRET_KEY_FILE) puis relancez qant-mail preview."
+)
 # What the preview serves from the newsletter's folder (its logos): pictures only.
 _PICTURES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 
@@ -353,6 +357,11 @@ def _send_test(preview: Preview, address: str) -> dict[str, Any]:
     try:
         recipient = normalise_address(address)
         ctx = Context(load_settings(preview.settings_path))
+        try:
+            ctx.secret()
+        except QantError:
+            # The page speaks the editors' language; this is what they can do about it.
+            return {"ok": False, "message": _NO_SECRET}
         prepared = sending.prepare_test(ctx, preview.issue)
         ((_, reply),) = sending.send_test(ctx, prepared, [recipient]).results
     except QantError as err:
