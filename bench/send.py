@@ -208,8 +208,11 @@ def child_naive(count: int, port: int) -> dict[str, float]:
             Slot.NAME: f"Lecteur {n}",
             Slot.EMAIL: f"reader{n}@example.com",
             Slot.UNSUBSCRIBE_URL: f"{settings.newsletter.base_url}/unsubscribe/{n}",
+            Slot.PREFERENCES_URL: f"{settings.newsletter.base_url}/subscriptions/{n}",
             Slot.BROWSER_URL: rendered.web_url,
         }
+        # Every slot a template may hold: a new one would otherwise stop this child.
+        values |= {slot: "" for slot in Slot if slot not in values}
         html, text = rendered.fill(values)
         message = EmailMessage()
         message["From"] = f"{settings.sender.name} <{settings.sender.address}>"
