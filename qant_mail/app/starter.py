@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import zoneinfo
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,7 +14,7 @@ from string import Template
 from qant_mail.app import issues
 from qant_mail.authoring.model import SCHEMA_FILE
 from qant_mail.base.addresses import is_plain_address
-from qant_mail.base.config import load_settings
+from qant_mail.base.config import check_base_url, check_timezone, load_settings
 from qant_mail.base.errors import ExitCode, QantError
 
 _SKELETON = resources.files("qant_mail") / "skeleton"
@@ -46,12 +45,15 @@ class Starter:
             found.append(f"--name: {self.name!r} is not a name on one line")
         if not is_plain_address(self.sender):
             found.append(f"--sender: {self.sender!r} is not an address (name@domain.tld)")
-        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.base_url):
-            found.append(f"--base-url: {self.base_url!r} is not an http(s) address")
-        try:
-            zoneinfo.ZoneInfo(self.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            found.append(f"--timezone: {self.timezone!r} is not a time zone (Europe/Paris, UTC…)")
+        # The settings' own checks: what init accepts, qant.toml accepts.
+        for option, check, value in (
+            ("--base-url", check_base_url, self.base_url),
+            ("--timezone", check_timezone, self.timezone),
+        ):
+            try:
+                check(value)
+            except ValueError as err:
+                found.append(f"{option}: {err}")
         known = sorted(p.name.removesuffix(".toml") for p in _LOCALES.iterdir())
         if self.locale not in known:
             found.append(f"--locale: {self.locale!r}: the built-in ones are {', '.join(known)}")

@@ -72,13 +72,16 @@ def _relay(value: str) -> str:
     return found.group()
 
 
-def _base_url(value: str) -> str:
+def check_base_url(value: str) -> str:
+    """Return a site's address without its trailing slash; raise ValueError if it is
+    not an absolute http(s) URL without query or fragment."""
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
         raise ValueError(f"{value!r} is not an absolute http(s) URL without query or fragment")
     return value.rstrip("/")
 
 
-def _timezone(value: str) -> str:
+def check_timezone(value: str) -> str:
+    """Return `value` if it names a time zone; raise ValueError otherwise."""
     try:
         zoneinfo.ZoneInfo(value)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
@@ -122,7 +125,7 @@ class Newsletter(Strict):
     masthead: str = ""
     byline: Text
     locale: Annotated[str, Field(pattern=r"^[a-z]{2,3}([_-][A-Za-z]{2,4})?$")] = "fr"
-    base_url: Annotated[str, AfterValidator(_base_url)]
+    base_url: Annotated[str, AfterValidator(check_base_url)]
     logo: str | None = None
     # For dark mode, where the mail client supports it (transparent, light letters).
     logo_dark: str | None = None
@@ -130,7 +133,7 @@ class Newsletter(Strict):
     words_per_minute: Annotated[int, Field(ge=50, le=1000)] = 250
     postal_address: str = ""
     # Where the editors are: `schedule --at` times are read, and shown, in it.
-    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    timezone: Annotated[str, AfterValidator(check_timezone)] = "UTC"
     # One sentence on the signup form and the reader's page: what it is, how often.
     description: str = ""
     # Offered on the public signup forms and the reader's page.
