@@ -273,3 +273,27 @@ def test_a_new_sqlite_store_and_its_wal_and_shm_files_are_readable_by_their_owne
     finally:
         os.umask(before)
     assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+def test_a_new_sqlite_store_opened_by_many_threads_at_once_opens_for_each(
+    tmp_path: Path,
+) -> None:
+    """Switching a new store to WAL needs it alone for a moment, and SQLite said
+    "locked" at once, with no wait, to the others opening it (a CI run lost a test to
+    it): each opening now waits its turn. Thirty new stores, sixteen threads each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qant_mail.store.db import open_store
+
+    def opened(path: Path) -> str:
+        try:
+            open_store(path).close()
+        except Exception as err:  # noqa: BLE001 - every failure is reported
+            return f"{type(err).__name__}: {err}"
+        return "ok"
+
+    for number in range(30):
+        path = tmp_path / f"store-{number}" / "subscribers.db"
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            outcomes = set(pool.map(opened, [path] * 16))
+        assert outcomes == {"ok"}, (number, outcomes)

@@ -17,6 +17,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def _open_sqlite(path: Path) -> Connection:
     try:
         # WAL lets the senders' threads write while others read; NORMAL syncs at
         # checkpoints, which survives a killed process (power loss is another story).
-        connection.execute("PRAGMA journal_mode = WAL")
+        _write_ahead(connection)
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA foreign_keys = ON")
         _migrate_sqlite(connection, path)
@@ -147,6 +148,33 @@ def _open_sqlite(path: Path) -> Connection:
         connection.close()
         raise
     return connection
+
+
+# How long an opening waits for another to finish making a new store (the busy timeout).
+_OPEN_PATIENCE = 30.0
+
+
+def _write_ahead(connection: Connection) -> None:
+    """Put the database in WAL mode (a mode its file keeps: done once, by whoever opens
+    a new store first)."""
+    (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() == "wal":
+        return
+    # Switching needs the database to itself for a moment, and SQLite answers "locked"
+    # at once, without its busy wait, when another connection is opening the new store
+    # too (threads of one process, or two commands): wait for it, as for any lock.
+    deadline = time.monotonic() + _OPEN_PATIENCE
+    delay = 0.005
+    while True:
+        try:
+            sqlite3.Connection.execute(connection, "PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            locked = "locked" in str(err) or "busy" in str(err)
+            if not locked or time.monotonic() + delay > deadline:
+                raise _translated(connection.path, err) from err
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
 
 
 def _create_private(path: Path) -> None:
