@@ -1,17 +1,24 @@
-"""Benchmark of issues #2 and #11: how long loading, rendering and `qant-mail render` take.
+"""Benchmark of issues #2, #11 and #22: how long loading, rendering and `qant-mail render`
+take, against anchors measured in the same rounds.
 
 In rounds, interleaved: an in-process measurement (a child process loads and renders the
 sample issue cold, its parsed bodies forgotten, `--runs` times, and reports the median of
 each stage), then the whole `qant-mail render` process and an empty interpreter
 (`python -c pass`), `--process-runs` times each. With `--versus DIR` (another checkout of
 qant-mail, say the commit before a change), the same is measured of it in the same
-rounds, so that both figures share the machine's state. Printed: each round's figures,
-then the medians of the rounds, and the process time as a ratio to the empty
-interpreter measured in the same round.
+rounds, its turn first in every other round, so that both figures share the machine's
+state.
 
-Targets on a 2-core machine: in-process pipeline <= 10 ms; whole process <= 0.35 s.
+The anchors: in each run, after the render, the child times the two Rust stages alone
+(mjml-python's `mjml2html` on the very MJML the render produced, css-inline on the very
+HTML it was given); the in-process time is given as a ratio to theirs. The process time
+is a ratio to the empty interpreter's. Printed: each round's figures and ratios, then
+for each checkout the median of the rounds' figures and of their ratios, with the range.
 
-    python bench/render.py [--rounds 5] [--versus /path/to/other/checkout]
+Targets (issue #22): in-process <= 3.5x the Rust stages (goal: 2.5x); `qant-mail render`
+<= 8x `python -c pass`.
+
+    python bench/render.py [--rounds 5] [--runs 40] [--process-runs 5] [--versus DIR]
 """
 
 from __future__ import annotations
@@ -26,14 +33,40 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = Path("issues") / "2023-11-20.yaml"
+IN_PROCESS_TARGET, PROCESS_TARGET = 3.5, 8.0
+
+
+class _Recorder:
+    """Stands for a Rust stage in the renderer: records the input of each call."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.inputs: list[tuple[Any, ...]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.inputs.append((args, kwargs))
+        return self.call(*args, **kwargs)
+
+    def inline(self, *args: Any, **kwargs: Any) -> Any:  # as a css_inline.CSSInliner
+        return self(*args, **kwargs)
+
+    def timed_last(self) -> float:
+        """Run the last recorded call again, alone; return its time in seconds."""
+        args, kwargs = self.inputs[-1]
+        start = time.perf_counter()
+        self.call(*args, **kwargs)
+        return time.perf_counter() - start
 
 
 def child(root: Path, runs: int) -> None:
     """Measure the in-process pipeline of the checkout at `root`; print medians (ms)."""
     sys.path.insert(0, str(root))
+    import mjml
+
     try:  # a tree in layers
         from qant_mail.authoring import prose
         from qant_mail.authoring.load import load
@@ -48,10 +81,16 @@ def child(root: Path, runs: int) -> None:
 
     settings = load_settings(root / "qant.toml", env={})
     renderer = Renderer(settings)
+    # The renderer calls `mjml.mjml2html` and its inliner's `inline`: both are recorded.
+    to_html = _Recorder(mjml.mjml2html)
+    mjml.mjml2html = to_html
+    inline = _Recorder(renderer.inliner.inline)
+    renderer.inliner = inline  # type: ignore[assignment]
     sample = root / SAMPLE
     renderer.render(load(sample).issue)  # templates compiled once, as for any second render
     stages: dict[str, list[float]] = {"load": [], "html": [], "inline": [], "text": []}
     whole: list[float] = []
+    rust: list[float] = []
     for _ in range(runs):
         prose.clear_cache()  # a cold render: no parsed body is reused
         gc.collect()  # a collection of earlier runs' garbage does not land in this one
@@ -60,6 +99,7 @@ def child(root: Path, runs: int) -> None:
         loaded = time.perf_counter()
         rendered = renderer.render(issue)
         whole.append(time.perf_counter() - start)
+        rust.append(to_html.timed_last() + inline.timed_last())
         stages["load"].append(loaded - start)
         stages["html"].append(rendered.timings["template"] + rendered.timings["mjml"])
         stages["inline"].append(rendered.timings["inline"])
@@ -67,6 +107,7 @@ def child(root: Path, runs: int) -> None:
     result = {name: statistics.median(values) * 1000 for name, values in stages.items()}
     result["pipeline"] = statistics.median(whole) * 1000
     result["pipeline_min"] = min(whole) * 1000
+    result["rust"] = statistics.median(rust) * 1000
     print(json.dumps(result))
 
 
@@ -91,6 +132,11 @@ def process_ms(command: list[str], cwd: Path, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
+def _spread(values: list[float]) -> str:
+    """Return the median of `values` and their range, as ratios."""
+    return f"{statistics.median(values):.2f}x (range {min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -113,32 +159,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for number in range(args.rounds):
             empty = process_ms([sys.executable, "-c", "pass"], ROOT, args.process_runs)
-            line = [f"round {number + 1}: python -c pass {empty:.0f} ms"]
-            for name, root in roots.items():
+            lines = [f"round {number + 1}: python -c pass {empty:.0f} ms"]
+            order = list(roots.items())
+            if number % 2:
+                order.reverse()  # neither checkout always goes first
+            for name, root in order:
                 figures = in_process(root, args.runs)
+                figures["in_process_ratio"] = figures["pipeline"] / figures["rust"]
                 command = [sys.executable, "-m", "qant_mail", "render", str(SAMPLE), "-o", out]
                 figures["process"] = process_ms(command, root, args.process_runs)
-                figures["ratio"] = figures["process"] / empty
+                figures["process_ratio"] = figures["process"] / empty
                 for key, value in figures.items():
                     found[name].setdefault(key, []).append(value)
-                line.append(
-                    f"[{name}: in-process {figures['pipeline']:.1f} ms (load "
+                lines.append(
+                    f"  {name}: in-process {figures['pipeline']:.1f} ms (load "
                     f"{figures['load']:.1f}, html {figures['html']:.1f}, inline "
-                    f"{figures['inline']:.1f}, text {figures['text']:.1f}); process "
-                    f"{figures['process']:.0f} ms = {figures['ratio']:.1f}x python -c pass]"
+                    f"{figures['inline']:.1f}, text {figures['text']:.1f}) = "
+                    f"{figures['in_process_ratio']:.2f}x the Rust stages "
+                    f"({figures['rust']:.2f} ms); process {figures['process']:.0f} ms = "
+                    f"{figures['process_ratio']:.2f}x python -c pass"
                 )
-            print(" ".join(line), flush=True)
+            print("\n".join(lines), flush=True)
 
-    print(f"medians of {args.rounds} rounds:")
+    print(f"medians of {args.rounds} rounds (ratios: median of the rounds' ratios, range):")
     for name, root in roots.items():
         figures = {key: statistics.median(values) for key, values in found[name].items()}
         print(
-            f"  {name} ({root}): in-process {figures['pipeline']:.1f} ms "
-            f"(fastest run {figures['pipeline_min']:.1f}; target <= 10) = load "
-            f"{figures['load']:.1f} + html {figures['html']:.1f} + inline "
-            f"{figures['inline']:.1f} + text {figures['text']:.1f} + the rest; "
-            f"qant-mail render {figures['process']:.0f} ms (target <= 350), "
-            f"{figures['ratio']:.1f}x python -c pass"
+            f"  {name} ({root}): in-process {figures['pipeline']:.1f} ms (fastest run "
+            f"{figures['pipeline_min']:.1f}) = load {figures['load']:.1f} + html "
+            f"{figures['html']:.1f} + inline {figures['inline']:.1f} + text "
+            f"{figures['text']:.1f} + the rest; Rust stages {figures['rust']:.2f} ms; "
+            f"qant-mail render {figures['process']:.0f} ms\n"
+            f"    in-process / Rust stages: {_spread(found[name]['in_process_ratio'])}, "
+            f"target <= {IN_PROCESS_TARGET}x\n"
+            f"    process / python -c pass: {_spread(found[name]['process_ratio'])}, "
+            f"target <= {PROCESS_TARGET}x"
         )
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
         print("(PYTHONDONTWRITEBYTECODE is set: the package's bytecode was compiled above)")

@@ -311,7 +311,8 @@ def _contexts(pieces: list[str]) -> tuple[set[int], set[int]]:
 def _nowrap(text: str) -> str:
     """Return `text` with each word whose hyphen touches a digit in a no-wrap span (links
     and addresses in it are left alone)."""
-    if "-" not in text:
+    # A word the span is for holds such a hyphen, so a text without one has none.
+    if "-" not in text or not _DIGIT_HYPHEN.search(text):
         return text
     spans = _protected_spans(text)
 

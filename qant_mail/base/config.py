@@ -407,6 +407,14 @@ class Signup(Strict):
     trust_proxy: bool = False
 
 
+def _left_out() -> Any:
+    """Return the default of a table: validated as an empty one when left out."""
+    # Not a default instance (`Colours()`): built at import, it would build its class's
+    # validator there, which the validator of the whole file does not use, for every
+    # command, the ones that read no settings too.
+    return Field(default_factory=dict, validate_default=True)
+
+
 class SettingsFile(Strict):
     """The schema of `qant.toml`."""
 
@@ -416,18 +424,18 @@ class SettingsFile(Strict):
     # what it does not set from the main newsletter. Validated in `_editions`.
     newsletters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sender: Sender
-    colours: Colours = Colours()
+    colours: Colours = _left_out()
     labels: Labels
-    signup: Signup = Signup()
-    paths: Paths = Paths()
-    preview: Preview = Preview()
-    lint: Lint = Lint()
-    images: Images = Images()
-    smtp: Smtp = Smtp()
-    sending: Sending = Sending()
-    bounces: Bounces = Bounces()
-    store: Store = Store()
-    dkim: Dkim = Dkim()
+    signup: Signup = _left_out()
+    paths: Paths = _left_out()
+    preview: Preview = _left_out()
+    lint: Lint = _left_out()
+    images: Images = _left_out()
+    smtp: Smtp = _left_out()
+    sending: Sending = _left_out()
+    bounces: Bounces = _left_out()
+    store: Store = _left_out()
+    dkim: Dkim = _left_out()
 
 
 class _Edition(Strict):
