@@ -166,12 +166,12 @@ _FRENCH_INSERT: tuple[Rule, ...] = (
     (re.compile(r"«(?=[^\s\u202f\u00a0])"), "«" + NNBSP, "«"),
     (re.compile(r"»(?<=[^\s\u202f\u00a0]»)"), NNBSP + "»", "»"),
     # "Qant: la suite" → "Qant : la suite"; "Vraiment?" → "Vraiment ?".
-    (re.compile(rf"(?<={_BEFORE_MARK}):{_AFTER_COLON}"), NBSP + ":", ":"),
-    (re.compile(rf"(?<={_BEFORE_MARK})[;!?]{_AFTER_MARK}"), _space_inserted, ";!?"),
+    (re.compile(rf":(?<={_BEFORE_MARK}:){_AFTER_COLON}"), NBSP + ":", ":"),
+    (re.compile(rf"[;!?](?<={_BEFORE_MARK}[;!?]){_AFTER_MARK}"), _space_inserted, ";!?"),
     # "6 nm", "11 milliards": the number never ends a line without its unit.
-    (re.compile(rf"(?<=[0-9])[ \t](?=(?:{_UNITS})(?![\w/]))"), NBSP, _DIGITS),
+    (re.compile(rf"[ \t](?<=[0-9][ \t])(?=(?:{_UNITS})(?![\w/]))"), NBSP, _DIGITS),
     # Three full stops are an ellipsis (four or more are left as written).
-    (re.compile(r"(?<!\.)\.\.\.(?!\.)"), "…", "."),
+    (re.compile(r"\.\.\.(?<!\.\.\.\.)(?!\.)"), "…", "."),
 )
 # In HTML only: an apostrophe escaped by the template (&#39;) is one too.
 _HTML_ONLY: tuple[Rule, ...] = (
