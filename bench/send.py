@@ -1,22 +1,33 @@
-"""Benchmark of issue #4: composing and sending the sample issue to N recipients.
+"""Benchmark of issues #4 and #22: composing and sending the sample issue to N recipients.
 
-Sends through Postfix's `smtp-sink` on loopback (`apt-get install postfix`; this script
-starts the sink, the Postfix daemon need not run): an aiosmtpd sink tops out near 150
-messages/s and would measure itself. Each figure runs in a child process, so that its
-peak memory is its own. In the same run, it measures the naive approach (a new
-EmailMessage and a new SMTP connection per message) and prints the ratio, and the
-composing rate with DKIM signing on.
+Sends through Postfix's `smtp-sink` on loopback (`apt-get install postfix`, or its package
+unpacked under QANT_BENCH_POSTFIX; this script starts the sink, the Postfix daemon need
+not run): an aiosmtpd sink tops out near 150 messages/s and would measure itself. Each
+figure runs in a child process, so that its peak memory is its own. The figures that are
+compared run in interleaved rounds; each round prints its figures and ratios, then come
+the medians, each ratio's with its range over the rounds:
 
-Targets (2 cores): composing >= 20,000 messages/s; sending >= 700 messages/s to
-smtp-sink; peak memory for 100,000 recipients <= 1.2x that for 1,000.
+- the composing rate, unsigned and signed (DKIM RSA, Ed25519, both); a signed child also
+  composes unsigned and signs ~700 bytes of header data with the bare keys, in turn, and
+  prints the cost of signing over the raw signature's (issue #22: <= 1.15x);
+- a send to smtp-sink, unsigned and signed, and the signed over the unsigned (>= 0.8x);
+- the naive approach (a new EmailMessage and a new SMTP connection per message).
 
-    python bench/send.py [--big-send]   # --big-send: also send the 100,000 (2-3 minutes)
+Then, once: the whole pipeline for 100,000 recipients, its peak memory against 1,000's,
+and the import of 100,000 CSV rows.
+
+Targets (2 cores): composing >= 50,000 messages/s (issue #22); sending >= 700
+messages/s to smtp-sink; peak memory for 100,000 recipients <= 1.2x that for 1,000.
+
+    QANT_BENCH_POSTFIX=/opt/postfix python bench/send.py [--rounds 3] [--big-send] [--tiny]
+    # --big-send: also send the 100,000 (2-3 minutes); --tiny: every figure small
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -32,6 +43,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding  # noqa: E402
 
 from qant_mail.app import issues, sending  # noqa: E402
 from qant_mail.app.context import Context  # noqa: E402
@@ -134,28 +148,64 @@ def signing_keys(kinds: list[str], domain: str) -> list[dkim.DkimKey]:
     ]
 
 
+def raw_sign(key: dkim.DkimKey, data: bytes) -> bytes:
+    """Sign `data` with the key's algorithm and nothing else: the floor of signing."""
+    private = key.private_key
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return private.sign(hashlib.sha256(data).digest())  # RFC 8463: PureEdDSA of the hash
+    return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
 def child_compose(count: int, kinds: list[str]) -> dict[str, float]:
-    """Compose `count` messages from one template, signed with keys of `kinds`; return
-    the rate and peak memory."""
+    """Compose `count` messages from one template; return the rate and peak memory.
+
+    Signed with keys of `kinds`, the same child also composes the messages unsigned and
+    signs ~700 bytes of their header data with the bare keys, chunk by chunk in turn, so
+    that the cost of signing (signed time less unsigned) is set beside the raw signature's
+    time measured in the same moments."""
     settings = settings_for(25, Path(tempfile.mkdtemp()) / "s.db")
+    rendered = rendered_sample(settings)
     keys = signing_keys(kinds, settings.sender_domain)
-    template = MessageTemplate(
-        rendered_sample(settings), settings, secret=SECRET.encode(), keys=keys
-    )
-    recipients = (Recipient(f"reader{n}@example.com", f"Lecteur {n}", n) for n in range(count))
+    templates = {"unsigned": MessageTemplate(rendered, settings, secret=SECRET.encode())}
+    if keys:
+        templates["signed"] = MessageTemplate(rendered, settings, secret=SECRET.encode(), keys=keys)
+    head = templates["unsigned"].personalise(Recipient("reader@example.com", "Lecteur", 0))
+    header_data = head.partition(b"\r\n\r\n")[0][:700].ljust(700, b"x")
     size = 0
-    # The rate is the median over chunks of 1,000 messages: one slow moment of a shared
-    # machine does not make the figure.
-    chunk_rates = []
+    # Each figure is the median over chunks of up to 1,000 messages: one slow moment of a
+    # shared machine does not make it.
+    seconds: dict[str, list[float]] = {name: [] for name in [*templates, "raw"]}
     done = 0
     while done < count:
         chunk = min(1000, count - done)
-        start = time.perf_counter()
-        for _ in range(chunk):
-            size = len(template.personalise(next(recipients)))
-        chunk_rates.append(chunk / (time.perf_counter() - start))
+        recipients = [
+            Recipient(f"reader{n}@example.com", f"Lecteur {n}", n)
+            for n in range(done, done + chunk)
+        ]
+        for name, template in templates.items():
+            start = time.perf_counter()
+            for recipient in recipients:
+                size = len(template.personalise(recipient))
+            seconds[name].append((time.perf_counter() - start) / chunk)
+        if keys:
+            start = time.perf_counter()
+            for _ in recipients:
+                for key in keys:
+                    raw_sign(key, header_data)
+            seconds["raw"].append((time.perf_counter() - start) / chunk)
         done += chunk
-    return {"rate": statistics.median(chunk_rates), "peak_mb": peak_mb(), "size_kb": size / 1000}
+    unsigned = statistics.median(seconds["unsigned"])
+    result = {"rate": 1 / unsigned, "peak_mb": peak_mb(), "size_kb": size / 1000}
+    if keys:
+        signed = statistics.median(seconds["signed"])
+        raw = statistics.median(seconds["raw"])
+        result |= {
+            "rate": 1 / signed,
+            "unsigned_rate": 1 / unsigned,
+            "signing_ms": 1000 * (signed - unsigned),
+            "raw_ms": 1000 * raw,
+        }
+    return result
 
 
 def make_store(count: int) -> Path:
@@ -280,9 +330,33 @@ def time_import(count: int) -> float:
     return elapsed
 
 
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much each figure measures."""
+
+    compose: int = 1000  # a compose child's messages
+    compose_big: int = 100_000  # the big compose child's (its peak memory)
+    send: int = 1000  # a send's readers (signed and unsigned, into smtp-sink)
+    big: int = 100_000  # the big pipeline's readers (peak memory)
+    naive: int = 200  # the naive approach's messages
+    rows: int = 100_000  # the CSV import's rows
+    rounds: int = 3
+
+
+TINY = Sizes(compose=200, compose_big=2000, send=100, big=2000, naive=20, rows=1000, rounds=1)
+
+
+def spread(values: list[float]) -> str:
+    """Return the median of per-round ratios and their range: "1.23x (rounds 1.10-1.40)"."""
+    middle = statistics.median(values)
+    return f"{middle:.2f}x (rounds {min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-send", action="store_true", help="send the 100,000 as well")
+    parser.add_argument("--rounds", type=int, help="rounds of the interleaved figures (3)")
+    parser.add_argument("--tiny", action="store_true", help="every figure small: a check it runs")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -299,65 +373,121 @@ def main() -> None:
             result = child_naive(int(count), int(rest[0]))
         print(json.dumps(result))
         return
-
+    sizes = TINY if args.tiny else Sizes()
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
     server, port = start_sink()
     try:
-        rows: list[tuple[str, float, float]] = []
-
-        def show(label: str, result: dict[str, float]) -> None:
-            rows.append((label, result["rate"], result["peak_mb"]))
-            print(f"{label:58s} {result['rate']:10,.0f} msg/s {result['peak_mb']:8.1f} MB")
-
-        print(f"{'figure':58s} {'rate':>16s} {'peak':>11s}")
-        compose_small = median_of(3, "compose", "1000")
-        show("compose, 1,000 recipients (median of 3 runs)", compose_small)
-        compose_big = median_of(3, "compose", "100000")
-        show("compose, 100,000 recipients (median of 3 runs)", compose_big)
-        signed = {kind: median_of(3, "compose", "1000", *kind.split("+")) for kind in SIGNED}
-        for kind, result in signed.items():
-            show(f"compose + DKIM {kind}, 1,000 recipients (median of 3 runs)", result)
-        small, big = Path(run_store(1000)), Path(run_store(100_000))
-        # Signed and unsigned sends in the same rounds, interleaved: the machine's mood
-        # weighs on both alike.
-        sends: dict[str, list[dict[str, float]]] = {kind: [] for kind in ("unsigned", *SIGNED)}
-        for _ in range(3):
-            for kind in sends:
-                kinds = [] if kind == "unsigned" else kind.split("+")
-                sends[kind].append(run_child("pipeline", run_store(1000), str(port), *kinds))
-        medians = {kind: sorted(r["rate"] for r in rows)[1] for kind, rows in sends.items()}
-        for kind, rate in medians.items():
-            print(
-                f"{'send to smtp-sink, 1,000, ' + kind + ' (median of 3)':58s} {rate:10,.0f} msg/s"
-            )
-        pipeline_small = sends["unsigned"][1]
-        if args.big_send:
-            pipeline_big = run_child("pipeline", str(big), str(port))
-            show("send to smtp-sink, 100,000", pipeline_big)
-            pipeline_small_discard = pipeline_small
-        else:
-            pipeline_big = run_child("pipeline", str(big), "-")
-            show("whole pipeline, 100,000, SMTP left out (discarded)", pipeline_big)
-            pipeline_small_discard = run_child("pipeline", str(small), "-")
-            show("whole pipeline, 1,000, SMTP left out (discarded)", pipeline_small_discard)
-        naive = run_child("naive", "200", str(port))
-        show("baseline: EmailMessage + new connection per message, 200", naive)
-        print()
-        print(f"message size: {compose_small['size_kb']:.0f} KB")
-        print(f"sending vs the naive approach: {pipeline_small['rate'] / naive['rate']:.1f}x")
-        for kind, result in signed.items():
-            cost = 1000 / result["rate"] - 1000 / compose_small["rate"]
-            ratio = medians[kind] / medians["unsigned"]
-            print(
-                f"DKIM {kind}: {cost:.2f} ms of CPU a message; signed send at {ratio:.2f}x "
-                "the unsigned one (target >= 0.8)"
-            )
-        ratio = pipeline_big["peak_mb"] / pipeline_small_discard["peak_mb"]
-        print(f"peak memory, 100,000 vs 1,000 recipients (same pipeline): {ratio:.2f}x")
-        print(f"import of 100,000 CSV rows: {time_import(100_000):.1f} s")
-        print("targets: compose >= 20,000 msg/s; send >= 700 msg/s; memory ratio <= 1.2")
+        measure(sizes, port, big_send=args.big_send)
     finally:
         server.terminate()
         server.wait()
+
+
+def measure(sizes: Sizes, port: int, *, big_send: bool) -> None:
+    """Run the figures in interleaved rounds, printing each round's; then the medians."""
+    n, big = f"{sizes.compose:,}", f"{sizes.compose_big:,}"
+    figures: dict[str, list[dict[str, float]]] = {}
+    sends = ("unsigned", *SIGNED)
+    for number in range(1, sizes.rounds + 1):
+        found: dict[str, dict[str, float]] = {}
+        found["compose"] = run_child("compose", str(sizes.compose))
+        found["compose big"] = run_child("compose", str(sizes.compose_big))
+        for kind in SIGNED:
+            found[f"compose {kind}"] = run_child("compose", str(sizes.compose), *kind.split("+"))
+        # Signed and unsigned sends in the same round, in turn: the machine's mood weighs
+        # on both alike.
+        for kind in sends:
+            kinds = [] if kind == "unsigned" else kind.split("+")
+            store = run_store(sizes.send)
+            found[f"send {kind}"] = run_child("pipeline", store, str(port), *kinds)
+        found["naive"] = run_child("naive", str(sizes.naive), str(port))
+        for name, result in found.items():
+            figures.setdefault(name, []).append(result)
+        print(f"round {number}:", flush=True)
+        print(
+            f"  compose: {n} {found['compose']['rate']:,.0f} msg/s, "
+            f"{big} {found['compose big']['rate']:,.0f} msg/s",
+            flush=True,
+        )
+        for kind in SIGNED:
+            signed = found[f"compose {kind}"]
+            print(
+                f"  compose + DKIM {kind}: {signed['rate']:,.0f} msg/s (unsigned, same child: "
+                f"{signed['unsigned_rate']:,.0f}); signing {signed['signing_ms']:.3f} ms, raw "
+                f"signature {signed['raw_ms']:.3f} ms: ratio "
+                f"{signed['signing_ms'] / signed['raw_ms']:.2f}x",
+                flush=True,
+            )
+        unsigned = found["send unsigned"]["rate"]
+        said = [f"unsigned {unsigned:,.0f} msg/s"]
+        for kind in SIGNED:
+            rate = found[f"send {kind}"]["rate"]
+            said.append(f"{kind} {rate:,.0f} msg/s (ratio {rate / unsigned:.2f}x)")
+        print(f"  send {sizes.send:,} to smtp-sink: " + ", ".join(said), flush=True)
+        naive = found["naive"]["rate"]
+        print(
+            f"  naive approach {naive:,.0f} msg/s: the send is ratio {unsigned / naive:.1f}x it",
+            flush=True,
+        )
+
+    def median(name: str, key: str = "rate") -> float:
+        return statistics.median(r[key] for r in figures[name])
+
+    def peak(name: str) -> float:
+        return statistics.median(r["peak_mb"] for r in figures[name])
+
+    rounds = sizes.rounds
+    print()
+    print(f"{'figure (median of ' + str(rounds) + ' rounds)':58s} {'rate':>16s} {'peak':>11s}")
+
+    def show(label: str, rate: float, peak_mb: float | None = None) -> None:
+        memory = f" {peak_mb:8.1f} MB" if peak_mb is not None else ""
+        print(f"{label:58s} {rate:10,.0f} msg/s{memory}")
+
+    show(f"compose, {n} recipients", median("compose"), peak("compose"))
+    show(f"compose, {big} recipients", median("compose big"), peak("compose big"))
+    for kind in SIGNED:
+        show(f"compose + DKIM {kind}, {n} recipients", median(f"compose {kind}"))
+    for kind in sends:
+        show(f"send to smtp-sink, {sizes.send:,}, {kind}", median(f"send {kind}"))
+    show(f"baseline: EmailMessage + new connection per message, {sizes.naive}", median("naive"))
+    small, many = Path(run_store(sizes.send)), Path(run_store(sizes.big))
+    if big_send:
+        pipeline_big = run_child("pipeline", str(many), str(port))
+        show(f"send to smtp-sink, {sizes.big:,}", pipeline_big["rate"], pipeline_big["peak_mb"])
+        pipeline_small = figures["send unsigned"][rounds // 2]
+    else:
+        pipeline_big = run_child("pipeline", str(many), "-")
+        label = f"whole pipeline, {sizes.big:,}, SMTP left out (discarded)"
+        show(label, pipeline_big["rate"], pipeline_big["peak_mb"])
+        pipeline_small = run_child("pipeline", str(small), "-")
+        label = f"whole pipeline, {sizes.send:,}, SMTP left out (discarded)"
+        show(label, pipeline_small["rate"], pipeline_small["peak_mb"])
+    print()
+    print(f"message size: {figures['compose'][0]['size_kb']:.0f} KB")
+    ratios = [
+        s["rate"] / b["rate"]
+        for s, b in zip(figures["send unsigned"], figures["naive"], strict=True)
+    ]
+    print(f"sending vs the naive approach: ratio {spread(ratios)}")
+    for kind in SIGNED:
+        composed = figures[f"compose {kind}"]
+        cost = [r["signing_ms"] / r["raw_ms"] for r in composed]
+        sent = [
+            s["rate"] / u["rate"]
+            for s, u in zip(figures[f"send {kind}"], figures["send unsigned"], strict=True)
+        ]
+        print(
+            f"DKIM {kind}: signing {median(f'compose {kind}', 'signing_ms'):.3f} ms of CPU a "
+            f"message, raw signature {median(f'compose {kind}', 'raw_ms'):.3f} ms; ratio "
+            f"signing cost / raw signature {spread(cost)} (target <= 1.15); signed send / "
+            f"unsigned send ratio {spread(sent)} (target >= 0.8)"
+        )
+    ratio = pipeline_big["peak_mb"] / pipeline_small["peak_mb"]
+    print(f"peak memory, {sizes.big:,} vs {sizes.send:,} recipients (same pipeline): {ratio:.2f}x")
+    print(f"import of {sizes.rows:,} CSV rows: {time_import(sizes.rows):.1f} s")
+    print("targets: compose >= 50,000 msg/s (issue #22); send >= 700 msg/s; memory ratio <= 1.2")
 
 
 if __name__ == "__main__":

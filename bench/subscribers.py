@@ -4,8 +4,10 @@ Each import runs the real command in a child process of its own, into a new list
 reports that child's peak resident memory (VmHWM) and its time. Rounds alternate the
 sizes, small to large and back. Target: importing 1,000,000 rows peaks at <= 1.2x the
 memory of importing 10,000 (the interpreter and its libraries are most of the latter).
+Each round prints each size's peak over the smallest's, measured in that round; then
+the medians, each ratio's with its range. `--tiny`: 1 round of 1,000 and 5,000 rows.
 
-    python bench/subscribers.py [--rounds 3] [--sizes 10000,100000,1000000]
+    python bench/subscribers.py [--rounds 3] [--sizes 10000,100000,1000000] [--tiny]
 """
 
 from __future__ import annotations
@@ -69,12 +71,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--tiny", action="store_true", help="1 round of 1,000 and 5,000 rows")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.tiny:
+        args.rounds, args.sizes = 1, "1000,5000"
     sizes = [int(s) for s in args.sizes.split(",")]
+    smallest = sizes[0]
+    ratios: dict[int, list[float]] = {size: [] for size in sizes}
     with tempfile.TemporaryDirectory(prefix="qant-import-") as scratch:
         folder = Path(scratch)
         files = {size: folder / f"list-{size}.csv" for size in sizes}
@@ -85,14 +92,27 @@ def main() -> None:
             order = sizes if number % 2 == 0 else sizes[::-1]
             for size in order:
                 found[size].append(measure(files[size], folder))
-    smallest = sizes[0]
-    base = statistics.median(r["peak_mb"] for r in found[smallest])
-    print(f"{'rows':>10s} {'peak MB':>9s} {'ratio':>7s} {'seconds':>8s} {'rows/s':>9s}")
+            base = found[smallest][-1]["peak_mb"]
+            said = []
+            for size in sizes:
+                row = found[size][-1]
+                ratios[size].append(row["peak_mb"] / base)
+                said.append(
+                    f"{size:,} rows {row['peak_mb']:.1f} MB (ratio {ratios[size][-1]:.2f}x) "
+                    f"in {row['seconds']:.2f} s"
+                )
+            print(f"round {number + 1}: " + "; ".join(said), flush=True)
+    print(f"{'rows':>10s} {'peak MB':>9s} {'ratio (rounds)':>22s} {'seconds':>8s} {'rows/s':>9s}")
     for size in sizes:
         peak = statistics.median(r["peak_mb"] for r in found[size])
         seconds = statistics.median(r["seconds"] for r in found[size])
-        print(f"{size:>10,} {peak:9.1f} {peak / base:6.2f}x {seconds:8.2f} {size / seconds:9,.0f}")
-    print(f"(medians of {args.rounds} rounds; target: 1,000,000 rows <= 1.2x the peak of 10,000)")
+        ratio = statistics.median(ratios[size])
+        spread = f"{ratio:.2f}x ({min(ratios[size]):.2f}-{max(ratios[size]):.2f})"
+        print(f"{size:>10,} {peak:9.1f} {spread:>22s} {seconds:8.2f} {size / seconds:9,.0f}")
+    print(
+        f"(medians of {args.rounds} rounds, the ratio's of the per-round ratios; target: "
+        f"{sizes[-1]:,} rows <= 1.2x the peak of {smallest:,})"
+    )
 
 
 if __name__ == "__main__":
