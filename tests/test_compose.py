@@ -59,6 +59,34 @@ def test_parts_decode_to_the_filled_render(
     assert not PLACEHOLDER.search(html_part.get_content())
 
 
+def test_recipients_sharing_a_wrapping_each_read_their_own_values(
+    template: MessageTemplate, sample_rendered: RenderedIssue
+) -> None:
+    # Paragraphs with a per-recipient value are laid out once per length of the values
+    # and reused: a reused layout must still carry each reader's own values, and one-
+    # character names, spaces, dots and addresses longer than a line take the slow way.
+    rng = random.Random(22)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789.-_+"
+    recipients = []
+    for number in range(1, 300):
+        length = rng.choice([1, 5, 12, 12, 12, 30, 70, 90])
+        local = "".join(rng.choice(alphabet) for _ in range(length)).strip(".") or "x"
+        local = local.replace("..", ".")
+        name = rng.choice(["", "L", "Léa Dupont", "Jean-Édouard", "!", "a\tb"])
+        recipients.append(Recipient(f"{local}@example.com", name, number * 977))
+    for recipient in recipients:
+        message = parse(template.personalise(recipient))
+        html, text = sample_rendered.fill(template.values(recipient))
+        text_part = message.get_body(("plain",))
+        html_part = message.get_body(("html",))
+        assert text_part is not None
+        assert html_part is not None
+        assert text_part.get_content().replace("\r\n", "\n") == text, recipient
+        assert html_part.get_content().replace("\r\n", "\n") == html.replace(
+            "%%qant:browser_url%%", sample_rendered.web_url
+        )
+
+
 def test_images_are_embedded_with_their_content_ids(template: MessageTemplate) -> None:
     message = parse(template.personalise(Recipient("a@example.com")))
     html_part = message.get_body(("html",))
@@ -274,3 +302,21 @@ def test_encoded_headers_fold_within_76_characters_and_decode_exactly(
         assert message["To"].addresses[0].display_name == name
         assert message["From"].addresses[0].display_name == sender.name
         assert message["List-Id"] == f"{newsletter.name} <lettre.qant.example>"
+
+
+@pytest.mark.parametrize("newsletter", ["", "finance"])
+def test_a_send_mints_the_tokens_that_one_at_a_time_would(newsletter: str) -> None:
+    # A send mints its tokens from a prepared HMAC state; links and Message-IDs must be
+    # those the public side checks, made one at a time.
+    minter = tokens.Minter(SECRET, newsletter)
+    for number in (1, 255, 256, 70_000, 2**40 + 3, 2**63 - 1):
+        address = f"Reader.{number}@Example.com"
+        assert minter.make(number, address) == tokens.make(SECRET, number, address, newsletter)
+        assert minter.make(number, address, tokens.READER) == tokens.make(
+            SECRET, number, address, purpose=tokens.READER
+        )
+        assert minter.message_digest("2023-11-20", address, "ab12") == tokens.message_digest(
+            SECRET, "2023-11-20", address, "ab12"
+        )
+        token = minter.make(number, address)
+        assert tokens.verify(SECRET, token, number, address.lower())

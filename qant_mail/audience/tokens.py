@@ -5,6 +5,7 @@ secret may be several keys (a rotation): the first signs, every one is accepted.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -108,6 +109,38 @@ def make(
     return f"{_b64(number)}.{middle}{mac}"
 
 
+class Minter:
+    """Makes the tokens and Message-ID digests of one send, many a second: the same
+    values as `make` and `message_digest`, with the key's HMAC state prepared once
+    instead of for every token."""
+
+    def __init__(self, secret: bytes, newsletter: str = "") -> None:
+        # An HMAC object holds the key already mixed in; a copy of it per token skips
+        # that part of the work (a third of a short token's HMAC).
+        self._keyed = hmac.new(secret, digestmod="sha256")
+        self._newsletter = f"\0{newsletter}".encode() if newsletter else b""
+        self._middle = f"{newsletter}." if newsletter else ""
+
+    def make(self, subscriber_id: int, address: str, purpose: str = UNSUBSCRIBE) -> str:
+        """Return `make(secret, subscriber_id, address, newsletter, purpose)`; READER
+        tokens name no newsletter, as `make` is called for them."""
+        message = f"{purpose}\0{subscriber_id}\0{address.lower()}".encode()
+        middle = ""
+        if purpose != READER:
+            message += self._newsletter
+            middle = self._middle
+        state = self._keyed.copy()
+        state.update(message)
+        number = subscriber_id.to_bytes(max(1, (subscriber_id.bit_length() + 7) // 8), "big")
+        return f"{_b64(number)}.{middle}{_b64(state.digest()[:_MAC_BYTES])}"
+
+    def message_digest(self, issue_key: str, address: str, nonce: str = "") -> str:
+        """Return `message_digest(secret, issue_key, address, nonce)`."""
+        state = self._keyed.copy()
+        state.update(f"msgid\0{issue_key}\0{address.lower()}\0{nonce}".encode())
+        return state.digest()[:12].hex()
+
+
 def newsletter_of(token: str) -> str:
     """Return the newsletter key a token names (unverified); "" for the main one."""
     match = _TOKEN.fullmatch(token)
@@ -155,7 +188,11 @@ def _mac(secret: bytes, subscriber_id: int, address: str, newsletter: str, purpo
 
 
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    # binascii and a translation table: urlsafe_b64encode is the same in Python wrappers.
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _unb64(text: str) -> bytes:

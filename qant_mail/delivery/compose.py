@@ -8,7 +8,7 @@ import html
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import format_datetime, formataddr
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,21 @@ class _Slot:
     slot: Slot
     html: bool  # in the HTML part (escape the value) or the text part
 
+    @property
+    def index(self) -> int:
+        """Return where the value's encoding is kept in a message's list of them."""
+        return _SLOT_INDEX[self]
+
+
+# Per message, the values are a list in the order of Slot, and each is encoded once into
+# a list, at 2 x its place (+1 in the HTML part): cheaper than dictionaries keyed by
+# enums or dataclasses, whose hashes are Python calls on every lookup.
+_SLOTS = tuple(_Slot(slot, html) for slot in Slot for html in (False, True))
+_SLOT_INDEX = {kind: index for index, kind in enumerate(_SLOTS)}
+_PLACE = {slot: place for place, slot in enumerate(Slot)}
+_ESCAPED = re.compile("[&<>\"']")  # what html.escape changes
+_UNSUBSCRIBE = _PLACE[Slot.UNSUBSCRIBE_URL]
+
 
 @dataclass(frozen=True)
 class _Wrapped:
@@ -60,11 +75,61 @@ class _Wrapped:
     width: int
     indent: str
     hanging: str
+    slots: tuple[Slot, ...]  # its placeholders, in order
+    # Encoded layouts by the lengths of the values: see `layout`.
+    layouts: dict[tuple[int, ...], tuple[bytes | int, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    places: tuple[int, ...] = field(init=False, compare=False, repr=False)  # in a row
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "places", tuple(_PLACE[slot] for slot in self.slots))
+
+    def layout(self, row: Sequence[str]) -> tuple[bytes | int, ...] | None:
+        """Return the paragraph wrapped and encoded for values of these lengths, each
+        value on an encoded line of its own (an int: the place of its encoding, see
+        `_SLOTS`); None if a value could change the
+        wrapping by more than its length (it holds a space or tab, or it is one
+        character, which may be punctuation that `prose.wrap` keeps with the word before).
+
+        The wrapping depends only on the words' lengths, so every recipient whose values
+        have the lengths of an earlier one's shares its layout: a send wraps and encodes
+        the paragraph once per distinct length, not once per message."""
+        lengths = []
+        for place in self.places:
+            value = row[place]
+            if len(value) == 1 or " " in value or "\t" in value:
+                return None
+            lengths.append(len(value))
+        key = tuple(lengths)
+        found = self.layouts.get(key)
+        if found is None:
+            if len(self.layouts) >= _MAX_LAYOUTS:
+                self.layouts.clear()  # many distinct lengths: bounded memory, not speed
+            found = self.layouts[key] = self._lay_out(key)
+        return found
+
+    def _lay_out(self, lengths: tuple[int, ...]) -> tuple[bytes | int, ...]:
+        # Each value stands in as a run of its own control character, of its length:
+        # control characters never come from an issue or the settings, which refuse them.
+        stand_ins = iter(chr(_STAND_IN + n) * length for n, length in enumerate(lengths))
+        filled = PLACEHOLDER.sub(lambda _: next(stand_ins), self.text)
+        lines = "\n".join(prose.wrap(filled, self.width, self.indent, self.hanging))
+        text = _STAND_IN_RUN.sub(lambda m: self.slots[ord(m[1]) - _STAND_IN].token, lines)
+        pieces = _qp_template(text, html=False, soft_end=True)
+        return tuple(p.index if isinstance(p, _Slot) else p for p in pieces)  # type: ignore[misc]
 
     def fill(self, values: Mapping[Slot, str]) -> bytes:
+        """Return the paragraph filled, wrapped and encoded (any values at all)."""
         filled = PLACEHOLDER.sub(lambda m: values[Slot(m.group(1))], self.text)
         lines = prose.wrap(filled, self.width, self.indent, self.hanging)
         return qp_encode("\n".join(lines).encode("utf-8"), soft_end=True)
+
+
+_STAND_IN = 0x10  # \x10, \x11, ...: one character per placeholder of a paragraph
+_MAX_SLOTS = 14  # \x10 to \x1d: \x1e and \x1f stay out of the way of the render's marks
+_STAND_IN_RUN = re.compile("([\x10-\x1d])\\1*")
+_MAX_LAYOUTS = 256
 
 
 Segment = bytes | _Slot | _Wrapped
@@ -150,6 +215,9 @@ class MessageTemplate:
         # several keep working.
         key = settings.newsletter.id
         self.newsletter_token = "" if key == settings.main_id else key
+        self._minter = tokens.Minter(secret, self.newsletter_token)
+        self._reader_base = f"{settings.newsletter.base_url}/subscriptions/"
+        self._mailto = self._mailto_link()
         # A test's Message-IDs are its own: a mail client that folds messages of one
         # Message-ID together must not hide the real issue behind an editor's test. A
         # message sent on an occasion (a welcome) is its own message each time, too.
@@ -161,6 +229,15 @@ class MessageTemplate:
         self._headers = self._static_headers(subject, when, alternative)
         self._header_bytes = _render_headers(self._headers)
         self._segments = self._body(alternative)
+        # What `personalise` walks: a value's place (an int) where the value goes.
+        self._plan: list[bytes | int | _Wrapped] = [
+            s.index if isinstance(s, _Slot) else s for s in self._segments
+        ]
+        used = {s.index for s in self._segments if isinstance(s, _Slot)}
+        for segment in self._segments:
+            if isinstance(segment, _Wrapped):
+                used.update(_Slot(slot, False).index for slot in segment.slots)
+        self._used = sorted(used)
         self._body_hash: dkim.BodyHash | None = None
         self._signers: list[dkim.Signer] = []
         if self.keys:
@@ -175,24 +252,34 @@ class MessageTemplate:
 
     def personalise(self, recipient: Recipient) -> bytes:
         """Return the complete message for `recipient`, ready for SMTP DATA."""
-        values = self.values(recipient)
-        encoded: dict[_Slot, bytes] = {}
-        own = self._recipient_headers(recipient, values)
-        parts = [_render_headers(own), self._header_bytes, CRLF]
+        row = self._row(recipient)
+        # Each value the message holds, encoded once for the part it is in; a value that
+        # escaping leaves alone (a link, most addresses) is encoded once for both.
+        encoded = [b""] * len(_SLOTS)
+        for index in self._used:
+            text = row[index >> 1]
+            if index & 1:
+                if encoded[index - 1] and not _ESCAPED.search(text):
+                    encoded[index] = encoded[index - 1]
+                    continue
+                text = html.escape(text)
+            encoded[index] = qp_encode(text.encode("utf-8"), soft_end=True)
+        own = self._recipient_headers(recipient, row[_UNSUBSCRIBE])
+        parts = [_OWN_HEADERS % tuple(value for _, value in own), self._header_bytes, CRLF]
         varying: list[bytes] = []
-        for segment in self._segments:
-            if isinstance(segment, bytes):
+        for segment in self._plan:
+            if segment.__class__ is bytes:
                 parts.append(segment)
                 continue
-            if isinstance(segment, _Wrapped):
-                chunk = segment.fill(values)
+            if segment.__class__ is int:
+                chunk = encoded[segment]
             else:
-                chunk = encoded.get(segment) or b""
-                if not chunk:
-                    value = values[segment.slot]
-                    if segment.html:
-                        value = html.escape(value)
-                    chunk = encoded[segment] = qp_encode(value.encode("utf-8"), soft_end=True)
+                wrapped: _Wrapped = segment  # type: ignore[assignment]
+                layout = wrapped.layout(row) if wrapped.slots else None
+                if layout is None:
+                    chunk = wrapped.fill(dict(zip(Slot, row, strict=True)))
+                else:
+                    chunk = b"".join([encoded[p] if isinstance(p, int) else p for p in layout])
             parts.append(chunk)
             varying.append(chunk)
         if self._body_hash is not None:
@@ -202,56 +289,65 @@ class MessageTemplate:
 
     def values(self, recipient: Recipient) -> dict[Slot, str]:
         """Return the per-recipient values that fill the placeholders."""
-        return {
-            Slot.NAME: recipient.name,
-            Slot.EMAIL: recipient.address,
-            Slot.UNSUBSCRIBE_URL: self.unsubscribe_url(recipient),
-            Slot.PREFERENCES_URL: reader_page_url(self.settings, self.secret, recipient),
-            Slot.BROWSER_URL: self.rendered.web_url,
-        }
+        return dict(zip(Slot, self._row(recipient), strict=True))
+
+    def _row(self, recipient: Recipient) -> list[str]:
+        """Return the per-recipient values in the order of Slot."""
+        number, address = recipient.subscriber_id, recipient.address
+        row = [
+            recipient.name,
+            address,
+            self.unsubscribe_base + self._minter.make(number, address),
+            self._reader_base + self._minter.make(number, address, tokens.READER),
+            self.rendered.web_url,
+        ]
+        assert len(row) == len(_PLACE)  # in the order of Slot: a new slot comes here too
+        return row
 
     def unsubscribe_url(self, recipient: Recipient) -> str:
         """Return the recipient's one-click unsubscribe link."""
-        token = tokens.make(
-            self.secret, recipient.subscriber_id, recipient.address, self.newsletter_token
-        )
-        return self.unsubscribe_base + token
+        return self.unsubscribe_base + self._minter.make(recipient.subscriber_id, recipient.address)
 
     def message_id(self, recipient: Recipient) -> str:
         """Return a Message-ID stable for this (issue, recipient) pair, and one of its
         own for each test send; signed, so that a report enclosing the message proves
         which reader it went to."""
-        digest = tokens.message_digest(
-            self.secret, self.issue_key, recipient.address, self.test_nonce
-        )
+        digest = self._minter.message_digest(self.issue_key, recipient.address, self.test_nonce)
         return f"<{self.issue_key}.{digest}@{self.domain}>"
 
-    def _recipient_headers(
-        self, recipient: Recipient, values: dict[Slot, str]
-    ) -> list[HeaderField]:
+    def _recipient_headers(self, recipient: Recipient, unsubscribe_url: str) -> list[HeaderField]:
         # Addresses were validated when they entered the store (or the command line);
         # here it is enough to make sure none can break out of its header line.
         address = recipient.address
         if not is_plain_address(address):
             raise ComposeError(f"{address!r} cannot be put in a To header")
-        try:
-            name = check_display_name(recipient.name)
-        except QantError as err:
-            raise ComposeError(str(err)) from err
+        name = recipient.name
+        if name and _PLAIN_NAME.fullmatch(name):
+            # Most names: atoms and single spaces, nothing to strip, check or quote.
+            to = f"{name} <{address}>"
+        else:
+            try:
+                name = check_display_name(name)
+            except QantError as err:
+                raise ComposeError(str(err)) from err
+            to = _address_header(name, address, "To")
         # Folded before the URL: the header then stays within 78 characters a line,
         # and the URL, which cannot be folded, starts a line of its own.
-        unsubscribe = f"\r\n <{values[Slot.UNSUBSCRIBE_URL]}>"
-        if self.settings.sender.unsubscribe_address:
-            subject = (
-                f"unsubscribe%20{self.newsletter_token}" if self.newsletter_token else "unsubscribe"
-            )
-            mailto = f"mailto:{self.settings.sender.unsubscribe_address}?subject={subject}"
-            unsubscribe += f",\r\n <{mailto}>"
-        return [
+        unsubscribe = f"\r\n <{unsubscribe_url}>{self._mailto}"
+        return [  # in the order of _OWN_HEADERS
             ("Message-ID", f" {self.message_id(recipient)}".encode("ascii")),
-            ("To", f" {_address_header(name, address, 'To')}".encode("ascii")),
+            ("To", f" {to}".encode("ascii")),
             ("List-Unsubscribe", unsubscribe.encode("ascii")),
         ]
+
+    def _mailto_link(self) -> str:
+        """Return the List-Unsubscribe header's second link, if the sender has one."""
+        address = self.settings.sender.unsubscribe_address
+        if not address:
+            return ""
+        token = self.newsletter_token
+        subject = f"unsubscribe%20{token}" if token else "unsubscribe"
+        return f",\r\n <mailto:{address}?subject={subject}>"
 
     # -- once per issue --------------------------------------------------------------
 
@@ -327,6 +423,10 @@ class MessageTemplate:
         return _merge(segments)
 
 
+# A message's own headers, as `_recipient_headers` gives their values.
+_OWN_HEADERS = b"Message-ID:%b\r\nTo:%b\r\nList-Unsubscribe:%b\r\n"
+
+
 def _render_headers(headers: Sequence[HeaderField]) -> bytes:
     return b"".join(name.encode("ascii") + b":" + value + CRLF for name, value in headers)
 
@@ -357,9 +457,12 @@ def _text_template(text: str) -> list[Segment]:
         pending.append(text[position : match.start()])
         position = match.end()
         width, indent, hanging, paragraph = int(match[1]), match[2], match[3], match[4]
-        if PLACEHOLDER.search(paragraph):
+        slots = tuple(Slot(found[1]) for found in PLACEHOLDER.finditer(paragraph))
+        if slots:
             segments += _qp_template("".join(pending), html=False, soft_end=True)
-            segments.append(_Wrapped(paragraph, width, indent, hanging))
+            if len(slots) > _MAX_SLOTS:
+                slots = ()  # no layout for so many: wrapped whole for each message
+            segments.append(_Wrapped(paragraph, width, indent, hanging, slots))
             pending = []
         else:
             pending.append("\n".join(prose.wrap(paragraph, width, indent, hanging)))
