@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NBSP = "\u00a0"  # no-break space: before ":" and in "n° 12"
 NNBSP = "\u202f"  # narrow no-break space: before ; ! ? », after «, between digit groups
@@ -183,14 +183,18 @@ _HTML_ONLY: tuple[Rule, ...] = (
 )
 # In a document, the text between tags is typeset; tags, comments, styles and scripts
 # (and MJML's head blocks) are left alone.
+# One group around the whole, so that `split` gives texts and tags, alternating.
 _SKIPPED = re.compile(
-    r"<!--.*?-->|<(style|script|mj-style|mj-attributes)\b.*?</\1\s*>|<[^>]*>",
+    r"(<!--.*?-->|<style\b.*?</style\s*>|<script\b.*?</script\s*>"
+    r"|<mj-style\b.*?</mj-style\s*>|<mj-attributes\b.*?</mj-attributes\s*>|<[^>]*>)",
     re.DOTALL | re.IGNORECASE,
 )
 # Elements whose text is kept as written: code, and a passage in another language (its
 # `lang` attribute); and those where a tag would show as text (a title).
 _AS_WRITTEN = re.compile(r"<(code|pre|kbd|samp)\b|<(\w[\w-]*)\b[^>]*\blang=\"(?!fr)", re.I)
 _PLAIN_TEXT = re.compile(r"<(title|mj-title|mj-preview)\b", re.IGNORECASE)
+# Either, in one search: the tag that opens a passage kept or held plain.
+_OPENS_CONTEXT = re.compile(f"{_AS_WRITTEN.pattern}|{_PLAIN_TEXT.pattern}", re.IGNORECASE)
 _OPENING = re.compile(r"<([\w-]+)")
 _TAG_NAME = re.compile(r"</?([\w-]+)")
 # Tags inside a line of text: a mark after one of them still follows the word before it
@@ -207,10 +211,20 @@ class Typographer:
     """Apply one locale's typography to text shown to readers."""
 
     rules: tuple[Rule, ...] = ()
+    # A character of which a text must hold one for any rule to change it.
+    _trigger: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        needs = "".join(sorted({char for _, _, chars in self.rules for char in chars}))
+        trigger = re.compile(f"[{re.escape(needs)}]") if needs else None
+        object.__setattr__(self, "_trigger", trigger)
 
     def __call__(self, text: str) -> str:
         """Return `text` typeset; links, addresses and placeholders in it are untouched."""
-        if not self.rules or not text:
+        trigger = self._trigger
+        # A text no rule can change (a name, a short label) is most of the text part's
+        # calls: it need not be searched for links and addresses either.
+        if trigger is None or not text or (not trigger.search(text) and _KEPT not in text):
             return text
         spans = _protected_spans(text)
         kept = [text[begin:end] for begin, end in spans]
@@ -243,15 +257,11 @@ class Typographer:
         is kept on one line by a span."""
         if not self.rules:
             return document
-        pieces: list[str] = []  # tags and texts, alternating: even indexes are texts
-        position = 0
-        for match in _SKIPPED.finditer(document):
-            pieces.append(document[position : match.start()])
-            pieces.append(match.group())
-            position = match.end()
-        pieces.append(document[position:])
+        pieces = _SKIPPED.split(document)  # texts and tags, alternating: texts are even
         kept, plain = _contexts(pieces)
-        texts = [t for i, t in enumerate(pieces[0::2]) if i not in kept]
+        texts = pieces[0::2]
+        if kept:
+            texts = [t for i, t in enumerate(texts) if i not in kept]
         if _SEPARATOR in document:
             typeset = [self(text) if not text.isspace() else text for text in texts]
         else:
@@ -262,13 +272,13 @@ class Typographer:
             if len(typeset) != len(texts):  # pragma: no cover - a rule crossed a separator
                 typeset = [self(text) for text in texts]
         done = iter(typeset)
-        for index in range(0, len(pieces), 2):
-            if index // 2 in kept:
+        for number in range(len(pieces) // 2 + 1):
+            if number in kept:
                 continue
             text = next(done)
-            if index // 2 not in plain:
+            if number not in plain and "-" in text:
                 text = _nowrap(text)
-            pieces[index] = text
+            pieces[2 * number] = text
         _marks_after_inline_tags(pieces, kept)
         return "".join(pieces)
 
@@ -288,8 +298,7 @@ def _contexts(pieces: list[str]) -> tuple[set[int], set[int]]:
     for index in range(1, len(pieces), 2):
         tag = pieces[index]
         if closing is None:
-            found = _AS_WRITTEN.match(tag) or _PLAIN_TEXT.match(tag)
-            if found and not tag.endswith("/>"):
+            if _OPENS_CONTEXT.match(tag) and not tag.endswith("/>"):
                 opened = _OPENING.match(tag)
                 assert opened is not None
                 closing, depth = opened.group(1).lower(), 1
