@@ -23,6 +23,7 @@ from qant_mail.authoring.typography import (
     for_locale,
 )
 from qant_mail.base.config import Settings
+from tests.conftest import ROOT, SAMPLE
 
 TEXT = for_locale("fr", html=False)
 HTML = for_locale("fr", html=True)
@@ -152,6 +153,28 @@ def test_a_document_is_typeset_as_its_texts_one_by_one(
             texts[number] = (NBSP if text[0] == ":" else NNBSP) + text
     expected = "".join(t + tag for t, tag in zip(texts, [*tags, ""], strict=True))
     assert HTML.markup(document) == expected
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(TEXTS, TAGS), max_size=8), TEXTS)
+def test_markup_gives_each_text_it_typeset_as_typeset_alone(
+    pieces: list[tuple[str, str]], last: str
+) -> None:
+    document = "".join(text + tag for text, tag in pieces) + last
+    found: dict[str, str] = {}
+    HTML.markup(document, found)
+    assert {text: HTML(text) for text in [*(t for t, _ in pieces), last]} == found
+    # What the text part takes from it: without an "&", both typographers agree.
+    assert all(TEXT(text) == done for text, done in found.items() if "&" not in text)
+
+
+def test_the_text_part_is_the_same_without_the_html_parts_typesetting(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issues = [SAMPLE, *sorted((ROOT / "tests" / "corpus").glob("*.yaml"))]
+    shared = [renderer.render(load(path).issue).text for path in issues]
+    monkeypatch.setattr(Renderer, "_typeset", lambda self, text: self.typeset_text(text))
+    assert [renderer.render(load(path).issue).text for path in issues] == shared
 
 
 # Protected spans as first written: one alternation, tried at every position.

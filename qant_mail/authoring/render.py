@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import enum
 import hashlib
@@ -11,6 +12,7 @@ import math
 import os
 import re
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,14 @@ class RenderedIssue:
         return html, text
 
 
+# What the HTML part of the render under way typeset, for its text part, by the text:
+# most of the texts are the same (a title, the words of a paragraph between two links),
+# and typesetting them again was a third of the text part's time.
+_TYPESET_ALREADY: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "_TYPESET_ALREADY", default=types.MappingProxyType({})
+)
+
+
 class Typeset(str):
     """Text of the text part already typeset: what a macro or a typesetting filter returns."""
 
@@ -211,8 +221,9 @@ class Renderer:
         if not archived:
             context["web_url"] = ""
         context["web"] = web
+        typeset: dict[str, str] = {}
         with _timed(timings, "template"):
-            source = self._render_template(HTML_TEMPLATE, context)
+            source = self._render_template(HTML_TEMPLATE, context, typeset)
         with _timed(timings, "mjml"):
             try:
                 raw_html = mjml.mjml2html(source, disable_comments=True)
@@ -224,7 +235,14 @@ class Renderer:
             except css_inline.InlineError as err:
                 raise TemplateError(f"{self._path(HTML_TEMPLATE)}: invalid CSS: {err}") from err
         with _timed(timings, "text"):
-            text = _tidy_text(self._render_template(TEXT_TEMPLATE, context))
+            # The HTML's own rule (an escaped apostrophe) needs an "&": without one, a
+            # text comes out of both typographers the same.
+            shared = {text: done for text, done in typeset.items() if "&" not in text}
+            token = _TYPESET_ALREADY.set(shared)
+            try:
+                text = _tidy_text(self._render_template(TEXT_TEMPLATE, context))
+            finally:
+                _TYPESET_ALREADY.reset(token)
         return RenderedIssue(
             issue=issue,
             subject=self.typeset_text(issue.subject),
@@ -296,10 +314,16 @@ class Renderer:
             "lang": self.locale.language,
         }
 
+    def _typeset(self, text: str) -> str:
+        """Return `text` typeset for the text part: as the HTML part typeset it already,
+        if it did."""
+        done = _TYPESET_ALREADY.get().get(text)
+        return self.typeset_text(text) if done is None else done
+
     @jinja2.pass_eval_context
     def _finalize(self, eval_ctx: jinja2.nodes.EvalContext, value: Any) -> Any:
         if isinstance(value, str) and not eval_ctx.autoescape and not isinstance(value, Typeset):
-            return self.typeset_text(value)
+            return self._typeset(value)
         return value
 
     def _markdown_filter(self, text: str, lead: str = "") -> Markup:
@@ -313,9 +337,9 @@ class Renderer:
             prose.to_text(
                 text,
                 width=width,
-                lead=self.typeset_text(lead),
+                lead=self._typeset(lead),
                 marker=marker,
-                typeset=self.typeset_text,
+                typeset=self._typeset,
             )
         )
 
@@ -324,7 +348,7 @@ class Renderer:
         """Fill a label's `{…}` fields; in HTML, escape the label and its values alike."""
         if eval_ctx.autoescape:
             return Markup(escape(label)).format(**values)
-        return Typeset(self.typeset_text(label.format(**values)))
+        return Typeset(self._typeset(label.format(**values)))
 
     @jinja2.pass_eval_context
     def _in_language_filter(
@@ -342,7 +366,7 @@ class Renderer:
     def _wrap_filter(
         self, text: str, width: int = TEXT_WIDTH, indent: str = "", hanging: str | None = None
     ) -> str:
-        text = self.typeset_text(str(text))
+        text = self._typeset(str(text))
         rest = indent if hanging is None else hanging
         if PLACEHOLDER.search(text):
             return Typeset(f"\x02{width}\x1f{indent}\x1f{rest}\x1f{text}\x03")
@@ -356,7 +380,11 @@ class Renderer:
                 return folder / name
         return self.template_dirs[0] / name
 
-    def _render_template(self, name: str, context: Mapping[str, Any]) -> str:
+    def _render_template(
+        self, name: str, context: Mapping[str, Any], typeset: dict[str, str] | None = None
+    ) -> str:
+        """Render template `name`; an HTML one typeset, each text it typesets put in
+        `typeset` if given."""
         try:
             template = self.env.get_template(name)
             output = template.render(context)
@@ -370,7 +398,7 @@ class Renderer:
         # What an autoescaped template writes is markup: typeset between its tags.
         if not _is_markup_template(name):
             return output
-        return self.typeset_html.markup(output)
+        return self.typeset_html.markup(output, typeset)
 
     def _context(self, issue: Issue, key: str, assets: _Assets) -> dict[str, Any]:
         settings = self.settings

@@ -88,6 +88,7 @@ def _protected_spans(text: str) -> list[tuple[int, int]]:
 
 _KEPT = "\ue000"  # a private-use character stands for each protected span meanwhile
 _KEPT_RE = re.compile(_KEPT)
+_MARKS = re.compile(f"[{_KEPT}{AS_WRITTEN_OPEN}{AS_WRITTEN_CLOSE}]")
 _SEPARATOR = "\x1c"  # a control character, so never in a document: issues refuse them
 
 # A rule: a pattern, its replacement, and characters of which the text must hold one for
@@ -250,11 +251,12 @@ class Typographer:
             work = _KEPT_RE.sub(lambda _: next(originals), work)
         return work
 
-    def markup(self, document: str) -> str:
+    def markup(self, document: str, found: dict[str, str] | None = None) -> str:
         """Return an HTML (or MJML) document with the text between its tags typeset:
         attribute values (links, file names, alt texts), code, and passages marked as
         in another language keep what was written. A word whose hyphen touches a digit
-        is kept on one line by a span."""
+        is kept on one line by a span. `found`, if given, receives each text between
+        tags that was typeset, with what this typographer makes of it alone."""
         if not self.rules:
             return document
         pieces = _SKIPPED.split(document)  # texts and tags, alternating: texts are even
@@ -271,6 +273,10 @@ class Typographer:
             typeset = self(_SEPARATOR.join(texts)).split(_SEPARATOR)
             if len(typeset) != len(texts):  # pragma: no cover - a rule crossed a separator
                 typeset = [self(text) for text in texts]
+        # Typeset in one pass or alone, a text comes out the same; unless a character
+        # that marks a span in the work is in the document already.
+        if found is not None and not _MARKS.search(document):
+            found.update(zip(texts, typeset, strict=True))
         done = iter(typeset)
         for number in range(len(pieces) // 2 + 1):
             if number in kept:
