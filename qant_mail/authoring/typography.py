@@ -88,7 +88,7 @@ def _protected_spans(text: str) -> list[tuple[int, int]]:
 
 _KEPT = "\ue000"  # a private-use character stands for each protected span meanwhile
 _KEPT_RE = re.compile(_KEPT)
-_MARKS = re.compile(f"[{_KEPT}{AS_WRITTEN_OPEN}{AS_WRITTEN_CLOSE}]")
+_MARKS = (_KEPT, AS_WRITTEN_OPEN, AS_WRITTEN_CLOSE)
 _SEPARATOR = "\x1c"  # a control character, so never in a document: issues refuse them
 
 # A rule: a pattern, its replacement, and characters of which the text must hold one for
@@ -170,7 +170,7 @@ _FRENCH_INSERT: tuple[Rule, ...] = (
     (re.compile(rf":(?<={_BEFORE_MARK}:){_AFTER_COLON}"), NBSP + ":", ":"),
     (re.compile(rf"[;!?](?<={_BEFORE_MARK}[;!?]){_AFTER_MARK}"), _space_inserted, ";!?"),
     # "6 nm", "11 milliards": the number never ends a line without its unit.
-    (re.compile(rf"[ \t](?<=[0-9][ \t])(?=(?:{_UNITS})(?![\w/]))"), NBSP, _DIGITS),
+    (re.compile(rf"([0-9])[ \t](?=(?:{_UNITS})(?![\w/]))"), r"\1" + NBSP, _DIGITS),
     # Three full stops are an ellipsis (four or more are left as written).
     (re.compile(r"\.\.\.(?<!\.\.\.\.)(?!\.)"), "…", "."),
 )
@@ -204,7 +204,8 @@ _INLINE = frozenset(("a", "b", "strong", "em", "i", "span", "u", "s", "sup", "su
 _MARK_AT_START = re.compile(r"([:;!?])(?=[\s\u00a0]|$)")
 # A word with a hyphen next to a digit: "GPT-4o", "Albert-40B-1023", "1890-1941".
 _HYPHENED = re.compile(r"[^\W_]+(?:-[^\W_]+)+")
-_DIGIT_HYPHEN = re.compile(r"[^\W_]-[0-9]|[0-9]-[^\W_]")
+# Led by the hyphen, which the search jumps to: led by a letter, it tried every position.
+_DIGIT_HYPHEN = re.compile(r"-(?<=[^\W_]-)[0-9]|-(?<=[0-9]-)[^\W_]")
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ class Typographer:
                 typeset = [self(text) for text in texts]
         # Typeset in one pass or alone, a text comes out the same; unless a character
         # that marks a span in the work is in the document already.
-        if found is not None and not _MARKS.search(document):
+        if found is not None and not any(m in document for m in _MARKS):
             found.update(zip(texts, typeset, strict=True))
         done = iter(typeset)
         for number in range(len(pieces) // 2 + 1):
