@@ -1331,8 +1331,8 @@ class _ProgressBar:
             transient=True,
         )
         self.task: TaskID | None = None
-        self.started = 0.0
-        self.done = 0
+        self.started = self.shown_at = 0.0
+        self.done = self.unshown = 0
 
     def __enter__(self) -> _ProgressBar:
         return self
@@ -1351,10 +1351,16 @@ class _ProgressBar:
         import time
 
         self.done += 1
-        elapsed = time.monotonic() - self.started
+        self.unshown += 1
+        now = time.monotonic()
+        # The bar is redrawn ten times a second: an update per message (rich takes a lock
+        # and keeps speed samples) would cost more than the bar shows.
+        if now - self.shown_at < 0.1 or self.task is None:
+            return
+        elapsed = now - self.started
         rate = f"{self.done / elapsed:.0f} msg/s" if elapsed > 0.5 else ""
-        if self.task is not None:
-            self.bar.update(self.task, advance=1, rate=rate)
+        self.bar.update(self.task, advance=self.unshown, rate=rate)
+        self.unshown, self.shown_at = 0, now
 
     def note(self, message: str) -> None:
         self.bar.console.print(message, markup=False, highlight=False)

@@ -4,6 +4,9 @@ forever, the server's error limits respected, greylisting not mistaken for a rat
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import threading
 import time
 
 import pytest
@@ -12,7 +15,7 @@ from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Sending, Settings
 from qant_mail.base.errors import ExitCode
 from qant_mail.delivery.outbox import SendReport
-from qant_mail.delivery.transport import RateLimiter, Reply, SmtpTransport
+from qant_mail.delivery.transport import RateLimiter, Reply, SmtpConnection, SmtpTransport
 from qant_mail.store.ledger import Ledger, State
 from tests.conftest import prepare_send, send_to_list
 from tests.faulty_smtp import Behaviour, FaultyServer, FaultyServerFactory
@@ -203,3 +206,46 @@ def test_the_rate_recovers_within_seconds_of_the_last_slow_down() -> None:
         if limiter.rate == 20:
             recovered_at = now[0]
     assert recovered_at < 30
+
+
+def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that_pauses() -> None:
+    # The message and its final dot leave in gathered writes (sendmsg) that the kernel
+    # may take in part: whatever it took, the rest follows, in order, nothing twice.
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    message = b"".join(
+        b"line %06d " % n + os.urandom(20).hex().encode() + b"\r\n" for n in range(6000)
+    )
+    received = bytearray()
+
+    def server() -> None:
+        with theirs, theirs.makefile("rwb") as stream:
+            for reply in (b"250 sender ok", b"250 recipient ok", b"354 go ahead"):
+                stream.readline()
+                stream.write(reply + b"\r\n")
+                stream.flush()
+            received.extend(stream.read1(3000))
+            # A reader that stops for longer than the writer's timeout once: the write
+            # under way ends with part of the message taken (SO_SNDTIMEO), the rest must
+            # follow.
+            time.sleep(1.5)
+            while not received.endswith(b"\r\n.\r\n"):
+                received.extend(stream.read1(3000))
+            stream.write(b"250 2.0.0 queued\r\n")
+            stream.flush()
+
+    class Client:
+        sock = ours
+
+        def has_extn(self, name: str) -> bool:
+            return name == "pipelining"
+
+    reader = threading.Thread(target=server)
+    reader.start()
+    connection = SmtpConnection(Client(), "pair", timeout=1.0, message_timeout=30.0)  # type: ignore[arg-type]
+    reply = connection.send("lettre@qant.example", "reader@example.com", message, dot_safe=True)
+    reader.join()
+    ours.close()
+    assert reply.code == 250
+    assert bytes(received) == message + b".\r\n"

@@ -25,7 +25,7 @@ from qant_mail.store.db import (
     schema_version,
     transaction,
 )
-from qant_mail.store.ledger import Ledger
+from qant_mail.store.ledger import Ledger, Outcome, State
 from qant_mail.store.subscribers import Status, Subscribers
 
 Cli = Callable[..., Result]
@@ -297,3 +297,40 @@ def test_a_new_sqlite_store_opened_by_many_threads_at_once_opens_for_each(
         with ThreadPoolExecutor(max_workers=16) as pool:
             outcomes = set(pool.map(opened, [path] * 16))
         assert outcomes == {"ok"}, (number, outcomes)
+
+
+def test_outcomes_committed_together_are_each_written_as_one_at_a_time(
+    any_store: str | Path,
+) -> None:
+    # The group commit of a send writes several connections' outcomes in one
+    # transaction: each row, the minute counts and a bounce as `record` writes them.
+    with Subscribers(open_store(any_store)) as readers:
+        for n in range(4):
+            readers.add(f"reader{n}@example.com", f"Lecteur {n}")
+    ledger = Ledger(any_store)
+    try:
+        send = ledger.plan("2024-01-08", "hash", "Sujet")
+        bounced = ledger.deliveries(send, State.PENDING)[2].subscriber_id
+        ledger.record_many(
+            send,
+            [
+                Outcome(1, State.SENT, "250 ok", quota={28_000_000: 2}, relay="main:25"),
+                Outcome(2, State.DEFERRED, "451 later", retry_at=1e10, relay="main:25"),
+                Outcome(3, State.FAILED, "550 5.1.1 unknown", bounce=bounced, relay="b:25"),
+            ],
+        )
+        rows = {d.position: d for d in ledger.deliveries(send, *State)}
+        assert [(rows[p].state, rows[p].attempts, rows[p].last_reply) for p in (1, 2, 3, 4)] == [
+            (State.SENT, 1, "250 ok"),
+            (State.DEFERRED, 1, "451 later"),
+            (State.FAILED, 1, "550 5.1.1 unknown"),
+            (State.PENDING, 0, ""),
+        ]
+        assert ledger.quota_since(28_000_000) == {28_000_000: 2}
+        assert ledger.relays(send) == {"main:25": 1}
+        with Subscribers(open_store(any_store)) as readers:
+            found = readers.get("reader2@example.com")
+            assert found is not None
+            assert found.status == Status.BOUNCED
+    finally:
+        ledger.close()

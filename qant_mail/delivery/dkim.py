@@ -183,7 +183,13 @@ class BodyHash:
         state = self.prefix.copy()
         filled = iter(values)
         for segment in self.tail:
-            state.update(segment if segment is not None else relaxed_body(next(filled)))
+            if segment is None:
+                segment = next(filled)
+                # An encoded value seldom has anything to canonicalise: three searches
+                # in C instead of two substitutions.
+                if b"  " in segment or b"\t" in segment or b" \r\n" in segment:
+                    segment = relaxed_body(segment)
+            state.update(segment)
         return state.digest()
 
 

@@ -22,6 +22,7 @@ import functools
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -49,7 +50,15 @@ from qant_mail.delivery.transport import (
     relay_transport,
 )
 from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
-from qant_mail.store.ledger import Delivery, Ledger, LedgerError, Send, State, quota_since
+from qant_mail.store.ledger import (
+    Delivery,
+    Ledger,
+    LedgerError,
+    Outcome,
+    Send,
+    State,
+    quota_since,
+)
 from qant_mail.store.mailqueue import Mail, MailQueue, QueuedMail
 
 if TYPE_CHECKING:
@@ -698,6 +707,15 @@ class Outbox:
         return send
 
 
+@dataclass
+class _Pending:
+    """An outcome waiting for its commit, and how the commit went."""
+
+    outcome: Outcome
+    done: bool = False
+    error: BaseException | None = None
+
+
 class _Run:
     """One run of a send: workers, each with its connection, share a rate limiter."""
 
@@ -745,6 +763,10 @@ class _Run:
         # How long the run waits for the database to come back before it stops.
         self.patience = settings.store.reconnect_seconds
         self.store_trouble: str | None = None  # said once an outage, not once a thread
+        # The group commit of outcomes: see _commit.
+        self.commits = threading.Condition()
+        self.queue: list[_Pending] = []
+        self.committing = False
 
     def run(self, wait_for_retries: bool) -> SendReport:
         try:
@@ -1041,21 +1063,51 @@ class _Run:
         attempt: bool = True,
         relay: str = "",
     ) -> None:
-        quota = self._quota_to_flush(minute) if minute is not None else None
-        self._stored(
-            lambda: self.ledger.record(
-                self.send,
-                row.position,
-                state,
-                reply,
-                attempt=attempt,
-                retry_at=retry_at,
-                quota=quota,
-                bounce=row.subscriber_id if bounce else None,
-                relay=relay,
-            )
+        quota = self._quota_to_flush(minute) if minute is not None else {}
+        outcome = Outcome(
+            row.position,
+            state,
+            reply,
+            attempt=attempt,
+            retry_at=retry_at,
+            quota=quota,
+            bounce=row.subscriber_id if bounce else None,
+            relay=relay,
         )
+        self._commit(outcome)
         self._count(row.position, state, reply)
+
+    def _commit(self, outcome: Outcome) -> None:
+        """Write `outcome`; return once it is durable. The outcomes that the other
+        connections bring while one commit is under way go together in the next one
+        (a group commit): one transaction for several messages, and no connection
+        waiting on another's write lock, yet each connection still waits for its own
+        record before its next message counts."""
+        entry = _Pending(outcome)
+        with self.commits:
+            self.queue.append(entry)
+            while not entry.done and self.committing:
+                self.commits.wait()
+            if entry.done:  # written by the commit of another connection
+                if entry.error is not None:
+                    raise entry.error
+                return
+            self.committing = True
+            batch, self.queue = self.queue, []
+        outcomes = [pending.outcome for pending in batch]
+        try:
+            self._stored(lambda: self.ledger.record_many(self.send, outcomes))
+        finally:
+            # The others of the batch learn how it went, whatever stopped it: none of
+            # them may go on as if written when it was not.
+            error = sys.exc_info()[1]
+            with self.commits:
+                for pending in batch:
+                    pending.done = True
+                    if pending is not entry:
+                        pending.error = error
+                self.committing = False
+                self.commits.notify_all()
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:
         with self.lock:
@@ -1080,7 +1132,8 @@ class _Run:
                 reply in self.reasons or len(self.reasons) < MAX_REASONS
             ):
                 self.reasons[reply] += 1
-        self.progress.advance(state)
+            # Under the lock: a progress display counts from one thread at a time.
+            self.progress.advance(state)
 
     def _connect(self, *, again: bool = False) -> Connection | None:
         delays = (0.0, 1.0, 2.0, 4.0) if again else (0.0,)

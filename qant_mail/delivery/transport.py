@@ -11,6 +11,7 @@ import re
 import smtplib
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -354,6 +355,20 @@ class SmtpConnection:
         self.sock = client.sock
         self.buffer = b""
         self.broken = False  # after a lost exchange: no QUIT, the session is out of step
+        # A timeout set on a Python socket makes every send and receive a poll() and
+        # then the call, and each change of it an ioctl(): on a plain socket the kernel
+        # keeps the timeout instead (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket, set
+        # once. Not under TLS: the ssl module retries a read that timed out that way
+        # forever, so a TLS socket keeps Python's timeout, changed only when it must.
+        self.own_timeout: float | None = timeout
+        if not isinstance(self.sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                seconds = int(timeout)
+                interval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
+                self.own_timeout = None
+        self.current_timeout: float | None = -1.0  # not known yet: set at the first use
 
     @property
     def worn(self) -> bool:
@@ -409,7 +424,7 @@ class SmtpConnection:
         try:
             # One write: a separate small write of the final dot would wait for the
             # server's delayed ACK (Nagle), some 40 ms a message.
-            self._write(data + ending)
+            self._write(data, ending)
         except OSError as err:
             # The terminating dot was not written: the server cannot have accepted.
             raise ConnectionLost(_describe(err), after_data=False) from err
@@ -422,9 +437,31 @@ class SmtpConnection:
             self.refusals += 1
         return verdict
 
-    def _write(self, data: bytes) -> None:
-        self.sock.settimeout(self.timeout)
-        self.sock.sendall(data)
+    def _write(self, data: bytes, *more: bytes) -> None:
+        """Send `data` and then `more`, in as few system calls as the socket allows."""
+        self._timeout(self.own_timeout)
+        try:
+            if not more:
+                self.sock.sendall(data)
+            elif isinstance(self.sock, ssl.SSLSocket):
+                self.sock.sendall(b"".join((data, *more)))
+            else:
+                # Gathered by the kernel: a message and its final dot leave in one write
+                # without a copy of the message made to join them.
+                pieces = [memoryview(piece) for piece in (data, *more)]
+                while pieces:
+                    sent = self.sock.sendmsg(pieces)
+                    while pieces and sent >= len(pieces[0]):
+                        sent -= len(pieces.pop(0))
+                    if pieces and sent:
+                        pieces[0] = pieces[0][sent:]
+        except BlockingIOError as err:  # SO_SNDTIMEO ran out
+            raise TimeoutError("timed out") from err
+
+    def _timeout(self, seconds: float | None) -> None:
+        if seconds != self.current_timeout:
+            self.sock.settimeout(seconds)
+            self.current_timeout = seconds
 
     def _reply(self, deadline: float) -> Reply:
         """Read one reply, all its lines, before `deadline`."""
@@ -448,8 +485,12 @@ class SmtpConnection:
                 raise TimeoutError("no complete reply in time")
             if len(self.buffer) > 4096:
                 raise _ProtocolError("a reply line of more than 4 KB")
-            self.sock.settimeout(min(self.timeout, remaining))
-            chunk = self.sock.recv(8192)
+            # Near the message's deadline, this read gets a timeout of its own.
+            self._timeout(remaining if remaining < self.timeout else self.own_timeout)
+            try:
+                chunk = self.sock.recv(8192)
+            except BlockingIOError as err:  # SO_RCVTIMEO ran out
+                raise TimeoutError("timed out") from err
             if not chunk:
                 raise _ProtocolError("connection closed")
             self.buffer += chunk

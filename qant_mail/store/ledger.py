@@ -152,6 +152,20 @@ class SendSummary:
         return sum(self.counts.values())
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message of a send, to be written on its row."""
+
+    position: int
+    state: State
+    reply: str
+    attempt: bool = True  # whether it counts as an attempt
+    retry_at: float = 0  # when a deferred message is tried again (Unix time)
+    quota: Mapping[int, int] = field(default_factory=dict)  # messages per minute to count
+    bounce: int | None = None  # the subscriber to mark bounced
+    relay: str = ""  # the relay that answered
+
+
 _DELIVERY = "position, subscriber_id, email, name, state, attempts, last_reply"
 
 
@@ -511,6 +525,49 @@ class Ledger:
                 count_quota(db, minute, messages)
             if bounce is not None:
                 Subscribers(db).set_status_by_id(bounce, Status.BOUNCED, reply)
+
+    def record_many(self, send: Send, outcomes: Sequence[Outcome]) -> None:
+        """Write the outcomes of several messages in one commit (each as `record` does);
+        once this returns, all of them survive a killed process, and before, none."""
+        if len(outcomes) == 1:
+            one = outcomes[0]
+            self.record(
+                send,
+                one.position,
+                one.state,
+                one.reply,
+                attempt=one.attempt,
+                retry_at=one.retry_at,
+                quota=one.quota,
+                bounce=one.bounce,
+                relay=one.relay,
+            )
+            return
+        now = now_text()
+        with transaction(self.db) as db:
+            db.executemany(
+                "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
+                " next_attempt_at = $4, updated_at = $5, relay = $6"
+                " WHERE send_id = $7 AND position = $8",
+                [
+                    (
+                        o.state.value,
+                        o.reply,
+                        int(o.attempt),
+                        o.retry_at,
+                        now,
+                        o.relay,
+                        send.id,
+                        o.position,
+                    )
+                    for o in outcomes
+                ],
+            )
+            for outcome in outcomes:
+                for minute, messages in outcome.quota.items():
+                    count_quota(db, minute, messages)
+                if outcome.bounce is not None:
+                    Subscribers(db).set_status_by_id(outcome.bounce, Status.BOUNCED, outcome.reply)
 
     def release(self, send: Send, positions: list[int]) -> None:
         """Give back rows that were claimed but not tried (a stop, a limit reached)."""
