@@ -191,11 +191,11 @@ _SKIPPED = re.compile(
     re.DOTALL | re.IGNORECASE,
 )
 # Elements whose text is kept as written: code, and a passage in another language (its
-# `lang` attribute); and those where a tag would show as text (a title).
-_AS_WRITTEN = re.compile(r"<(code|pre|kbd|samp)\b|<(\w[\w-]*)\b[^>]*\blang=\"(?!fr)", re.I)
+# `lang` attribute); and those where a tag would show as text (a title). A tag opens
+# one by its name, or by its `lang`, which only a tag that holds the word is searched for.
 _PLAIN_TEXT = re.compile(r"<(title|mj-title|mj-preview)\b", re.IGNORECASE)
-# Either, in one search: the tag that opens a passage kept or held plain.
-_OPENS_CONTEXT = re.compile(f"{_AS_WRITTEN.pattern}|{_PLAIN_TEXT.pattern}", re.IGNORECASE)
+_OPENS_BY_NAME = re.compile(r"<(?:code|pre|kbd|samp|title|mj-title|mj-preview)\b", re.I)
+_OTHER_LANGUAGE = re.compile(r"<\w[\w-]*\b[^>]*\blang=\"(?!fr)", re.I)
 _OPENING = re.compile(r"<([\w-]+)")
 _TAG_NAME = re.compile(r"</?([\w-]+)")
 # Tags inside a line of text: a mark after one of them still follows the word before it
@@ -305,7 +305,10 @@ def _contexts(pieces: list[str]) -> tuple[set[int], set[int]]:
     for index in range(1, len(pieces), 2):
         tag = pieces[index]
         if closing is None:
-            if _OPENS_CONTEXT.match(tag) and not tag.endswith("/>"):
+            opens = _OPENS_BY_NAME.match(tag) or (
+                'lang="' in tag.lower() and _OTHER_LANGUAGE.match(tag)
+            )
+            if opens and not tag.endswith("/>"):
                 opened = _OPENING.match(tag)
                 assert opened is not None
                 closing, depth = opened.group(1).lower(), 1
