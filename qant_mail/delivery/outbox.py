@@ -68,7 +68,10 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-CLAIM_SIZE = 8
+# Rows a connection claims at a time: each claim is a transaction of its own (two
+# searches and an update), so a larger claim costs less a message; rows claimed and not
+# yet tried are given back on a stop, or taken back by a re-run, never sent twice.
+CLAIM_SIZE = 32
 # How often a sender whose work is done looks again at the rows other senders hold.
 HELD_POLL = 0.5
 MAX_RETRY_DELAY = 3600.0
@@ -707,7 +710,7 @@ class Outbox:
         return send
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """An outcome waiting for its commit, and how the commit went."""
 

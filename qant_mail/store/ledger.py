@@ -152,7 +152,7 @@ class SendSummary:
         return sum(self.counts.values())
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What became of one message of a send, to be written on its row."""
 
