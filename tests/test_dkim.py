@@ -3,10 +3,12 @@ over-signed, so that no copy can be added; verified by dkimpy, which no one here
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email
 import os
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from email import policy
@@ -402,3 +404,37 @@ def test_a_send_signed_by_ed25519_alone_says_so_once_before_it_starts(
     assert sum("Mail::DKIM" in warning for warning in prepared.warnings) == 1
     both = signing(settings, "rsa", "ed25519")
     assert Rules.of(both, env_of(keys, "rsa", "ed25519")).notes == ()
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_each_signed_message_of_a_send_reaches_the_reader_it_names(
+    local: Settings,
+    smtp_server: SmtpServer,
+    keys: dict[str, tuple[bytes, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    connections: int,
+) -> None:
+    # Every message goes to the reader it was made and signed for, once, whatever the
+    # number of connections; a row that cannot become a message fails alone.
+    for name, value in env_of(keys, "rsa").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("QANT_SECRET_KEY", "a-test-secret-that-is-long-enough")
+    config = signing(local, "rsa")
+    config = dataclasses.replace(
+        config, smtp=config.smtp.model_copy(update={"connections": connections})
+    )
+    addresses = subscribe(config, 40)
+    ctx = Context(config, transport=SmtpTransport(config, env={}))
+    broken = addresses[7]
+    with contextlib.closing(sqlite3.connect(config.store_path)) as db, db:
+        # An address no message can carry (the store never takes one in).
+        db.execute("UPDATE subscribers SET email = ? WHERE email = ?", (f"x {broken}", broken))
+    report = sending.send(ctx, issues.prepare(ctx, config.root / SAMPLE))
+    assert report.done[State.SENT] == 39
+    assert report.done[State.FAILED] == 1
+    received = smtp_server.handler.received
+    assert sorted(m.recipient for m in received) == sorted(a for a in addresses if a != broken)
+    for message in received:
+        parsed = email.message_from_bytes(message.data, policy=policy.default)
+        assert parsed["To"].addresses[0].addr_spec == message.recipient
+        assert verify_all(message.data, dns(keys)) == [True]
