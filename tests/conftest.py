@@ -108,6 +108,7 @@ BOTH_STORES = {
     "test_history",
     "test_signup",
     "test_outbox",
+    "test_approval",
     "test_roads",
     "test_store_faults",
 }

@@ -72,11 +72,11 @@ def test_sends_prints_a_table_and_json(local: Settings, smtp_server: SmtpServer,
     zone = f"({local.newsletter.timezone})"  # the newsletter's, each time with its offset
     assert table[0].split() == [
         *("issue", "started", zone, "finished", zone, "readers", "sent", "failed", "unknown"),
-        *("left", "bounced", "complaints", "unsubscribed", "carried", "by"),
+        *("left", "bounced", "complaints", "unsubscribed", "carried", "by", "approved", "by"),
     ]
     relay = f"{smtp_server.host}:{smtp_server.port}"
     assert table[1].split()[0] == "2023-11-20"
-    assert table[1].split()[-10:] == ["3", "3", "0", "0", "0", "0", "0", "0", relay, "3"]
+    assert table[1].split()[-11:] == ["3", "3", "0", "0", "0", "0", "0", "0", relay, "3", "-"]
     data = json.loads(cli("sends", "--json").stdout)
     assert data[0]["issue"] == "2023-11-20"
     assert data[0]["counts"]["sent"] == 3

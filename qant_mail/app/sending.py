@@ -21,6 +21,7 @@ from qant_mail.base.errors import ExitCode, QantError, SendError
 from qant_mail.delivery.compose import Prepared, Recipient
 from qant_mail.delivery.outbox import DrainReport, Progress, SendReport
 from qant_mail.delivery.transport import MaildirTransport, Reply
+from qant_mail.store.approvals import Approval, Approvals
 from qant_mail.store.db import is_postgres
 from qant_mail.store.ledger import (
     Delivery,
@@ -235,6 +236,8 @@ class SendStatus:
     expected_finish: dt.datetime | None = None  # at that rate, while it runs
     waiting: Waiting = field(default_factory=Waiting)  # the outbox's queue
     relays: dict[str, int] = field(default_factory=dict)  # messages each relay took
+    approval: Approval | None = None  # the last approval of the issue, if any
+    review_required: bool = False  # whether its newsletter's sends need one
 
     @property
     def notes(self) -> list[str]:
@@ -267,8 +270,13 @@ def status(ctx: Context, issue: str) -> SendStatus:
     try:
         waiting = MailQueue(ledger.db).waiting()
         send = ledger.find(issue)
+        newsletter = send.newsletter if send is not None else ctx.settings.main_id
+        approval = Approvals(ledger.db).latest(newsletter, issue)
+        required = ctx.settings.for_newsletter(newsletter).review_required
         if send is None:
-            return SendStatus(issue, None, waiting=waiting)
+            return SendStatus(
+                issue, None, waiting=waiting, approval=approval, review_required=required
+            )
         rows = {
             state: ledger.deliveries(send, state)
             for state in (State.FAILED, State.UNKNOWN, State.DEFERRED)
@@ -286,6 +294,8 @@ def status(ctx: Context, issue: str) -> SendStatus:
             complaints,
             ledger.running(issue, lease),
             waiting=waiting,
+            approval=approval,
+            review_required=required,
         )
         found.relays = ledger.relays(send)
         if ledger.shared:
@@ -307,6 +317,8 @@ class History:
 
     sends: list[SendSummary]
     waiting: Waiting
+    # The last approval of each approved issue, by (newsletter, issue).
+    approvals: dict[tuple[str, str], Approval] = field(default_factory=dict)
 
 
 def history(ctx: Context) -> History:
@@ -321,7 +333,8 @@ def history(ctx: Context) -> History:
             else summary
             for summary in ledger.history()
         ]
-        return History(sends, MailQueue(ledger.db).waiting())
+        approvals = Approvals(ledger.db).latest_of_each()
+        return History(sends, MailQueue(ledger.db).waiting(), approvals)
     finally:
         ledger.close()
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import html
+import json
 import re
 import secrets
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime, formataddr
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qant_mail.audience import tokens
 from qant_mail.authoring import prose
@@ -206,16 +209,15 @@ class MessageTemplate:
     ) -> None:
         self.settings = settings
         self.keys = tuple(keys)
-        self.rendered = rendered
         self.secret = secret
         self.issue_key = issue_key or rendered.issue.date.isoformat()
         self.domain = settings.sender_domain
+        self.web_url = rendered.web_url
         self.unsubscribe_base = f"{settings.newsletter.base_url}/unsubscribe/"
         # The main newsletter's links name no newsletter: those mailed before there were
         # several keep working.
         key = settings.newsletter.id
         self.newsletter_token = "" if key == settings.main_id else key
-        self._minter = tokens.Minter(secret, self.newsletter_token)
         self._reader_base = f"{settings.newsletter.base_url}/subscriptions/"
         self._mailto = self._mailto_link()
         # A test's Message-IDs are its own: a mail client that folds messages of one
@@ -225,10 +227,21 @@ class MessageTemplate:
         subject = ("[TEST] " if test else "") + rendered.subject
         when = date or dt.datetime.now(dt.UTC).astimezone()
         self.subject = subject
-        alternative = _boundary("alt")
+        # The boundaries follow from the content, not from chance: the same render gives
+        # the same message, so that an approval can name it by a digest and a reader's
+        # copy can be made again. ("=_" never occurs in an encoded body: no collision.)
+        seed = hashlib.sha256(
+            "\0".join([self.issue_key, self.test_nonce, rendered.html, rendered.text]).encode()
+        ).hexdigest()[:24]
+        alternative = _boundary("alt", seed)
         self._headers = self._static_headers(subject, when, alternative)
+        self._segments = self._body(rendered, alternative, seed)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Prepare what `personalise` walks, and the signers, from the headers and parts."""
+        self._minter = tokens.Minter(self.secret, self.newsletter_token)
         self._header_bytes = _render_headers(self._headers)
-        self._segments = self._body(alternative)
         # What `personalise` walks: a value's place (an int) where the value goes.
         self._plan: list[bytes | int | _Wrapped] = [
             s.index if isinstance(s, _Slot) else s for s in self._segments
@@ -247,6 +260,69 @@ class MessageTemplate:
             self._body_hash = dkim.BodyHash.of(signed)
             own = ("Message-ID", "To", "List-Unsubscribe")  # see _recipient_headers
             self._signers = [dkim.Signer(key, self._headers, own) for key in self.keys]
+
+    # -- as kept in the store ------------------------------------------------------------
+
+    def frozen(self) -> bytes:
+        """Return the message before personalisation, as the store keeps it: with
+        `thaw`, the same secret and the same keys, it gives every reader's message again,
+        byte for byte but the signatures' timestamps."""
+        return zlib.compress(json.dumps(self._state(), separators=(",", ":")).encode(), 6)
+
+    def digest(self) -> str:
+        """Return the digest of what this message says to every reader: its headers but
+        the date, and its parts before personalisation (what an approval names)."""
+        state = self._state()
+        state["headers"] = [h for h in state["headers"] if h[0] != "Date"]
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def size(self) -> int:
+        """Return the size of the message before personalisation, in bytes."""
+        fixed = sum(len(s) for s in self._segments if isinstance(s, bytes))
+        return len(self._header_bytes) + fixed
+
+    def dated(self, when: str) -> MessageTemplate:
+        """Return this message dated `when` (a Date header's value, as a send first
+        sent it): every reader of one send gets the same message, resumed or not."""
+        copy = object.__new__(MessageTemplate)
+        copy.__dict__.update(self.__dict__)
+        copy._headers = [
+            (name, f" {when}".encode("ascii") if name == "Date" else value)
+            for name, value in self._headers
+        ]
+        copy._finish()
+        return copy
+
+    @property
+    def date(self) -> str:
+        """Return the value of the Date header."""
+        return next(v.decode("ascii").strip() for n, v in self._headers if n == "Date")
+
+    @classmethod
+    def thaw(
+        cls, frozen: bytes, *, secret: bytes, keys: Sequence[dkim.DkimKey] = ()
+    ) -> MessageTemplate:
+        """Return the message `frozen` gave, to personalise with `secret` and `keys`."""
+        try:
+            state = json.loads(zlib.decompress(frozen))
+            template = object.__new__(cls)
+            template.keys = tuple(keys)
+            template.secret = secret
+            for name in _KEPT:
+                setattr(template, name, state[name])
+            template._headers = [(n, base64.b64decode(v)) for n, v in state["headers"]]
+            template._segments = [_thawed(piece) for piece in state["segments"]]
+        except (ValueError, KeyError, TypeError, zlib.error) as err:
+            raise ComposeError(f"the message kept in the store cannot be read: {err}") from err
+        template._finish()
+        return template
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name) for name in _KEPT}
+        state["headers"] = [[n, base64.b64encode(v).decode()] for n, v in self._headers]
+        state["segments"] = [_frozen(piece) for piece in self._segments]
+        return state
 
     # -- per recipient ---------------------------------------------------------------
 
@@ -299,7 +375,7 @@ class MessageTemplate:
             address,
             self.unsubscribe_base + self._minter.make(number, address),
             self._reader_base + self._minter.make(number, address, tokens.READER),
-            self.rendered.web_url,
+            self.web_url,
         ]
         assert len(row) == len(_PLACE)  # in the order of Slot: a new slot comes here too
         return row
@@ -376,8 +452,7 @@ class MessageTemplate:
         # Gmail's Feedback-ID: issue, then the newsletter, so complaints add up per title.
         return self.newsletter_token or "newsletter"
 
-    def _body(self, alternative: str) -> list[Segment]:
-        rendered = self.rendered
+    def _body(self, rendered: RenderedIssue, alternative: str, seed: str) -> list[Segment]:
         segments: list[Segment] = [
             f"--{alternative}\r\n".encode(),
             b'Content-Type: text/plain; charset="utf-8"\r\n'
@@ -389,7 +464,7 @@ class MessageTemplate:
         segments.append(f"\r\n--{alternative}\r\n".encode())
         # Hosted images are links; only embedded ones travel inside the message.
         embedded = [asset for asset in rendered.assets if asset.url.startswith("cid:")]
-        related = _boundary("rel") if embedded else None
+        related = _boundary("rel", seed) if embedded else None
         if related:
             segments.append(
                 f'Content-Type: multipart/related; type="text/html";\r\n boundary="{related}"'
@@ -431,9 +506,46 @@ def _render_headers(headers: Sequence[HeaderField]) -> bytes:
     return b"".join(name.encode("ascii") + b":" + value + CRLF for name, value in headers)
 
 
-def _boundary(kind: str) -> str:
+def _boundary(kind: str, seed: str | None = None) -> str:
     # "=_" cannot occur in quoted-printable or base64 bodies: the boundary never collides.
-    return f"=_qant_{kind}_{secrets.token_hex(12)}"
+    return f"=_qant_{kind}_{seed or secrets.token_hex(12)}"
+
+
+# What a kept message holds besides its headers and parts (see MessageTemplate.frozen).
+_KEPT = (
+    "issue_key",
+    "domain",
+    "web_url",
+    "unsubscribe_base",
+    "newsletter_token",
+    "_reader_base",
+    "_mailto",
+    "test_nonce",
+    "subject",
+)
+
+
+def _frozen(piece: Segment) -> Any:
+    if isinstance(piece, bytes):
+        return base64.b64encode(piece).decode()
+    if isinstance(piece, _Slot):
+        return {"slot": piece.slot.value, "html": piece.html}
+    return {
+        "wrap": piece.text,
+        "width": piece.width,
+        "indent": piece.indent,
+        "hanging": piece.hanging,
+        "slots": [slot.value for slot in piece.slots],
+    }
+
+
+def _thawed(piece: Any) -> Segment:
+    if isinstance(piece, str):
+        return base64.b64decode(piece, validate=True)
+    if "slot" in piece:
+        return _Slot(Slot(piece["slot"]), bool(piece["html"]))
+    slots = tuple(Slot(value) for value in piece["slots"])
+    return _Wrapped(piece["wrap"], int(piece["width"]), piece["indent"], piece["hanging"], slots)
 
 
 def _merge(segments: Sequence[Segment]) -> list[Segment]:

@@ -18,6 +18,7 @@ delivered by whoever drains the queue: `serve`, `run-due`, a `send`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -49,6 +50,7 @@ from qant_mail.delivery.transport import (
     TransportUnavailable,
     relay_transport,
 )
+from qant_mail.store.approvals import Approvals
 from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import (
     Delivery,
@@ -649,6 +651,8 @@ class Outbox:
         self.check(rules)
         ledger = Ledger(self.store)
         try:
+            if self.settings.for_newsletter(prepared.newsletter).review_required:
+                _approved(Approvals(ledger.db), prepared)
             # SQLite: one process per send, by its lock. PostgreSQL: each `send` joins the
             # run, claiming rows the others do not hold.
             exclusive = (
@@ -656,6 +660,7 @@ class Outbox:
             )
             with exclusive:
                 send = self._send_of(ledger, prepared, accept_changes)
+                prepared = _as_first_sent(Approvals(ledger.db), send, prepared)
                 if new_subscribers:
                     ledger.add_joined(send)
                 ledger.recover(send, starting=self.worker)
@@ -708,6 +713,39 @@ class Outbox:
                 "re-run with --accept-changes to send this version to those not served yet"
             )
         return send
+
+
+def _approved(approvals: Approvals, prepared: Prepared) -> None:
+    """Refuse a send to the list of an issue nobody approved, or whose message changed
+    since its approval ([review] required)."""
+    key = prepared.issue_key
+    approval = approvals.latest(prepared.newsletter, key)
+    if approval is None:
+        raise SendError(
+            f"{key} is not approved, and review.required is set: an editor approves "
+            f"exactly what goes out with `qant-mail approve issues/{key}.yaml --by NAME`"
+        )
+    if approval.digest != prepared.template.digest():
+        raise SendError(
+            f"{key} changed since {approval.approver} approved it ({approval.approved_at}): "
+            f"`qant-mail diff approved:{key} issues/{key}.yaml` shows what readers would "
+            "see change; approve it again to send it"
+        )
+
+
+def _as_first_sent(approvals: Approvals, send: Send, prepared: Prepared) -> Prepared:
+    """Keep the message of a send as its first run sends it, for `sends show --eml`;
+    a resumed run of the same message goes on with its date, so that every reader of
+    one send gets the same message."""
+    template = prepared.template
+    kept = MessageTemplate.thaw(
+        approvals.keep_sent(send.id, template.digest(), template.frozen()),
+        secret=template.secret,
+        keys=template.keys,
+    )
+    if kept.digest() != template.digest() or kept.date == template.date:
+        return prepared  # a changed issue (--accept-changes) goes as it is now
+    return dataclasses.replace(prepared, template=template.dated(kept.date))
 
 
 @dataclass(slots=True)

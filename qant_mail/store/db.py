@@ -582,6 +582,8 @@ TABLES = (
     "signup_attempts",
     "workers",
     "outbox",
+    "approvals",
+    "send_messages",
 )
 
 
@@ -613,7 +615,7 @@ def copy_store(source: StoreTarget, target: StoreTarget) -> dict[str, int]:
             for table in TABLES:
                 counts[table] = _copy_table(origin, destination, table)
             if destination.dialect == "postgresql":
-                for table in ("subscribers", "sends", "signups", "outbox"):
+                for table in ("subscribers", "sends", "signups", "outbox", "approvals"):
                     # Rows came with their ids: the next id follows the largest.
                     destination.execute(
                         f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
