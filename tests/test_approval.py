@@ -202,3 +202,17 @@ def without_signature_times(message: bytes) -> bytes:
     was made) blanked."""
     message = re.sub(rb"t=\d+;", b"t=;", message)
     return re.sub(rb"b=[A-Za-z0-9+/=\r\n\t ]+(?=\r\n[^\t ])", b"b=", message)
+
+
+def test_an_editor_approves_without_the_secret_or_the_keys_that_the_send_uses(
+    reviewed: Settings, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The digest leaves out the signatures and each reader's links: the editor-in-chief
+    # approves on a machine that holds neither the signing keys nor the links' secret.
+    signed = dataclasses.replace(reviewed, dkim=reviewed.dkim.model_copy(update={"selector": "s1"}))
+    subscribe(signed, 2)
+    monkeypatch.delenv(SECRET_VARIABLE)
+    approval.approve(Context(signed, env={}), signed.root / SAMPLE, "Marie")
+    monkeypatch.setenv(SECRET_VARIABLE, SECRET)
+    monkeypatch.setenv(dkim.RSA_VARIABLE, dkim.generate("rsa")[0].decode())
+    assert send(signed).done[State.SENT] == 2

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from qant_mail.app import issues
 from qant_mail.app.context import Context
+from qant_mail.audience import tokens
 from qant_mail.base.addresses import strip_controls
-from qant_mail.base.errors import QantError, SendError
+from qant_mail.base.errors import ConfigError, QantError, SendError
 from qant_mail.delivery.compose import MessageTemplate, Recipient
 from qant_mail.store.approvals import Approval, Approvals
 from qant_mail.store.ledger import Ledger, State
@@ -45,15 +46,25 @@ def approve(ctx: Context, path: Path, approver: str) -> Approved:
         raise ApprovalError("--by: say who approves (a name, as the team knows it)")
     if len(name) > _MAX_NAME:
         raise ApprovalError(f"--by: a name of at most {_MAX_NAME} characters")
-    prepared = issues.prepare(ctx, path)  # errors and drafts are refused here
-    template = prepared.template
-    rendered = prepared.rendered
+    report = issues.sendable(ctx, path)  # errors and drafts are refused here
+    assert report.document is not None
+    assert report.rendered is not None
+    assert report.settings is not None
+    rendered, key = report.rendered, report.document.key
+    newsletter = report.settings.newsletter.id
+    # The message a send composes, unsigned: its digest leaves out the signatures and
+    # the readers' links, so an editor approves without the keys or the secret.
+    try:
+        secret = ctx.secret()
+    except ConfigError:
+        secret = tokens.SAMPLE_SECRET
+    template = MessageTemplate(rendered, report.settings, secret=secret, issue_key=key)
     with ctx.db() as db:
         approvals = Approvals(db)
-        previous = approvals.latest(prepared.newsletter, prepared.issue_key)
+        previous = approvals.latest(newsletter, key)
         approval = approvals.add(
-            issue=prepared.issue_key,
-            newsletter=prepared.newsletter,
+            issue=key,
+            newsletter=newsletter,
             digest=template.digest(),
             approver=name,
             subject=rendered.subject,
@@ -63,7 +74,7 @@ def approve(ctx: Context, path: Path, approver: str) -> Approved:
             size=template.size,
             message=template.frozen(),
         )
-    required = ctx.settings.for_newsletter(prepared.newsletter).review_required
+    required = ctx.settings.for_newsletter(newsletter).review_required
     return Approved(approval, previous, required)
 
 
