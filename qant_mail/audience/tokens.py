@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from qant_mail.base import secrets
 from qant_mail.base.errors import ConfigError
@@ -139,6 +139,27 @@ class Minter:
         state = self._keyed.copy()
         state.update(f"msgid\0{issue_key}\0{address.lower()}\0{nonce}".encode())
         return state.digest()[:12].hex()
+
+
+# Reader number 0 is nobody (the store numbers readers from 1): `qant-mail doctor` posts a
+# one-click unsubscription with a token for it, signed like any other, to see that the
+# public side answers and shares our secret. It unsubscribes nobody.
+PROBE_ID = 0
+PROBE_ADDRESS = "doctor@qant-mail.invalid"
+
+
+def make_probe(secret: bytes, newsletter: str = "") -> str:
+    """Return the unsubscribe token of nobody, for `newsletter` ("": the main one)."""
+    return make(secret, PROBE_ID, PROBE_ADDRESS, newsletter)
+
+
+def is_probe(token: str, secret: Callable[[], bytes]) -> bool:
+    """Return whether `token` is a genuine probe of `make_probe` (the secret is asked
+    for only when the token claims reader 0)."""
+    match = _TOKEN.fullmatch(token)
+    if match is None or match.group(1) != _b64(b"\0"):
+        return False
+    return verify(secret(), token, PROBE_ID, PROBE_ADDRESS)
 
 
 def newsletter_of(token: str) -> str:

@@ -15,6 +15,9 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # the command line itself is wrong (unknown option, missing argument)
     PARTIAL = 3  # the job ran, but some recipients were deferred, failed or are unknown
     UNAVAILABLE = 4  # a server could not be reached or refused us (SMTP host, login)
+    # `qant-mail doctor`: scripts tell "look at it" from "do not send" by the status.
+    WARNINGS = 5  # doctor: warnings only; a send would go, perhaps worse than it could
+    BLOCKING = 6  # doctor: a check failed that would make the send fail (or go unread)
     # A mail server that pipes a message to us reads these (sysexits.h):
     DATAERR = 65  # the message cannot be used: the server returns it to its sender
     TEMPFAIL = 75  # try again later: the message stays in the server's queue

@@ -73,6 +73,12 @@ class DkimKey:
             else ("rsa-sha256")
         )
 
+    @property
+    def record(self) -> str:
+        """Return the value of the TXT record that publishes the public half."""
+        kind = "ed25519" if self.algorithm == "ed25519-sha256" else "rsa"
+        return dns_record(kind, _public_value(self.private_key))
+
     def __repr__(self) -> str:
         # Never the key: this object may end up in a traceback or a log.
         return f"DkimKey({self.algorithm}, {self.selector}._domainkey.{self.domain})"
@@ -117,20 +123,29 @@ def generate(kind: Literal["rsa", "ed25519"]) -> tuple[bytes, str]:
     private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if kind == "rsa":
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
     else:
         private = ed25519.Ed25519PrivateKey.generate()
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return pem, base64.b64encode(public).decode()
+    return pem, _public_value(private)
+
+
+def _public_value(private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    """Return the `p=` value that publishes the public half of `private` (RFC 6376 3.6.1:
+    an RSA key's SubjectPublicKeyInfo; RFC 8463: an Ed25519 key's 32 bytes)."""
+    public: bytes
+    if isinstance(private, rsa.RSAPrivateKey):
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    else:
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    return base64.b64encode(public).decode()
 
 
 def dns_record(kind: str, public: str) -> str:

@@ -190,9 +190,26 @@ class SmtpTransport:
 
     def connect(self) -> SmtpConnection:
         """Open, secure and log in a connection."""
+        return SmtpConnection(self._session(), self.where, self.timeout, self.message_timeout)
+
+    def features(self) -> dict[str, str]:
+        """Open, secure and log in a session as a send does, and close it; return the
+        extensions the relay offers then, by lower-case name ("size": its limit in
+        bytes, "" when it states none), or raise `TransportUnavailable` saying which
+        step failed."""
+        client = self._session()
+        try:
+            return dict(client.esmtp_features)
+        finally:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                client.quit()
+            client.close()
+
+    def _session(self) -> smtplib.SMTP:
+        """Return a session opened, secured and logged in; raise TransportUnavailable."""
         where = self.where
         try:
-            client = self._open(where)
+            return self._open(where)
         except smtplib.SMTPAuthenticationError as err:
             raise TransportUnavailable(
                 f"{where} refused the login of {self.username!r}: {_reply_text(err)}"
@@ -211,7 +228,6 @@ class SmtpTransport:
             raise TransportUnavailable(
                 f"cannot connect to {where}: {_describe(err)}{hint}"
             ) from err
-        return SmtpConnection(client, where, self.timeout, self.message_timeout)
 
     def _open(self, where: str) -> smtplib.SMTP:
         """Connect, greet, secure and log in; close the connection if any step fails."""
