@@ -31,6 +31,7 @@ from qant_mail.base.errors import (
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
+    from qant_mail.app.approval import Approval
     from qant_mail.app.context import Context
     from qant_mail.app.issues import ArchiveReport
     from qant_mail.app.readers import Status
@@ -301,6 +302,36 @@ def preview(
 
 
 @app.command()
+def doctor(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="The issue's YAML file (its message and links are checked too)."),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Only the checks that need no network.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check before a send: DNS (DKIM, SPF, DMARC, MX), the public side, links, the relay."""
+    import json
+
+    from qant_mail.app import doctor as checkup
+
+    report = checkup.run(_context(ctx), file, offline=offline)
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
+    else:
+        marks = {"ok": "✓", "warning": "!", "blocking": "✗", "skipped": "-"}
+        for check in report.checks:
+            typer.echo(f"{marks[check.status]} {check.name}: {check.detail}")
+            if check.advice and check.status != "ok":
+                typer.echo(f"    → {check.advice}")
+        typer.echo(report.summary())
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
 def send(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
@@ -388,6 +419,14 @@ def send(
     )
     typer.echo(f"Server:     {plan.server}", err=True)
     typer.echo(f"DKIM:       {plan.signing}", err=True)
+    for check in plan.warnings:
+        typer.echo(f"warning: {check.name}: {check.detail}", err=True)
+    if plan.blocking:
+        for check in plan.blocking:
+            advice = f" ({check.advice})" if check.advice else ""
+            _error(f"{check.name}: {check.detail}{advice}")
+        typer.echo("nothing sent (`qant-mail doctor` checks the rest)", err=True)
+        raise typer.Exit(ExitCode.BLOCKING)
     if not yes:
         try:
             confirmed = typer.confirm("Send?", err=True)
@@ -482,6 +521,7 @@ def status(
         return
     if send is None:
         typer.echo(f"{issue} has not been sent (no send planned).")
+        _approval_line(found, file, _zone(settings, None))
         _waiting(found.waiting, _zone(settings, None))
         return
     zone = _zone(settings, send.newsletter)
@@ -491,6 +531,7 @@ def status(
         + _standing(found, file, zone)
     )
     typer.echo("  " + ", ".join(f"{state.value} {found.counts[state]}" for state in State))
+    _approval_line(found, file, zone)
     if found.relays:
         typer.echo(f"  carried by {_carried(found.relays)}")
     for name, started, alive, held in found.senders:
@@ -515,6 +556,29 @@ def status(
         if not (requeue_failed and note.startswith("failed:")):
             typer.echo(note, err=True)
     _waiting(found.waiting, zone)
+
+
+def _approval_line(found: SendStatus, file: Path, zone: str) -> None:
+    """Say who approved the issue, and when; or that a send needs an approval."""
+    approval = found.approval
+    if approval is not None:
+        typer.echo(
+            f"  approved by {approval.approver} {_time(approval.approved_at, zone)} "
+            f"(message {approval.digest[:12]}, {approval.size / 1000:.0f} KB)"
+        )
+    elif found.review_required:
+        typer.echo(f"  not approved: `qant-mail approve {file} --by NAME` before the send")
+
+
+def _approval_json(approval: Approval | None) -> dict[str, object] | None:
+    if approval is None:
+        return None
+    return {
+        "approver": approval.approver,
+        "approved_at": approval.approved_at,
+        "digest": approval.digest,
+        "size": approval.size,
+    }
 
 
 def _standing(found: SendStatus, file: Path, zone: str) -> str:
@@ -544,7 +608,14 @@ def _waiting(waiting: Waiting, zone: str) -> None:
     typer.echo(line + " (`qant-mail outbox`)")
 
 
-@app.command()
+sends_app = typer.Typer(
+    help="List the sends of every issue, the latest first, with what came back since; "
+    "`sends show ISSUE --eml ADDRESS`: the message a reader got.",
+)
+app.add_typer(sends_app, name="sends")
+
+
+@sends_app.callback(invoke_without_command=True)
 def sends(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sends as JSON.")] = False,
@@ -555,13 +626,19 @@ def sends(
     from qant_mail.app import sending
     from qant_mail.app.sending import State, left
 
+    if ctx.invoked_subcommand is not None:
+        return
     context = _context(ctx)
     settings = context.settings
     history = sending.history(context)
     found = history.sends
+    approvals = history.approvals
     several = len(settings.editions) > 1  # a newsletter column, then
     if as_json:
-        typer.echo(json.dumps([_summary_json(s) for s in found], ensure_ascii=False, indent=2))
+        listed = [
+            _summary_json(s) | {"approval": _approval_json(approvals.get(_key(s)))} for s in found
+        ]
+        typer.echo(json.dumps(listed, ensure_ascii=False, indent=2))
         return
     if not found:
         typer.echo("No send yet.")
@@ -573,7 +650,7 @@ def sends(
     header: tuple[str, ...] = ("issue", *(["newsletter"] if several else []))
     header += (f"started ({shown_in})", f"finished ({shown_in})", "readers", "sent")
     header += ("failed", "unknown", "left", "bounced", "complaints", "unsubscribed")
-    header += ("carried by",)
+    header += ("carried by", "approved by")
     rows = [header]
     for summary, zone in zip(found, zones, strict=True):
         send, counts = summary.send, summary.counts
@@ -590,6 +667,7 @@ def sends(
                 ),
                 str(summary.unsubscribed),
                 _carried(summary.relays) or "-",
+                _approver(approvals.get(_key(summary)), zone),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -696,6 +774,72 @@ def _time(moment: str | float | dt.datetime | None, zone: str) -> str:
     return f"{local:%Y-%m-%d %H:%M} {sign}{hours:02d}:{minutes:02d}"
 
 
+def _key(summary: SendSummary) -> tuple[str, str]:
+    return (summary.send.newsletter, summary.send.issue)
+
+
+def _approver(approval: Approval | None, zone: str) -> str:
+    """Say who approved a sent issue, and when ("-": nobody)."""
+    return f"{approval.approver}, {_time(approval.approved_at, zone)}" if approval else "-"
+
+
+@sends_app.command("show")
+def sends_show(
+    ctx: typer.Context,
+    issue: Annotated[str, typer.Argument(help="The issue (its file's name, or the file).")],
+    eml: Annotated[
+        str | None,
+        typer.Option("--eml", help="The message this reader got, made again (.eml)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write it to this file.")
+    ] = None,
+) -> None:
+    """Show one send: the message a reader got (--eml ADDRESS), byte for byte but the
+    signature's timestamp, made again from the message the send kept."""
+    from qant_mail.app import approval
+
+    if eml is None:
+        raise typer.BadParameter("say whose message: --eml ADDRESS", param_hint="--eml")
+    data = approval.reader_copy(_context(ctx), Path(issue).stem, eml)
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    from qant_mail.base.files import write_all
+
+    write_all({output: data})
+    typer.echo(f"wrote {_shown(output)}", err=True)
+
+
+@app.command()
+def approve(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The issue's YAML file.")],
+    by: Annotated[str, typer.Option("--by", help="Who approves (a name the team knows).")],
+) -> None:
+    """Approve exactly what goes out: the issue's message as it renders now, named by a
+    digest; with [review] required, a send to the list goes only if it is unchanged."""
+    from qant_mail.app import approval
+
+    context = _context(ctx)
+    done = approval.approve(context, file, by)
+    approved = done.approval
+    zone = _zone(context.settings, approved.newsletter)
+    typer.echo(
+        f"{approved.issue}: approved by {approved.approver} {_time(approved.approved_at, zone)}"
+        f" (message {approved.digest[:12]}, {approved.size / 1000:.0f} KB)"
+    )
+    if done.previous is not None and not done.unchanged:
+        typer.echo(
+            f"  replaces the approval of {done.previous.approver} "
+            f"{_time(done.previous.approved_at, zone)}, of another version",
+            err=True,
+        )
+    if not done.required:
+        typer.echo("  (review.required is not set: sends do not wait for an approval)", err=True)
+
+
 def _summary_json(summary: SendSummary) -> dict[str, object]:
     send = summary.send
     return {
@@ -722,11 +866,16 @@ def _carried(relays: Mapping[str, int]) -> str:
 
 def _status_json(found: SendStatus) -> dict[str, object]:
     send = found.send
+    approval = {
+        "approval": _approval_json(found.approval),
+        "review_required": found.review_required,
+    }
     if send is None:
-        return {"issue": found.issue, "planned": False}
+        return {"issue": found.issue, "planned": False, **approval}
     return {
         "issue": found.issue,
         "planned": True,
+        **approval,
         "newsletter": send.newsletter,
         "subject": send.subject,
         "created_at": send.created_at,
@@ -1235,6 +1384,123 @@ def subscribers_rename_newsletter(
 
     moved = readers.rename_newsletter(_context(ctx), old, new)
     typer.echo(f"{old} → {new}: {moved} subscriptions moved")
+
+
+@app.command("stats")
+def stats(
+    ctx: typer.Context,
+    newsletter: Annotated[str | None, _NEWSLETTER] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="The first day, YYYY-MM-DD (default: twelve weeks ago, or the first reader's).",
+            show_default=False,
+        ),
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by", help="day or week (default: by day up to two months).", show_default=False
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    html_dir: Annotated[
+        Path | None,
+        typer.Option("--html", metavar="DIR", help="Write a report with charts: DIR/index.html."),
+    ] = None,
+) -> None:
+    """Show each newsletter's readers, joins by source, leaves by way, bounces and
+    complaints over a period, and what became of each send: counts the store keeps, no
+    tracking of readers."""
+    import json
+
+    from qant_mail.app import report
+    from qant_mail.app import stats as figures
+
+    if by not in (None, "day", "week"):
+        raise typer.BadParameter("day or week", param_hint="--by")
+    try:
+        first = dt.date.fromisoformat(since) if since else None
+    except ValueError as err:
+        raise typer.BadParameter("a day written YYYY-MM-DD", param_hint="--since") from err
+    context = _context(ctx)
+    period: figures.By | None = "week" if by == "week" else "day" if by == "day" else None
+    found = figures.stats(context, newsletter, first, period)
+    if html_dir is not None:
+        typer.echo(f"{report.write_report(context, found, html_dir)}", err=as_json)
+    if as_json:
+        typer.echo(json.dumps(found.to_json(), ensure_ascii=False, indent=2))
+    elif html_dir is None:
+        _print_stats(found)
+
+
+def _print_stats(found: Any) -> None:
+    """Print the figures of `app.stats.Stats` as tables with small bars (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    for news in found.newsletters:
+        console.print(
+            f"[bold]{news.name}[/bold] ({news.key}): {news.active} readers now, "
+            f"{news.active_at_start} on {found.since.isoformat()}"
+        )
+        console.print(f"by {found.by} to {found.until.isoformat()}, days in {news.timezone}")
+        periods = Table(box=None, pad_edge=False)
+        for name in ("period", "readers", "", "joined", "", "left", "bounced", "complained"):
+            periods.add_column(
+                name, justify="left" if name in ("period", "") else "right", no_wrap=True
+            )
+        top_active = max((p.active for p in news.periods), default=0)
+        top_moves = max((max(p.joins, p.leaves) for p in news.periods), default=0)
+        for p in news.periods:
+            periods.add_row(
+                p.start.isoformat(),
+                str(p.active),
+                f"[blue]{_bar(p.active, top_active, 12)}[/blue]",
+                str(p.joins),
+                f"[green]{_bar(p.joins, top_moves, 6)}[/green]",
+                str(sum(p.left.values())),
+                str(p.bounced),
+                str(p.complained),
+            )
+        console.print(periods)
+        joined = ", ".join(f"{k} {n}" for k, n in news.joined.items() if n) or "none"
+        left = ", ".join(f"{k} {n}" for k, n in news.left.items() if n) or "none"
+        console.print(f"joined by source: {joined}")
+        console.print(f"left by way: {left}; bounced {news.bounced}; complained {news.complained}")
+        if not news.sends:
+            console.print("No send in the period.\n")
+            continue
+        sends = Table(box=None, pad_edge=False, collapse_padding=True)
+        for name in ("issue", "sent on", "readers", "delivered", "", "failed", "bounced"):
+            sends.add_column(
+                name, justify="left" if name in ("issue", "sent on", "") else "right", no_wrap=True
+            )
+        sends.add_column("spam", justify="right")  # complaints: "this is spam" reports
+        sends.add_column("left ≤7d", justify="right")
+        top = max(s.recipients for s in news.sends)
+        for s in news.sends:
+            sends.add_row(
+                s.issue,
+                s.started_at.date().isoformat(),
+                str(s.recipients),
+                str(s.delivered),
+                f"[blue]{_bar(s.delivered, top, 6)}[/blue]",
+                str(s.failed),
+                str(s.bounced),
+                str(s.complained),
+                str(s.unsubscribed),
+            )
+        console.print(sends)
+        console.print()
+
+
+def _bar(value: int, top: int, width: int) -> str:
+    """Return a bar of `value` out of `top` in `width` characters, to an eighth of one."""
+    eighths = round(8 * width * value / top) if top else 0
+    return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
 
 
 @app.command("newsletters")

@@ -111,6 +111,8 @@ BOTH_STORES = {
     "test_approval",
     "test_roads",
     "test_store_faults",
+    "test_api",
+    "test_stats",
 }
 
 

@@ -42,6 +42,7 @@ HOMES = {
     "cryptography": {"delivery.dkim"},
     "flufl": {"delivery.bounces"},
     "aiosmtpd": {"delivery.inbox"},
+    "dns": {"delivery.resolver"},
     "uvicorn": {"web.webserver"},
     "watchfiles": {"web.preview"},
     "pydantic": {

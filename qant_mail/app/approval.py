@@ -14,7 +14,8 @@ from qant_mail.audience import tokens
 from qant_mail.base.addresses import strip_controls
 from qant_mail.base.errors import ConfigError, QantError, SendError
 from qant_mail.delivery.compose import MessageTemplate, Recipient
-from qant_mail.store.approvals import Approval, Approvals
+from qant_mail.store.approvals import Approval as Approval  # re-exported for the edges
+from qant_mail.store.approvals import Approvals
 from qant_mail.store.ledger import Ledger, State
 
 _MAX_NAME = 100
@@ -101,9 +102,7 @@ def reader_copy(ctx: Context, issue: str, address: str) -> bytes:
             raise SendError(f"{issue} has not been sent (no send planned)")
         kept = Approvals(ledger.db).sent(send.id)
         wanted = address.strip().lower()
-        row = next(
-            (d for d in ledger.deliveries(send, *State) if d.email.lower() == wanted), None
-        )
+        row = next((d for d in ledger.deliveries(send, *State) if d.email.lower() == wanted), None)
     finally:
         ledger.close()
     if kept is None:

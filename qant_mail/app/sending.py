@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qant_mail.app import issues
+from qant_mail.app import doctor, issues
 from qant_mail.app.context import Context
 from qant_mail.base.addresses import normalise_address
 from qant_mail.base.errors import ExitCode, QantError, SendError
@@ -56,6 +56,19 @@ class Plan:
     already: dict[State, int]
     signing: str = ""
     joined: int = 0  # active readers who joined after the send was planned
+    # What `qant-mail doctor` checks without the network (keys, alignment, base_url, the
+    # size the relay takes): a blocking one stops the send before it starts.
+    checks: tuple[doctor.Check, ...] = ()
+
+    @property
+    def blocking(self) -> list[doctor.Check]:
+        """Return the checks that would make the send fail."""
+        return [c for c in self.checks if c.status is doctor.Status.BLOCKING]
+
+    @property
+    def warnings(self) -> list[doctor.Check]:
+        """Return the checks that let the send go, worse than it could."""
+        return [c for c in self.checks if c.status is doctor.Status.WARNING]
 
 
 def plan(ctx: Context, prepared: Prepared, *, new_subscribers: bool = False) -> Plan:
@@ -65,17 +78,18 @@ def plan(ctx: Context, prepared: Prepared, *, new_subscribers: bool = False) -> 
     signing = outbox.check(outbox.rules(prepared.newsletter))
     subject = prepared.rendered.subject
     server = outbox.transport_for(prepared.newsletter).description
+    checks = tuple(doctor.offline_checks(ctx, prepared))
     ledger = Ledger(ctx.store)
     try:
         send = ledger.find(prepared.issue_key)
         if send is None:
             active = Subscribers(ledger.db, prepared.newsletter).count()[Status.ACTIVE]
-            return Plan(subject, active, False, server, {}, signing)
+            return Plan(subject, active, False, server, {}, signing, checks=checks)
         counts = ledger.counts(send)
         todo = left(counts)
         joined = ledger.joined_since(send)
         todo += joined if new_subscribers else 0
-        return Plan(subject, todo, True, server, counts, signing, joined)
+        return Plan(subject, todo, True, server, counts, signing, joined, checks)
     finally:
         ledger.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -150,6 +151,8 @@ class Newsletter(Strict):
     # Its own relays, "host:port", tried in order (the first, then the fallbacks), with
     # the security, login and certificates of [smtp]. Empty: [smtp] host and fallback.
     relays: list[Relay] = Field(default_factory=list)
+    # Whether a send of it to its list needs an approval; unset: [review] required.
+    review_required: bool | None = None
 
 
 class Sender(Strict):
@@ -407,6 +410,55 @@ class Signup(Strict):
     trust_proxy: bool = False
 
 
+class Review(Strict):
+    """Approval before a send to the list."""
+
+    # A send to the list needs an approval (`qant-mail approve`) of exactly what goes
+    # out; a newsletter may say otherwise for itself (its `review_required`).
+    required: bool = False
+
+
+def _nameserver(value: str) -> str:
+    value = value.strip()
+    if value:
+        nameserver_address(value)
+    return value
+
+
+def nameserver_address(value: str) -> tuple[str, int]:
+    """Return the address and port of a DNS server written "IP", "IP:port" or
+    "[IPv6]:port" (port 53 when left out); raise ValueError for anything else."""
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else rest or "53"
+    elif value.count(":") == 1:  # more than one: an IPv6 address without a port
+        host, port = value.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as err:
+        raise ValueError(
+            f"{value!r} is not a DNS server's IP address, with a port if not 53 "
+            "(like 9.9.9.9, 127.0.0.1:5353 or [::1]:5353)"
+        ) from err
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port of a DNS server is 1 to 65535")
+    return host, int(port)
+
+
+class Doctor(Strict):
+    """What `qant-mail doctor` asks of the network before a send."""
+
+    # The DNS server asked: "IP", "IP:port" or "[IPv6]:port" (a resolver of your own,
+    # one that sees what the world sees). Empty: the system's.
+    nameserver: Annotated[str, AfterValidator(_nameserver)] = ""
+    # The longest a DNS query, a web request or a step with the relay may take.
+    timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # How long a link that answered well is not asked again (kept under paths.cache);
+    # 0: every link is asked at every run. A broken link is always asked again.
+    link_cache_hours: Annotated[float, Field(ge=0, le=24 * 30)] = 24.0
+
+
 def _left_out() -> Any:
     """Return the default of a table: validated as an empty one when left out."""
     # Not a default instance (`Colours()`): built at import, it would build its class's
@@ -436,6 +488,8 @@ class SettingsFile(Strict):
     bounces: Bounces = _left_out()
     store: Store = _left_out()
     dkim: Dkim = _left_out()
+    doctor: Doctor = _left_out()
+    review: Review = _left_out()
 
 
 class _Edition(Strict):
@@ -494,6 +548,8 @@ class Settings:
     store: Store
     dkim: Dkim
     signup: Signup = dc_field(default_factory=Signup)
+    doctor: Doctor = dc_field(default_factory=Doctor)
+    review: Review = dc_field(default_factory=Review)
     # Every newsletter of the installation by key, the main one first.
     editions: Mapping[str, Edition] = dc_field(default_factory=dict, compare=False)
 
@@ -532,6 +588,12 @@ class Settings:
     def archive_url(self) -> str:
         """Return the address of this newsletter's archive."""
         return self.edition.archive_url
+
+    @property
+    def review_required(self) -> bool:
+        """Return whether a send of this newsletter to its list needs an approval."""
+        own = self.newsletter.review_required
+        return self.review.required if own is None else own
 
     @property
     def root(self) -> Path:
@@ -656,6 +718,8 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         store=data.store,
         dkim=data.dkim,
         signup=data.signup,
+        doctor=data.doctor,
+        review=data.review,
         editions=editions,
     )
 
