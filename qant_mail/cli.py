@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from qant_mail.app.context import Context
     from qant_mail.app.issues import ArchiveReport
     from qant_mail.app.readers import Status
+    from qant_mail.app.review import Comparison
     from qant_mail.app.sending import SendStatus, SendSummary, State, Waiting
     from qant_mail.base.config import Settings
 
@@ -269,6 +270,88 @@ def render(
     written = issues.render_sample(_context(ctx), file, output)
     for path in written:
         typer.echo(f"wrote {_shown(path)} ({path.stat().st_size / 1000:.1f} KB)")
+
+
+@app.command()
+def diff(
+    ctx: typer.Context,
+    before: Annotated[
+        str, typer.Argument(help="FILE, FILE@REV (a git revision) or approved:ISSUE.")
+    ],
+    after: Annotated[str, typer.Argument(help="The same kinds: the version to compare with.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the changes as JSON.")] = False,
+    color: Annotated[
+        bool | None,
+        typer.Option("--color/--no-color", help="Colour (default: on a terminal only)."),
+    ] = None,
+    exit_code: Annotated[
+        bool, typer.Option("--exit-code", help="Exit 1 when readers would see a change.")
+    ] = False,
+) -> None:
+    """Show what readers would see change between two versions of an issue: subject,
+    preheader, each section's words, links, pictures, the message's size."""
+    import json
+
+    from qant_mail.app import review
+
+    found = review.diff(_context(ctx), before, after)
+    if as_json:
+        typer.echo(json.dumps(found.to_json(), ensure_ascii=False, indent=2))
+    else:
+        styled = sys.stdout.isatty() if color is None else color
+        for line in _diff_lines(found, styled):
+            typer.echo(line)
+    if exit_code and not found.empty:
+        raise typer.Exit(ExitCode.INVALID)
+
+
+def _diff_lines(found: Comparison, styled: bool) -> list[str]:
+    """Return the changes as lines: words removed [-…-] and added {+…+} (in red and
+    green on a terminal), links and pictures added (+) and removed (-)."""
+
+    def removed(text: str) -> str:
+        return typer.style(text, fg="red", strikethrough=True) if styled else f"[-{text}-]"
+
+    def added(text: str) -> str:
+        return typer.style(text, fg="green", bold=True) if styled else f"{{+{text}+}}"
+
+    def heading(text: str) -> str:
+        return typer.style(text, bold=True) if styled else text
+
+    lines: list[str] = []
+    for label, change in (("Subject", found.subject), ("Preheader", found.preheader)):
+        if change is not None:
+            lines += [
+                heading(f"{label}:"),
+                f"  {removed(change.before)}",
+                f"  {added(change.after)}",
+            ]
+    for section in found.sections:
+        lines.append(heading(f"{section.title} ({section.status})"))
+        for paragraph in section.paragraphs:
+            words = [
+                removed(text) if op == "-" else added(text) if op == "+" else text
+                for op, text in paragraph
+            ]
+            lines.append("  " + " ".join(w for w in words if w))
+    if found.links_added or found.links_removed:
+        lines.append(heading("Links:"))
+        lines += [f"  {added('+ ' + url)}" for url in found.links_added]
+        lines += [f"  {removed('- ' + url)}" for url in found.links_removed]
+    if found.images_added or found.images_removed or found.images_changed:
+        lines.append(heading("Pictures:"))
+        lines += [f"  {added(f'+ {alt or src}')}" for src, alt in found.images_added]
+        lines += [f"  {removed(f'- {alt or src}')}" for src, alt in found.images_removed]
+        for src, change in found.images_changed:
+            lines.append(f"  {src}: alt {removed(change.before)} {added(change.after)}")
+    if found.size is not None:
+        before, after = int(found.size.before), int(found.size.after)
+        delta = after - before
+        change = f"{delta:+,} bytes" if abs(delta) < 1000 else f"{delta / 1000:+.1f} KB"
+        lines.append(f"Size: {before / 1000:.1f} KB → {after / 1000:.1f} KB ({change})")
+    if found.empty:
+        lines.append("nothing a reader sees changed")
+    return lines
 
 
 @app.command()

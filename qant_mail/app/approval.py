@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qant_mail.app import issues
+from qant_mail.app import review
 from qant_mail.app.context import Context
-from qant_mail.audience import tokens
 from qant_mail.base.addresses import strip_controls
-from qant_mail.base.errors import ConfigError, QantError, SendError
+from qant_mail.base.errors import QantError, SendError
 from qant_mail.delivery.compose import MessageTemplate, Recipient
 from qant_mail.store.approvals import Approval as Approval  # re-exported for the edges
 from qant_mail.store.approvals import Approvals
@@ -47,19 +46,8 @@ def approve(ctx: Context, path: Path, approver: str) -> Approved:
         raise ApprovalError("--by: say who approves (a name, as the team knows it)")
     if len(name) > _MAX_NAME:
         raise ApprovalError(f"--by: a name of at most {_MAX_NAME} characters")
-    report = issues.sendable(ctx, path)  # errors and drafts are refused here
-    assert report.document is not None
-    assert report.rendered is not None
-    assert report.settings is not None
-    rendered, key = report.rendered, report.document.key
-    newsletter = report.settings.newsletter.id
-    # The message a send composes, unsigned: its digest leaves out the signatures and
-    # the readers' links, so an editor approves without the keys or the secret.
-    try:
-        secret = ctx.secret()
-    except ConfigError:
-        secret = tokens.SAMPLE_SECRET
-    template = MessageTemplate(rendered, report.settings, secret=secret, issue_key=key)
+    made = review.composed(ctx, path)  # errors and drafts are refused here
+    key, newsletter, rendered, template = made.key, made.newsletter, made.rendered, made.template
     with ctx.db() as db:
         approvals = Approvals(db)
         previous = approvals.latest(newsletter, key)

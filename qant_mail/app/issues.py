@@ -20,7 +20,7 @@ from qant_mail.audience import tokens
 from qant_mail.authoring import archive, draft
 from qant_mail.authoring.archive import ArchiveReport
 from qant_mail.authoring.lint import lint
-from qant_mail.authoring.load import Document, load
+from qant_mail.authoring.load import Document, load, parse
 from qant_mail.authoring.model import json_schema
 from qant_mail.authoring.render import THEME, Asset, RenderedIssue, Renderer, Slot
 from qant_mail.base.config import Settings
@@ -75,14 +75,20 @@ def write_schema(path: Path) -> None:
 
 
 def check(
-    ctx: Context, path: Path, *, renderer: Renderer | None = None, on: dt.date | None = None
+    ctx: Context,
+    path: Path,
+    *,
+    renderer: Renderer | None = None,
+    on: dt.date | None = None,
+    raw: bytes | None = None,
 ) -> CheckReport:
     """Validate the issue at `path`, render it (with the settings of the newsletter it
     belongs to) and lint the email: every problem at once. `on`: the email of an
-    occasion (a welcome), dated that day, with no page of its own in the archive."""
+    occasion (a welcome), dated that day, with no page of its own in the archive. `raw`:
+    the file's content at another time (a git revision), read as if it were there."""
     renderer = renderer or ctx.renderer
     try:
-        document = load(path)
+        document = load(path) if raw is None else parse(raw, path)
     except IssueError as err:
         return CheckReport(path, err.problems)
     wanted = document.issue.newsletter
@@ -156,10 +162,11 @@ def sendable(
     test: bool = False,
     renderer: Renderer | None = None,
     on: dt.date | None = None,
+    raw: bytes | None = None,
 ) -> CheckReport:
-    """Check the issue at `path`; raise what keeps it from going out: its errors, or a
-    draft (unless for a test)."""
-    report = check(ctx, path, renderer=renderer, on=on)
+    """Check the issue at `path` (or `raw`, as if it were there); raise what keeps it
+    from going out: its errors, or a draft (unless for a test)."""
+    report = check(ctx, path, renderer=renderer, on=on, raw=raw)
     if report.document is None or report.rendered is None:
         raise IssueError(path, report.problems)
     if report.errors:
