@@ -347,8 +347,8 @@ def _diff_lines(found: Comparison, styled: bool) -> list[str]:
     if found.size is not None:
         before, after = int(found.size.before), int(found.size.after)
         delta = after - before
-        change = f"{delta:+,} bytes" if abs(delta) < 1000 else f"{delta / 1000:+.1f} KB"
-        lines.append(f"Size: {before / 1000:.1f} KB → {after / 1000:.1f} KB ({change})")
+        moved = f"{delta:+,} bytes" if abs(delta) < 1000 else f"{delta / 1000:+.1f} KB"
+        lines.append(f"Size: {before / 1000:.1f} KB → {after / 1000:.1f} KB ({moved})")
     if found.empty:
         lines.append("nothing a reader sees changed")
     return lines
@@ -1577,6 +1577,10 @@ def _print_stats(found: Any) -> None:
                 str(s.unsubscribed),
             )
         console.print(sends)
+        if news.links:  # counted links ([audience] count_clicks): counts, never who
+            most = sorted(news.links, key=lambda c: -c.clicks)[:5]
+            shown = ", ".join(f"{c.url} {c.clicks}" for c in most)
+            console.print(f"links most followed: {shown}", soft_wrap=True, markup=False)
         console.print()
 
 

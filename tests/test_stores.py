@@ -15,6 +15,7 @@ from typer.testing import Result
 from qant_mail.base.config import Store
 from qant_mail.base.errors import ConfigError
 from qant_mail.store import schema
+from qant_mail.store.clicks import Clicks
 from qant_mail.store.db import (
     TABLES,
     IntegrityError,
@@ -334,3 +335,22 @@ def test_outcomes_committed_together_are_each_written_as_one_at_a_time(
             assert found.status == Status.BOUNCED
     finally:
         ledger.close()
+
+
+def test_a_counted_link_leads_where_it_was_registered_and_counts_by_day(
+    any_store: str | Path,
+) -> None:
+    db = open_store(any_store)
+    try:
+        clicks = Clicks(db)
+        clicks.register("default", "2024-01-08", ["https://a.example/", "https://b.example/"])
+        clicks.register("default", "2024-01-08", ["https://changed.example/"])  # first stays
+        assert clicks.follow("2024-01-08", 1, "2024-01-08") == "https://a.example/"
+        assert clicks.follow("2024-01-08", 1, "2024-01-09") == "https://a.example/"
+        assert clicks.follow("2024-01-08", 3, "2024-01-09") is None
+        assert clicks.target("2024-01-08", 2) == "https://b.example/"
+        counted = {(c.number, c.url): c.clicks for c in clicks.counts()}
+        assert counted == {(1, "https://a.example/"): 2, (2, "https://b.example/"): 0}
+        assert {c.number: c.clicks for c in clicks.counts("2024-01-09")} == {1: 1, 2: 0}
+    finally:
+        db.close()

@@ -64,6 +64,11 @@ LABELS: dict[str, dict[str, str]] = {
         "waiting": "En attente",
         "complained": "Plaintes",
         "unsubscribed": "Désinscrits sous 7 jours",
+        "links": "Liens suivis",
+        "links_desc": "Combien de fois chaque lien des envois a été suivi\u00a0: des comptes, "
+        "jamais qui.",
+        "link": "Lien",
+        "clicks": "Clics",
         "joined_by": "Arrivées par origine",
         "left_by": "Départs par moyen",
         "source.form": "formulaire",
@@ -113,6 +118,10 @@ LABELS: dict[str, dict[str, str]] = {
         "waiting": "Waiting",
         "complained": "Complaints",
         "unsubscribed": "Unsubscribed within 7 days",
+        "links": "Links followed",
+        "links_desc": "How often each link of the sends was followed: counts, never who.",
+        "link": "Link",
+        "clicks": "Clicks",
         "joined_by": "Joins by source",
         "left_by": "Leaves by way",
         "source.form": "form",
@@ -199,6 +208,7 @@ def _section(words: _Words, found: NewsletterStats, stats: Stats) -> str:
         _audience(words, found, stats),
         _moves(words, found, stats),
         _sends(words, found),
+        _links(words, found),
         "</section>\n",
     ]
     return "".join(parts)
@@ -371,6 +381,45 @@ def _sends(words: _Words, found: NewsletterStats) -> str:
         ],
     )
     return _figure(f"{found.key}-sends", words("sends"), description, marks, legend + table, height)
+
+
+def _links(words: _Words, found: NewsletterStats) -> str:
+    """Return the counted links of the period's sends: how often each was followed."""
+    if not found.links:
+        return ""  # not counted ([audience] count_clicks off), or no link yet
+    links = sorted(found.links, key=lambda c: (-c.clicks, c.issue, c.number))[:_TOP_LINKS]
+    row, label_w = 26, 330
+    height = TOP + row * len(links) + 8
+    plot_w = WIDTH - label_w - 90
+    top = max(max(c.clicks for c in links), 1)
+    marks = []
+    for i, link in enumerate(links):
+        y = TOP + row * i
+        shown = link.url.split("://", 1)[-1]
+        shown = shown if len(shown) <= 48 else shown[:47] + "…"
+        marks.append(
+            f'<text class="label" x="{label_w - 8}" y="{y + row / 2 + 4:.1f}" '
+            f'text-anchor="end">{_e(link.issue)} · {_e(shown)}</text>'
+        )
+        w = plot_w * link.clicks / top
+        title = f"{link.url}: {words.number(link.clicks)} {words('clicks').lower()}"
+        marks.append(
+            f'<rect class="delivered" x="{label_w}" y="{y + 5}" width="{w:.1f}" '
+            f'height="{row - 10}"><title>{_e(title)}</title></rect>'
+        )
+        marks.append(
+            f'<text class="tick" x="{label_w + w + 6:.1f}" y="{y + row / 2 + 4:.1f}">'
+            f"{_e(words.number(link.clicks))}</text>"
+        )
+    table = _table(
+        [words("issue"), words("link"), words("clicks")],
+        [[c.issue, c.url, words.number(c.clicks)] for c in found.links],
+    )
+    description = words("links_desc")
+    return _figure(f"{found.key}-links", words("links"), description, marks, table, height)
+
+
+_TOP_LINKS = 15  # the most followed links drawn; the table lists them all
 
 
 def _figure(

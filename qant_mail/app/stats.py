@@ -14,6 +14,7 @@ from typing import Any, Literal
 from qant_mail.app import issues
 from qant_mail.app.context import Context
 from qant_mail.base.errors import QantError
+from qant_mail.store.clicks import Clicks, LinkCount
 from qant_mail.store.stats import Figures, Moves, SendFigures
 
 By = Literal["day", "week"]
@@ -71,6 +72,7 @@ class SendStats:
     soft_bounced: int
     complained: int
     unsubscribed: int  # in the seven days after it
+    clicks: int = 0  # its counted links followed ([audience] count_clicks), in all
 
     @property
     def other(self) -> int:
@@ -92,6 +94,9 @@ class NewsletterStats:
     left: dict[str, int] = field(default_factory=dict)  # over the period, by way
     bounced: int = 0
     complained: int = 0
+    # Each counted link of the period's sends, and how often it was followed in all:
+    # counts only, never who ([audience] count_clicks).
+    links: list[LinkCount] = field(default_factory=list)
 
     @property
     def active_at_start(self) -> int:
@@ -152,7 +157,10 @@ def stats(
         if by == "week":
             since -= dt.timedelta(days=since.weekday())  # weeks begin on Mondays
         sends = {key: figures.sends(key, _stored_time(since, _zone(ctx, key))) for key in keys}
-    found = [_newsletter(ctx, key, moves[key], sends[key], since, until, by) for key in keys]
+        counted = Clicks(db).counts()
+    found = [
+        _newsletter(ctx, key, moves[key], sends[key], since, until, by, counted) for key in keys
+    ]
     return Stats(since, until, by, found)
 
 
@@ -164,8 +172,14 @@ def _newsletter(
     since: dt.date,
     until: dt.date,
     by: By,
+    counted: list[LinkCount],
 ) -> NewsletterStats:
     settings = ctx.settings.for_newsletter(key)
+    issues_sent = {s.issue for s in sends}
+    links = [c for c in counted if c.newsletter == key and c.issue in issues_sent]
+    clicks: Counter[str] = Counter()
+    for link in links:
+        clicks[link.issue] += link.clicks
     zone = _zone(ctx, key)
     starts = _periods(since, until, by)
     joined: dict[dt.date, Counter[str]] = {start: Counter() for start in starts}
@@ -201,15 +215,16 @@ def _newsletter(
         timezone=settings.newsletter.timezone,
         active=moves.active,
         periods=periods,
-        sends=[_send(s, zone) for s in sends],
+        sends=[_send(s, zone, clicks[s.issue]) for s in sends],
         joined=_by(SOURCES, total_joined),
         left=_by(WAYS, total_ended),
         bounced=total_ended["bounced"],
         complained=total_ended["complained"],
+        links=links,
     )
 
 
-def _send(figures: SendFigures, zone: zoneinfo.ZoneInfo) -> SendStats:
+def _send(figures: SendFigures, zone: zoneinfo.ZoneInfo, clicks: int = 0) -> SendStats:
     started = dt.datetime.fromisoformat(figures.started_at).astimezone(zone)
     return SendStats(
         figures.issue,
@@ -222,6 +237,7 @@ def _send(figures: SendFigures, zone: zoneinfo.ZoneInfo) -> SendStats:
         figures.soft_bounced,
         figures.complained,
         figures.unsubscribed,
+        clicks,
     )
 
 
@@ -297,7 +313,12 @@ def _newsletter_json(found: NewsletterStats) -> dict[str, Any]:
                 "soft_bounced": s.soft_bounced,
                 "complained": s.complained,
                 "unsubscribed_within_7_days": s.unsubscribed,
+                "clicks": s.clicks,
             }
             for s in found.sends
+        ],
+        "links": [
+            {"issue": c.issue, "number": c.number, "url": c.url, "clicks": c.clicks}
+            for c in found.links
         ],
     }

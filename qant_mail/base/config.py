@@ -410,6 +410,14 @@ class Signup(Strict):
     trust_proxy: bool = False
 
 
+class Audience(Strict):
+    """What is counted of readers: only ever counts, never who."""
+
+    # Each link of an issue goes through base_url/l/ISSUE/N, which adds one to that
+    # link's count of the day and redirects: no reader, no cookie, no address kept.
+    count_clicks: bool = False
+
+
 class Review(Strict):
     """Approval before a send to the list."""
 
@@ -490,6 +498,7 @@ class SettingsFile(Strict):
     dkim: Dkim = _left_out()
     doctor: Doctor = _left_out()
     review: Review = _left_out()
+    audience: Audience = _left_out()
 
 
 class _Edition(Strict):
@@ -550,6 +559,7 @@ class Settings:
     signup: Signup = dc_field(default_factory=Signup)
     doctor: Doctor = dc_field(default_factory=Doctor)
     review: Review = dc_field(default_factory=Review)
+    audience: Audience = dc_field(default_factory=Audience)
     # Every newsletter of the installation by key, the main one first.
     editions: Mapping[str, Edition] = dc_field(default_factory=dict, compare=False)
 
@@ -720,6 +730,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         signup=data.signup,
         doctor=data.doctor,
         review=data.review,
+        audience=data.audience,
         editions=editions,
     )
 

@@ -33,6 +33,8 @@ HeaderField = tuple[str, bytes]  # a name, and its value as written after the co
 _QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
 _QP_LINE = 76  # RFC 2045: encoded lines of at most 76 characters, the soft break included
 # A display name of letters, digits and spaces needs no quoting (RFC 5322 phrase of atoms).
+# The href of a link: (everything before the value, the quote, the value).
+_HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
@@ -227,6 +229,11 @@ class MessageTemplate:
         subject = ("[TEST] " if test else "") + rendered.subject
         when = date or dt.datetime.now(dt.UTC).astimezone()
         self.subject = subject
+        # Counted links ([audience] count_clicks): the list's messages only, not a test
+        # or a welcome. `links[n - 1]` is where base_url/l/ISSUE/n leads.
+        counted = settings.audience.count_clicks and not (test or unique)
+        self.links: list[str] = []
+        self._click_base = f"{settings.newsletter.base_url}/l/{self.issue_key}/" if counted else ""
         # The boundaries follow from the content, not from chance: the same render gives
         # the same message, so that an approval can name it by a digest and a reader's
         # copy can be made again. ("=_" never occurs in an encoded body: no collision.)
@@ -416,6 +423,22 @@ class MessageTemplate:
             ("List-Unsubscribe", unsubscribe.encode("ascii")),
         ]
 
+    def _counted(self, page: str) -> str:
+        """Return the HTML with each link to elsewhere going through its counter; keep
+        where each leads in `links` (one number per address, however often it appears)."""
+        numbers: dict[str, int] = {}
+
+        def through(match: re.Match[str]) -> str:
+            target = html.unescape(match[3])
+            if not target.startswith(("https://", "http://")) or PLACEHOLDER.search(target):
+                return match[0]  # mailto:, anchors, a reader's own links: as they are
+            if target not in numbers:
+                self.links.append(target)
+                numbers[target] = len(self.links)
+            return f"{match[1]}{match[2]}{self._click_base}{numbers[target]}{match[2]}"
+
+        return _HREF.sub(through, page)
+
     def _mailto_link(self) -> str:
         """Return the List-Unsubscribe header's second link, if the sender has one."""
         address = self.settings.sender.unsubscribe_address
@@ -475,6 +498,8 @@ class MessageTemplate:
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
         )
         page = rendered.html.replace(Slot.BROWSER_URL.token, html.escape(web_url))
+        if self._click_base:
+            page = self._counted(page)
         segments += _qp_template(page, html=True)
         if related:
             for asset in embedded:
@@ -522,6 +547,7 @@ _KEPT = (
     "_mailto",
     "test_nonce",
     "subject",
+    "links",
 )
 
 

@@ -51,6 +51,7 @@ from qant_mail.delivery.transport import (
     relay_transport,
 )
 from qant_mail.store.approvals import Approvals
+from qant_mail.store.clicks import Clicks
 from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import (
     Delivery,
@@ -661,6 +662,10 @@ class Outbox:
             with exclusive:
                 send = self._send_of(ledger, prepared, accept_changes)
                 prepared = _as_first_sent(Approvals(ledger.db), send, prepared)
+                if prepared.template.links:  # counted: where each number leads
+                    Clicks(ledger.db).register(
+                        prepared.newsletter, prepared.issue_key, prepared.template.links
+                    )
                 if new_subscribers:
                     ledger.add_joined(send)
                 ledger.recover(send, starting=self.worker)

@@ -584,6 +584,8 @@ TABLES = (
     "outbox",
     "approvals",
     "send_messages",
+    "links",
+    "clicks",
 )
 
 

@@ -236,6 +236,24 @@ SQLITE: list[str | Callable[[Db], None]] = [
         created_at TEXT NOT NULL
     )
     """,
+    # 15: counted links ([audience] count_clicks): where each leads, and a count a day,
+    # never who followed it
+    """
+    CREATE TABLE links (
+        issue TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        newsletter TEXT NOT NULL,
+        url TEXT NOT NULL,
+        PRIMARY KEY (issue, n)
+    );
+    CREATE TABLE clicks (
+        issue TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        day TEXT NOT NULL,
+        clicks INTEGER NOT NULL,
+        PRIMARY KEY (issue, n, day)
+    )
+    """,
 ]
 
 # The same steps in PostgreSQL's words: 64-bit identities for ids, `citext` for the
@@ -518,6 +536,24 @@ POSTGRESQL: list[str] = [
         digest TEXT NOT NULL,
         message BYTEA NOT NULL,
         created_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+    # 15: counted links ([audience] count_clicks): where each leads, and a count a day,
+    # never who followed it
+    """
+    CREATE TABLE links (
+        issue TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        newsletter TEXT NOT NULL,
+        url TEXT NOT NULL,
+        PRIMARY KEY (issue, n)
+    );
+    CREATE TABLE clicks (
+        issue TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        day TEXT NOT NULL,
+        clicks INTEGER NOT NULL,
+        PRIMARY KEY (issue, n, day)
     )
     """,
 ]
