@@ -336,12 +336,12 @@ def _diff_lines(found: Comparison, styled: bool) -> list[str]:
             lines.append("  " + " ".join(w for w in words if w))
     if found.links_added or found.links_removed:
         lines.append(heading("Links:"))
-        lines += [f"  {added('+ ' + url)}" for url in found.links_added]
-        lines += [f"  {removed('- ' + url)}" for url in found.links_removed]
+        lines += [f"  + {added(url)}" for url in found.links_added]
+        lines += [f"  - {removed(url)}" for url in found.links_removed]
     if found.images_added or found.images_removed or found.images_changed:
         lines.append(heading("Pictures:"))
-        lines += [f"  {added(f'+ {alt or src}')}" for src, alt in found.images_added]
-        lines += [f"  {removed(f'- {alt or src}')}" for src, alt in found.images_removed]
+        lines += [f"  + {added(alt or src)}" for src, alt in found.images_added]
+        lines += [f"  - {removed(alt or src)}" for src, alt in found.images_removed]
         for src, change in found.images_changed:
             lines.append(f"  {src}: alt {removed(change.before)} {added(change.after)}")
     if found.size is not None:
