@@ -388,6 +388,24 @@ class Subscribers:
         for row in self.db.stream(*self._listing(status)):
             yield _subscriber(row)
 
+    def page(self, after: int, limit: int, status: Status | None = None) -> list[Subscriber]:
+        """Return at most `limit` of this newsletter's subscribers numbered above `after`
+        (of one status or all), by number: a page that stays put while readers join."""
+        if status is None:
+            query = f"{_LIST} WHERE s.id > $2 ORDER BY s.id LIMIT $3"
+            return [_subscriber(r) for r in self.db.execute(query, (self.newsletter, after, limit))]
+        query = f"{_LIST} WHERE s.id > $2 AND {_COMBINED_STATUS} = $3 ORDER BY s.id LIMIT $4"
+        rows = self.db.execute(query, (self.newsletter, after, status.value, limit))
+        return [_subscriber(row) for row in rows]
+
+    def rename(self, subscriber_id: int, name: str) -> Subscriber | None:
+        """Give reader `subscriber_id` the display name `name` (empty: none); None if
+        there is no such reader."""
+        self.db.execute(
+            "UPDATE subscribers SET name = $1 WHERE id = $2", (_name(name), subscriber_id)
+        )
+        return self.by_id(subscriber_id)
+
     def _listing(self, status: Status | None) -> tuple[str, tuple[str, ...]]:
         """Return the query of this newsletter's subscribers (of one status or all), in
         the order they joined, and its parameters."""
