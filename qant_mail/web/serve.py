@@ -24,12 +24,15 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from qant_mail.app import readers
+from qant_mail.app import links, readers
 from qant_mail.app.context import Context
 from qant_mail.app.readers import Signup, SignupError, Status
 from qant_mail.app.sending import QueueWorker
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import QantError
+from qant_mail.web.api import PREFIX, Api, ApiRequest, api_tokens
+from qant_mail.web.api import shown_path as api_shown_path
+from qant_mail.web.api import unavailable as api_unavailable
 from qant_mail.web.webserver import Describe, Scope
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
     renderer = ctx.renderer
     worker = QueueWorker(ctx)
     signup = Signup(ctx, queued=worker.wake)
+    # Read now: a token too short or written wrong stops `serve` before it listens.
+    keys = api_tokens(ctx.env)
+    api = Api(ctx, keys, queued=worker.wake) if keys else None
 
     def html(
         template: str, key: str | None = None, status: int = 200, **context: object
@@ -209,11 +215,48 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
         # Post/redirect/get: a reload does not send the choice again.
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303, headers=_HEADERS)
 
+    async def follow(request: Request) -> Response:
+        # A counted link ([audience] count_clicks): one more for it today, then on. No
+        # cookie, and the log line of this request shows no client (see request_log).
+        issue, number = request.path_params["issue"], request.path_params["number"]
+        counted = request.method == "GET"  # a HEAD is a link checker's, not a reader's
+        target = await anyio.to_thread.run_sync(
+            lambda: links.follow(ctx, issue, number, count=counted)
+        )
+        if target is None:
+            return PlainTextResponse("no such link\n", status_code=404, headers=_HEADERS)
+        return RedirectResponse(target, status_code=302, headers=_HEADERS)
+
     async def health(request: Request) -> JSONResponse:
         trouble = await anyio.to_thread.run_sync(readers.health, ctx)
         if trouble is not None:
             return JSONResponse({"status": "error", "store": trouble}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    # -- the API (/api/v1/, JSON; on when QANT_API_TOKEN holds a token) ---------------
+
+    async def api_endpoint(request: Request) -> Response:
+        assert api is not None
+        asked = ApiRequest(
+            method=request.method,
+            path="/" + request.path_params["path"],
+            query=request.url.query,
+            authorization=request.headers.get("authorization", ""),
+            content_type=request.headers.get("content-type", ""),
+            body=await request.body(),
+            client=_client(request, settings.signup.trust_proxy),
+        )
+        try:
+            answer = await anyio.to_thread.run_sync(api.handle, asked)
+        except QantError as err:
+            log.error("%s %s: %s", request.method, shown_path(request.scope), err)
+            answer = api_unavailable()
+        return JSONResponse(
+            answer.body,
+            status_code=answer.status,
+            headers=answer.all_headers,
+            media_type=answer.media_type,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -228,6 +271,7 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
 
     routes: list[Route | Mount] = [
         Route("/healthz", health),
+        Route("/l/{issue}/{number:int}", follow, methods=["GET", "HEAD"]),
         Route("/unsubscribe/{token}", unsubscribe_page, methods=["GET", "HEAD"]),
         Route("/unsubscribe/{token}", unsubscribe, methods=["POST"]),
         Route("/subscribe", subscribe_form, methods=["GET", "HEAD"]),
@@ -239,6 +283,9 @@ def create_app(ctx: Context, archive: Path | None, *, drain: bool = True) -> Sta
         Route("/subscriptions/{token}", reader_page, methods=["GET", "HEAD"]),
         Route("/subscriptions/{token}", reader_choose, methods=["POST"]),
     ]
+    if api is not None:
+        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+        routes.append(Route(PREFIX + "/{path:path}", api_endpoint, methods=methods))
     if archive is not None:
         routes.append(Mount("/", StaticFiles(directory=archive, html=True), name="archive"))
 
@@ -289,7 +336,10 @@ def request_log(settings: Settings) -> Describe:
     trust_proxy = settings.signup.trust_proxy
 
     def describe(scope: Scope) -> tuple[str, str]:
-        return shown_path(scope), _client(Request(scope), trust_proxy)
+        path = shown_path(scope)
+        if path.startswith("/l/"):
+            return path, "-"  # a counted link keeps nothing of who followed it
+        return path, _client(Request(scope), trust_proxy)
 
     return describe
 
@@ -299,7 +349,10 @@ def shown_path(scope: Scope) -> str:
     a query (a link's query may hold a token or an address)."""
     path = str(scope.get("path", ""))
     token = _TOKEN_PATH.search(path)
-    if token is not None:
+    if path.lower().startswith("/api/"):
+        # A client may paste a token anywhere in a path of the API, in any case.
+        path = api_shown_path(path)
+    elif token is not None:
         path = f"{path[: token.end()]}…"
     return f"{path}?…" if scope.get("query_string") else path
 
