@@ -86,7 +86,7 @@ LABELS: dict[str, dict[str, str]] = {
         "stop.complained": "plainte",
         "untracked": "Ces chiffres sont des comptes que la lettre tient pour servir ses "
         "lecteurs (leurs abonnements, ce que chaque envoi est devenu)\u00a0: ni pixel "
-        "espion, ni lien pisté, rien qui suive un lecteur.",
+        "espion, ni lien propre à un lecteur, rien qui suive un lecteur.",
     },
     "en": {
         "title": "{name}: the figures",
@@ -138,8 +138,8 @@ LABELS: dict[str, dict[str, str]] = {
         "stop.bounced": "bounced",
         "stop.complained": "complaint",
         "untracked": "These figures are counts the newsletter keeps to serve its readers "
-        "(their subscriptions, what became of each send): no tracking pixel, no tracked "
-        "link, nothing that follows a reader.",
+        "(their subscriptions, what became of each send): no tracking pixel, no link of "
+        "a reader's own, nothing that follows a reader.",
     },
 }
 
@@ -323,7 +323,7 @@ def _sends(words: _Words, found: NewsletterStats) -> str:
     sends = found.sends
     if not sends:
         return f"<h2>{_e(words('sends'))}</h2>\n<p>{_e(words('no_send'))}</p>\n"
-    row, label_w, right = 34, 150, 150
+    row, label_w, right = 34, 150, 210  # room on the right for the unsubscriptions
     height = TOP + row * len(sends) + 8
     plot_w = WIDTH - label_w - right
     top = max(max(s.recipients for s in sends), 1)

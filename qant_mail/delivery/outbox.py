@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import os
 import re
@@ -26,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -652,15 +654,17 @@ class Outbox:
         self.check(rules)
         ledger = Ledger(self.store)
         try:
-            if self.settings.for_newsletter(prepared.newsletter).review_required:
-                _approved(Approvals(ledger.db), prepared)
+            own = self.settings.for_newsletter(prepared.newsletter)
+            zone = own.newsletter.timezone
+            if own.review_required:
+                _approved(Approvals(ledger.db), prepared, zone)
             # SQLite: one process per send, by its lock. PostgreSQL: each `send` joins the
             # run, claiming rows the others do not hold.
             exclusive = (
                 contextlib.nullcontext() if ledger.shared else ledger.lock(prepared.issue_key)
             )
             with exclusive:
-                send = self._send_of(ledger, prepared, accept_changes)
+                send = self._send_of(ledger, prepared, accept_changes, zone)
                 prepared = _as_first_sent(Approvals(ledger.db), send, prepared)
                 if prepared.template.links:  # counted: where each number leads
                     Clicks(ledger.db).register(
@@ -689,7 +693,7 @@ class Outbox:
         return report
 
     @staticmethod
-    def _send_of(ledger: Ledger, prepared: Prepared, accept_changes: bool) -> Send:
+    def _send_of(ledger: Ledger, prepared: Prepared, accept_changes: bool, zone: str) -> Send:
         """Return the issue's send: planned now (its readers frozen), or the one that
         started before, if it is the same issue."""
         send = ledger.find(prepared.issue_key)
@@ -714,13 +718,24 @@ class Outbox:
             )
         if send.content_hash != prepared.content_hash and not accept_changes:
             raise SendError(
-                f"{prepared.issue_key} changed since its send started ({send.created_at}); "
+                f"{prepared.issue_key} changed since its send started "
+                f"({_local(send.created_at, zone)}); "
                 "re-run with --accept-changes to send this version to those not served yet"
             )
         return send
 
 
-def _approved(approvals: Approvals, prepared: Prepared) -> None:
+def _local(stamp: str, zone: str) -> str:
+    """Return a stored time (ISO 8601, UTC) as the newsletter's editors read it: in its
+    time zone, to the minute, with the offset."""
+    try:
+        when = dt.datetime.fromisoformat(stamp).astimezone(zoneinfo.ZoneInfo(zone))
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return stamp
+    return when.isoformat(" ", "minutes")
+
+
+def _approved(approvals: Approvals, prepared: Prepared, zone: str) -> None:
     """Refuse a send to the list of an issue nobody approved, or whose message changed
     since its approval ([review] required)."""
     key = prepared.issue_key
@@ -732,7 +747,8 @@ def _approved(approvals: Approvals, prepared: Prepared) -> None:
         )
     if approval.digest != prepared.template.digest():
         raise SendError(
-            f"{key} changed since {approval.approver} approved it ({approval.approved_at}): "
+            f"{key} changed since {approval.approver} approved it "
+            f"({_local(approval.approved_at, zone)}): "
             f"`qant-mail diff approved:{key} issues/{key}.yaml` shows what readers would "
             "see change; approve it again to send it"
         )
