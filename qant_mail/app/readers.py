@@ -5,6 +5,7 @@ remove, list, count, export). What the public side (`serve`) and the command lin
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import io
@@ -47,6 +48,14 @@ __all__ = ["ImportReport", "Status", "Subscriber"]
 
 class _NumberTaken(Exception):
     """A request number drawn at random is another request's (once in billions)."""
+
+
+class Asked(enum.Enum):
+    """What became of a signup request."""
+
+    QUEUED = "queued"  # kept, its confirmation queued
+    TRAPPED = "trapped"  # a bot filled the hidden field: nothing kept
+    LIMITED = "limited"  # a limit was reached: nothing kept, no mail
 
 
 class SignupError(QantError):
@@ -117,11 +126,19 @@ class Signup:
             raise SignupError(labels.subscribe_no_choice, "newsletter")
         return Request(address, name, chosen, form[:40], client, trap)
 
-    def request(self, request: Request) -> None:
-        """Deal with a valid request: a trap filled or a limit reached ends it silently;
-        else the request is kept and its confirmation queued, in one transaction. Every
-        request takes the same steps up to that transaction (the confirmation is
-        rendered, for nothing if need be): how long the answer takes says nothing."""
+    def request(
+        self,
+        request: Request,
+        *,
+        client: str | None = None,
+        per_client_hour: int | None = None,
+    ) -> Asked:
+        """Deal with a valid request: a trap filled or a limit reached ends it (the form
+        says nothing of it; the API answers 429); else the request is kept and its
+        confirmation queued, in one transaction. Every request takes the same steps up to
+        that transaction (the confirmation is rendered, for nothing if need be): how long
+        the answer takes says nothing. `client`: who asks, as the limits count it (default:
+        a digest of the request's client); `per_client_hour`: that client's limit."""
         ctx, config = self.ctx, self.settings.signup
         now = ctx.clock()
         expires = int(now + config.confirm_hours * 3600)
@@ -136,32 +153,40 @@ class Signup:
             )
             if request.trap:
                 log.info("signup: the trap field was filled in; ignored")
-                return
+                return Asked.TRAPPED
+            who = client if client is not None else self._client(request.client)
+            limit = config.per_client_per_hour if per_client_hour is None else per_client_hour
             try:
-                self._record(request, number, message, now, expires)
+                return self._record(request, number, message, now, expires, who, limit)
             except _NumberTaken:
                 continue  # that number was drawn already: another one
-            return
         raise QantError("signup: no free request number after three draws")
 
     def _record(
-        self, request: Request, number: int, message: bytes, now: float, expires: int
-    ) -> None:
+        self,
+        request: Request,
+        number: int,
+        message: bytes,
+        now: float,
+        expires: int,
+        client: str,
+        per_client_hour: int,
+    ) -> Asked:
         """Count the attempt and, if the limits allow, keep the request and queue its
         confirmation: all of it or nothing."""
         config = self.settings.signup
         with self.ctx.db() as db, transaction(db):
             signups = Signups(db)
             allowed = signups.attempt(
-                self._client(request.client),
+                client,
                 request.email,
                 now,
-                per_client_hour=config.per_client_per_hour,
+                per_client_hour=per_client_hour,
                 per_address_day=config.per_address_per_day,
             )
             if not allowed:
                 log.info("signup: rate limit reached; no confirmation sent")
-                return
+                return Asked.LIMITED
             signups.purge(now)
             kept = signups.add(
                 request.email,
@@ -182,6 +207,7 @@ class Signup:
                 expires_at=expires,
             )
         self.queued()
+        return Asked.QUEUED
 
     def confirmation(self, request: Request, url: str) -> bytes:
         """Return the confirmation email of a request, in the look of its first newsletter."""

@@ -11,21 +11,17 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qant_mail.app.context import Context
-from qant_mail.app.readers import MAX_NAME, Request, Signup
-from qant_mail.audience import tokens
+from qant_mail.app.readers import MAX_NAME, Asked, Request, Signup
 from qant_mail.base.addresses import AddressChecker, AddressError, check_display_name
 from qant_mail.base.errors import QantError
 from qant_mail.store.db import Db, now_text, transaction
-from qant_mail.store.mailqueue import MailQueue
 from qant_mail.store.subscribers import (
     READER_STATUSES,
     Consent,
-    Signups,
     Status,
     Subscriber,
     SubscriberError,
@@ -329,57 +325,21 @@ def _time(
 
 
 def _request_confirmation(ctx: Context, request: Request, queued: Callable[[], None]) -> None:
-    """Keep a signup request and queue its confirmation, as the signup form does, in one
-    transaction; raise TooMany when the address has had its confirmations for the day."""
-    signup = Signup(ctx, queued=queued)
-    config = ctx.settings.signup
-    now = ctx.clock()
-    expires = int(now + config.confirm_hours * 3600)
-    secret = ctx.secret()
-    client = hmac.digest(secret, b"api client\0" + request.client.encode(), hashlib.sha256)
-    for _ in range(3):
-        number = secrets.randbelow(2**62) + 1
-        token = tokens.make_confirm(secret, number, request.email, expires)
-        message = signup.confirmation(
-            request, f"{ctx.settings.newsletter.base_url}/confirm/{token}"
+    """Keep a signup request and queue its confirmation, as the signup form does (the
+    same use case); raise TooMany when the address has had its confirmations for the day."""
+    # The API's callers are counted apart from the forms' clients, and not per hour:
+    # a token has limits of its own.
+    digest = hmac.digest(ctx.secret(), b"api client\0" + request.client.encode(), hashlib.sha256)
+    asked = Signup(ctx, queued=queued).request(
+        request, client=digest[:12].hex(), per_client_hour=_NO_CLIENT_LIMIT
+    )
+    if asked is Asked.LIMITED:
+        limit = ctx.settings.signup.per_address_per_day
+        raise TooMany(
+            f"this address has had {limit} confirmation mails in a day: it gets no more "
+            "before tomorrow",
+            retry_after=86400,
         )
-        with ctx.db() as db, transaction(db):
-            signups = Signups(db)
-            allowed = signups.attempt(
-                client[:12].hex(),
-                request.email,
-                now,
-                per_client_hour=_NO_CLIENT_LIMIT,
-                per_address_day=config.per_address_per_day,
-            )
-            if not allowed:
-                raise TooMany(
-                    f"this address has had {config.per_address_per_day} confirmation mails "
-                    "in a day: it gets no more before tomorrow",
-                    retry_after=86400,
-                )
-            signups.purge(now)
-            kept = signups.add(
-                request.email,
-                request.name,
-                request.newsletters,
-                request.form,
-                now_text(),
-                expires,
-                number=number,
-            )
-            if kept is None:
-                continue  # that number was drawn already: another one, nothing kept
-            MailQueue(db).add(
-                kind="confirm",
-                newsletter=request.newsletters[0],
-                recipient=request.email,
-                message=message,
-                expires_at=expires,
-            )
-        queued()
-        return
-    raise QantError("api: no free request number after three draws")
 
 
 # -- reading and changing ------------------------------------------------------------
