@@ -719,7 +719,8 @@ def sends(
     several = len(settings.editions) > 1  # a newsletter column, then
     if as_json:
         listed = [
-            _summary_json(s) | {"approval": _approval_json(approvals.get(_key(s)))} for s in found
+            sending.summary_json(s) | {"approval": _approval_json(approvals.get(_key(s)))}
+            for s in found
         ]
         typer.echo(json.dumps(listed, ensure_ascii=False, indent=2))
         return
@@ -921,25 +922,6 @@ def approve(
         )
     if not done.required:
         typer.echo("  (review.required is not set: sends do not wait for an approval)", err=True)
-
-
-def _summary_json(summary: SendSummary) -> dict[str, object]:
-    send = summary.send
-    return {
-        "issue": send.issue,
-        "newsletter": send.newsletter,
-        "subject": send.subject,
-        "created_at": send.created_at,
-        "finished_at": send.finished_at,
-        "running": summary.running,
-        "recipients": summary.recipients,
-        "counts": {state.value: n for state, n in summary.counts.items()},
-        "bounced": summary.bounced,
-        "soft_bounced": summary.soft_bounced,
-        "complaints": summary.complaints,
-        "unsubscribed": summary.unsubscribed,
-        "relays": summary.relays,
-    }
 
 
 def _carried(relays: Mapping[str, int]) -> str:

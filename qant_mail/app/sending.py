@@ -335,6 +335,28 @@ class History:
     approvals: dict[tuple[str, str], Approval] = field(default_factory=dict)
 
 
+def summary_json(summary: SendSummary) -> dict[str, object]:
+    """Return one send of the history as JSON values: what `sends --json` and the API
+    show of it."""
+    send = summary.send
+    return {
+        "id": send.id,
+        "issue": send.issue,
+        "newsletter": send.newsletter,
+        "subject": send.subject,
+        "created_at": send.created_at,
+        "finished_at": send.finished_at,
+        "running": summary.running,
+        "recipients": summary.recipients,
+        "counts": {state.value: n for state, n in summary.counts.items()},
+        "bounced": summary.bounced,
+        "soft_bounced": summary.soft_bounced,
+        "complaints": summary.complaints,
+        "unsubscribed": summary.unsubscribed,
+        "relays": summary.relays,
+    }
+
+
 def history(ctx: Context) -> History:
     """Return every send of the store, the latest first (see `Ledger.history`), those a
     `send` is at work on now marked running; and what the outbox's queue holds."""

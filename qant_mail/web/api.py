@@ -476,7 +476,7 @@ class Api:
         return Answer(
             200,
             {
-                "data": [_summary(summary) for summary in shown],
+                "data": [sending.summary_json(summary) for summary in shown],
                 "next_after": shown[-1].send.id if more else None,
             },
         )
@@ -709,25 +709,6 @@ def _listed(reader: Subscriber) -> dict[str, object]:
 
 def _counts(counts: Mapping[Any, int]) -> dict[str, int]:
     return {str(state): number for state, number in counts.items()}
-
-
-def _summary(summary: sending.SendSummary) -> dict[str, object]:
-    send = summary.send
-    return {
-        "id": send.id,
-        "issue": send.issue,
-        "newsletter": send.newsletter,
-        "subject": send.subject,
-        "created_at": send.created_at,
-        "finished_at": send.finished_at,
-        "running": summary.running,
-        "recipients": summary.recipients,
-        "counts": _counts(summary.counts),
-        "bounced": summary.bounced,
-        "soft_bounced": summary.soft_bounced,
-        "complaints": summary.complaints,
-        "unsubscribed": summary.unsubscribed,
-    }
 
 
 # The states of a row still to be sent (the ledger's LEFT).
