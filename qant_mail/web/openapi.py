@@ -228,6 +228,7 @@ _SCHEMAS: dict[str, Any] = {
             "soft_bounced": {"type": "integer"},
             "complaints": {"type": "integer"},
             "unsubscribed": {"type": "integer"},
+            "relays": {"type": "object", "additionalProperties": {"type": "integer"}},
         },
     },
     "SendPage": {
