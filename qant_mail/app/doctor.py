@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from qant_mail.app import issues
 from qant_mail.app.context import Context
-from qant_mail.app.probe import Visit, Web
 from qant_mail.audience import tokens
 from qant_mail.authoring.load import load
 from qant_mail.authoring.render import PLACEHOLDER
@@ -28,8 +28,13 @@ from qant_mail.base.errors import ExitCode, IssueError, QantError
 from qant_mail.base.files import write_all
 from qant_mail.delivery.compose import Prepared, Recipient
 from qant_mail.delivery.outbox import Rules, aligned
-from qant_mail.delivery.resolver import Answer, Resolver
 from qant_mail.delivery.transport import Relays, SmtpTransport, TransportUnavailable
+
+if TYPE_CHECKING:
+    # Imported where the network is asked: `send` runs the checks that need none, and
+    # dnspython alone is a fifth of its start-up.
+    from qant_mail.app.probe import Visit, Web
+    from qant_mail.delivery.resolver import Answer, Resolver
 
 # What the relays said they take (EHLO SIZE), kept under paths.cache by the last run
 # that asked them: the checks without network compare a message with it.
@@ -134,6 +139,8 @@ def run(ctx: Context, issue: Path | None, *, offline: bool = False) -> DoctorRep
     rules = _rules(ctx, key)
     if rules is not None:
         checks += _dns(settings, rules)
+    from qant_mail.app.probe import Web
+
     web = Web(
         settings.doctor.timeout,
         _user_agent(settings),
@@ -295,6 +302,8 @@ def _size_known(settings: Settings, size: int) -> Check:
 
 
 def _dns(settings: Settings, rules: Rules) -> list[Check]:
+    from qant_mail.delivery.resolver import Resolver
+
     resolver = Resolver(settings.doctor.nameserver, settings.doctor.timeout)
     checks = [_dkim_record(resolver, key.selector, key.domain, key.record) for key in rules.keys]
     # DMARC passes on a signature or an envelope that both aligns and verifies.
