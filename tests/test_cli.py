@@ -247,3 +247,13 @@ def test_a_port_out_of_range_is_a_usage_error(cli: Cli) -> None:
     assert result.exit_code == ExitCode.USAGE
     assert "--port" in result.output
     assert "65535" in result.output
+
+
+def test_sending_loads_nothing_of_the_network_checks() -> None:
+    # `send` runs doctor's offline checks; the DNS and the web probes are `doctor`'s own.
+    code = "import sys, qant_mail.app.sending; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for heavy in ("dns", "dns.resolver", "qant_mail.app.probe", "qant_mail.delivery.resolver"):
+        assert heavy not in loaded
