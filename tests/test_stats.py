@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import Result
 
-from qant_mail.app import readers, report
+from qant_mail.app import readers, report, subscribers_api
 from qant_mail.app import stats as figures
 from qant_mail.app.context import Context
 from qant_mail.audience import tokens
@@ -78,8 +78,9 @@ def test_the_figures_count_joins_by_source_leaves_by_way_and_what_each_send_beca
     found = figures.stats(ctx)
     (news,) = found.newsletters
     assert news.active == 2  # r4, form: r5's address was refused, which stops it
-    assert news.joined == {"form": 1, "page": 0, "import": 6, "cli": 1, "other": 0}
-    assert news.left == {"link": 1, "one-click": 1, "page": 0, "mail": 1, "cli": 1, "other": 0}
+    assert news.joined == {"form": 1, "page": 0, "import": 6, "cli": 1, "api": 0, "other": 0}
+    left = {"link": 1, "one-click": 1, "page": 0, "mail": 1, "cli": 1, "api": 0, "other": 0}
+    assert news.left == left
     assert (news.bounced, news.complained) == (2, 0)
     assert found.by == "day"
     assert found.since == found.until  # the first reader joined today
@@ -228,3 +229,18 @@ def test_the_reports_charts_draw_in_a_browser(
     assert _pixels_of(shot, ctx.settings.colours.brand) > 2000  # the charts, in its colour
     assert _pixels_of(shot, report.BAD["leave"]) > 50
     assert _pixels_of(shot, report.BAD["failed"]) > 20
+
+
+def test_readers_the_api_adds_and_lets_go_count_as_the_apis(ctx: Context) -> None:
+    # The newsletter's website, a CMS or a shop is a source of its own, and a way out.
+    consent = subscribers_api.ConsentRecord("shop checkout", "2026-01-01T09:30:00+01:00")
+    added = subscribers_api.create(
+        ctx, "shop@example.com", "", None, consent=consent, client="127.0.0.1"
+    )
+    assert added.reader is not None
+    subscribers_api.create(ctx, "kept@example.com", "", None, consent=consent, client="x")
+    subscribers_api.leave(ctx, added.reader.id)
+    (news,) = figures.stats(ctx).newsletters
+    assert news.joined["api"] == 2
+    assert news.left["api"] == 1
+    assert news.active == 1

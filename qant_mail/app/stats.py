@@ -19,11 +19,11 @@ from qant_mail.store.stats import Figures, Moves, SendFigures
 
 By = Literal["day", "week"]
 # Where a reader came from: a signup form, the reader's page, an import, the command line.
-SOURCES = ("form", "page", "import", "cli", "other")
+SOURCES = ("form", "page", "import", "cli", "api", "other")
 # How a reader left: the link's page, one-click (RFC 8058), the reader's page, an email
 # to the unsubscribe address (the mail pipe), the command line; "other" is a reason given
 # to `subscribers unsubscribe --reason`, or written by a version older than the roads.
-WAYS = ("link", "one-click", "page", "mail", "cli", "other")
+WAYS = ("link", "one-click", "page", "mail", "cli", "api", "other")
 STOPS = ("bounced", "complained")
 # With no --since, the figures go back this far (or to the first reader, if later).
 DEFAULT_DAYS = 84

@@ -27,7 +27,8 @@ _WEEK_AFTER = {
 
 # Where a subscription came from, by the source each road writes on it.
 _SOURCE = (
-    "CASE WHEN b.source LIKE 'signup form%' THEN 'form'"
+    "CASE WHEN b.source IN ('api', 'signup form api') OR b.source LIKE 'api:%' THEN 'api'"
+    " WHEN b.source LIKE 'signup form%' THEN 'form'"
     " WHEN b.source = 'reader page' THEN 'page'"
     " WHEN b.source LIKE 'import%' THEN 'import'"
     " WHEN b.source = 'command line' THEN 'cli' ELSE 'other' END"
@@ -40,12 +41,14 @@ _LEFT = (
 )
 # How it ended: the way a reader left, by the reason each road writes (the link's page:
 # "page"; RFC 8058: "one-click"; the reader's page: "reader page"; the mail pipe:
-# "mailto"; `subscribers unsubscribe`: "command line" unless given a --reason), or the
+# "mailto"; `subscribers unsubscribe`: "command line" unless given a --reason; the API:
+# "api"), or the
 # reader's own stop.
 _ENDED_HOW = (
     f"CASE WHEN {_LEFT} THEN CASE b.status_reason WHEN 'page' THEN 'link'"
     " WHEN 'one-click' THEN 'one-click' WHEN 'reader page' THEN 'page'"
-    " WHEN 'mailto' THEN 'mail' WHEN 'command line' THEN 'cli' ELSE 'other' END"
+    " WHEN 'mailto' THEN 'mail' WHEN 'command line' THEN 'cli' WHEN 'api' THEN 'api'"
+    " ELSE 'other' END"
     " WHEN s.status IN ('bounced', 'complained') THEN s.status ELSE 'other' END"
 )
 _ENDED_AT = f"CASE WHEN {_LEFT} THEN b.status_changed_at ELSE s.status_changed_at END"
