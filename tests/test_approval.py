@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email
+import json
 import re
 import time
 from collections.abc import Callable
@@ -216,3 +217,25 @@ def test_an_editor_approves_without_the_secret_or_the_keys_that_the_send_uses(
     monkeypatch.setenv(SECRET_VARIABLE, SECRET)
     monkeypatch.setenv(dkim.RSA_VARIABLE, dkim.generate("rsa")[0].decode())
     assert send(signed).done[State.SENT] == 2
+
+
+def test_send_stops_before_it_starts_on_a_check_that_needs_no_network(
+    cli: Cli, project: Path, local: Settings, smtp_server: SmtpServer
+) -> None:
+    # `send` runs doctor's offline checks: a relay that said it takes 10 KB stops a send
+    # of a message of a hundred, with what to do, and nothing leaves.
+    env = {
+        "QANT_SMTP_HOST": smtp_server.host,
+        "QANT_SMTP_PORT": str(smtp_server.port),
+        "QANT_SMTP_SECURITY": "none",
+    }
+    subscribe(load_settings(project / "qant.toml", env={}), 2)
+    cache = load_settings(project / "qant.toml", env={}).cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    relay = f"{smtp_server.host}:{smtp_server.port}"
+    (cache / "doctor-relays.json").write_text(json.dumps({relay: 10_000}), encoding="utf-8")
+    refused = cli("send", SAMPLE, "--yes", env=env)
+    assert refused.exit_code == ExitCode.BLOCKING, refused.output
+    assert "error: message size: the message is" in refused.stderr
+    assert "nothing sent" in refused.stderr
+    assert smtp_server.handler.received == []
