@@ -28,7 +28,12 @@ from qant_mail.base.errors import ExitCode, IssueError, QantError
 from qant_mail.base.files import write_all
 from qant_mail.delivery.compose import Prepared, Recipient
 from qant_mail.delivery.outbox import Rules, aligned
-from qant_mail.delivery.transport import Relays, SmtpTransport, TransportUnavailable
+from qant_mail.delivery.transport import (
+    Relays,
+    SmtpTransport,
+    TransportUnavailable,
+    is_loopback,
+)
 
 if TYPE_CHECKING:
     # Imported where the network is asked: `send` runs the checks that need none, and
@@ -252,7 +257,7 @@ def _base_url(settings: Settings) -> Check:
     parts = urlsplit(url)
     if parts.scheme == "https":
         return Check("base_url", Status.OK, f"{url} (https)")
-    if _loopback(parts.hostname or ""):
+    if is_loopback(parts.hostname or ""):
         return Check(
             "base_url",
             Status.OK,
@@ -810,15 +815,6 @@ def _kb(size: int | None) -> str:
     if size is None:
         return "?"
     return f"{size / 1_000_000:.1f} MB" if size >= 1_000_000 else f"{size / 1000:.1f} KB"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _user_agent(settings: Settings) -> str:

@@ -143,7 +143,7 @@ class SmtpTransport:
                 f"smtp.username is set but {PASSWORD_VARIABLE} is not: export the password"
             )
         # A relay elsewhere: what leaves this machine must be signed and encrypted.
-        self.remote = not _is_loopback(self.host)
+        self.remote = not is_loopback(self.host)
         cleartext = self.username and self.security == "none" and self.remote
         if cleartext and not smtp.allow_plaintext_login:
             raise ConfigError(
@@ -727,7 +727,8 @@ class RateLimiter:
         return sum(n for m, n in self.minutes.items() if m >= minute)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Return whether `host` names this machine (localhost, or a loopback address)."""
     if host == "localhost":
         return True
     try:

@@ -711,10 +711,6 @@ def _counts(counts: Mapping[Any, int]) -> dict[str, int]:
     return {str(state): number for state, number in counts.items()}
 
 
-# The states of a row still to be sent (the ledger's LEFT).
-_LEFT = ("pending", "deferred", "sending")
-
-
 def _state(status: sending.SendStatus) -> dict[str, object]:
     send = status.send
     assert send is not None
@@ -729,7 +725,7 @@ def _state(status: sending.SendStatus) -> dict[str, object]:
         "finished_at": send.finished_at,
         "running": status.running,
         "recipients": sum(counts.values()),
-        "left": sum(counts.get(state, 0) for state in _LEFT),
+        "left": sending.left(status.counts),
         "counts": counts,
         "bounced": status.bounced,
         "soft_bounced": status.soft_bounced,
