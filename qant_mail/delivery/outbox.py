@@ -656,8 +656,9 @@ class Outbox:
         try:
             own = self.settings.for_newsletter(prepared.newsletter)
             zone = own.newsletter.timezone
+            digest = prepared.template.digest()  # of what every reader gets
             if own.review_required:
-                _approved(Approvals(ledger.db), prepared, zone)
+                _approved(Approvals(ledger.db), prepared, digest, zone)
             # SQLite: one process per send, by its lock. PostgreSQL: each `send` joins the
             # run, claiming rows the others do not hold.
             exclusive = (
@@ -665,7 +666,7 @@ class Outbox:
             )
             with exclusive:
                 send = self._send_of(ledger, prepared, accept_changes, zone)
-                prepared = _as_first_sent(Approvals(ledger.db), send, prepared)
+                prepared = _as_first_sent(Approvals(ledger.db), send, prepared, digest)
                 if prepared.template.links:  # counted: where each number leads
                     Clicks(ledger.db).register(
                         prepared.newsletter, prepared.issue_key, prepared.template.links
@@ -735,7 +736,7 @@ def _local(stamp: str, zone: str) -> str:
     return when.isoformat(" ", "minutes")
 
 
-def _approved(approvals: Approvals, prepared: Prepared, zone: str) -> None:
+def _approved(approvals: Approvals, prepared: Prepared, digest: str, zone: str) -> None:
     """Refuse a send to the list of an issue nobody approved, or whose message changed
     since its approval ([review] required)."""
     key = prepared.issue_key
@@ -745,7 +746,7 @@ def _approved(approvals: Approvals, prepared: Prepared, zone: str) -> None:
             f"{key} is not approved, and review.required is set: an editor approves "
             f"exactly what goes out with `qant-mail approve issues/{key}.yaml --by NAME`"
         )
-    if approval.digest != prepared.template.digest():
+    if approval.digest != digest:
         raise SendError(
             f"{key} changed since {approval.approver} approved it "
             f"({_local(approval.approved_at, zone)}): "
@@ -754,19 +755,18 @@ def _approved(approvals: Approvals, prepared: Prepared, zone: str) -> None:
         )
 
 
-def _as_first_sent(approvals: Approvals, send: Send, prepared: Prepared) -> Prepared:
+def _as_first_sent(approvals: Approvals, send: Send, prepared: Prepared, digest: str) -> Prepared:
     """Keep the message of a send as its first run sends it, for `sends show --eml`;
     a resumed run of the same message goes on with its date, so that every reader of
     one send gets the same message."""
     template = prepared.template
-    kept = MessageTemplate.thaw(
-        approvals.keep_sent(send.id, template.digest(), template.frozen()),
-        secret=template.secret,
-        keys=template.keys,
-    )
-    if kept.digest() != template.digest() or kept.date == template.date:
+    kept_digest, kept = approvals.keep_sent(send.id, digest, template.frozen)
+    if kept_digest != digest:
         return prepared  # a changed issue (--accept-changes) goes as it is now
-    return dataclasses.replace(prepared, template=template.dated(kept.date))
+    date = MessageTemplate.thaw(kept, secret=template.secret).date
+    if date == template.date:
+        return prepared
+    return dataclasses.replace(prepared, template=template.dated(date))
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from any host of the store."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qant_mail.store.db import Db, now_text
@@ -95,24 +96,34 @@ class Approvals:
         found = [_approval(row) for row in rows]
         return {(a.newsletter, a.issue): a for a in found}
 
-    def keep_sent(self, send_id: int, digest: str, message: bytes) -> bytes:
-        """Keep the message a send sends, the first time it starts; return the one kept
-        (a resumed send goes on with the message its first run sent)."""
-        self.db.execute(
-            "INSERT INTO send_messages (send_id, digest, message, created_at)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (send_id) DO NOTHING",
-            (send_id, digest, message, now_text()),
-        )
-        kept = self.sent(send_id)
+    def keep_sent(
+        self, send_id: int, digest: str, message: Callable[[], bytes]
+    ) -> tuple[str, bytes]:
+        """Keep the message a send sends (`message()`, made only if none is kept yet),
+        the first time it starts; return the digest and the message kept (a resumed send
+        goes on with the message its first run sent; of two hosts starting at once, the
+        first to write it wins)."""
+        kept = self._sent(send_id)
+        if kept is None:
+            self.db.execute(
+                "INSERT INTO send_messages (send_id, digest, message, created_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (send_id) DO NOTHING",
+                (send_id, digest, message(), now_text()),
+            )
+            kept = self._sent(send_id)
         assert kept is not None  # written just now, or before
         return kept
 
+    def _sent(self, send_id: int) -> tuple[str, bytes] | None:
+        row = self.db.execute(
+            "SELECT digest, message FROM send_messages WHERE send_id = $1", (send_id,)
+        ).fetchone()
+        return (str(row[0]), bytes(row[1])) if row is not None else None
+
     def sent(self, send_id: int) -> bytes | None:
         """Return the message send `send_id` sent, if it was kept."""
-        row = self.db.execute(
-            "SELECT message FROM send_messages WHERE send_id = $1", (send_id,)
-        ).fetchone()
-        return bytes(row[0]) if row is not None else None
+        kept = self._sent(send_id)
+        return kept[1] if kept is not None else None
 
 
 def _approval(row: tuple[object, ...]) -> Approval:
