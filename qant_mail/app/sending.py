@@ -335,10 +335,9 @@ class History:
     approvals: dict[tuple[str, str], Approval] = field(default_factory=dict)
 
 
-def summary_json(summary: SendSummary) -> dict[str, object]:
-    """Return one send of the history as JSON values: what `sends --json` and the API
-    show of it."""
-    send = summary.send
+def send_json(send: Send) -> dict[str, object]:
+    """Return what names a send, as JSON values: its number, issue, newsletter,
+    subject, and when it started and finished."""
     return {
         "id": send.id,
         "issue": send.issue,
@@ -346,6 +345,14 @@ def summary_json(summary: SendSummary) -> dict[str, object]:
         "subject": send.subject,
         "created_at": send.created_at,
         "finished_at": send.finished_at,
+    }
+
+
+def summary_json(summary: SendSummary) -> dict[str, object]:
+    """Return one send of the history as JSON values: what `sends --json` and the API
+    show of it."""
+    return {
+        **send_json(summary.send),
         "running": summary.running,
         "recipients": summary.recipients,
         "counts": {state.value: n for state, n in summary.counts.items()},

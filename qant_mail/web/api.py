@@ -717,12 +717,7 @@ def _state(status: sending.SendStatus) -> dict[str, object]:
     counts = _counts(status.counts)
     approval = status.approval
     return {
-        "id": send.id,
-        "issue": send.issue,
-        "newsletter": send.newsletter,
-        "subject": send.subject,
-        "created_at": send.created_at,
-        "finished_at": send.finished_at,
+        **sending.send_json(send),
         "running": status.running,
         "recipients": sum(counts.values()),
         "left": sending.left(status.counts),
