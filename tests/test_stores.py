@@ -337,6 +337,128 @@ def test_outcomes_committed_together_are_each_written_as_one_at_a_time(
         ledger.close()
 
 
+def test_outcomes_without_counts_are_written_together_as_one_at_a_time(
+    any_store: str | Path,
+) -> None:
+    # On PostgreSQL these go as one statement over arrays (`_RECORD_SHARED`), on
+    # SQLite as one transaction: the rows come out the same.
+    with Subscribers(open_store(any_store)) as readers:
+        for n in range(5):
+            readers.add(f"reader{n}@example.com", f"Lecteur {n}")
+    ledger = Ledger(any_store)
+    try:
+        send = ledger.plan("2024-01-08", "hash", "Sujet")
+        ledger.record_many(
+            send,
+            [
+                Outcome(1, State.SENT, "250 2.0.0 Ok: queued as A1 'x' \\ \"y\"", relay="m:25"),
+                Outcome(2, State.DEFERRED, "451 4.7.1 later, {soon}", retry_at=1.5e9 + 0.25),
+                Outcome(4, State.FAILED, "not sent: bad address", attempt=False),
+            ],
+        )
+        ledger.record_many(
+            send,
+            [
+                Outcome(2, State.DEFERRED, "451 again", retry_at=1.6e9, relay="b:25"),
+                Outcome(5, State.SENT, "250 ok", relay="b:25"),
+            ],
+        )
+        rows = {d.position: d for d in ledger.deliveries(send, *State)}
+        assert [(rows[p].state, rows[p].attempts, rows[p].last_reply) for p in range(1, 6)] == [
+            (State.SENT, 1, "250 2.0.0 Ok: queued as A1 'x' \\ \"y\""),
+            (State.DEFERRED, 2, "451 again"),
+            (State.PENDING, 0, ""),
+            (State.FAILED, 0, "not sent: bad address"),
+            (State.SENT, 1, "250 ok"),
+        ]
+        assert ledger.next_retry(send) == 1.6e9
+        assert ledger.relays(send) == {"b:25": 1, "m:25": 1}
+    finally:
+        ledger.close()
+
+
+def test_a_write_returns_its_rows_survives_a_forgetful_server_and_names_its_errors(
+    any_store: str | Path,
+) -> None:
+    # `write` is the ledger's short road (libpq itself on PostgreSQL, its parameters as
+    # text): values of each type, a server that dropped its prepared statements, errors.
+    with Subscribers(open_store(any_store)) as readers:
+        readers.add("lea@example.com", "Léa")
+        readers.add("noe@example.com", "Noé")
+    db = open_store(any_store)
+    try:
+        rename = "UPDATE subscribers SET name = $1 WHERE email = $2 OR id < $3"
+        assert db.write(rename, ("Léa ? 100 % 'x' \\", "lea@example.com", 0.5)) == 1
+        if db.dialect == "postgresql":
+            db.execute("DISCARD ALL")  # what a pooler may do: prepared statements gone
+        assert db.write(rename, ("x", "nobody@example.com", -1)) == 0
+        found = db.execute("SELECT name FROM subscribers WHERE email = 'lea@example.com'")
+        assert found.fetchone()[0] == "Léa ? 100 % 'x' \\"
+        with pytest.raises(IntegrityError):
+            db.write("UPDATE subscribers SET status = $1 WHERE id > $2", ("nope", 0))
+        with pytest.raises(IntegrityError):
+            db.write(rename, (None, "lea@example.com", 0))
+        assert db.write(rename, ("Tous", "nobody@example.com", 1e9)) == 2
+    finally:
+        db.close()
+
+
+@pytest.mark.postgresql_only
+def test_a_planned_send_is_claimed_and_recorded_through_indexes_not_by_scanning_it(
+    postgres_url: str,
+) -> None:
+    # Fresh statistics after the plan: without them PostgreSQL guessed tables of a few
+    # rows, and hashed the whole send (or list) for every claim and record. (Below a few
+    # thousand rows, a scan of the send is its right choice.)
+    from qant_mail.store.ledger import _CLAIM_SHARED, _RECORD_SHARED
+
+    with Subscribers(open_store(postgres_url)) as readers:
+        rows = "email,name\n" + "".join(f"r{n}@example.com,R {n}\n" for n in range(10_000))
+        readers.import_rows(rows, "test")
+    ledger = Ledger(postgres_url)
+    try:
+        send = ledger.plan("2024-01-08", "hash", "Sujet")
+        db = ledger.db
+        claim = _CLAIM_SHARED.format(condition="d.state = 'pending'", order="d.position")
+        db.execute(
+            "PREPARE claim (text, bigint, float8, bigint, text, float8, timestamptz) AS " + claim
+        )
+        db.execute("PREPARE record AS " + _RECORD_SHARED)
+        plans = []
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            db.execute(f"SET plan_cache_mode = {mode}")
+            plans.append(
+                db.execute(
+                    f"EXPLAIN EXECUTE claim('{send.newsletter}', {send.id}, 0, 32, 'w', 60,"
+                    " '2026-01-01')"
+                ).fetchall()
+            )
+            plans.append(
+                db.execute(
+                    f"EXPLAIN EXECUTE record('2026-01-01', {send.id}, '{{1,2,3}}',"
+                    " '{sent,sent,sent}', '{a,b,c}', '{1,1,1}', '{0,0,0}', '{x,x,x}')"
+                ).fetchall()
+            )
+        db.execute("SET plan_cache_mode = auto")
+        custom_claim, custom_record, _, generic_record = (
+            "\n".join(line for (line,) in plan) for plan in plans
+        )
+        # Each row by its key (the claim: by the row's address, once picked), never a
+        # walk through the send: neither a scan nor a bitmap of all its rows.
+        # The planner knows the send's size from the start (the plan's ANALYZE), not
+        # once autovacuum gets to it, mid-send, with the list's tables still unknown.
+        assert "Index Scan using deliveries_pending" in custom_claim, custom_claim
+        assert "rows=10000 " in custom_claim, custom_claim
+        assert "Tid Scan on deliveries" in custom_claim, custom_claim
+        for plan in (custom_record, generic_record):
+            assert "Index Scan using deliveries_pkey on deliveries" in plan, plan
+        for plan in (custom_claim, custom_record, generic_record):
+            assert "Seq Scan" not in plan, plan
+            assert "Bitmap Heap Scan" not in plan, plan
+    finally:
+        ledger.close()
+
+
 def test_a_counted_link_leads_where_it_was_registered_and_counts_by_day(
     any_store: str | Path,
 ) -> None:

