@@ -218,6 +218,16 @@ _CLAIM_SHARED = (
 )
 
 
+# The outcome of one message on its row. Parameters: $1 its state, $2 the reply, $3 1 if
+# it counts as an attempt (else 0), $4 when to try again, $5 the time written, $6 the
+# relay, $7 the send, $8 the row's position.
+_RECORD = (
+    "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
+    " next_attempt_at = $4, updated_at = $5, relay = $6"
+    " WHERE send_id = $7 AND position = $8"
+)
+
+
 # The outcomes of several messages in one statement on PostgreSQL (its words): one round
 # trip, atomic on its own, where BEGIN, an UPDATE per row and COMMIT took three and more.
 # Parameters: $1 the time written, $2 the send, then one array per column, in step.
@@ -532,17 +542,12 @@ class Ledger:
         """Write the outcome of one message, and the relay that answered; once this
         returns, it survives a killed process. Also count `quota` (messages per minute)
         and mark the subscriber `bounce` bounced, in the same commit."""
-        update = (
-            "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
-            " next_attempt_at = $4, updated_at = $5, relay = $6"
-            " WHERE send_id = $7 AND position = $8"
-        )
         values = (state.value, reply, int(attempt), retry_at, now_text(), relay, send.id, position)
         if not quota and bounce is None:
-            self.db.write(update, values)  # one statement, its own transaction
+            self.db.write(_RECORD, values)  # one statement, its own transaction
             return
         with transaction(self.db) as db:
-            db.execute(update, values)
+            db.execute(_RECORD, values)
             for minute, messages in (quota or {}).items():
                 count_quota(db, minute, messages)
             if bounce is not None:
@@ -583,9 +588,7 @@ class Ledger:
             return
         with transaction(self.db) as db:
             db.executemany(
-                "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
-                " next_attempt_at = $4, updated_at = $5, relay = $6"
-                " WHERE send_id = $7 AND position = $8",
+                _RECORD,
                 [
                     (
                         o.state.value,
