@@ -152,3 +152,46 @@ def test_stopping_the_worker_does_not_wait_for_the_hours_quota(local: Settings) 
     stopper.join(5)
     assert not stopper.is_alive()
     assert entries(ctx) == [("lea@example.com", Mail.PENDING, 0)]
+
+
+class _Lost(Exception):
+    """Stands for the ConnectionLost a connection's thread is handling."""
+
+
+class _WritingLedger:
+    """Writes outcomes to a list, as the ledger's record_many would to its rows."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+
+    def record_many(self, send: object, outcomes: Sequence[object]) -> None:
+        self.written += [outcome.position for outcome in outcomes]  # type: ignore[attr-defined]
+
+
+def test_a_group_commit_led_from_an_exception_handler_tells_the_others_it_succeeded() -> None:
+    # A connection records "unknown" inside its `except ConnectionLost` (outbox._deliver)
+    # and leads the group commit of another connection's outcome too. The commit
+    # succeeds: the other must learn so, not be handed the exception being handled
+    # (sys.exc_info() in a `finally` returns it), which killed its thread with a
+    # traceback and left its message uncounted.
+    from qant_mail.delivery.outbox import _Pending, _Run
+    from qant_mail.store.ledger import Outcome, State
+
+    run = _Run.__new__(_Run)
+    run.commits = threading.Condition()
+    run.committing = False
+    ledger = _WritingLedger()
+    run.ledger = ledger  # type: ignore[assignment]
+    run.send = None  # type: ignore[assignment]
+    run._stored = lambda step: step()  # type: ignore[method-assign]
+    other = _Pending(Outcome(1, State.SENT, "250 ok"))  # queued by another connection
+    run.queue = [other]
+    try:
+        raise _Lost("connection lost after the data")
+    except _Lost:
+        run._commit(Outcome(2, State.UNKNOWN, "connection lost after the data"))
+    assert ledger.written == [1, 2]
+    assert other.done
+    assert other.error is None

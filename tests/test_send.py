@@ -527,3 +527,20 @@ def test_two_senders_share_the_rate_a_second_of_the_run(
     assert time.monotonic() - started >= (60 - 1) / 15 * 0.85
     busiest = max(sum(1 for t in times if start <= t < start + 1) for start in times)
     assert busiest <= 20  # 15, and the moment before a sender learns of the other
+
+
+def test_a_reply_carrying_nul_and_terminal_controls_is_recorded_without_them(
+    local: Settings, smtp_server: SmtpServer
+) -> None:
+    # A relay's reply is the server's text: a NUL would not go into PostgreSQL's text
+    # (the record would fail), and escape sequences would reach the editor's terminal.
+    (address,) = subscribe(local, 1)
+    smtp_server.handler.answers[address] = ["550 5.1.1 user\x00 unknown\x1b[2J\x07"]
+    report = send(local)
+    assert report.exit_code == ExitCode.PARTIAL
+    ledger = Ledger(local.store_path)
+    found = ledger.find("2023-11-20")
+    assert found is not None
+    (failed,) = ledger.deliveries(found, State.FAILED)
+    ledger.close()
+    assert failed.last_reply == "550 5.1.1 user unknown[2J"

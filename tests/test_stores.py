@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from qant_mail.store.db import (
     StoreError,
     copy_store,
     describe,
+    now_text,
     open_store,
     schema_version,
     transaction,
@@ -340,8 +343,7 @@ def test_outcomes_committed_together_are_each_written_as_one_at_a_time(
 def test_outcomes_without_counts_are_written_together_as_one_at_a_time(
     any_store: str | Path,
 ) -> None:
-    # On PostgreSQL these go as one statement over arrays (`_RECORD_SHARED`), on
-    # SQLite as one transaction: the rows come out the same.
+    # One transaction for several outcomes, each row as `record` writes it alone.
     with Subscribers(open_store(any_store)) as readers:
         for n in range(5):
             readers.add(f"reader{n}@example.com", f"Lecteur {n}")
@@ -403,14 +405,75 @@ def test_a_write_returns_its_rows_survives_a_forgetful_server_and_names_its_erro
         db.close()
 
 
+def test_a_write_takes_what_psycopg_takes_and_refuses_what_postgresql_cannot_hold(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enum
+
+    class Kind(str, enum.Enum):  # noqa: UP042 - the mixin whose str() is its name
+        LETTER = "lettre"
+
+    # The client's encoding is ours (UTF-8), whatever the environment says.
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    with Subscribers(open_store(postgres_url)) as readers:
+        readers.add("lea@example.com", "Léa")
+    db = open_store(postgres_url)
+    try:
+        rename = "UPDATE subscribers SET name = $1 WHERE email = $2 AND id < $3"
+        assert db.write(rename, ("Léa 5 € ✓", "lea@example.com", 2**70)) == 1
+        (name,) = db.execute("SELECT name FROM subscribers").fetchone()
+        assert name == "Léa 5 € ✓"
+        assert db.write(rename, (Kind.LETTER, "lea@example.com", 10)) == 1
+        assert db.execute("SELECT name FROM subscribers").fetchone()[0] == "lettre"
+        # A statement that returns rows still runs once, and says how many it changed.
+        returning = "UPDATE subscribers SET name = $1 WHERE email = $2 RETURNING id"
+        assert db.write(returning, ("Léa", "lea@example.com")) == 1
+        # PostgreSQL's text holds no NUL: refused, as the store's own error, by both
+        # roads (psycopg's would have raised its own DataError, a traceback).
+        with pytest.raises(StoreError, match="NUL"):
+            db.write(rename, ("a\x00b", "lea@example.com", 10))
+        with pytest.raises(StoreError, match="NUL"):
+            db.execute(rename, ("a\x00b", "lea@example.com", 10))
+        with pytest.raises(TypeError):
+            db.write(rename, (b"bytes", "lea@example.com", 10))
+        assert db.execute("SELECT name FROM subscribers").fetchone()[0] == "Léa"
+    finally:
+        db.close()
+
+
 @pytest.mark.postgresql_only
-def test_a_planned_send_is_claimed_and_recorded_through_indexes_not_by_scanning_it(
+def test_a_plan_does_not_wait_on_the_statistics_when_their_tables_are_locked(
+    postgres_url: str,
+) -> None:
+    # A VACUUM or a CREATE INDEX CONCURRENTLY elsewhere holds the lock ANALYZE needs:
+    # the plan is made and the send goes on, with the statistics it has.
+    import psycopg
+
+    with Subscribers(open_store(postgres_url)) as readers:
+        readers.add("lea@example.com", "Léa")
+    with psycopg.connect(postgres_url, autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE subscriptions IN SHARE UPDATE EXCLUSIVE MODE")
+        ledger = Ledger(postgres_url)
+        started = time.monotonic()
+        try:
+            send = ledger.plan("2024-01-08", "hash", "Sujet")
+            assert ledger.counts(send)[State.PENDING] == 1
+        finally:
+            ledger.close()
+        assert time.monotonic() - started < 10
+        holder.execute("ROLLBACK")
+
+
+@pytest.mark.postgresql_only
+def test_a_planned_send_is_claimed_through_indexes_not_by_scanning_it(
     postgres_url: str,
 ) -> None:
     # Fresh statistics after the plan: without them PostgreSQL guessed tables of a few
-    # rows, and hashed the whole send (or list) for every claim and record. (Below a few
-    # thousand rows, a scan of the send is its right choice.)
-    from qant_mail.store.ledger import _CLAIM_SHARED, _RECORD_SHARED
+    # rows, and once autovacuum analysed the send (but not yet the list) hashed the
+    # whole list for every claim; with them, a join on the send's key alone hashed the
+    # whole send. (Below a few thousand rows, a scan of the send is its right choice.)
+    from qant_mail.store.ledger import _CLAIM_SHARED
 
     with Subscribers(open_store(postgres_url)) as readers:
         rows = "email,name\n" + "".join(f"r{n}@example.com,R {n}\n" for n in range(10_000))
@@ -423,38 +486,81 @@ def test_a_planned_send_is_claimed_and_recorded_through_indexes_not_by_scanning_
         db.execute(
             "PREPARE claim (text, bigint, float8, bigint, text, float8, timestamptz) AS " + claim
         )
-        db.execute("PREPARE record AS " + _RECORD_SHARED)
         plans = []
         for mode in ("force_custom_plan", "force_generic_plan"):
             db.execute(f"SET plan_cache_mode = {mode}")
-            plans.append(
-                db.execute(
-                    f"EXPLAIN EXECUTE claim('{send.newsletter}', {send.id}, 0, 32, 'w', 60,"
-                    " '2026-01-01')"
-                ).fetchall()
-            )
-            plans.append(
-                db.execute(
-                    f"EXPLAIN EXECUTE record('2026-01-01', {send.id}, '{{1,2,3}}',"
-                    " '{sent,sent,sent}', '{a,b,c}', '{1,1,1}', '{0,0,0}', '{x,x,x}')"
-                ).fetchall()
-            )
+            found = db.execute(
+                f"EXPLAIN EXECUTE claim('{send.newsletter}', {send.id}, 0, 32, 'w', 60,"
+                " '2026-01-01')"
+            ).fetchall()
+            plans.append("\n".join(line for (line,) in found))
         db.execute("SET plan_cache_mode = auto")
-        custom_claim, custom_record, _, generic_record = (
-            "\n".join(line for (line,) in plan) for plan in plans
-        )
-        # Each row by its key (the claim: by the row's address, once picked), never a
-        # walk through the send: neither a scan nor a bitmap of all its rows.
-        # The planner knows the send's size from the start (the plan's ANALYZE), not
-        # once autovacuum gets to it, mid-send, with the list's tables still unknown.
-        assert "Index Scan using deliveries_pending" in custom_claim, custom_claim
-        assert "rows=10000 " in custom_claim, custom_claim
-        assert "Tid Scan on deliveries" in custom_claim, custom_claim
-        for plan in (custom_record, generic_record):
+        custom, generic = plans
+        # The planner knows the send's size from the start (the plan's ANALYZE).
+        assert "rows=10000 " in custom, custom
+        # Each row by its key, never a walk through the send or the list: neither a
+        # scan nor a bitmap of all their rows, whichever plan the server keeps.
+        for plan in plans:
+            assert "Index Scan using deliveries_pending" in plan, plan
             assert "Index Scan using deliveries_pkey on deliveries" in plan, plan
-        for plan in (custom_claim, custom_record, generic_record):
             assert "Seq Scan" not in plan, plan
             assert "Bitmap Heap Scan" not in plan, plan
+        assert generic  # both plans were read
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgresql_only
+def test_a_claim_takes_a_row_another_transaction_changed_while_it_ran(
+    postgres_url: str,
+) -> None:
+    # Bounce processing notes a late report on a deferred row while a sender claims it.
+    # The claim's lock follows the row to its newest version; the claim must take that
+    # version, not drop the row (found by its ctid, it was dropped: locked, unclaimed).
+    import psycopg
+
+    from qant_mail.store.ledger import _CLAIM_SHARED
+
+    with Subscribers(open_store(postgres_url)) as readers:
+        for n in range(5):
+            readers.add(f"r{n}@example.com", f"R {n}")
+    ledger = Ledger(postgres_url)
+    send = ledger.plan("2024-01-08", "hash", "Sujet")
+    ledger.close()
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            "UPDATE deliveries SET state = 'deferred', next_attempt_at = 0 WHERE send_id = %s",
+            (send.id,),
+        )
+    # The claim's scan dwells on row 1 (pg_sleep): the other commit lands between the
+    # statement's snapshot and its lock of that row.
+    slow = "d.state = 'deferred' AND (d.position <> 1 OR pg_sleep(1) IS NOT NULL)"
+    claim = _CLAIM_SHARED.format(condition=slow, order="d.next_attempt_at, d.position")
+
+    def note_a_report() -> None:
+        time.sleep(0.3)
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute(
+                "UPDATE deliveries SET bounce = 'soft: mailbox full'"
+                " WHERE send_id = %s AND position = 1",
+                (send.id,),
+            )
+
+    late = threading.Thread(target=note_a_report)
+    late.start()
+    db = open_store(postgres_url)
+    try:
+        claimed = db.execute(
+            claim, (send.newsletter, send.id, time.time(), 32, "w", time.time() + 60, now_text())
+        ).fetchall()
+    finally:
+        late.join()
+        db.close()
+    assert sorted(row[0] for row in claimed) == [1, 2, 3, 4, 5]
+    ledger = Ledger(postgres_url)
+    try:
+        rows = {d.position: d for d in ledger.deliveries(send, *State)}
+        assert {rows[p].state for p in rows} == {State.SENDING}
     finally:
         ledger.close()
 

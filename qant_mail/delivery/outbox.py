@@ -24,7 +24,6 @@ import functools
 import os
 import re
 import socket
-import sys
 import threading
 import time
 import zoneinfo
@@ -774,7 +773,6 @@ class _Pending:
     """An outcome waiting for its commit, and how the commit went."""
 
     outcome: Outcome
-    taken: bool = False  # in a commit under way
     done: bool = False
     error: BaseException | None = None
 
@@ -829,13 +827,7 @@ class _Run:
         # The group commit of outcomes: see _commit.
         self.commits = threading.Condition()
         self.queue: list[_Pending] = []
-        self.committing = 0
-        # SQLite writes one transaction at a time: one commit under way, the others'
-        # outcomes gathered into the next. PostgreSQL takes concurrent writers, and a
-        # connection that waited for another's commit before starting its own waited
-        # for nothing: each may commit at once (the ledger's cost a message, measured
-        # as bench/postgres.py does, fell to 0.73x of one commit at a time).
-        self.commit_slots = settings.smtp.connections if ledger.shared else 1
+        self.committing = False
 
     def run(self, wait_for_retries: bool) -> SendReport:
         try:
@@ -1147,37 +1139,48 @@ class _Run:
         self._count(row.position, state, reply)
 
     def _commit(self, outcome: Outcome) -> None:
-        """Write `outcome`; return once it is durable. While `commit_slots` commits are
-        under way, the outcomes the other connections bring wait, and go together in
-        the next one (a group commit): one transaction for several messages, and no
-        connection waiting on another's write lock, yet each connection still waits for
-        its own record before its next message counts."""
+        """Write `outcome`; return once it is durable.
+
+        On SQLite, which writes one transaction at a time, the outcomes that the other
+        connections bring while one commit is under way go together in the next one (a
+        group commit): one transaction for several messages, and no connection waiting
+        on another's write lock, yet each connection still waits for its own record
+        before its next message counts. PostgreSQL takes concurrent writers: there each
+        connection commits its own at once, and waiting for another's commit would be
+        waiting for nothing (the ledger's cost a message, measured as bench/postgres.py
+        does, is 0.73x that of one commit at a time)."""
+        if self.ledger.shared:
+            self._stored(lambda: self.ledger.record_many(self.send, [outcome]))
+            return
         entry = _Pending(outcome)
         with self.commits:
             self.queue.append(entry)
-            while not entry.done and (entry.taken or self.committing >= self.commit_slots):
+            while not entry.done and self.committing:
                 self.commits.wait()
             if entry.done:  # written by the commit of another connection
                 if entry.error is not None:
                     raise entry.error
                 return
-            self.committing += 1
+            self.committing = True
             batch, self.queue = self.queue, []
-            for pending in batch:
-                pending.taken = True
         outcomes = [pending.outcome for pending in batch]
+        # The others of the batch learn how it went, whatever stopped it: none of them
+        # may go on as if written when it was not, nor as failed when it was. (Not
+        # sys.exc_info() in a `finally`: called from an exception handler, as for a
+        # connection lost after the data, that is the handler's exception.)
+        error: BaseException | None = None
         try:
             self._stored(lambda: self.ledger.record_many(self.send, outcomes))
+        except BaseException as err:
+            error = err
+            raise
         finally:
-            # The others of the batch learn how it went, whatever stopped it: none of
-            # them may go on as if written when it was not.
-            error = sys.exc_info()[1]
             with self.commits:
                 for pending in batch:
                     pending.done = True
                     if pending is not entry:
                         pending.error = error
-                self.committing -= 1
+                self.committing = False
                 self.commits.notify_all()
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:

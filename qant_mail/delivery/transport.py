@@ -350,6 +350,11 @@ def relay_transport(
     return Relays([SmtpTransport(settings, env, relay=relay) for relay in relays])
 
 
+# What a server's reply may not carry into our records and terminals: the control
+# characters (a NUL, which PostgreSQL's text refuses; escape sequences), tab aside.
+_CONTROLS = dict.fromkeys([*range(0, 9), *range(10, 32), 127])
+
+
 class SmtpConnection:
     """One SMTP session, reused for many messages, pipelining when the server allows."""
 
@@ -491,7 +496,7 @@ class SmtpConnection:
                 break
             if len(lines) >= 100:
                 raise _ProtocolError("a reply of more than 100 lines")
-        text = b" ".join(lines).decode("utf-8", "replace")
+        text = b" ".join(lines).decode("utf-8", "replace").translate(_CONTROLS)
         return Reply(int(line[:3]), text)
 
     def _line(self, deadline: float) -> bytes:

@@ -248,23 +248,26 @@ class PgConnection:
         return result
 
     def write(self, sql: str, parameters: Sequence[Any] = (), /) -> int:
-        """Run a statement that returns no rows (one a send repeats for every message);
-        return the number of rows it changed.
+        """Run a statement whose rows are not read (one a send repeats for every
+        message); return the number of rows it changed. Parameters are None, bool, int,
+        float or str (an str enum's value included).
 
         It goes through libpq itself, prepared once a connection, with the parameters
         as text: one call that waits for the server with the GIL released. psycopg's
         cursor costs 48 µs of Python a statement where this costs 17 (measured on the
         ledger's record of an outcome), and every thread of a send waits on the GIL for
-        the others' share of it."""
+        the others' share of it. Outside a transaction, a statement the server forgot
+        (after a DISCARD ALL) is prepared again."""
         from psycopg import pq
 
         pgconn = self.raw.pgconn
-        # Typed as psycopg types them (a float stays a float where the column is an
-        # integer); text, and NULL, take the type the statement gives them.
-        types = [_TYPES.get(type(value), 0) for value in parameters]
-        name = _prepared_name(sql, types)
-        values = [_as_text(value) for value in parameters]
+        done = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
         try:
+            # Typed as psycopg types them (a float stays a float where the column is an
+            # integer); text, and NULL, take the type the statement gives them.
+            types = [_pg_type(value) for value in parameters]
+            values = [_as_text(value) for value in parameters]
+            name = _prepared_name(sql, types)
             known = _PREPARED.setdefault(pgconn, set())
             if name not in known:
                 prepared = pgconn.prepare(name, sql.encode(), types)
@@ -272,11 +275,13 @@ class PgConnection:
                 known.add(name)
             result = pgconn.exec_prepared(name, values)
             if result.status == pq.ExecStatus.FATAL_ERROR and _sqlstate(result) == "26000":
-                # The server forgot it (a DISCARD ALL, a pooler): prepare it again.
+                # The server forgot it (a DISCARD ALL): prepare it again.
                 prepared = pgconn.prepare(name, sql.encode(), types)
                 _expect(pgconn, prepared, pq.ExecStatus.COMMAND_OK)
                 result = pgconn.exec_prepared(name, values)
-            _expect(pgconn, result, pq.ExecStatus.COMMAND_OK)
+            _expect(pgconn, result, *done)
+        except TypeError:
+            raise  # a parameter of a kind `write` does not take: the program's error
         except Exception as err:
             raise _pg_translated(self.where, err) from err
         return int(result.command_tuples or 0)
@@ -343,9 +348,19 @@ class PgConnection:
 _PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
 
 
-# The types of parameters `write` names to the server, by Python type (OIDs: bool,
-# bigint, double precision); the others are left for the server to infer.
-_TYPES: dict[type, int] = {bool: 16, int: 20, float: 701}
+# The types of parameters `write` names to the server (OIDs); text and NULL are left for
+# the server to infer from the statement.
+_BOOL, _BIGINT, _NUMERIC, _DOUBLE = 16, 20, 1700, 701
+
+
+def _pg_type(value: Any) -> int:
+    if isinstance(value, bool):
+        return _BOOL
+    if isinstance(value, int):
+        return _BIGINT if -(2**63) <= value < 2**63 else _NUMERIC
+    if isinstance(value, float):
+        return _DOUBLE
+    return 0
 
 
 def _prepared_name(sql: str, types: Sequence[int]) -> bytes:
@@ -355,14 +370,20 @@ def _prepared_name(sql: str, types: Sequence[int]) -> bytes:
 
 def _as_text(value: Any) -> bytes | None:
     """Return a parameter in PostgreSQL's text form (the server casts it to the
-    column's type)."""
+    column's type), in UTF-8, the encoding every connection of ours speaks."""
+    from psycopg import errors
+
     if value is None:
         return None
     if isinstance(value, bool):
         return b"t" if value else b"f"
-    if isinstance(value, float):
+    if isinstance(value, int | float):
         return repr(value).encode()
-    return str(value).encode()
+    if isinstance(value, str):
+        if "\0" in value:  # libpq would cut the text there; psycopg refuses it so
+            raise errors.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        return str.encode(value, "utf-8")  # an str enum: its value, not its name
+    raise TypeError(f"write() takes None, bool, int, float or str, not {type(value).__name__}")
 
 
 def _sqlstate(result: Any) -> str:
@@ -372,12 +393,13 @@ def _sqlstate(result: Any) -> str:
     return state.decode() if state else ""
 
 
-def _expect(pgconn: Any, result: Any, status: Any) -> None:
-    """Raise the error the server sent, as psycopg would, unless `result` is `status`:
-    a connection that broke (no SQLSTATE then) as psycopg's OperationalError."""
+def _expect(pgconn: Any, result: Any, *statuses: Any) -> None:
+    """Raise the error the server sent, as psycopg would, unless `result` is one of
+    `statuses`: a connection that broke (no SQLSTATE then) as psycopg's
+    OperationalError."""
     from psycopg import errors, pq
 
-    if result.status == status:
+    if result.status in statuses:
         return
     if pgconn.status == pq.ConnStatus.BAD:
         message = result.error_message.decode(errors="replace").strip()
@@ -390,6 +412,9 @@ def _pg_translated(where: str, err: Exception) -> Exception:
 
     if isinstance(err, psycopg.errors.IntegrityError):
         return IntegrityError(f"{where}: {_first_line(err)}")
+    if isinstance(err, psycopg.errors.DataError):
+        # A value PostgreSQL cannot hold (a NUL in a text, a number out of range).
+        return StoreError(f"{where}: {_first_line(err)}")
     if isinstance(err, psycopg.errors.DiskFull):
         return StoreUnavailable(f"{where}: the database server's disk is full; nothing was written")
     if isinstance(err, psycopg.errors.ReadOnlySqlTransaction):
@@ -415,6 +440,8 @@ def _connection_options() -> dict[str, Any]:
         "cursor_factory": psycopg.RawCursor,
         "password": secrets.secret(os.environ, PASSWORD_VARIABLE),
         "connect_timeout": 10,
+        # Ours, whatever PGCLIENTENCODING says: `write` sends text as UTF-8.
+        "client_encoding": "UTF8",
         "options": "-c TimeZone=UTC -c DateStyle=ISO",
     }
 

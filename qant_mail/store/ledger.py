@@ -20,6 +20,7 @@ from qant_mail.base.errors import QantError
 from qant_mail.store.db import (
     Db,
     IntegrityError,
+    StoreError,
     StoreTarget,
     contains,
     is_postgres,
@@ -196,10 +197,13 @@ _CLAIM = (
 # that no other sender holds, marked sending, or skipped (with why) when their reader
 # left since the plan. Parameters: $1 the newsletter, $2 the send, $3 now, $4 how many,
 # $5 the sender, $6 its lease, $7 the time written. The rows picked are found again by
-# their ctid (a TID scan): a join on the send's key lets the planner hash the whole send
-# against a few dozen rows once it knows how large the send is.
+# their key, the positions given as a list: joined on the key alone, the planner hashed
+# the whole send against a few dozen rows once it knew how large the send is. (Not by
+# ctid: a row another transaction changed while this one ran is locked in its newest
+# version, which the UPDATE's snapshot cannot see by that address, and it would be
+# dropped from the claim.)
 _CLAIM_SHARED = (
-    "WITH picked AS (SELECT d.ctid AS row, d.subscriber_id IS NOT NULL AS known,"
+    "WITH picked AS (SELECT d.position, d.subscriber_id IS NOT NULL AS known,"
     " CASE WHEN s.status != 'active' THEN s.status ELSE b.status END AS standing"
     " FROM deliveries d LEFT JOIN subscribers s ON s.id = d.subscriber_id"
     " LEFT JOIN subscriptions b ON b.subscriber_id = d.subscriber_id AND b.newsletter = $1"
@@ -212,7 +216,8 @@ _CLAIM_SHARED = (
     " last_reply = CASE WHEN p.standing = 'active' THEN d.last_reply"
     " ELSE 'not sent: the subscriber is ' || coalesce(p.standing,"
     " CASE WHEN p.known THEN 'not subscribed' ELSE 'no longer on the list' END) END"
-    " FROM picked p WHERE d.ctid = p.row"
+    " FROM picked p WHERE d.send_id = $2"
+    " AND d.position = ANY(ARRAY(SELECT position FROM picked)) AND d.position = p.position"
     " RETURNING d.position, d.subscriber_id, d.email, d.name, d.state, d.attempts,"
     " d.last_reply"
 )
@@ -225,19 +230,6 @@ _RECORD = (
     "UPDATE deliveries SET state = $1, last_reply = $2, attempts = attempts + $3,"
     " next_attempt_at = $4, updated_at = $5, relay = $6"
     " WHERE send_id = $7 AND position = $8"
-)
-
-
-# The outcomes of several messages in one statement on PostgreSQL (its words): one round
-# trip, atomic on its own, where BEGIN, an UPDATE per row and COMMIT took three and more.
-# Parameters: $1 the time written, $2 the send, then one array per column, in step.
-_RECORD_SHARED = (
-    "UPDATE deliveries d SET state = o.state, last_reply = o.reply,"
-    " attempts = d.attempts + o.attempt, next_attempt_at = o.retry_at, updated_at = $1,"
-    " relay = o.relay"
-    " FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[],"
-    " $7::double precision[], $8::text[]) AS o(position, state, reply, attempt, retry_at, relay)"
-    " WHERE d.send_id = $2 AND d.position = ANY($3) AND d.position = o.position"
 )
 
 
@@ -309,8 +301,16 @@ class Ledger:
             # may have filled the list: without fresh statistics PostgreSQL's plans for
             # this send's claims and records guess tables of a few rows, and scan the
             # whole send or list for each batch of 32 (autovacuum's own ANALYZE comes up
-            # to a minute later, if at all). A sample of 30,000 rows a table.
-            self.db.execute("ANALYZE deliveries, subscribers, subscriptions")
+            # to a minute later, if at all). A sample of 30,000 rows a table. The send
+            # is planned by now: statistics are worth a second's wait for their lock
+            # (a VACUUM elsewhere holds it), not a stop. A role that does not own the
+            # tables gets a warning from the server, and autovacuum's statistics.
+            try:
+                with transaction(self.db) as db:
+                    db.execute("SET LOCAL lock_timeout = '1s'")
+                    db.execute("ANALYZE deliveries, subscribers, subscriptions")
+            except StoreError:
+                pass  # a lost connection shows at the next step, `find`
         send = self.find(issue)
         assert send is not None
         return send
@@ -571,21 +571,6 @@ class Ledger:
             )
             return
         now = now_text()
-        if self.shared and not any(o.quota or o.bounce is not None for o in outcomes):
-            self.db.execute(
-                _RECORD_SHARED,
-                (
-                    now,
-                    send.id,
-                    [o.position for o in outcomes],
-                    [o.state.value for o in outcomes],
-                    [o.reply for o in outcomes],
-                    [int(o.attempt) for o in outcomes],
-                    [float(o.retry_at) for o in outcomes],
-                    [o.relay for o in outcomes],
-                ),
-            )
-            return
         with transaction(self.db) as db:
             db.executemany(
                 _RECORD,
