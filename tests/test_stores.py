@@ -482,7 +482,7 @@ def test_a_planned_send_is_claimed_through_indexes_not_by_scanning_it(
     try:
         send = ledger.plan("2024-01-08", "hash", "Sujet")
         db = ledger.db
-        claim = _CLAIM_SHARED.format(condition="d.state = 'pending'", order="d.position")
+        claim = _CLAIM_SHARED.format(condition="d.state = 'pending'", order="position", most=32)
         db.execute(
             "PREPARE claim (text, bigint, float8, bigint, text, float8, timestamptz) AS " + claim
         )
@@ -535,7 +535,7 @@ def test_a_claim_takes_a_row_another_transaction_changed_while_it_ran(
     # The claim's scan dwells on row 1 (pg_sleep): the other commit lands between the
     # statement's snapshot and its lock of that row.
     slow = "d.state = 'deferred' AND (d.position <> 1 OR pg_sleep(1) IS NOT NULL)"
-    claim = _CLAIM_SHARED.format(condition=slow, order="d.next_attempt_at, d.position")
+    claim = _CLAIM_SHARED.format(condition=slow, order="next_attempt_at, position", most=32)
 
     def note_a_report() -> None:
         time.sleep(0.3)

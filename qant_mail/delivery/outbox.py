@@ -55,6 +55,7 @@ from qant_mail.store.approvals import Approvals
 from qant_mail.store.clicks import Clicks
 from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import (
+    CLAIM_MOST,
     Delivery,
     Ledger,
     LedgerError,
@@ -75,7 +76,7 @@ _T = TypeVar("_T")
 # Rows a connection claims at a time: each claim is a transaction of its own (two
 # searches and an update), so a larger claim costs less a message; rows claimed and not
 # yet tried are given back on a stop, or taken back by a re-run, never sent twice.
-CLAIM_SIZE = 32
+CLAIM_SIZE = CLAIM_MOST
 # How often a sender whose work is done looks again at the rows other senders hold.
 HELD_POLL = 0.5
 MAX_RETRY_DELAY = 3600.0
