@@ -11,13 +11,15 @@ import signal
 import sys
 import traceback
 import zoneinfo
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.main
 from typer.core import TyperGroup
+from typer.models import CommandInfo, TyperInfo
 
 from qant_mail.base.errors import (
     ConfigError,
@@ -30,6 +32,7 @@ from qant_mail.base.errors import (
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
+    from typer._click import Command as ClickCommand  # Typer's own copy of click
 
     from qant_mail.app.approval import Approval
     from qant_mail.app.context import Context
@@ -476,7 +479,7 @@ def send(
     _warn(prepared.warnings)
     if dry_run:
         folder = output or context.settings.output_dir / "dry-run" / file.stem
-        with _ProgressBar() as bar, _terminate_as_interrupt():
+        with _progress() as bar, _terminate_as_interrupt():
             report = sending.dry_run(context, prepared, folder, progress=bar, limit=limit)
         typer.echo(report.summary())
         typer.echo(f"messages written to {_shown(folder / 'new')}")
@@ -519,7 +522,7 @@ def send(
         if not confirmed:
             typer.echo("nothing sent", err=True)
             raise typer.Exit(ExitCode.OK)
-    with _ProgressBar() as bar, _terminate_as_interrupt():
+    with _progress() as bar, _terminate_as_interrupt():
         report = sending.send(
             context,
             prepared,
@@ -1021,7 +1024,7 @@ def demo(
     """Render the sample and send it to the demo list through a local test inbox."""
     from qant_mail.app.demo import run_demo
 
-    with _ProgressBar() as bar:
+    with _progress() as bar:
         result = run_demo(_context(ctx), issue, progress=bar)
     for path in result.rendered:
         typer.echo(f"rendered {_shown(path)}")
@@ -1643,6 +1646,32 @@ def _warn(warnings: list[str]) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
+class _Notes:
+    """The progress of a send without a terminal to draw on (a timer, a pipe, a log):
+    no bar, only its notes, a line each on standard error."""
+
+    def __enter__(self) -> _Notes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, state: State) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        typer.echo(message, err=True)
+
+
+def _progress() -> _ProgressBar | _Notes:
+    """Return the progress of a long job: a bar on a terminal, its notes elsewhere (a
+    bar there shows nothing, and rich is a tenth of a send's start-up)."""
+    return _ProgressBar() if sys.stderr.isatty() else _Notes()
+
+
 class _ProgressBar:
     """A progress bar on standard error (rich), with rate and time left."""
 
@@ -1742,13 +1771,83 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+class _LazyCommands(MutableMapping[str, "ClickCommand"]):
+    """The command table of the command line, each command built from its function the
+    first time it is looked up.
+
+    Typer builds every command before parsing anything: the signatures of some 40
+    functions read, their annotations evaluated, a fifth of `qant-mail render`'s own
+    start-up. A run looks up one command (`--help` lists them all, built then)."""
+
+    def __init__(self, typer_app: typer.Typer) -> None:
+        self._app = typer_app
+        self._infos: dict[str, CommandInfo | TyperInfo] = {}
+        for command in typer_app.registered_commands:
+            assert command.callback is not None
+            self._infos[command.name or typer.main.get_command_name(command.callback.__name__)] = (
+                command
+            )
+        for group in typer_app.registered_groups:
+            assert isinstance(group.name, str), "every group of the command line has a name"
+            self._infos[group.name] = group
+        self._built: dict[str, ClickCommand] = {}
+
+    def __getitem__(self, name: str) -> ClickCommand:
+        built = self._built.get(name)
+        if built is None:
+            info = self._infos[name]  # KeyError: no such command, as a dict says it
+            if isinstance(info, TyperInfo):
+                built = typer.main.get_group_from_info(
+                    info,
+                    pretty_exceptions_short=self._app.pretty_exceptions_short,
+                    rich_markup_mode=self._app.rich_markup_mode,
+                    suggest_commands=self._app.suggest_commands,
+                )
+            else:
+                built = typer.main.get_command_from_info(
+                    info,
+                    pretty_exceptions_short=self._app.pretty_exceptions_short,
+                    rich_markup_mode=self._app.rich_markup_mode,
+                )
+            self._built[name] = built
+        return built
+
+    def __setitem__(self, name: str, command: ClickCommand) -> None:
+        self._built[name] = command
+        self._infos.setdefault(name, TyperInfo(name=name))
+
+    def __delitem__(self, name: str) -> None:
+        del self._infos[name]
+        self._built.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+
+def command_line(typer_app: typer.Typer = app) -> ClickCommand:
+    """Return the click command of `typer_app` whose subcommands are built as they are
+    looked up: what `main` runs (Typer's own build, which tests use, makes them all)."""
+    commands, groups = typer_app.registered_commands, typer_app.registered_groups
+    typer_app.registered_commands, typer_app.registered_groups = [], []
+    try:
+        group = typer.main.get_command(typer_app)  # the group: its options and callback
+    finally:
+        typer_app.registered_commands, typer_app.registered_groups = commands, groups
+    assert isinstance(group, TyperGroup)
+    group.commands = _LazyCommands(typer_app)
+    return group
+
+
 def main() -> None:
     """Run the command line."""
     # qant-mail uses no pydantic plugin; looking for them scans the metadata of every
     # installed package, a quarter of a render's start-up. Users who want one can say so.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
-        app(prog_name="qant-mail")
+        command_line()(prog_name="qant-mail")
         code: object = 0
     except SystemExit as done:
         code = done.code

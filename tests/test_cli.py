@@ -9,7 +9,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from typer.testing import Result
 
 from qant_mail.base.config import Settings
@@ -238,8 +240,59 @@ def test_rendering_and_checking_load_nothing_of_the_send_side() -> None:
         "qant_mail.store.ledger",
         "qant_mail.delivery.dkim",
         "cryptography",
+        "qant_mail.authoring.archive",  # only `archive` builds it
+        "rich",  # only a bar on a terminal, and `stats`, draw with it
     ):
         assert heavy not in loaded
+
+
+def test_a_run_builds_only_the_command_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer.main
+
+    from qant_mail.cli import command_line
+
+    built: list[str] = []
+    build = typer.main.get_command_from_info
+
+    def counted(command_info: typer.models.CommandInfo, **options: Any) -> Any:
+        assert command_info.callback is not None
+        built.append(command_info.callback.__name__)
+        return build(command_info, **options)
+
+    monkeypatch.setattr(typer.main, "get_command_from_info", counted)
+    group = command_line()
+    assert built == []
+    with pytest.raises(SystemExit) as done:
+        group(["render", "--help"], prog_name="qant-mail", standalone_mode=True)
+    assert done.value.code == 0
+    assert built == ["render"]
+
+
+def test_the_command_table_built_on_demand_is_typers_own() -> None:
+    import typer.main
+
+    from qant_mail.cli import command_line
+
+    def described(command: Any) -> Any:
+        params = [(p.name, tuple(p.opts), p.required, repr(p.default)) for p in command.params]
+        subcommands = getattr(command, "commands", None)
+        inner = {n: described(c) for n, c in subcommands.items()} if subcommands else None
+        return command.name, command.help, params, inner
+
+    eager = typer.main.get_command(app)
+    lazy = command_line()
+    assert list(lazy.commands) == list(eager.commands)  # type: ignore[attr-defined]
+    assert described(lazy) == described(eager)
+
+
+def test_a_send_without_a_terminal_prints_its_notes_without_a_bar() -> None:
+    code = (
+        "import sys, qant_mail.cli as cli; bar = cli._progress(); bar.start(2); "
+        "bar.note('a note'); print(type(bar).__name__, 'rich' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["_Notes", "False"]
+    assert done.stderr == "a note\n"
 
 
 def test_a_port_out_of_range_is_a_usage_error(cli: Cli) -> None:

@@ -13,12 +13,12 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from qant_mail.app.context import Context
 from qant_mail.audience import tokens
-from qant_mail.authoring import archive, draft
-from qant_mail.authoring.archive import ArchiveReport
+from qant_mail.authoring import draft
 from qant_mail.authoring.lint import lint
 from qant_mail.authoring.load import Document, load, parse
 from qant_mail.authoring.model import json_schema
@@ -27,6 +27,9 @@ from qant_mail.base.config import Settings
 from qant_mail.base.errors import IssueError, Problem, SendError, Severity
 from qant_mail.base.files import write_all
 from qant_mail.delivery.compose import MessageTemplate, Prepared, Recipient, lone_ed25519
+
+if TYPE_CHECKING:  # the archive is imported by the one use case that builds it
+    from qant_mail.authoring.archive import ArchiveReport
 
 # What the edges see of a render.
 __all__ = ["THEME", "ArchiveReport", "Asset", "CheckReport", "RenderedIssue"]
@@ -227,4 +230,6 @@ def prepare(
 def build_archive(ctx: Context, folder: Path | None = None) -> ArchiveReport:
     """Write the web archive (an index of every issue, a page each, a feed per
     newsletter) into `folder` (default: the output folder's `archive`)."""
+    from qant_mail.authoring import archive
+
     return archive.build_archive(ctx.settings, folder or ctx.settings.output_dir / "archive")
