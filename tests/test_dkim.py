@@ -16,6 +16,9 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from dkim.canonicalization import Relaxed
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import Result
 
 from qant_mail.app import issues, sending
@@ -244,6 +247,26 @@ def test_each_signed_header_is_listed_once_more_than_the_message_holds_it(
         assert sorted(set(listed)) == sorted(dkim.SIGNED)
         for name in dkim.SIGNED:
             assert listed.count(name) == len(message.get_all(name) or []) + 1, name
+
+
+# A header value as a message may hold it: words, runs of spaces and tabs, and folds
+# (CRLF, then white space).
+_HEADER_VALUES = st.lists(
+    st.one_of(
+        st.text(alphabet="abz<>@.:;=-/", min_size=1, max_size=8),
+        st.text(alphabet=" \t", min_size=1, max_size=3),
+        st.sampled_from(["\r\n ", "\r\n\t", "\r\n  "]),
+    ),
+    max_size=12,
+).map(lambda pieces: "".join(pieces).encode())
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(st.sampled_from(["To", "Message-ID", "List-Unsubscribe", "DKIM-Signature"]), _HEADER_VALUES)
+def test_a_header_is_canonicalised_as_dkimpy_canonicalises_it(name: str, value: bytes) -> None:
+    ((_, expected),) = Relaxed.canonicalize_headers([(name.encode(), value)])
+    canonical = dkim.relaxed_header(name, value) + b"\r\n"
+    assert canonical == b"%s:%s" % (name.lower().encode(), expected)
 
 
 def test_the_body_is_covered(signed: bytes, keys: dict[str, tuple[bytes, str]]) -> None:

@@ -164,8 +164,10 @@ def relaxed_body(chunk: bytes) -> bytes:
 
 def relaxed_header(name: str, value: bytes) -> bytes:
     """Canonicalise one header field: `name:value` unfolded, without its CRLF."""
-    unfolded = _FOLD.sub(b"", value)
-    return name.lower().encode() + b":" + _WSP_RUN.sub(b" ", unfolded).strip(b" \t")
+    if b"\r" in value or b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value))
+    # Else (what we write mostly: one line, single spaces) only its ends change.
+    return name.lower().encode() + b":" + value.strip(b" \t")
 
 
 class _Hash(Protocol):
@@ -236,7 +238,7 @@ class Signer:
                 fixed = b""
         plan.append(fixed)
         self._plan = plan
-        self._folded: tuple[int, bytes] | None = None
+        self._folded: tuple[int, bytes, bytes] | None = None
 
     def sign(
         self, own: Sequence[tuple[str, bytes]], body_hash: bytes, *, timestamp: int | None = None
@@ -251,16 +253,21 @@ class Signer:
         for piece in self._plan:
             data += piece if isinstance(piece, bytes) else mine.get(piece, b"")
         when = int(time.time()) if timestamp is None else timestamp
-        unsigned = self._unsigned(when).replace(_BH_PLACEHOLDER, base64.b64encode(body_hash))
+        unsigned, relaxed = self._unsigned(when)
         # The header is folded first and signed as it will be sent, with an empty b=:
         # the verifier canonicalises the folds we chose, not an unfolded copy of them.
-        data += relaxed_header("dkim-signature", unsigned)
+        # Both forms are made once a second with a placeholder for bh=, which
+        # canonicalisation leaves as it is: the body hash goes in by replacement.
+        encoded = base64.b64encode(body_hash)
+        unsigned = unsigned.replace(_BH_PLACEHOLDER, encoded)
+        data += relaxed.replace(_BH_PLACEHOLDER, encoded)
         signature = base64.b64encode(self.key.sign(bytes(data)))
         folded = b"".join(b"\r\n\t " + signature[i : i + 72] for i in range(0, len(signature), 72))
         return b"DKIM-Signature:" + unsigned + folded + b"\r\n"
 
-    def _unsigned(self, when: int) -> bytes:
-        """Return the folded tags, with a placeholder for bh= (the same for a second)."""
+    def _unsigned(self, when: int) -> tuple[bytes, bytes]:
+        """Return the folded tags, with a placeholder for bh=, and their canonical form
+        as signed (the same for a second)."""
         if self._folded is None or self._folded[0] != when:
             key = self.key
             tags = [
@@ -274,8 +281,9 @@ class Signer:
                 "bh=" + _BH_PLACEHOLDER.decode(),
                 "b=",
             ]
-            self._folded = (when, _fold(tags))
-        return self._folded[1]
+            folded = _fold(tags)
+            self._folded = (when, folded, relaxed_header("dkim-signature", folded))
+        return self._folded[1], self._folded[2]
 
 
 # As long as a SHA-256 in base64, so that folding it in place changes nothing.
