@@ -1668,8 +1668,14 @@ class _Notes:
 
 def _progress() -> _ProgressBar | _Notes:
     """Return the progress of a long job: a bar on a terminal, its notes elsewhere (a
-    bar there shows nothing, and rich is a tenth of a send's start-up)."""
-    return _ProgressBar() if sys.stderr.isatty() else _Notes()
+    bar there shows nothing, and rich is a tenth of a send's start-up). As rich itself,
+    TTY_COMPATIBLE (1 or 0) or FORCE_COLOR, set, say what the terminal is."""
+    said = os.environ.get("TTY_COMPATIBLE", "")
+    if said in ("0", "1"):
+        terminal = said == "1"
+    else:
+        terminal = bool(os.environ.get("FORCE_COLOR")) or sys.stderr.isatty()
+    return _ProgressBar() if terminal else _Notes()
 
 
 class _ProgressBar:

@@ -35,6 +35,15 @@ if TYPE_CHECKING:  # the archive is imported by the one use case that builds it
 __all__ = ["THEME", "ArchiveReport", "Asset", "CheckReport", "RenderedIssue"]
 
 
+def __getattr__(name: str) -> object:
+    """Return the archive's report type, imported when first asked for (PEP 562)."""
+    if name == "ArchiveReport":
+        from qant_mail.authoring.archive import ArchiveReport
+
+        return ArchiveReport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class CheckReport:
     """What `check` found in an issue file; the document and render when it loaded."""
