@@ -15,7 +15,13 @@ from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Sending, Settings
 from qant_mail.base.errors import ExitCode
 from qant_mail.delivery.outbox import SendReport
-from qant_mail.delivery.transport import RateLimiter, Reply, SmtpConnection, SmtpTransport
+from qant_mail.delivery.transport import (
+    ConnectionLost,
+    RateLimiter,
+    Reply,
+    SmtpConnection,
+    SmtpTransport,
+)
 from qant_mail.store.ledger import Ledger, State
 from tests.conftest import prepare_send, send_to_list
 from tests.faulty_smtp import Behaviour, FaultyServer, FaultyServerFactory
@@ -226,10 +232,10 @@ def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that
                 stream.write(reply + b"\r\n")
                 stream.flush()
             received.extend(stream.read1(3000))
-            # A reader that stops for longer than the writer's timeout once: the write
-            # under way ends with part of the message taken (SO_SNDTIMEO), the rest must
+            # A reader that stops a while (less than the writer's timeout): the write
+            # under way has had part of the message taken, and waits; the rest must
             # follow.
-            time.sleep(1.5)
+            time.sleep(0.6)
             while not received.endswith(b"\r\n.\r\n"):
                 received.extend(stream.read1(3000))
             stream.write(b"250 2.0.0 queued\r\n")
@@ -249,3 +255,46 @@ def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that
     ours.close()
     assert reply.code == 250
     assert bytes(received) == message + b".\r\n"
+
+
+def test_a_reader_that_stops_taking_the_message_times_the_write_out_as_not_delivered() -> None:
+    # The write of the message waits at most the connection's timeout for the server to
+    # take more: then the exchange ends, lost before its final dot (nothing delivered).
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    message = b"x" * 78 + b"\r\n"
+    message *= 20_000
+    released = threading.Event()
+
+    def server() -> None:
+        with theirs, theirs.makefile("rwb") as stream:
+            for reply in (b"250 sender ok", b"250 recipient ok", b"354 go ahead"):
+                stream.readline()
+                stream.write(reply + b"\r\n")
+                stream.flush()
+            stream.read1(3000)
+            released.wait(10)  # and reads no more
+
+    class Client:
+        sock = ours
+
+        def has_extn(self, name: str) -> bool:
+            return name == "pipelining"
+
+        def close(self) -> None:
+            ours.close()
+
+    reader = threading.Thread(target=server, daemon=True)
+    reader.start()
+    connection = SmtpConnection(Client(), "pair", timeout=0.5, message_timeout=30.0)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost) as lost:
+        connection.send("lettre@qant.example", "reader@example.com", message, dot_safe=True)
+    took = time.monotonic() - started
+    released.set()
+    reader.join()
+    ours.close()
+    assert not lost.value.after_data
+    assert "timed out" in str(lost.value)
+    assert 0.4 < took < 3

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -16,8 +17,10 @@ from qant_mail.app import sending
 from qant_mail.app.context import Context
 from qant_mail.app.readers import Request, Signup
 from qant_mail.base.config import Settings
-from qant_mail.delivery.outbox import NOTICE_MAX_DELAY, DrainReport
+from qant_mail.delivery.outbox import NOTICE_MAX_DELAY, DrainReport, _Record, _Run
 from qant_mail.delivery.transport import SmtpTransport
+from qant_mail.store.db import StoreUnavailable
+from qant_mail.store.ledger import Outcome, State
 from qant_mail.store.mailqueue import Mail, MailQueue
 from tests.conftest import SAMPLE
 from tests.smtp_server import SmtpServer, free_port
@@ -154,44 +157,59 @@ def test_stopping_the_worker_does_not_wait_for_the_hours_quota(local: Settings) 
     assert entries(ctx) == [("lea@example.com", Mail.PENDING, 0)]
 
 
-class _Lost(Exception):
-    """Stands for the ConnectionLost a connection's thread is handling."""
-
-
 class _WritingLedger:
-    """Writes outcomes to a list, as the ledger's record_many would to its rows."""
+    """Writes outcomes to a log, as the ledger's record_many would to its rows; or
+    fails, as a database out of reach does."""
 
     shared = False
 
-    def __init__(self) -> None:
-        self.written: list[int] = []
+    def __init__(self, log: list[tuple[str, object]], *, fails: bool = False) -> None:
+        self.log, self.fails = log, fails
 
     def record_many(self, send: object, outcomes: Sequence[object]) -> None:
-        self.written += [outcome.position for outcome in outcomes]  # type: ignore[attr-defined]
+        if self.fails:
+            raise StoreUnavailable("the disk is full")
+        self.log.append(("written", [outcome.position for outcome in outcomes]))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """This thread's connection: nothing to close."""
 
 
-def test_a_group_commit_led_from_an_exception_handler_tells_the_others_it_succeeded() -> None:
-    # A connection records "unknown" inside its `except ConnectionLost` (outbox._deliver)
-    # and leads the group commit of another connection's outcome too. The commit
-    # succeeds: the other must learn so, not be handed the exception being handled
-    # (sys.exc_info() in a `finally` returns it), which killed its thread with a
-    # traceback and left its message uncounted.
-    from qant_mail.delivery.outbox import _Pending, _Run
-    from qant_mail.store.ledger import Outcome, State
-
+def _loop_of(ledger: _WritingLedger) -> _Run:
     run = _Run.__new__(_Run)
-    run.commits = threading.Condition()
-    run.committing = False
-    ledger = _WritingLedger()
     run.ledger = ledger  # type: ignore[assignment]
     run.send = None  # type: ignore[assignment]
+    run.stop = threading.Event()
     run._stored = lambda step: step()  # type: ignore[method-assign]
-    other = _Pending(Outcome(1, State.SENT, "250 ok"))  # queued by another connection
-    run.queue = [other]
+    return run
+
+
+def _recording(position: int, log: list[tuple[str, object]]) -> Iterator[object]:
+    """A connection's work reduced to one outcome to record, and what comes after."""
     try:
-        raise _Lost("connection lost after the data")
-    except _Lost:
-        run._commit(Outcome(2, State.UNKNOWN, "connection lost after the data"))
-    assert ledger.written == [1, 2]
-    assert other.done
-    assert other.error is None
+        yield _Record(Outcome(position, State.SENT, "250 ok"))
+    except StoreUnavailable as err:
+        log.append(("told", (position, str(err))))
+        return
+    log.append(("went on", position))
+
+
+def test_outcomes_that_come_in_together_are_written_together_before_either_goes_on() -> None:
+    # Exactly-once: a connection's next message waits for its last outcome to be
+    # durable. Outcomes that come in the same turn of the send loop share a transaction.
+    log: list[tuple[str, object]] = []
+    run = _loop_of(_WritingLedger(log))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        run._loop([_recording(1, log), _recording(2, log)], ours)  # type: ignore[list-item]
+    assert log == [("written", [1, 2]), ("went on", 1), ("went on", 2)]
+
+
+def test_a_write_that_fails_is_told_to_every_connection_whose_outcome_it_carried() -> None:
+    # None of them may go on as if its outcome were written.
+    log: list[tuple[str, object]] = []
+    run = _loop_of(_WritingLedger(log, fails=True))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        run._loop([_recording(1, log), _recording(2, log)], ours)  # type: ignore[list-item]
+    assert log == [("told", (1, "the disk is full")), ("told", (2, "the disk is full"))]

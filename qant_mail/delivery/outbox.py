@@ -21,14 +21,16 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import math
 import os
 import re
+import select
 import socket
 import threading
 import time
 import zoneinfo
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -45,10 +47,14 @@ from qant_mail.delivery.compose import (
 from qant_mail.delivery.transport import (
     Connection,
     ConnectionLost,
+    Exchange,
     RateLimiter,
     Reply,
     Transport,
     TransportUnavailable,
+    Wait,
+    exchange_of,
+    finish,
     relay_transport,
 )
 from qant_mail.store.approvals import Approvals
@@ -395,9 +401,17 @@ class Outbox:
 
     @staticmethod
     def hand_over(connection: Connection, envelope: str, recipient: str, data: bytes) -> Reply:
-        """Give one message to the relay: the one place where a message leaves."""
+        """Give one message to the relay and wait for its verdict."""
+        return finish(Outbox.handing_over(connection, envelope, recipient, data))
+
+    @staticmethod
+    def handing_over(
+        connection: Connection, envelope: str, recipient: str, data: bytes
+    ) -> Exchange[Reply]:
+        """Give one message to the relay: the one place where a message leaves. An
+        exchange: it yields each time it waits for the connection's socket."""
         # Composed here, no line starts with "." (quoted-printable, headers): no stuffing.
-        return connection.send(envelope, recipient, data, dot_safe=True)
+        return exchange_of(connection, envelope, recipient, data, dot_safe=True)
 
     def sendable(self) -> tuple[list[str], dict[str, str]]:
         """Return the newsletters whose messages may leave from here, and why the others
@@ -769,17 +783,73 @@ def _as_first_sent(approvals: Approvals, send: Send, prepared: Prepared, digest:
     return dataclasses.replace(prepared, template=template.dated(date))
 
 
-@dataclass(slots=True)
-class _Pending:
-    """An outcome waiting for its commit, and how the commit went."""
+@dataclass(frozen=True, slots=True)
+class _Sleep:
+    """A slot waits until `until` (time.monotonic()), or until the run is stopping."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A slot's outcome, to be made durable before the slot goes on."""
 
     outcome: Outcome
-    done: bool = False
-    error: BaseException | None = None
+
+
+class _Background:
+    """A call made in a thread of its own (opening a connection: DNS, TCP, TLS and login
+    take round trips that must not hold the other connections), whose end wakes the
+    send loop."""
+
+    def __init__(self, call: Callable[[], Connection], wake: socket.socket) -> None:
+        self.done = False
+        self._value: Connection | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(call, wake), daemon=True).start()
+
+    def _run(self, call: Callable[[], Connection], wake: socket.socket) -> None:
+        try:
+            self._value = call()
+        except BaseException as err:  # noqa: BLE001 - raised again in the slot that waits
+            self._error = err
+        finally:
+            self.done = True
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
+
+    def result(self) -> Connection:
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+@dataclass(frozen=True, slots=True)
+class _Connecting:
+    """A slot waits for its connection to be opened."""
+
+    work: _Background
+
+
+_Step = Wait | _Sleep | _Record | _Connecting
+_Slot = Generator[_Step, None, None]
+# How long the loop waits at most before it looks at the stop and the clock again.
+_LOOK_AGAIN = 0.25
 
 
 class _Run:
-    """One run of a send: workers, each with its connection, share a rate limiter."""
+    """One run of a send: one thread carries the messages over all the connections,
+    which share a rate limiter.
+
+    Each connection is a slot, a generator that claims rows and sends them one after
+    the other, yielding whenever it must wait: for its socket (a `Wait` of the
+    transport's exchange), for the rate limiter (`_Sleep`), for its connection to be
+    opened (`_Connecting`), or for its outcome to be durable (`_Record`). The loop
+    (`_carry`) waits on all the sockets at once and commits together the outcomes that
+    come in together, before each of their slots goes on. One thread, not one a
+    connection: threads that hand the interpreter's lock to each other a few times a
+    message cost more than the message (the figures are in docs/architecture.md)."""
 
     def __init__(
         self,
@@ -807,6 +877,7 @@ class _Run:
         self.gave_up = 0
         self.running = 0
         self.finished = threading.Condition(self.lock)
+        self.crash: BaseException | None = None  # what broke the send loop, for the caller
         # Each recipient counted once, in the state it ended this run in: only the rows
         # that may come back in this run (deferred) are remembered, so that memory does
         # not grow with the list.
@@ -824,11 +895,10 @@ class _Run:
         self.lease = limits.lease_seconds
         # How long the run waits for the database to come back before it stops.
         self.patience = settings.store.reconnect_seconds
-        self.store_trouble: str | None = None  # said once an outage, not once a thread
-        # The group commit of outcomes: see _commit.
-        self.commits = threading.Condition()
-        self.queue: list[_Pending] = []
-        self.committing = False
+        self.store_trouble: str | None = None  # said once an outage
+        # The send loop's wake-up call: a connection opened in the background rings it.
+        self.wake: socket.socket | None = None
+        self.closing: list[threading.Thread] = []
 
     def run(self, wait_for_retries: bool) -> SendReport:
         try:
@@ -962,17 +1032,18 @@ class _Run:
     def _round(self) -> None:
         counts = self._stored(lambda: self.ledger.counts(self.send))
         due = counts[State.PENDING] + counts[State.DEFERRED]
-        workers = max(1, min(self.settings.smtp.connections, due))
+        slots = max(1, min(self.settings.smtp.connections, due))
         self.gave_up = 0
-        for number in range(workers):
-            with self.lock:
-                self.running += 1
-            threading.Thread(target=self._worker, name=f"qant-send-{number}", daemon=True).start()
+        with self.lock:
+            self.running += 1
+        threading.Thread(target=self._carry, args=(slots,), name="qant-send", daemon=True).start()
         self._join()
+        if self.crash is not None:
+            raise self.crash
         if self.failures and self.connected == 0:
             self.report.stopped = "unavailable"
             raise TransportUnavailable(self.failures[0])
-        if self.gave_up == workers and not self.stop.is_set():
+        if self.gave_up == slots and not self.stop.is_set():
             # Every connection went away and could not come back: stop, resumable.
             self.report.stopped = "unavailable"
             self.progress.note(f"the server went away: {self.failures[-1]}")
@@ -984,11 +1055,138 @@ class _Run:
             while self.running:
                 self.finished.wait(0.2)
 
-    def _worker(self) -> None:
+    def _carry(self, count: int) -> None:
+        """Carry the round's messages over `count` connections, from this one thread
+        (not the main thread: a Ctrl-C there stops the run between two messages, never
+        between a message's reply and its record)."""
+        wake, self.wake = socket.socketpair()
+        try:
+            self._loop([self._slot() for _ in range(count)], wake)
+        except BaseException as err:  # noqa: BLE001 - a bug: raised again by the caller
+            self.crash = err
+            self.stop.set()
+        finally:
+            self.wake.close()
+            wake.close()
+            for closer in self.closing:
+                closer.join()
+            self.closing.clear()
+            self.ledger.close()  # this thread's connection
+            with self.finished:
+                self.running -= 1
+                self.finished.notify_all()
+
+    def _loop(self, slots: list[_Slot], wake: socket.socket) -> None:
+        """Run `slots` until they end: resume each when what it waits for has come,
+        commit the outcomes that came together in one transaction."""
+        poller = select.poll()
+        wake.setblocking(False)
+        ringing = wake.fileno()
+        poller.register(ringing, select.POLLIN)
+        waiting_on: dict[int, _Slot] = {}  # a socket's fd: the slot waiting on it
+        fd_of: dict[_Slot, tuple[int, int]] = {}  # a slot: the fd and events it waits on
+        waits: dict[_Slot, _Step] = {}  # what each waiting slot waits for
+        # The slots to resume, each with what to tell it: None, or an exception to raise.
+        ready: list[tuple[_Slot, BaseException | None]] = [(slot, None) for slot in slots]
+        alive = set(slots)
+        try:
+            while alive:
+                records: list[tuple[_Slot, Outcome]] = []
+                for slot, error in ready:
+                    try:
+                        step = slot.throw(error) if error is not None else slot.send(None)
+                    except StopIteration:
+                        alive.discard(slot)
+                        step = None
+                    if type(step) is Wait:
+                        fd = step.sock.fileno()
+                        events = select.POLLOUT if step.writable else select.POLLIN
+                        if fd_of.get(slot) != (fd, events):
+                            self._forget(poller, waiting_on, fd_of, slot)
+                            poller.register(fd, events)
+                            waiting_on[fd], fd_of[slot] = slot, (fd, events)
+                        waits[slot] = step
+                        continue
+                    # Not a socket: while the slot does not wait on it, a word the server
+                    # says (a 421 before closing) must not wake the loop again and again.
+                    self._forget(poller, waiting_on, fd_of, slot)
+                    if type(step) is _Record:
+                        records.append((slot, step.outcome))
+                    elif step is not None:
+                        waits[slot] = step
+                ready = []
+                if records:
+                    ready = self._commit(records)
+                    continue
+                if not alive:
+                    break
+                now = time.monotonic()
+                soonest = now + _LOOK_AGAIN
+                for step in waits.values():
+                    if type(step) is Wait and step.deadline < soonest:
+                        soonest = step.deadline
+                    elif type(step) is _Sleep and step.until < soonest:
+                        soonest = step.until
+                timeout = max(0, math.ceil((soonest - now) * 1000))
+                for fd, _ in poller.poll(timeout):
+                    if fd == ringing:
+                        with contextlib.suppress(OSError):
+                            wake.recv(4096)
+                        continue
+                    slot = waiting_on[fd]
+                    if type(waits.get(slot)) is Wait:
+                        del waits[slot]
+                        ready.append((slot, None))
+                # Resumed when its time has come (an exchange then tries its socket once
+                # more before it judges: after a long commit, its reply may be there).
+                now = time.monotonic()
+                stopping = self.stop.is_set()
+                for slot, step in list(waits.items()):
+                    if (
+                        (type(step) is Wait and step.deadline <= now)
+                        or (type(step) is _Sleep and (step.until <= now or stopping))
+                        or (type(step) is _Connecting and step.work.done)
+                    ):
+                        del waits[slot]
+                        ready.append((slot, None))
+        finally:
+            for slot in alive:  # after a bug only: each gives its rows back
+                slot.close()
+
+    @staticmethod
+    def _forget(
+        poller: select.poll,
+        waiting_on: dict[int, _Slot],
+        fd_of: dict[_Slot, tuple[int, int]],
+        slot: _Slot,
+    ) -> None:
+        held = fd_of.pop(slot, None)
+        # Only if the number is still its own: a socket closed in the background frees
+        # its number for the next one opened.
+        if held is not None and waiting_on.get(held[0]) is slot:
+            del waiting_on[held[0]]
+            with contextlib.suppress(KeyError, ValueError):
+                poller.unregister(held[0])
+
+    def _commit(
+        self, records: list[tuple[_Slot, Outcome]]
+    ) -> list[tuple[_Slot, BaseException | None]]:
+        """Write the outcomes that came in together, in one transaction; return their
+        slots, to go on (each told of the failure, if the write failed). A slot's next
+        message waits for its record to be durable, as exactly-once requires."""
+        outcomes = [outcome for _, outcome in records]
+        try:
+            self._stored(lambda: self.ledger.record_many(self.send, outcomes))
+        except StoreUnavailable as err:
+            return [(slot, err) for slot, _ in records]
+        return [(slot, None) for slot, _ in records]
+
+    def _slot(self) -> _Slot:
+        """One connection's work: claim rows, send them one after the other."""
         connection: Connection | None = None
         claimed: list[Delivery] = []
         try:
-            connection = self._connect()
+            connection = yield from self._connect()
             if connection is None:
                 return
             while not self.stop.is_set():
@@ -1005,28 +1203,31 @@ class _Run:
                 if not claimed and not skipped:
                     return
                 while claimed and not self.stop.is_set():
-                    connection = self._deliver(connection, claimed[0])
+                    connection = yield from self._deliver(connection, claimed[0])
                     claimed.pop(0)
                     if connection is None:
                         return
         except StoreUnavailable as err:
             self._store_gone(err)
         finally:
-            try:
-                # With the database gone, the rows stay held: the lease, or the re-run's
-                # recovery, gives them back.
-                with contextlib.suppress(StoreUnavailable):
-                    if claimed:
-                        self.ledger.release(self.send, [d.position for d in claimed])
-                if connection is not None:
-                    connection.close()
-                self.ledger.close()
-            finally:
-                with self.finished:
-                    self.running -= 1
-                    self.finished.notify_all()
+            # With the database gone, the rows stay held: the lease, or the re-run's
+            # recovery, gives them back.
+            with contextlib.suppress(StoreUnavailable):
+                if claimed:
+                    self.ledger.release(self.send, [d.position for d in claimed])
+            if connection is not None:
+                self._close(connection)
 
-    def _deliver(self, connection: Connection, row: Delivery) -> Connection | None:
+    def _close(self, connection: Connection) -> None:
+        """Close `connection` in the background: a QUIT's round trip must not hold the
+        other connections."""
+        closer = threading.Thread(target=connection.close, daemon=True)
+        closer.start()
+        self.closing.append(closer)
+
+    def _deliver(
+        self, connection: Connection, row: Delivery
+    ) -> Generator[_Step, None, Connection | None]:
         """Send one row; return the connection to go on with (None: give up)."""
         try:
             data = self.prepared.template.personalise(
@@ -1034,9 +1235,9 @@ class _Run:
             )
         except ComposeError as err:
             # This row cannot become a message; the others can.
-            self._record(row, State.FAILED, f"not sent: {err}", None, attempt=False)
+            yield from self._record(row, State.FAILED, f"not sent: {err}", None, attempt=False)
             return connection
-        minute = self.limiter.acquire(self.stop)
+        minute = yield from self._permit()
         if minute is None:
             if not self.stop.is_set():
                 self.report.stopped = "daily quota reached"
@@ -1051,20 +1252,20 @@ class _Run:
             envelope = self.rules.return_path(
                 self.prepared.template.secret, self.send.id, row.position
             )
-            reply = self.outbox.hand_over(connection, envelope, row.email, data)
+            reply = yield from self.outbox.handing_over(connection, envelope, row.email, data)
         except ConnectionLost as lost:
-            connection.close()
+            self._close(connection)
             if lost.after_data:
                 why = f"connection lost after the data: {lost}"
-                self._record(row, State.UNKNOWN, why, minute, relay=connection.relay)
+                yield from self._record(row, State.UNKNOWN, why, minute, relay=connection.relay)
                 if self._silent_again():
                     return None
             else:
-                self._record_temporary(row, f"connection lost: {lost}", minute, connection.relay)
-            return self._connect(again=True)
-        with self.lock:
-            self.silences = 0
-        self._settle(row, reply, minute, connection.relay)
+                why = f"connection lost: {lost}"
+                yield from self._record_temporary(row, why, minute, connection.relay)
+            return (yield from self._connect(again=True))
+        self.silences = 0
+        yield from self._settle(row, reply, minute, connection.relay)
         if reply.slow_down:
             self.limiter.slow_down()
             self.progress.note(f"the server asks to slow down ({reply}); slowing down")
@@ -1073,9 +1274,21 @@ class _Run:
         if reply.code == 421 or getattr(connection, "worn", False):
             # 421: the server is closing this connection. Worn: it has refused enough
             # here that a fresh connection keeps us under its error limits.
-            connection.close()
-            return self._connect(again=True)
+            self._close(connection)
+            return (yield from self._connect(again=True))
         return connection
+
+    def _permit(self) -> Generator[_Step, None, int | None]:
+        """Wait for the rate limiter's leave to send one message; return its minute, or
+        None when the day's quota is used or the run is stopping."""
+        while not self.stop.is_set():
+            minute, wait = self.limiter.poll()
+            if minute is not None:
+                return minute
+            if wait == math.inf:
+                return None
+            yield _Sleep(time.monotonic() + min(wait, 1.0))
+        return None
 
     def _silent_again(self) -> bool:
         """Count a message lost after its data; stop the run when it keeps happening."""
@@ -1091,27 +1304,33 @@ class _Run:
         self.stop.set()
         return True
 
-    def _settle(self, row: Delivery, reply: Reply, minute: int, relay: str) -> None:
+    def _settle(
+        self, row: Delivery, reply: Reply, minute: int, relay: str
+    ) -> Generator[_Step, None, None]:
         if reply.ok:
-            self._record(row, State.SENT, str(reply), minute, relay=relay)
+            yield from self._record(row, State.SENT, str(reply), minute, relay=relay)
         elif reply.temporary:
-            self._record_temporary(row, str(reply), minute, relay)
+            yield from self._record_temporary(row, str(reply), minute, relay)
         else:
             bounced = reply.enhanced in BOUNCE_CODES or (
                 reply.code in (550, 551, 553) and bool(_NO_MAILBOX.search(reply.text))
             )
-            self._record(row, State.FAILED, str(reply), minute, bounce=bounced, relay=relay)
+            yield from self._record(
+                row, State.FAILED, str(reply), minute, bounce=bounced, relay=relay
+            )
 
-    def _record_temporary(self, row: Delivery, reply: str, minute: int, relay: str) -> None:
+    def _record_temporary(
+        self, row: Delivery, reply: str, minute: int, relay: str
+    ) -> Generator[_Step, None, None]:
         attempts = row.attempts + 1
         limits = self.settings.sending
         if attempts >= limits.max_attempts:
             why = f"gave up after {attempts} attempts: {reply}"
-            self._record(row, State.FAILED, why, minute, relay=relay)
+            yield from self._record(row, State.FAILED, why, minute, relay=relay)
             return
         delay = min(limits.retry_after_seconds * 2 ** (attempts - 1), MAX_RETRY_DELAY)
         retry_at = time.time() + delay
-        self._record(row, State.DEFERRED, reply, minute, retry_at=retry_at, relay=relay)
+        yield from self._record(row, State.DEFERRED, reply, minute, retry_at=retry_at, relay=relay)
 
     def _record(
         self,
@@ -1124,7 +1343,8 @@ class _Run:
         bounce: bool = False,
         attempt: bool = True,
         relay: str = "",
-    ) -> None:
+    ) -> Generator[_Step, None, None]:
+        """Write the row's outcome (the loop returns here once it is durable); count it."""
         quota = self._quota_to_flush(minute) if minute is not None else {}
         outcome = Outcome(
             row.position,
@@ -1136,53 +1356,8 @@ class _Run:
             bounce=row.subscriber_id if bounce else None,
             relay=relay,
         )
-        self._commit(outcome)
+        yield _Record(outcome)
         self._count(row.position, state, reply)
-
-    def _commit(self, outcome: Outcome) -> None:
-        """Write `outcome`; return once it is durable.
-
-        On SQLite, which writes one transaction at a time, the outcomes that the other
-        connections bring while one commit is under way go together in the next one (a
-        group commit): one transaction for several messages, and no connection waiting
-        on another's write lock, yet each connection still waits for its own record
-        before its next message counts. PostgreSQL takes concurrent writers: there each
-        connection commits its own at once, and waiting for another's commit would be
-        waiting for nothing (the ledger's cost a message, measured as bench/postgres.py
-        does, is 0.73x that of one commit at a time)."""
-        if self.ledger.shared:
-            self._stored(lambda: self.ledger.record_many(self.send, [outcome]))
-            return
-        entry = _Pending(outcome)
-        with self.commits:
-            self.queue.append(entry)
-            while not entry.done and self.committing:
-                self.commits.wait()
-            if entry.done:  # written by the commit of another connection
-                if entry.error is not None:
-                    raise entry.error
-                return
-            self.committing = True
-            batch, self.queue = self.queue, []
-        outcomes = [pending.outcome for pending in batch]
-        # The others of the batch learn how it went, whatever stopped it: none of them
-        # may go on as if written when it was not, nor as failed when it was. (Not
-        # sys.exc_info() in a `finally`: called from an exception handler, as for a
-        # connection lost after the data, that is the handler's exception.)
-        error: BaseException | None = None
-        try:
-            self._stored(lambda: self.ledger.record_many(self.send, outcomes))
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            with self.commits:
-                for pending in batch:
-                    pending.done = True
-                    if pending is not entry:
-                        pending.error = error
-                self.committing = False
-                self.commits.notify_all()
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:
         with self.lock:
@@ -1207,17 +1382,26 @@ class _Run:
                 reply in self.reasons or len(self.reasons) < MAX_REASONS
             ):
                 self.reasons[reply] += 1
-            # Under the lock: a progress display counts from one thread at a time.
+            # Under the lock: the progress is read by the main thread too.
             self.progress.advance(state)
 
-    def _connect(self, *, again: bool = False) -> Connection | None:
+    def _connect(self, *, again: bool = False) -> Generator[_Step, None, Connection | None]:
+        """Open a connection (in the background); `again`: after one was lost, with up
+        to three more tries, 1, 2 and 4 s apart. Return None when it cannot be had."""
         delays = (0.0, 1.0, 2.0, 4.0) if again else (0.0,)
         last = "no attempt"
         for delay in delays:
-            if self.stop.wait(delay):
+            if delay:
+                yield _Sleep(time.monotonic() + delay)
+            if self.stop.is_set():
                 return None
+            assert self.wake is not None
+            work = _Background(
+                functools.partial(self.outbox.connect, self.rules.newsletter), self.wake
+            )
+            yield _Connecting(work)
             try:
-                connection = self.outbox.connect(self.rules.newsletter)
+                connection = work.result()
             except TransportUnavailable as err:
                 last = str(err)
                 continue

@@ -6,26 +6,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import math
 import os
 import re
+import select
 import smtplib
 import socket
 import ssl
-import struct
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from qant_mail.base import secrets
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ConfigError, ExitCode, QantError
 
 PASSWORD_VARIABLE = "QANT_SMTP_PASSWORD"
+_T = TypeVar("_T")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _GREYLIST = re.compile(r"gr[ae]y-?list", re.IGNORECASE)
 _THROTTLE = re.compile(
@@ -91,6 +93,55 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """What an exchange waits for: its socket readable (or `writable`), until `deadline`
+    (time.monotonic()). It is resumed when the socket is ready or the deadline has
+    passed, and judges which by trying its read or write first."""
+
+    sock: socket.socket
+    writable: bool
+    deadline: float
+
+
+Exchange = Generator[Wait, None, _T]
+
+
+def finish(exchange: Exchange[_T]) -> _T:
+    """Run `exchange` to its end, waiting on its socket each time it asks: a send that
+    waits for one connection alone (a send loop waits on all of its own)."""
+    poller = select.poll()
+    try:
+        wait = next(exchange)
+        while True:
+            poller.register(wait.sock, select.POLLOUT if wait.writable else select.POLLIN)
+            remaining = wait.deadline - time.monotonic()
+            if remaining > 0:
+                poller.poll(math.ceil(remaining * 1000))
+            wait = exchange.send(None)
+    except StopIteration as end:
+        return end.value  # type: ignore[no-any-return]
+
+
+def exchange_of(
+    connection: Connection, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False
+) -> Exchange[Reply]:
+    """Return the exchange of one message on `connection`: its own, which waits on its
+    socket, or for a connection that has none (a folder, memory), one that sends at
+    once."""
+    own = getattr(connection, "exchange", None)
+    if own is not None:
+        return own(sender, recipient, data, dot_safe=dot_safe)  # type: ignore[no-any-return]
+    return _at_once(connection, sender, recipient, data, dot_safe)
+
+
+def _at_once(
+    connection: Connection, sender: str, recipient: str, data: bytes, dot_safe: bool
+) -> Exchange[Reply]:
+    yield from ()
+    return connection.send(sender, recipient, data, dot_safe=dot_safe)
 
 
 class Connection(Protocol):
@@ -324,9 +375,15 @@ class _Watched:
         return self.connection.worn
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        """Send through the relay, waiting for the end (see `exchange`)."""
+        return finish(self.exchange(sender, recipient, data, dot_safe=dot_safe))
+
+    def exchange(
+        self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False
+    ) -> Exchange[Reply]:
         """Send through the relay; let it rest if it fails."""
         try:
-            reply = self.connection.send(sender, recipient, data, dot_safe=dot_safe)
+            reply = yield from self.connection.exchange(sender, recipient, data, dot_safe=dot_safe)
         except ConnectionLost:
             self.relays.rest(self.relay)
             raise
@@ -356,7 +413,11 @@ _CONTROLS = dict.fromkeys([*range(0, 9), *range(10, 32), 127])
 
 
 class SmtpConnection:
-    """One SMTP session, reused for many messages, pipelining when the server allows."""
+    """One SMTP session, reused for many messages, pipelining when the server allows.
+
+    Its socket is non-blocking: an exchange (`exchange`) yields each time it must wait,
+    so that one thread can carry many connections, waiting on all their sockets at once
+    (see outbox._Run); `send` is the same exchange, waiting on this socket alone."""
 
     # Postfix drops a client after 20 errors (10 slow it down): a connection that has
     # had this many refusals is closed and a fresh one opened.
@@ -374,22 +435,11 @@ class SmtpConnection:
         if client.sock is None:
             raise ConnectionLost("connection closed", after_data=False)
         self.sock = client.sock
+        self.tls = isinstance(self.sock, ssl.SSLSocket)
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(False)
         self.buffer = b""
         self.broken = False  # after a lost exchange: no QUIT, the session is out of step
-        # A timeout set on a Python socket makes every send and receive a poll() and
-        # then the call, and each change of it an ioctl(): on a plain socket the kernel
-        # keeps the timeout instead (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket, set
-        # once. Not under TLS: the ssl module retries a read that timed out that way
-        # forever, so a TLS socket keeps Python's timeout, changed only when it must.
-        self.own_timeout: float | None = timeout
-        if not isinstance(self.sock, ssl.SSLSocket):
-            with contextlib.suppress(OSError, AttributeError, ValueError):
-                seconds = int(timeout)
-                interval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
-                self.own_timeout = None
-        self.current_timeout: float | None = -1.0  # not known yet: set at the first use
 
     @property
     def worn(self) -> bool:
@@ -397,9 +447,18 @@ class SmtpConnection:
         return self.refusals >= self.MAX_REFUSALS
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
-        """Send one message in one transaction; RSET after a refusal. The whole exchange
-        has `message_timeout` seconds: a server that trickles its reply lines cannot
-        hold a send forever."""
+        """Send one message in one transaction, waiting for its end (see `exchange`)."""
+        return finish(self.exchange(sender, recipient, data, dot_safe=dot_safe))
+
+    def exchange(
+        self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False
+    ) -> Exchange[Reply]:
+        """Send one message in one transaction; RSET after a refusal. Yields a `Wait`
+        each time the socket must be ready; returns the server's verdict, or raises
+        `ConnectionLost`. The whole exchange has `message_timeout` seconds, and each
+        wait at most `timeout`: a server that trickles its reply lines cannot hold a
+        send forever. `dot_safe`: no line of `data` starts with "." (the composer sees
+        to it), so the message needs no dot-stuffing, and no scan for it."""
         deadline = time.monotonic() + self.message_timeout
         envelope = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"]
         self.broken = True  # until this exchange ends in step
@@ -407,30 +466,32 @@ class SmtpConnection:
             if self.pipelining:
                 # RFC 2920: MAIL and RCPT in one write. DATA waits for their verdicts, so
                 # that a refused recipient costs the server one error, not two.
-                self._write(("\r\n".join(envelope) + "\r\n").encode())
-                replies = [self._reply(deadline) for _ in envelope]
+                yield from self._write(deadline, ("\r\n".join(envelope) + "\r\n").encode())
+                replies = []
+                for _ in envelope:
+                    replies.append((yield from self._reply(deadline)))
             else:
                 replies = []
                 for command in envelope:
-                    self._write(command.encode() + b"\r\n")
-                    replies.append(self._reply(deadline))
+                    yield from self._write(deadline, command.encode() + b"\r\n")
+                    replies.append((yield from self._reply(deadline)))
                     if not replies[-1].ok:
                         break
             refusal = next((r for r in replies if not r.ok), None)
             if refusal is not None:
                 self.refusals += 1
                 self.broken = False
-                self._quietly("RSET", deadline)
+                yield from self._quietly("RSET", deadline)
                 return refusal
-            self._write(b"DATA\r\n")
-            opened = self._reply(deadline)
+            yield from self._write(deadline, b"DATA\r\n")
+            opened = yield from self._reply(deadline)
         except (OSError, _ProtocolError) as err:
             raise ConnectionLost(_describe(err), after_data=False) from err
         if opened.code != 354:
             # Only 354 lets the message go. Anything else is the verdict; a 2xx here is
             # a protocol error (the server received nothing), never a delivery.
             self.refusals += 1
-            self._quietly("RSET", deadline)
+            yield from self._quietly("RSET", deadline)
             self.broken = False
             if opened.ok:
                 return Reply(
@@ -445,12 +506,12 @@ class SmtpConnection:
         try:
             # One write: a separate small write of the final dot would wait for the
             # server's delayed ACK (Nagle), some 40 ms a message.
-            self._write(data, ending)
+            yield from self._write(deadline, data, ending)
         except OSError as err:
             # The terminating dot was not written: the server cannot have accepted.
             raise ConnectionLost(_describe(err), after_data=False) from err
         try:
-            verdict = self._reply(deadline)
+            verdict = yield from self._reply(deadline)
         except (OSError, _ProtocolError) as err:
             raise ConnectionLost(_describe(err), after_data=True) from err
         self.broken = False
@@ -458,37 +519,46 @@ class SmtpConnection:
             self.refusals += 1
         return verdict
 
-    def _write(self, data: bytes, *more: bytes) -> None:
-        """Send `data` and then `more`, in as few system calls as the socket allows."""
-        self._timeout(self.own_timeout)
-        try:
-            if not more:
-                self.sock.sendall(data)
-            elif isinstance(self.sock, ssl.SSLSocket):
-                self.sock.sendall(b"".join((data, *more)))
-            else:
-                # Gathered by the kernel: a message and its final dot leave in one write
-                # without a copy of the message made to join them.
-                pieces = [memoryview(piece) for piece in (data, *more)]
-                while pieces:
-                    sent = self.sock.sendmsg(pieces)
-                    while pieces and sent >= len(pieces[0]):
-                        sent -= len(pieces.pop(0))
-                    if pieces and sent:
-                        pieces[0] = pieces[0][sent:]
-        except BlockingIOError as err:  # SO_SNDTIMEO ran out
-            raise TimeoutError("timed out") from err
+    def _write(self, deadline: float, data: bytes, *more: bytes) -> Exchange[None]:
+        """Send `data` and then `more`, in as few system calls as the socket allows;
+        raise TimeoutError when the server takes nothing for `timeout` seconds, or the
+        message's `deadline` passes."""
+        if self.tls:
+            # An SSL write retried after "want write" must be given the same bytes: one
+            # buffer, the message and its dot joined.
+            pieces = [memoryview(b"".join((data, *more)) if more else data)]
+        else:
+            # Gathered by the kernel: a message and its final dot leave in one write
+            # without a copy of the message made to join them.
+            pieces = [memoryview(piece) for piece in (data, *more)]
+        until = 0.0  # set at the first wait: most writes need none
+        while pieces:
+            try:
+                sent = self.sock.send(pieces[0]) if self.tls else self.sock.sendmsg(pieces)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as err:
+                now = time.monotonic()
+                if not until:
+                    until = min(deadline, now + self.timeout)
+                elif now >= until:
+                    raise TimeoutError("timed out") from None
+                yield Wait(self.sock, not isinstance(err, ssl.SSLWantReadError), until)
+                continue
+            until = 0.0  # taken: the next wait has `timeout` seconds again
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if pieces and sent:
+                pieces[0] = pieces[0][sent:]
 
-    def _timeout(self, seconds: float | None) -> None:
-        if seconds != self.current_timeout:
-            self.sock.settimeout(seconds)
-            self.current_timeout = seconds
-
-    def _reply(self, deadline: float) -> Reply:
+    def _reply(self, deadline: float) -> Exchange[Reply]:
         """Read one reply, all its lines, before `deadline`."""
         lines: list[bytes] = []
         while True:
-            line = self._line(deadline)
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                yield from self._fill(deadline)
+                continue
+            line = self.buffer[:end].rstrip(b"\r")
+            self.buffer = self.buffer[end + 1 :]
             if len(line) < 3 or not line[:3].isdigit():
                 raise _ProtocolError(f"not an SMTP reply: {line[:40]!r}")
             lines.append(line[4:])
@@ -499,37 +569,47 @@ class SmtpConnection:
         text = b" ".join(lines).decode("utf-8", "replace").translate(_CONTROLS)
         return Reply(int(line[:3]), text)
 
-    def _line(self, deadline: float) -> bytes:
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no complete reply in time")
-            if len(self.buffer) > 4096:
-                raise _ProtocolError("a reply line of more than 4 KB")
-            # Near the message's deadline, this read gets a timeout of its own.
-            self._timeout(remaining if remaining < self.timeout else self.own_timeout)
+    def _fill(self, deadline: float) -> Exchange[None]:
+        """Read what the server has written next into the buffer, waiting for it at
+        most `timeout` seconds, and not past `deadline`."""
+        if len(self.buffer) > 4096:
+            raise _ProtocolError("a reply line of more than 4 KB")
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError("no complete reply in time")
+        until = min(deadline, now + self.timeout)
+        # The reply to what was just written is seldom there yet: wait, then read. (Under
+        # TLS, bytes already decrypted are not seen by a poll: read them first.)
+        wait = Wait(self.sock, False, until)
+        ready = self.tls and self.sock.pending() > 0  # type: ignore[attr-defined]
+        while True:
+            if not ready:
+                yield wait
+            ready = False
             try:
                 chunk = self.sock.recv(8192)
-            except BlockingIOError as err:  # SO_RCVTIMEO ran out
-                raise TimeoutError("timed out") from err
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as err:
+                if time.monotonic() >= until:
+                    raise TimeoutError("timed out") from None
+                wait = Wait(self.sock, isinstance(err, ssl.SSLWantWriteError), until)
+                continue
             if not chunk:
                 raise _ProtocolError("connection closed")
             self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.rstrip(b"\r")
+            return
 
-    def _quietly(self, command: str, deadline: float | None = None) -> None:
+    def _quietly(self, command: str, deadline: float) -> Exchange[None]:
         """Send a command whose reply does not matter; close the connection if it fails."""
         try:
-            self._write(command.encode() + b"\r\n")
-            self._reply(deadline or time.monotonic() + self.timeout)
+            yield from self._write(deadline, command.encode() + b"\r\n")
+            yield from self._reply(deadline)
         except (OSError, _ProtocolError):
             self._close_socket()
 
     def close(self) -> None:
         """Quit politely, or just close (a session out of step gets no QUIT)."""
         if not self.broken and self.client.sock is not None:
-            self._quietly("QUIT", time.monotonic() + min(self.timeout, 5.0))
+            finish(self._quietly("QUIT", time.monotonic() + min(self.timeout, 5.0)))
         self._close_socket()
 
     def _close_socket(self) -> None:
@@ -669,24 +749,34 @@ class RateLimiter:
         """Wait for the right to send one message; return its minute (for the quota),
         or None when the daily quota is used up or `stop` is set."""
         while not stop.is_set():
-            with self.lock:
-                now = self.clock()
-                wait = max(self.paused_until - now, 0.0)
-                if not wait and self.rate > 0:
-                    wait = max(self.next_slot - now, 0.0)
-                if not wait:
-                    minute = int(self.wall() // 60)
-                    if self.per_day and self._since(minute - 24 * 60 + 1) >= self.per_day:
-                        return None
-                    if self.per_hour and self._since(minute - 59) >= self.per_hour:
-                        wait = 60 - self.wall() % 60  # until the oldest minute falls off
-                    else:
-                        if self.rate > 0:
-                            self.next_slot = max(self.next_slot, now) + 1 / self.rate
-                        self.minutes[minute] = self.minutes.get(minute, 0) + 1
-                        return minute
+            minute, wait = self.poll()
+            if minute is not None:
+                return minute
+            if wait == math.inf:
+                return None
             stop.wait(min(wait, 1.0))
         return None
+
+    def poll(self) -> tuple[int | None, float]:
+        """Take the right to send one message now, if there is one: return its minute
+        (for the quota) and 0; else None and how long to wait before asking again
+        (infinity: the daily quota is used up)."""
+        with self.lock:
+            now = self.clock()
+            wait = max(self.paused_until - now, 0.0)
+            if not wait and self.rate > 0:
+                wait = max(self.next_slot - now, 0.0)
+            if wait:
+                return None, wait
+            minute = int(self.wall() // 60)
+            if self.per_day and self._since(minute - 24 * 60 + 1) >= self.per_day:
+                return None, math.inf
+            if self.per_hour and self._since(minute - 59) >= self.per_hour:
+                return None, 60 - self.wall() % 60  # until the oldest minute falls off
+            if self.rate > 0:
+                self.next_slot = max(self.next_slot, now) + 1 / self.rate
+            self.minutes[minute] = self.minutes.get(minute, 0) + 1
+            return minute, 0.0
 
     def slow_down(self) -> None:
         """Halve the rate and pause everyone a moment: the server asked (421, a limit)."""
