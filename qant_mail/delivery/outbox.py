@@ -1107,12 +1107,14 @@ class _Run:
                             waiting_on[fd], fd_of[slot] = slot, (fd, events)
                         waits[slot] = step
                         continue
+                    if type(step) is _Record:
+                        # Written before the next poll: the socket may stay registered.
+                        records.append((slot, step.outcome))
+                        continue
                     # Not a socket: while the slot does not wait on it, a word the server
                     # says (a 421 before closing) must not wake the loop again and again.
                     self._forget(poller, waiting_on, fd_of, slot)
-                    if type(step) is _Record:
-                        records.append((slot, step.outcome))
-                    elif step is not None:
+                    if step is not None:
                         waits[slot] = step
                 ready = []
                 if records:
