@@ -10,7 +10,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ from qant_mail.app.context import Context
 from qant_mail.base.config import Settings, Store
 from qant_mail.base.errors import ExitCode
 from qant_mail.delivery.outbox import SendReport
-from qant_mail.delivery.transport import SmtpTransport
+from qant_mail.delivery.transport import Reply, SmtpTransport
+from qant_mail.store.db import StoreUnavailable
+from qant_mail.store.ledger import Ledger, Outcome, Send, State
 from qant_mail.store.subscribers import Subscribers
 from tests.conftest import SAMPLE
 from tests.postgres import SERVER_USER, _binaries, create_database, running_postgres
@@ -198,3 +201,82 @@ def test_a_send_waits_for_room_on_a_full_disk_and_goes_on(
     report = send_while(settings, smtp_server, fault, 10)
     assert report.exit_code == ExitCode.OK, report.summary()
     assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
+
+
+class _Relay:
+    """A relay in memory that counts what it accepted, reader by reader; `broken` is a
+    recipient whose message meets a bug of ours (an exception that is no QantError)."""
+
+    description = "counting relay"
+    relay = "counting relay"
+
+    def __init__(self, accepted: Counter[str], broken: str = "") -> None:
+        self.accepted, self.broken = accepted, broken
+
+    def connect(self) -> _Relay:
+        return self
+
+    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
+        if recipient == self.broken:
+            raise RuntimeError("a bug met by one message")
+        self.accepted[recipient] += 1
+        return Reply(250, "2.0.0 queued")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _list_of(settings: Settings, readers: int, connections: int, **store: object) -> Settings:
+    with contextlib.closing(Subscribers.open(settings.store_path)) as subscribers:
+        rows = "".join(f"r{n}@example.com,R {n}\n" for n in range(readers))
+        subscribers.import_rows("email,name\n" + rows, "test")
+    return dataclasses.replace(
+        settings,
+        smtp=settings.smtp.model_copy(update={"connections": connections}),
+        store=settings.store.model_copy(update=store),
+    )
+
+
+def test_a_bug_in_one_connection_leaves_the_others_messages_recorded_and_none_sent_twice(
+    local: Settings,
+) -> None:
+    settings = _list_of(local, 40, 2)
+    accepted: Counter[str] = Counter()
+    ctx = Context(settings, secret=SECRET, transport=_Relay(accepted, broken="r33@example.com"))
+    with pytest.raises(RuntimeError, match="a bug met by one message"):
+        sending.send(ctx, issues.prepare(ctx, SAMPLE))
+    again = Context(settings, secret=SECRET, transport=_Relay(accepted))
+    report = sending.send(again, issues.prepare(again, SAMPLE))
+    assert report.stopped is None
+    assert set(accepted) == {f"r{n}@example.com" for n in range(40)}
+    assert max(accepted.values()) == 1, accepted.most_common(3)
+
+
+def test_an_outcome_the_store_could_not_take_is_written_when_it_can_not_sent_again(
+    local: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database is out for the first write, and the run stops (no patience): the
+    # relay has accepted that message, so its row must not go back to be sent again.
+    settings = _list_of(local, 3, 1, reconnect_seconds=0)
+    written = Ledger.record_many
+    calls: list[int] = []
+
+    def out_once(ledger: Ledger, send: Send, outcomes: Sequence[Outcome]) -> None:
+        calls.append(len(outcomes))
+        if len(calls) == 1:
+            raise StoreUnavailable("the server is restarting")
+        written(ledger, send, outcomes)
+
+    monkeypatch.setattr(Ledger, "record_many", out_once)
+    accepted: Counter[str] = Counter()
+    ctx = Context(settings, secret=SECRET, transport=_Relay(accepted))
+    report = sending.send(ctx, issues.prepare(ctx, SAMPLE))
+    assert report.stopped == "unavailable"
+    assert accepted == {"r0@example.com": 1}
+    ledger = Ledger(settings.store_path)
+    send = ledger.find("2023-11-20")
+    assert send is not None
+    rows = {d.email: d.state for d in ledger.deliveries(send, *State)}
+    assert rows["r0@example.com"] is State.SENT
+    sending.send(ctx, issues.prepare(ctx, SAMPLE))
+    assert accepted == {f"r{n}@example.com": 1 for n in range(3)}

@@ -59,7 +59,7 @@ from qant_mail.delivery.transport import (
 )
 from qant_mail.store.approvals import Approvals
 from qant_mail.store.clicks import Clicks
-from qant_mail.store.db import Db, StoreTarget, StoreUnavailable, open_store
+from qant_mail.store.db import Db, StoreError, StoreTarget, StoreUnavailable, open_store
 from qant_mail.store.ledger import (
     CLAIM_MOST,
     Delivery,
@@ -899,6 +899,12 @@ class _Run:
         # The send loop's wake-up call: a connection opened in the background rings it.
         self.wake: socket.socket | None = None
         self.closing: list[threading.Thread] = []
+        self.store_gone = False  # the run stops for the database: one try a step, no more
+        # The rows handed over to the relay whose outcome is not written yet, and the
+        # outcomes waiting for their commit: a slot that ends abruptly must neither give
+        # such a row back to be sent again nor forget what the relay said.
+        self.handed: set[int] = set()
+        self.unwritten: dict[int, Outcome] = {}
 
     def run(self, wait_for_retries: bool) -> SendReport:
         try:
@@ -932,7 +938,7 @@ class _Run:
                 self.ledger.close()  # this thread's connection: a new one next time
                 now = time.monotonic()
                 first_failure = first_failure or now
-                if now - first_failure >= self.patience:
+                if self.store_gone or now - first_failure >= self.patience:
                     raise
                 with self.lock:
                     said, self.store_trouble = self.store_trouble, str(err)
@@ -955,6 +961,7 @@ class _Run:
         """Stop the run: the database has been out of reach for too long. Its rows are
         left as they are, for the other senders or a re-run."""
         with self.lock:
+            self.store_gone = True
             if self.report.stopped is None:
                 self.report.stopped = "unavailable"
                 self.report.cause = str(err)
@@ -1059,15 +1066,16 @@ class _Run:
         """Carry the round's messages over `count` connections, from this one thread
         (not the main thread: a Ctrl-C there stops the run between two messages, never
         between a message's reply and its record)."""
-        wake, self.wake = socket.socketpair()
+        wake: socket.socket | None = None
         try:
+            wake, self.wake = socket.socketpair()
             self._loop([self._slot() for _ in range(count)], wake)
         except BaseException as err:  # noqa: BLE001 - a bug: raised again by the caller
-            self.crash = err
-            self.stop.set()
+            self._crashed(err)
         finally:
-            self.wake.close()
-            wake.close()
+            for end in (wake, self.wake):
+                if end is not None:
+                    end.close()
             for closer in self.closing:
                 closer.join()
             self.closing.clear()
@@ -1096,6 +1104,12 @@ class _Run:
                     try:
                         step = slot.throw(error) if error is not None else slot.send(None)
                     except StopIteration:
+                        alive.discard(slot)
+                        step = None
+                    except Exception as err:  # noqa: BLE001 - a bug, raised after the run
+                        # Its own rows were seen to as it ended; the others go on to
+                        # record what they have sent, then stop.
+                        self._crashed(err)
                         alive.discard(slot)
                         step = None
                     if type(step) is Wait:
@@ -1155,6 +1169,12 @@ class _Run:
             for slot in alive:  # after a bug only: each gives its rows back
                 slot.close()
 
+    def _crashed(self, err: BaseException) -> None:
+        """Note the first bug met, for the caller to raise once the run is over; stop."""
+        with self.lock:
+            self.crash = self.crash or err
+        self.stop.set()
+
     @staticmethod
     def _forget(
         poller: select.poll,
@@ -1179,7 +1199,7 @@ class _Run:
         outcomes = [outcome for _, outcome in records]
         try:
             self._stored(lambda: self.ledger.record_many(self.send, outcomes))
-        except StoreUnavailable as err:
+        except Exception as err:  # noqa: BLE001 - each slot meets it where it waits
             return [(slot, err) for slot, _ in records]
         return [(slot, None) for slot, _ in records]
 
@@ -1187,6 +1207,7 @@ class _Run:
         """One connection's work: claim rows, send them one after the other."""
         connection: Connection | None = None
         claimed: list[Delivery] = []
+        row: Delivery | None = None  # the row under way
         try:
             connection = yield from self._connect()
             if connection is None:
@@ -1205,20 +1226,36 @@ class _Run:
                 if not claimed and not skipped:
                     return
                 while claimed and not self.stop.is_set():
-                    connection = yield from self._deliver(connection, claimed[0])
-                    claimed.pop(0)
+                    row = claimed.pop(0)
+                    connection = yield from self._deliver(connection, row)
+                    row = None
                     if connection is None:
                         return
         except StoreUnavailable as err:
             self._store_gone(err)
         finally:
-            # With the database gone, the rows stay held: the lease, or the re-run's
-            # recovery, gives them back.
-            with contextlib.suppress(StoreUnavailable):
-                if claimed:
-                    self.ledger.release(self.send, [d.position for d in claimed])
+            self._settle_abruptly(claimed, row)
             if connection is not None:
                 self._close(connection)
+
+    def _settle_abruptly(self, claimed: list[Delivery], row: Delivery | None) -> None:
+        """Leave a slot's rows right when it ends before its work: the rows not tried
+        are given back; the row under way, if the relay had it, keeps its hold (a re-run
+        takes it as a killed run's message in flight) unless the relay's answer can
+        still be written now. With the database gone, the rows stay held: the lease, or
+        the re-run's recovery, gives them back."""
+        back = [d.position for d in claimed]
+        if row is not None:
+            outcome = self.unwritten.pop(row.position, None)
+            if outcome is not None:
+                with contextlib.suppress(StoreError):
+                    self.ledger.record_many(self.send, [outcome])
+            elif row.position not in self.handed:
+                back.append(row.position)
+            self.handed.discard(row.position)
+        if back:
+            with contextlib.suppress(StoreError):
+                self.ledger.release(self.send, back)
 
     def _close(self, connection: Connection) -> None:
         """Close `connection` in the background: a QUIT's round trip must not hold the
@@ -1254,6 +1291,7 @@ class _Run:
             envelope = self.rules.return_path(
                 self.prepared.template.secret, self.send.id, row.position
             )
+            self.handed.add(row.position)
             reply = yield from self.outbox.handing_over(connection, envelope, row.email, data)
         except ConnectionLost as lost:
             self._close(connection)
@@ -1358,7 +1396,10 @@ class _Run:
             bounce=row.subscriber_id if bounce else None,
             relay=relay,
         )
+        self.unwritten[row.position] = outcome
         yield _Record(outcome)
+        del self.unwritten[row.position]
+        self.handed.discard(row.position)
         self._count(row.position, state, reply)
 
     def _quota_to_flush(self, minute: int | None) -> dict[int, int]:

@@ -440,6 +440,8 @@ class SmtpConnection:
             self.sock.setblocking(False)
         self.buffer = b""
         self.broken = False  # after a lost exchange: no QUIT, the session is out of step
+        self.closing = threading.Lock()
+        self.closed = False
 
     @property
     def worn(self) -> bool:
@@ -575,13 +577,13 @@ class SmtpConnection:
         if len(self.buffer) > 4096:
             raise _ProtocolError("a reply line of more than 4 KB")
         now = time.monotonic()
-        if now >= deadline:
-            raise TimeoutError("no complete reply in time")
         until = min(deadline, now + self.timeout)
         # The reply to what was just written is seldom there yet: wait, then read. (Under
-        # TLS, bytes already decrypted are not seen by a poll: read them first.)
+        # TLS, bytes already decrypted are not seen by a poll: read them first. Past the
+        # deadline, after a stall of the loop, read once before judging: the reply may
+        # be there.)
         wait = Wait(self.sock, False, until)
-        ready = self.tls and self.sock.pending() > 0  # type: ignore[attr-defined]
+        ready = now >= deadline or (self.tls and self.sock.pending() > 0)  # type: ignore[attr-defined]
         while True:
             if not ready:
                 yield wait
@@ -590,7 +592,7 @@ class SmtpConnection:
                 chunk = self.sock.recv(8192)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as err:
                 if time.monotonic() >= until:
-                    raise TimeoutError("timed out") from None
+                    raise TimeoutError("no complete reply in time") from None
                 wait = Wait(self.sock, isinstance(err, ssl.SSLWantWriteError), until)
                 continue
             if not chunk:
@@ -607,7 +609,12 @@ class SmtpConnection:
             self._close_socket()
 
     def close(self) -> None:
-        """Quit politely, or just close (a session out of step gets no QUIT)."""
+        """Quit politely, or just close (a session out of step gets no QUIT). Once: a
+        second call, from wherever, does nothing."""
+        with self.closing:
+            if self.closed:
+                return
+            self.closed = True
         if not self.broken and self.client.sock is not None:
             finish(self._quietly("QUIT", time.monotonic() + min(self.timeout, 5.0)))
         self._close_socket()
