@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import event, given, settings, strategies
 
 from qant_mail.audience.tokens import SECRET_VARIABLE
 from qant_mail.base.config import Sending, Settings
@@ -298,3 +299,75 @@ def test_a_reader_that_stops_taking_the_message_times_the_write_out_as_not_deliv
     assert not lost.value.after_data
     assert "timed out" in str(lost.value)
     assert 0.4 < took < 3
+
+
+_REPLIES = strategies.sampled_from(
+    [
+        *(b"250 2.1.0 ok\r\n", b"354 go ahead\r\n", b"250-first\r\n250 last\r\n"),
+        *(b"550 5.1.1 no\r\n", b"421 4.3.2 closing\r\n", b"250 ok\n", b"25", b"\r\n"),
+        *(b"x" * 5000, b"\x00\xff\r\n"),
+    ]
+)
+
+
+_WELL_SAID = [b"250 2.1.0 ok\r\n", b"250-2.1.5 ok\r\n250 2.1.5 go on\r\n", b"354 go\r\n"]
+_WELL_SAID.append(b"250 2.0.0 queued\r\n")
+
+
+@settings(max_examples=80, derandomize=True, deadline=None)
+@given(
+    changes=strategies.lists(
+        strategies.tuples(strategies.integers(0, 5), _REPLIES | strategies.binary(max_size=40)),
+        max_size=3,
+    ),
+    cuts=strategies.lists(strategies.integers(1, 30), max_size=8),
+)
+def test_whatever_a_server_says_in_whatever_pieces_an_exchange_ends_in_a_reply_or_lost(
+    changes: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    # The exchange reads replies out of a non-blocking socket, in the pieces the kernel
+    # hands it: whatever comes, it ends, soon, with the server's verdict or
+    # ConnectionLost, never another exception.
+    talk = list(_WELL_SAID)
+    for where, what in changes:  # a reply replaced, or something said in between
+        talk[where % 4 : where % 4 + (where < 4)] = [what]
+    ours, theirs = socket.socketpair()
+    said = b"".join(talk)
+
+    def server() -> None:
+        rest = said
+        for cut in cuts:
+            if not rest:
+                break
+            theirs.sendall(rest[:cut])
+            rest = rest[cut:]
+            time.sleep(0.001)
+        if rest:
+            theirs.sendall(rest)
+        theirs.shutdown(socket.SHUT_WR)
+
+    class Client:
+        sock = ours
+
+        def has_extn(self, name: str) -> bool:
+            return name == "pipelining"
+
+        def close(self) -> None:
+            ours.close()
+
+    talker = threading.Thread(target=server, daemon=True)
+    talker.start()
+    connection = SmtpConnection(Client(), "pair", timeout=0.3, message_timeout=2.0)  # type: ignore[arg-type]
+    started = time.monotonic()
+    try:
+        reply = connection.send("lettre@qant.example", "r@example.com", b"Subject: x\r\n\r\nhi\r\n")
+    except ConnectionLost:
+        reply = None
+    finally:
+        talker.join()
+        connection.close()
+        theirs.close()
+    assert time.monotonic() - started < 2.5
+    event("a verdict" if reply is not None else "connection lost")
+    if reply is not None:
+        assert 200 <= reply.code < 600
