@@ -3,7 +3,9 @@ forever, the server's error limits respected, greylisting not mistaken for a rat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import socket
 import threading
@@ -215,12 +217,45 @@ def test_the_rate_recovers_within_seconds_of_the_last_slow_down() -> None:
     assert recovered_at < 30
 
 
-def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that_pauses() -> None:
-    # The message and its final dot leave in gathered writes (sendmsg) that the kernel
-    # may take in part: whatever it took, the rest follows, in order, nothing twice.
+class _Client:
+    """What SmtpConnection takes of smtplib's session: its socket (here an end of a
+    socket pair), the extensions offered (pipelining), and its close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def has_extn(self, name: str) -> bool:
+        return name == "pipelining"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _over(sock: socket.socket, *, timeout: float, message_timeout: float = 30.0) -> SmtpConnection:
+    """Return a session over `sock`, as if greeted and secured."""
+    return SmtpConnection(_Client(sock), "pair", timeout, message_timeout)  # type: ignore[arg-type]
+
+
+def _narrow_pair() -> tuple[socket.socket, socket.socket]:
+    """Return a socket pair whose buffers hold little: a message fills them."""
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return ours, theirs
+
+
+def _up_to_the_data(stream: io.BufferedRWPair) -> None:
+    """Answer MAIL, RCPT and DATA as a server that takes the message."""
+    for reply in (b"250 sender ok", b"250 recipient ok", b"354 go ahead"):
+        stream.readline()
+        stream.write(reply + b"\r\n")
+        stream.flush()
+
+
+def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that_pauses() -> None:
+    # The message and its final dot leave in gathered writes (sendmsg) that the kernel
+    # may take in part: whatever it took, the rest follows, in order, nothing twice.
+    ours, theirs = _narrow_pair()
     message = b"".join(
         b"line %06d " % n + os.urandom(20).hex().encode() + b"\r\n" for n in range(6000)
     )
@@ -228,10 +263,7 @@ def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that
 
     def server() -> None:
         with theirs, theirs.makefile("rwb") as stream:
-            for reply in (b"250 sender ok", b"250 recipient ok", b"354 go ahead"):
-                stream.readline()
-                stream.write(reply + b"\r\n")
-                stream.flush()
+            _up_to_the_data(stream)
             received.extend(stream.read1(3000))
             # A reader that stops a while (less than the writer's timeout): the write
             # under way has had part of the message taken, and waits; the rest must
@@ -242,15 +274,9 @@ def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that
             stream.write(b"250 2.0.0 queued\r\n")
             stream.flush()
 
-    class Client:
-        sock = ours
-
-        def has_extn(self, name: str) -> bool:
-            return name == "pipelining"
-
     reader = threading.Thread(target=server)
     reader.start()
-    connection = SmtpConnection(Client(), "pair", timeout=1.0, message_timeout=30.0)  # type: ignore[arg-type]
+    connection = _over(ours, timeout=1.0)
     reply = connection.send("lettre@qant.example", "reader@example.com", message, dot_safe=True)
     reader.join()
     ours.close()
@@ -261,34 +287,20 @@ def test_a_message_larger_than_the_socket_buffers_arrives_whole_to_a_reader_that
 def test_a_reader_that_stops_taking_the_message_times_the_write_out_as_not_delivered() -> None:
     # The write of the message waits at most the connection's timeout for the server to
     # take more: then the exchange ends, lost before its final dot (nothing delivered).
-    ours, theirs = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours, theirs = _narrow_pair()
     message = b"x" * 78 + b"\r\n"
     message *= 20_000
     released = threading.Event()
 
     def server() -> None:
         with theirs, theirs.makefile("rwb") as stream:
-            for reply in (b"250 sender ok", b"250 recipient ok", b"354 go ahead"):
-                stream.readline()
-                stream.write(reply + b"\r\n")
-                stream.flush()
+            _up_to_the_data(stream)
             stream.read1(3000)
             released.wait(10)  # and reads no more
 
-    class Client:
-        sock = ours
-
-        def has_extn(self, name: str) -> bool:
-            return name == "pipelining"
-
-        def close(self) -> None:
-            ours.close()
-
     reader = threading.Thread(target=server, daemon=True)
     reader.start()
-    connection = SmtpConnection(Client(), "pair", timeout=0.5, message_timeout=30.0)  # type: ignore[arg-type]
+    connection = _over(ours, timeout=0.5)
     started = time.monotonic()
     with pytest.raises(ConnectionLost) as lost:
         connection.send("lettre@qant.example", "reader@example.com", message, dot_safe=True)
@@ -335,29 +347,22 @@ def test_whatever_a_server_says_in_whatever_pieces_an_exchange_ends_in_a_reply_o
     said = b"".join(talk)
 
     def server() -> None:
+        pieces = []
         rest = said
         for cut in cuts:
-            if not rest:
-                break
-            theirs.sendall(rest[:cut])
+            pieces.append(rest[:cut])
             rest = rest[cut:]
-            time.sleep(0.001)
-        if rest:
-            theirs.sendall(rest)
-        theirs.shutdown(socket.SHUT_WR)
-
-    class Client:
-        sock = ours
-
-        def has_extn(self, name: str) -> bool:
-            return name == "pipelining"
-
-        def close(self) -> None:
-            ours.close()
+        # The client may hang up first (it should, on what is not SMTP).
+        with contextlib.suppress(OSError):
+            for piece in [*pieces, rest]:
+                if piece:
+                    theirs.sendall(piece)
+                    time.sleep(0.001)
+            theirs.shutdown(socket.SHUT_WR)
 
     talker = threading.Thread(target=server, daemon=True)
     talker.start()
-    connection = SmtpConnection(Client(), "pair", timeout=0.3, message_timeout=2.0)  # type: ignore[arg-type]
+    connection = _over(ours, timeout=0.3, message_timeout=2.0)
     started = time.monotonic()
     try:
         reply = connection.send("lettre@qant.example", "r@example.com", b"Subject: x\r\n\r\nhi\r\n")
