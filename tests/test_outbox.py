@@ -17,7 +17,7 @@ from qant_mail.app import sending
 from qant_mail.app.context import Context
 from qant_mail.app.readers import Request, Signup
 from qant_mail.base.config import Settings
-from qant_mail.delivery.outbox import NOTICE_MAX_DELAY, DrainReport, _Record, _Run
+from qant_mail.delivery.outbox import NOTICE_MAX_DELAY, DrainReport, _Background, _Record, _Run
 from qant_mail.delivery.transport import SmtpTransport
 from qant_mail.store.db import StoreUnavailable
 from qant_mail.store.ledger import Outcome, State
@@ -213,3 +213,36 @@ def test_a_write_that_fails_is_told_to_every_connection_whose_outcome_it_carried
     with ours, theirs:
         run._loop([_recording(1, log), _recording(2, log)], ours)  # type: ignore[list-item]
     assert log == [("told", (1, "the disk is full")), ("told", (2, "the disk is full"))]
+
+
+class _Opened:
+    """A connection that says when it is closed."""
+
+    relay = "test"
+
+    def __init__(self, closed: threading.Event) -> None:
+        self.closed = closed
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("when", ["while it opens", "once it is open"])
+def test_a_connection_opened_for_a_slot_that_is_gone_is_closed(when: str) -> None:
+    # After a bug the send loop closes every slot, some waiting for a connection to be
+    # opened in the background: that connection must not be left open.
+    opened, closed = threading.Event(), threading.Event()
+
+    def opening() -> _Opened:
+        opened.wait(5)
+        return _Opened(closed)
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        work = _Background(opening, ours)  # type: ignore[arg-type]
+        if when == "once it is open":
+            opened.set()
+            theirs.recv(1)  # rung when it is done
+        work.abandon()
+        opened.set()
+        assert closed.wait(5)

@@ -804,25 +804,40 @@ class _Background:
 
     def __init__(self, call: Callable[[], Connection], wake: socket.socket) -> None:
         self.done = False
+        self._lock = threading.Lock()
+        self._abandoned = False
         self._value: Connection | None = None
         self._error: BaseException | None = None
         threading.Thread(target=self._run, args=(call, wake), daemon=True).start()
 
     def _run(self, call: Callable[[], Connection], wake: socket.socket) -> None:
+        value: Connection | None = None
         try:
-            self._value = call()
+            value = call()
         except BaseException as err:  # noqa: BLE001 - raised again in the slot that waits
             self._error = err
-        finally:
-            self.done = True
-            with contextlib.suppress(OSError):
-                wake.send(b"\0")
+        with self._lock:
+            self._value, self.done = value, True
+            abandoned = self._abandoned
+        if abandoned and value is not None:
+            value.close()  # nobody waits for it any more
+        with contextlib.suppress(OSError):
+            wake.send(b"\0")
 
     def result(self) -> Connection:
         if self._error is not None:
             raise self._error
         assert self._value is not None
         return self._value
+
+    def abandon(self) -> None:
+        """Say that nobody will take the result (its slot is gone): a connection opened
+        is closed, now or when it is."""
+        with self._lock:
+            self._abandoned = True
+            value, self._value = self._value, None
+        if value is not None:
+            value.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1442,7 +1457,11 @@ class _Run:
             work = _Background(
                 functools.partial(self.outbox.connect, self.rules.newsletter), self.wake
             )
-            yield _Connecting(work)
+            try:
+                yield _Connecting(work)
+            except GeneratorExit:  # the loop is closing every slot, after a bug
+                work.abandon()
+                raise
             try:
                 connection = work.result()
             except TransportUnavailable as err:
