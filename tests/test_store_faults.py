@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from qant_mail.app.context import Context
 from qant_mail.base.config import Settings, Store
 from qant_mail.base.errors import ExitCode
 from qant_mail.delivery.outbox import SendReport
-from qant_mail.delivery.transport import Reply, SmtpTransport
+from qant_mail.delivery.transport import MemoryTransport, Reply, SmtpTransport
 from qant_mail.store.db import StoreUnavailable
 from qant_mail.store.ledger import Ledger, Outcome, Send, State
 from qant_mail.store.subscribers import Subscribers
@@ -203,27 +203,21 @@ def test_a_send_waits_for_room_on_a_full_disk_and_goes_on(
     assert smtp_server.handler.recipients() == dict.fromkeys(addresses, 1)
 
 
-class _Relay:
-    """A relay in memory that counts what it accepted, reader by reader; `broken` is a
-    recipient whose message meets a bug of ours (an exception that is no QantError)."""
+def _breaking_on(broken: str) -> Callable[[str, bytes], Reply]:
+    """A relay's answer that meets a bug of ours (an exception that is no QantError) for
+    the message to `broken`, and accepts the others."""
 
-    description = "counting relay"
-    relay = "counting relay"
-
-    def __init__(self, accepted: Counter[str], broken: str = "") -> None:
-        self.accepted, self.broken = accepted, broken
-
-    def connect(self) -> _Relay:
-        return self
-
-    def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
-        if recipient == self.broken:
+    def answer(recipient: str, data: bytes) -> Reply:
+        if recipient == broken:
             raise RuntimeError("a bug met by one message")
-        self.accepted[recipient] += 1
         return Reply(250, "2.0.0 queued")
 
-    def close(self) -> None:
-        """Nothing to close."""
+    return answer
+
+
+def _accepted(*relays: MemoryTransport) -> Counter[str]:
+    """Return how many messages the relays accepted, reader by reader."""
+    return Counter(recipient for relay in relays for _, recipient, _ in relay.messages)
 
 
 def _list_of(settings: Settings, readers: int, connections: int, **store: object) -> Settings:
@@ -241,13 +235,15 @@ def test_a_bug_in_one_connection_leaves_the_others_messages_recorded_and_none_se
     local: Settings,
 ) -> None:
     settings = _list_of(local, 40, 2)
-    accepted: Counter[str] = Counter()
-    ctx = Context(settings, secret=SECRET, transport=_Relay(accepted, broken="r33@example.com"))
+    first = MemoryTransport(answer=_breaking_on("r33@example.com"))
+    ctx = Context(settings, secret=SECRET, transport=first)
     with pytest.raises(RuntimeError, match="a bug met by one message"):
         sending.send(ctx, issues.prepare(ctx, SAMPLE))
-    again = Context(settings, secret=SECRET, transport=_Relay(accepted))
+    second = MemoryTransport()
+    again = Context(settings, secret=SECRET, transport=second)
     report = sending.send(again, issues.prepare(again, SAMPLE))
     assert report.stopped is None
+    accepted = _accepted(first, second)
     assert set(accepted) == {f"r{n}@example.com" for n in range(40)}
     assert max(accepted.values()) == 1, accepted.most_common(3)
 
@@ -268,15 +264,15 @@ def test_an_outcome_the_store_could_not_take_is_written_when_it_can_not_sent_aga
         written(ledger, send, outcomes)
 
     monkeypatch.setattr(Ledger, "record_many", out_once)
-    accepted: Counter[str] = Counter()
-    ctx = Context(settings, secret=SECRET, transport=_Relay(accepted))
+    relay = MemoryTransport()
+    ctx = Context(settings, secret=SECRET, transport=relay)
     report = sending.send(ctx, issues.prepare(ctx, SAMPLE))
     assert report.stopped == "unavailable"
-    assert accepted == {"r0@example.com": 1}
+    assert _accepted(relay) == {"r0@example.com": 1}
     ledger = Ledger(settings.store_path)
     send = ledger.find("2023-11-20")
     assert send is not None
     rows = {d.email: d.state for d in ledger.deliveries(send, *State)}
     assert rows["r0@example.com"] is State.SENT
     sending.send(ctx, issues.prepare(ctx, SAMPLE))
-    assert accepted == {f"r{n}@example.com": 1 for n in range(3)}
+    assert _accepted(relay) == {f"r{n}@example.com": 1 for n in range(3)}
