@@ -28,6 +28,7 @@ class Behaviour:
     close_after_messages: int = 0  # answer 421 and close after N messages on a session
     reject_recipients: frozenset[str] = frozenset()  # 550 5.1.1 at RCPT
     close_after_reject: bool = False  # close the connection after a 5.1.1
+    data_despite_refusal: bool = False  # open DATA (354) after refusing every RCPT
     error_limit: int = 0  # Postfix's smtpd_hard_error_limit: close after N errors
     pipelining: bool = True
     greeting: str = "220 faulty.test ESMTP"  # "421 …": refuses every connection
@@ -52,6 +53,7 @@ class FaultyServer:
     behaviour: Behaviour
     received: list[Received] = field(default_factory=list)
     data_after_refusal: int = 0  # DATA commands that came after every RCPT was refused
+    data_for_no_one: list[bytes] = field(default_factory=list)  # data sent after those
     connections: int = 0
     errors: int = 0
     first_seen: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -102,7 +104,19 @@ class _Session(socketserver.StreamRequestHandler):
                 if answer.startswith("550") and rules.close_after_reject:
                     return
             elif verb == "DATA":
-                if not recipients:
+                if not recipients and refused and rules.data_despite_refusal:
+                    # What RFC 2920 forbids, and some servers do: what comes is for no one.
+                    with state.lock:
+                        state.data_after_refusal += 1
+                    self.reply("354 End data with <CR><LF>.<CR><LF>")
+                    data = self.read_data()
+                    if data is None:
+                        return
+                    with state.lock:
+                        state.data_for_no_one.append(data)
+                    errors += 1
+                    self.reply("554 5.5.1 Error: no valid recipients")
+                elif not recipients:
                     with state.lock:
                         state.data_after_refusal += int(refused > 0)
                     errors += 1

@@ -109,15 +109,30 @@ def test_a_black_hole_after_data_stops_the_run_after_three_timeouts(
     assert states(settings) == {State.UNKNOWN: 3, State.PENDING: 7}
 
 
-def test_a_refused_recipient_gets_no_data_command(
+def test_a_refused_recipients_pipelined_data_is_refused_and_no_message_goes(
     project_settings: Settings, faulty_smtp: FaultyServerFactory
 ) -> None:
     server = faulty_smtp(Behaviour(reject_recipients=frozenset({"reader1@example.com"})))
     settings = towards(project_settings, server)
     subscribe(settings, 4)
     send(settings)
-    assert server.data_after_refusal == 0
+    # MAIL, RCPT and DATA leave together (RFC 2920): the server refuses the DATA too.
+    assert server.data_after_refusal == 1
+    assert "reader1@example.com" not in server.recipients()
     assert states(settings) == {State.SENT: 3, State.FAILED: 1}
+
+
+def test_a_server_opening_data_for_a_refused_recipient_gets_an_empty_message(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    refused = frozenset({"reader1@example.com"})
+    server = faulty_smtp(Behaviour(reject_recipients=refused, data_despite_refusal=True))
+    settings = towards(project_settings, server, connections=1)
+    subscribe(settings, 3)
+    send(settings)
+    assert server.data_for_no_one == [b""]  # the issue never went to no one
+    assert states(settings) == {State.SENT: 2, State.FAILED: 1}
+    assert server.connections == 1  # and the session stayed in step
 
 
 def test_many_refusals_stay_under_the_servers_error_limit(
@@ -128,11 +143,12 @@ def test_many_refusals_stay_under_the_servers_error_limit(
     settings = towards(project_settings, server, connections=1)
     subscribe(settings, 40)
     report = send(settings)
-    # Postfix would have dropped us after 10 errors; we start afresh after 5.
+    # Postfix would have dropped us after 10 errors (a refusal is two: RCPT, then the
+    # pipelined DATA); we start afresh after 8.
     assert report.done[State.SENT] == 20
     assert report.done[State.FAILED] == 20
     assert server.errors == 0  # the limit was never reached
-    assert server.connections >= 4
+    assert server.connections >= 5
 
 
 def test_a_server_closing_with_421_midsession_loses_nothing(
@@ -311,6 +327,49 @@ def test_a_reader_that_stops_taking_the_message_times_the_write_out_as_not_deliv
     assert not lost.value.after_data
     assert "timed out" in str(lost.value)
     assert 0.4 < took < 3
+
+
+@pytest.mark.parametrize(
+    ("said", "verdict"),
+    [
+        ([b"250 sender ok", b"550 5.1.1 unknown user"], 550),  # and hangs up
+        ([b"250 sender ok", b"421 4.7.0 too many errors, closing"], 421),
+        ([b"553 5.7.1 sender refused"], 553),
+        ([b"250 sender ok", b"250 recipient ok"], None),  # gone before DATA's reply
+    ],
+)
+def test_a_refusal_then_a_hang_up_is_the_verdict_not_a_lost_connection(
+    said: list[bytes], verdict: int | None
+) -> None:
+    # MAIL, RCPT and DATA leave together; a server may refuse one and close at once
+    # without answering the rest. Its refusal is the message's verdict (nothing was
+    # sent); only a hang-up with no refusal leaves the message's fate to a new try.
+    ours, theirs = socket.socketpair()
+
+    def server() -> None:
+        with theirs, theirs.makefile("rwb") as stream:
+            while stream.readline() != b"DATA\r\n":
+                pass
+            stream.write(b"".join(line + b"\r\n" for line in said))
+
+    talker = threading.Thread(target=server, daemon=True)
+    talker.start()
+    connection = _over(ours, timeout=1.0)
+    reply: Reply | ConnectionLost
+    try:
+        reply = connection.send("lettre@qant.example", "reader@example.com", b"x\r\n")
+    except ConnectionLost as lost:
+        reply = lost
+    finally:
+        talker.join()
+        connection.close()
+        ours.close()
+    if verdict is None:
+        assert isinstance(reply, ConnectionLost)
+        assert not reply.after_data
+    else:
+        assert isinstance(reply, Reply)
+        assert reply.code == verdict
 
 
 _REPLIES = strategies.sampled_from(

@@ -419,9 +419,11 @@ class SmtpConnection:
     so that one thread can carry many connections, waiting on all their sockets at once
     (see outbox._Run); `send` is the same exchange, waiting on this socket alone."""
 
-    # Postfix drops a client after 20 errors (10 slow it down): a connection that has
-    # had this many refusals is closed and a fresh one opened.
-    MAX_REFUSALS = 5
+    # Postfix slows a client down after 10 errors (smtpd_soft_error_limit) and drops it
+    # after 20: a connection the server has answered this many errors is closed and a
+    # fresh one opened. A refused recipient is two of them: its RCPT, and the DATA
+    # pipelined behind it.
+    MAX_ERRORS = 8
 
     def __init__(
         self, client: smtplib.SMTP, where: str, timeout: float, message_timeout: float
@@ -431,7 +433,7 @@ class SmtpConnection:
         self.pipelining = client.has_extn("pipelining")
         self.timeout = timeout
         self.message_timeout = message_timeout
-        self.refusals = 0
+        self.errors = 0  # the error replies the server has given in this session
         if client.sock is None:
             raise ConnectionLost("connection closed", after_data=False)
         self.sock = client.sock
@@ -446,7 +448,7 @@ class SmtpConnection:
     @property
     def worn(self) -> bool:
         """Return whether the server has refused enough here to count us as a nuisance."""
-        return self.refusals >= self.MAX_REFUSALS
+        return self.errors >= self.MAX_ERRORS
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Send one message in one transaction, waiting for its end (see `exchange`)."""
@@ -462,37 +464,55 @@ class SmtpConnection:
         send forever. `dot_safe`: no line of `data` starts with "." (the composer sees
         to it), so the message needs no dot-stuffing, and no scan for it."""
         deadline = time.monotonic() + self.message_timeout
-        envelope = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"]
+        envelope = [f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>", "DATA"]
         self.broken = True  # until this exchange ends in step
         try:
             if self.pipelining:
-                # RFC 2920: MAIL and RCPT in one write. DATA waits for their verdicts, so
-                # that a refused recipient costs the server one error, not two.
+                # RFC 2920: MAIL, RCPT and DATA in one write, their replies read in turn:
+                # one round trip before the message instead of two. (Postfix's client
+                # does the same.)
                 yield from self._write(deadline, ("\r\n".join(envelope) + "\r\n").encode())
                 replies = []
                 for _ in envelope:
-                    replies.append((yield from self._reply(deadline)))
+                    try:
+                        replies.append((yield from self._reply(deadline)))
+                    except (OSError, _ProtocolError):
+                        if all(r.ok for r in replies):
+                            raise
+                        # Refused, then gone (some servers hang up on an unknown
+                        # user): the refusal is this message's verdict all the same.
+                        self._close_socket()
+                        self.broken = False
+                        return next(r for r in replies if not r.ok)
+                    if replies[-1].code == 421:
+                        break  # the server is closing: no more replies will come
             else:
                 replies = []
                 for command in envelope:
                     yield from self._write(deadline, command.encode() + b"\r\n")
                     replies.append((yield from self._reply(deadline)))
                     if not replies[-1].ok:
-                        break
-            refusal = next((r for r in replies if not r.ok), None)
+                        break  # (DATA's 354 too, but it is the last)
+            refusal = next((r for r in replies[:2] if not r.ok), None)
+            opened = replies[2] if len(replies) == 3 else None
+            self.errors += sum(not r.ok for r in replies[:2])
+            if opened is not None and opened.code != 354:
+                self.errors += 1
             if refusal is not None:
-                self.refusals += 1
+                if opened is not None and opened.code == 354:
+                    # The server opened the data although it refused the envelope (RFC
+                    # 2920 says it must not): an empty message, to no one, closes it.
+                    yield from self._write(deadline, b".\r\n")
+                    yield from self._reply(deadline)
                 self.broken = False
                 yield from self._quietly("RSET", deadline)
                 return refusal
-            yield from self._write(deadline, b"DATA\r\n")
-            opened = yield from self._reply(deadline)
+            assert opened is not None
         except (OSError, _ProtocolError) as err:
             raise ConnectionLost(_describe(err), after_data=False) from err
         if opened.code != 354:
             # Only 354 lets the message go. Anything else is the verdict; a 2xx here is
             # a protocol error (the server received nothing), never a delivery.
-            self.refusals += 1
             yield from self._quietly("RSET", deadline)
             self.broken = False
             if opened.ok:
@@ -518,7 +538,7 @@ class SmtpConnection:
             raise ConnectionLost(_describe(err), after_data=True) from err
         self.broken = False
         if not verdict.ok:
-            self.refusals += 1
+            self.errors += 1
         return verdict
 
     def _write(self, deadline: float, data: bytes, *more: bytes) -> Exchange[None]:
