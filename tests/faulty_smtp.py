@@ -28,6 +28,7 @@ class Behaviour:
     close_after_messages: int = 0  # answer 421 and close after N messages on a session
     reject_recipients: frozenset[str] = frozenset()  # 550 5.1.1 at RCPT
     close_after_reject: bool = False  # close the connection after a 5.1.1
+    goodbye_after_reject: str = ""  # and say this first ("421 …"), as the next reply
     data_despite_refusal: bool = False  # open DATA (354) after refusing every RCPT
     error_limit: int = 0  # Postfix's smtpd_hard_error_limit: close after N errors
     pipelining: bool = True
@@ -102,6 +103,8 @@ class _Session(socketserver.StreamRequestHandler):
                     errors += 1
                 self.reply(answer)
                 if answer.startswith("550") and rules.close_after_reject:
+                    if rules.goodbye_after_reject:
+                        self.reply(rules.goodbye_after_reject)
                     return
             elif verb == "DATA":
                 if not recipients and refused and rules.data_despite_refusal:

@@ -122,17 +122,33 @@ def test_a_refused_recipients_pipelined_data_is_refused_and_no_message_goes(
     assert states(settings) == {State.SENT: 3, State.FAILED: 1}
 
 
-def test_a_server_opening_data_for_a_refused_recipient_gets_an_empty_message(
+def test_without_pipelining_a_refused_recipient_gets_no_data_command(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory
+) -> None:
+    refused = frozenset({"reader1@example.com"})
+    server = faulty_smtp(Behaviour(reject_recipients=refused, pipelining=False))
+    settings = towards(project_settings, server, connections=1)
+    subscribe(settings, 4)
+    report = send(settings, wait=False)
+    # Each command waits for the last one's reply: a refusal is the end of it.
+    assert server.data_after_refusal == 0
+    assert report.done == {State.SENT: 3, State.FAILED: 1}
+    assert server.connections == 1
+
+
+def test_a_server_opening_data_for_a_refused_recipient_is_hung_up_on_before_any_data(
     project_settings: Settings, faulty_smtp: FaultyServerFactory
 ) -> None:
     refused = frozenset({"reader1@example.com"})
     server = faulty_smtp(Behaviour(reject_recipients=refused, data_despite_refusal=True))
     settings = towards(project_settings, server, connections=1)
     subscribe(settings, 3)
-    send(settings)
-    assert server.data_for_no_one == [b""]  # the issue never went to no one
-    assert states(settings) == {State.SENT: 2, State.FAILED: 1}
-    assert server.connections == 1  # and the session stayed in step
+    report = send(settings, wait=False)
+    # Data cut off by a hang-up is never delivered; even an empty message might be.
+    assert server.data_after_refusal == 1
+    assert server.data_for_no_one == []
+    assert report.done == {State.SENT: 2, State.FAILED: 1}
+    assert server.connections == 2
 
 
 def test_many_refusals_stay_under_the_servers_error_limit(
@@ -173,16 +189,23 @@ def test_a_552_fails_the_message_and_is_counted_once(
     assert report.exit_code == ExitCode.PARTIAL
 
 
-def test_an_unknown_user_then_a_closed_connection(
-    project_settings: Settings, faulty_smtp: FaultyServerFactory
+@pytest.mark.parametrize("goodbye", ["", "421 4.7.0 Error: too many errors"])
+def test_an_unknown_user_then_a_closed_connection_costs_the_next_reader_nothing(
+    project_settings: Settings, faulty_smtp: FaultyServerFactory, goodbye: str
 ) -> None:
     server = faulty_smtp(
-        Behaviour(reject_recipients=frozenset({"reader0@example.com"}), close_after_reject=True)
+        Behaviour(
+            reject_recipients=frozenset({"reader0@example.com"}),
+            close_after_reject=True,
+            goodbye_after_reject=goodbye,
+        )
     )
     settings = towards(project_settings, server, connections=1)
     subscribe(settings, 3)
-    send(settings)
-    assert states(settings) == {State.FAILED: 1, State.SENT: 2}
+    # Not waiting for retries: a reader put off by the spent connection would show.
+    report = send(settings, wait=False)
+    assert report.done == {State.FAILED: 1, State.SENT: 2}
+    assert server.connections == 2
 
 
 def test_greylisting_defers_without_slowing_the_whole_send(
@@ -370,6 +393,7 @@ def test_a_refusal_then_a_hang_up_is_the_verdict_not_a_lost_connection(
     else:
         assert isinstance(reply, Reply)
         assert reply.code == verdict
+        assert connection.worn  # spent: the next message goes by a new connection
 
 
 _REPLIES = strategies.sampled_from(

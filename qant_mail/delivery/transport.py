@@ -422,7 +422,8 @@ class SmtpConnection:
     # Postfix slows a client down after 10 errors (smtpd_soft_error_limit) and drops it
     # after 20: a connection the server has answered this many errors is closed and a
     # fresh one opened. A refused recipient is two of them: its RCPT, and the DATA
-    # pipelined behind it.
+    # pipelined behind it. (Postfix forgives a client's errors when it accepts a message;
+    # this count does not, which replaces a connection sooner than needed, never later.)
     MAX_ERRORS = 8
 
     def __init__(
@@ -442,13 +443,16 @@ class SmtpConnection:
             self.sock.setblocking(False)
         self.buffer = b""
         self.broken = False  # after a lost exchange: no QUIT, the session is out of step
+        self.gone = False  # the socket is closed: no message can go this way any more
         self.closing = threading.Lock()
         self.closed = False
 
     @property
     def worn(self) -> bool:
-        """Return whether the server has refused enough here to count us as a nuisance."""
-        return self.errors >= self.MAX_ERRORS
+        """Return whether this connection should be replaced: the server has answered
+        enough errors here to count us as a nuisance, or it is closed (the server hung
+        up, or said 421, after refusing a message)."""
+        return self.gone or self.errors >= self.MAX_ERRORS
 
     def send(self, sender: str, recipient: str, data: bytes, *, dot_safe: bool = False) -> Reply:
         """Send one message in one transaction, waiting for its end (see `exchange`)."""
@@ -480,7 +484,8 @@ class SmtpConnection:
                         if all(r.ok for r in replies):
                             raise
                         # Refused, then gone (some servers hang up on an unknown
-                        # user): the refusal is this message's verdict all the same.
+                        # user): the refusal is this message's verdict all the same,
+                        # and the connection is spent (`worn`).
                         self._close_socket()
                         self.broken = False
                         return next(r for r in replies if not r.ok)
@@ -499,13 +504,16 @@ class SmtpConnection:
             if opened is not None and opened.code != 354:
                 self.errors += 1
             if refusal is not None:
+                self.broken = False
                 if opened is not None and opened.code == 354:
                     # The server opened the data although it refused the envelope (RFC
-                    # 2920 says it must not): an empty message, to no one, closes it.
-                    yield from self._write(deadline, b".\r\n")
-                    yield from self._reply(deadline)
-                self.broken = False
-                yield from self._quietly("RSET", deadline)
+                    # 2920 says it must not). Data cut off by a hang-up is never
+                    # delivered; even an empty message might be, to whoever it kept.
+                    self._close_socket()
+                elif any(r.code == 421 for r in replies):
+                    self._close_socket()  # it is closing: no RSET will be answered
+                else:
+                    yield from self._quietly("RSET", deadline)
                 return refusal
             assert opened is not None
         except (OSError, _ProtocolError) as err:
@@ -640,6 +648,7 @@ class SmtpConnection:
         self._close_socket()
 
     def _close_socket(self) -> None:
+        self.gone = True
         # smtplib's own reader (a makefile) holds the socket open too: close both.
         with contextlib.suppress(OSError):
             self.client.close()
