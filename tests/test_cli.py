@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zoneinfo
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
+from qant_mail.app import issues
+from qant_mail.app.context import Context
 from qant_mail.base.config import Settings
 from qant_mail.base.errors import ExitCode
 from qant_mail.cli import app
@@ -134,9 +137,25 @@ def test_new_writes_a_valid_draft_and_refuses_to_overwrite(cli: Cli, project: Pa
     assert path.read_text() == before
 
 
-def test_new_defaults_to_today(cli: Cli, project: Path) -> None:
+def test_new_defaults_to_today_where_the_editors_are(
+    cli: Cli, project: Path, project_settings: Settings
+) -> None:
+    # The editors' day (the newsletter's time zone), not this machine's: between 23:00
+    # and midnight UTC, Paris is already on the next day. (Read before and after, in
+    # case their midnight falls in between.)
+    zone = zoneinfo.ZoneInfo(project_settings.newsletter.timezone)
+    before = dt.datetime.now(zone).date()
     assert cli("new").exit_code == ExitCode.OK
-    assert (project / "issues" / f"{dt.date.today().isoformat()}.yaml").is_file()
+    after = dt.datetime.now(zone).date()
+    written = sorted(path.name for path in (project / "issues").glob("????-??-??.yaml"))
+    assert {f"{before}.yaml", f"{after}.yaml"} & set(written)
+
+
+def test_today_is_the_day_in_the_newsletters_time_zone(project_settings: Settings) -> None:
+    late_in_utc = dt.datetime(2026, 12, 5, 23, 30, tzinfo=dt.UTC).timestamp()
+    ctx = Context(project_settings, clock=lambda: late_in_utc)
+    assert project_settings.newsletter.timezone == "Europe/Paris"
+    assert issues.today(ctx) == dt.date(2026, 12, 6)
 
 
 def test_new_with_a_bad_date_is_a_usage_error(cli: Cli) -> None:
