@@ -85,6 +85,8 @@ def test_versus_benchmark_prints_the_cpu_per_message_beside_smtp_sources() -> No
     assert "round 1:" in output
     assert ratio_lines(output, "ms CPU/message; ratios: CPU/message")  # the round's
     assert len(ratio_lines(output, "ratio CPU/message / smtp-source's")) == 4  # medians
+    assert len(ratio_lines(output, "with the sink's CPU meanwhile added")) == 4
+    assert ratio_lines(output, "with the sink's share")  # the round's
     assert len(ratio_lines(output, "ratio RSA-signed send / unsigned send")) == 2
     assert len(ratio_lines(output, "ratio CPU/message this / versus")) == 2
 
