@@ -3,6 +3,7 @@ through the demo from its folder, with nothing of the repository around it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -113,3 +114,19 @@ def test_the_gitignore_keeps_the_store_output_and_keys_out(tmp_path: Path) -> No
     ignored = (tmp_path / ".gitignore").read_text().split()
     for pattern in ("/data/", "/out/", "/.cache/", "*.pem", "*.db"):
         assert pattern in ignored
+
+
+@pytest.mark.parametrize(
+    ("zone", "day"),
+    [
+        ("Europe/Paris", "2026-12-06"),  # already past midnight there
+        ("America/Montreal", "2026-12-05"),
+        ("Pacific/Auckland", "2026-12-06"),
+    ],
+)
+def test_the_sample_issue_is_dated_today_where_the_editors_are(
+    tmp_path: Path, zone: str, day: str
+) -> None:
+    late_in_utc = dt.datetime(2026, 12, 5, 23, 30, tzinfo=dt.UTC).timestamp()
+    written = init_newsletter(tmp_path, Starter(timezone=zone), clock=lambda: late_in_utc)
+    assert tmp_path / "issues" / f"{day}.yaml" in written

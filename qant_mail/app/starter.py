@@ -6,6 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import time
+import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,13 +64,18 @@ class Starter:
 
 
 def init_newsletter(
-    folder: Path, starter: Starter | None = None, *, today: dt.date | None = None
+    folder: Path,
+    starter: Starter | None = None,
+    *,
+    today: dt.date | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> list[Path]:
     """Write a working newsletter in `folder` (created if need be): commented settings,
     a sample issue and a welcome issue with the schema editors use, a demo list,
     placeholder logos, a .gitignore and a README for the editors. Return the files
-    written. Refuse a folder that holds settings already, or values that would not work,
-    naming each."""
+    written. The sample is the issue of `today` (default: today where the editors are,
+    in the starter's time zone, as `qant-mail new` counts it). Refuse a folder that holds
+    settings already, or values that would not work, naming each."""
     starter = starter or Starter()
     problems = starter.problems()
     if problems:
@@ -75,7 +83,7 @@ def init_newsletter(
     settings_file = folder / "qant.toml"
     if settings_file.exists():
         raise InitError(f"{settings_file}: a newsletter is there already (its settings)")
-    day = today or dt.date.today()
+    day = today or dt.datetime.fromtimestamp(clock(), zoneinfo.ZoneInfo(starter.timezone)).date()
     values = {
         "name": starter.name,
         "date": day.isoformat(),
