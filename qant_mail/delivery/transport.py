@@ -484,11 +484,9 @@ class SmtpConnection:
                         if all(r.ok for r in replies):
                             raise
                         # Refused, then gone (some servers hang up on an unknown
-                        # user): the refusal is this message's verdict all the same,
-                        # and the connection is spent (`worn`).
+                        # user): the refusal is this message's verdict all the same.
                         self._close_socket()
-                        self.broken = False
-                        return next(r for r in replies if not r.ok)
+                        break
                     if replies[-1].code == 421:
                         break  # the server is closing: no more replies will come
             else:
@@ -500,19 +498,18 @@ class SmtpConnection:
                         break  # (DATA's 354 too, but it is the last)
             refusal = next((r for r in replies[:2] if not r.ok), None)
             opened = replies[2] if len(replies) == 3 else None
-            self.errors += sum(not r.ok for r in replies[:2])
-            if opened is not None and opened.code != 354:
-                self.errors += 1
             if refusal is not None:
+                opened_anyway = opened is not None and opened.code == 354
+                refused = sum(not r.ok for r in replies[:2])
+                self.errors += refused + (opened is not None and not opened_anyway)
                 self.broken = False
-                if opened is not None and opened.code == 354:
-                    # The server opened the data although it refused the envelope (RFC
-                    # 2920 says it must not). Data cut off by a hang-up is never
-                    # delivered; even an empty message might be, to whoever it kept.
+                # Closed (and so `worn`) when the server is closing (421), or opened the
+                # data although it refused the envelope (RFC 2920 says it must not): data
+                # cut off by a hang-up is never delivered; even an empty message might
+                # be, to whoever it kept.
+                if opened_anyway or any(r.code == 421 for r in replies):
                     self._close_socket()
-                elif any(r.code == 421 for r in replies):
-                    self._close_socket()  # it is closing: no RSET will be answered
-                else:
+                if not self.gone:
                     yield from self._quietly("RSET", deadline)
                 return refusal
             assert opened is not None
@@ -521,6 +518,7 @@ class SmtpConnection:
         if opened.code != 354:
             # Only 354 lets the message go. Anything else is the verdict; a 2xx here is
             # a protocol error (the server received nothing), never a delivery.
+            self.errors += 1
             yield from self._quietly("RSET", deadline)
             self.broken = False
             if opened.ok:
