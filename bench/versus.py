@@ -20,10 +20,10 @@ of a transfer, the receiving side's included, is charged to the sender or to the
 not always in the same share: the sink's CPU time during each run (from /proc) is read
 too, and the CPU ratio to smtp-source's is also given with it added to each side.
 Each round prints the rates, the CPU per message, and the ratios: qant-mail's CPU per
-message over smtp-source's
-(issue #22: <= 4x, goal 2.5x), qant-mail's wall rate over smtp-source's (issue #11:
->= 0.6x) and mailmerge's (>= 30x), the RSA-signed send's wall rate over the unsigned
-one's (>= 0.8x). The last lines give the median of each per-round ratio and its range.
+message over smtp-source's (issue #22: <= 4x, goal 2.5x), qant-mail's wall rate over
+smtp-source's (issue #11: >= 0.6x) and mailmerge's (>= 30x), the RSA-signed send's wall
+rate over the unsigned one's (>= 0.8x). The last lines give the median of each per-round
+ratio and its range.
 
     QANT_BENCH_POSTFIX=/opt/postfix python bench/versus.py [--rounds 5] [--messages 5000]
         [--connections 4] [--signed] [--versus /work/before] [--no-mailmerge] [--tiny]

@@ -72,8 +72,12 @@ def new_issue(ctx: Context, day: dt.date | None = None) -> Path:
 
 def today(ctx: Context) -> dt.date:
     """Return today's date where the editors are (the newsletter's time zone)."""
-    zone = zoneinfo.ZoneInfo(ctx.settings.newsletter.timezone)
-    return dt.datetime.fromtimestamp(ctx.clock(), zone).date()
+    return day_in(ctx.settings.newsletter.timezone, ctx.clock())
+
+
+def day_in(zone: str, moment: float) -> dt.date:
+    """Return the date in time zone `zone` at `moment` (seconds since the epoch)."""
+    return dt.datetime.fromtimestamp(moment, zoneinfo.ZoneInfo(zone)).date()
 
 
 def schema() -> str:

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import re
 import time
-import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -83,7 +82,7 @@ def init_newsletter(
     settings_file = folder / "qant.toml"
     if settings_file.exists():
         raise InitError(f"{settings_file}: a newsletter is there already (its settings)")
-    day = today or dt.datetime.fromtimestamp(clock(), zoneinfo.ZoneInfo(starter.timezone)).date()
+    day = today or issues.day_in(starter.timezone, clock())
     values = {
         "name": starter.name,
         "date": day.isoformat(),
